@@ -1,0 +1,1 @@
+"""Dataset loading, prompt templates and the shipped evaluation sets."""
