@@ -1,0 +1,560 @@
+"""Tests for reward.py: the judged cases, extraction, bad and pathological input, security, the worker pool,
+reward-function loading, and the command line.
+
+Run: python -m pytest tests/test_reward.py -q
+"""
+
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the scripts run from a checkout; nothing is installed
+
+import reward  # noqa: E402
+from reward import (  # noqa: E402
+    RewardPool,
+    answers_match,
+    extract_answer,
+    format_reward,
+    load_reward_fn,
+    math_reward,
+    math_verify_baseline,
+)
+
+CASES_FILE = REPO / "tests" / "reward_cases.jsonl"
+CASES = [json.loads(line) for line in CASES_FILE.read_text().splitlines() if line.strip()]
+
+# Reward functions that misbehave in every way a user's function can; loaded by path in the workers.
+BAD_REWARDS = """
+import math, os, signal, time
+
+def by_response(response, ground_truth, **extras):
+    if response == "raise":
+        raise KeyError("boom")
+    if response == "string":
+        return "1.0"
+    if response == "none":
+        return None
+    if response == "nan":
+        return math.nan
+    if response == "inf":
+        return -math.inf
+    if response == "sleep":  # interruptible: the worker's soft deadline stops it
+        time.sleep(60)
+    if response == "hang":  # signals ignored, like a big-integer loop in C: only a kill stops it
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)
+        time.sleep(60)
+    if response == "crash":
+        os._exit(3)
+    if response == "pid":
+        return float(os.getpid())
+    return float(len(response)) + extras.get("bonus", 0)
+
+def always_raises(response, ground_truth, **extras):
+    raise KeyError("boom")
+
+NOT_CALLABLE = 3
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_rewards_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("rewards") / "bad_rewards.py"
+    path.write_text(BAD_REWARDS)
+    return path
+
+
+@pytest.fixture(scope="module")
+def math_pool():
+    with RewardPool("math", num_workers=2, timeout=5.0) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def bad_pool(bad_rewards_file):
+    with RewardPool(f"{bad_rewards_file}:by_response", num_workers=2, timeout=2.0) as pool:
+        yield pool
+
+
+# ----------------------------------------------------------------------------------------------------
+# The judged cases in tests/reward_cases.jsonl
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_case_file_is_large_and_covers_both_outcomes():
+    assert len(CASES) >= 150
+    assert all(set(c) == {"response", "ground_truth", "expected", "category"} for c in CASES)
+    by_category = Counter((c["category"], c["expected"]) for c in CASES)
+    categories = {c["category"] for c in CASES}
+    assert len(categories) >= 20
+    # Most categories hold both a correct answer and a near miss, so a judge that always says 1 (or 0) fails.
+    both = [cat for cat in categories if by_category[(cat, 0)] and by_category[(cat, 1)]]
+    assert len(both) >= 18, sorted(categories - set(both))
+    assert sum("<answer>" in c["response"] for c in CASES) >= 50
+    assert sum(c["response"].count("\\boxed") >= 2 for c in CASES) >= 5
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{i}-{c['category']}" for i, c in enumerate(CASES)])
+def test_judged_case(case):
+    assert math_reward(case["response"], case["ground_truth"]) == case["expected"]
+
+
+def test_judged_cases_through_the_pool_match_in_process(math_pool):
+    rewards, counters = math_pool.score([c["response"] for c in CASES], [c["ground_truth"] for c in CASES])
+    assert rewards == [float(c["expected"]) for c in CASES]
+    assert counters == {"reward/errors": 0, "reward/timeouts": 0, "reward/invalid": 0}
+    assert max(math_pool.last_seconds) < 5.0
+
+
+def test_judge_beats_plain_math_verify_on_the_cases():
+    judge = sum(math_reward(c["response"], c["ground_truth"]) == c["expected"] for c in CASES)
+    base = sum(math_verify_baseline(c["response"], c["ground_truth"]) == c["expected"] for c in CASES)
+    assert judge > base
+
+
+# ----------------------------------------------------------------------------------------------------
+# Extraction
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("The answer is $\\boxed{5}$.", "5"),
+        ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+        ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),
+        ("first \\boxed{1} then \\boxed{2}", "2"),
+        ("\\boxed{1} and \\boxed{2}", "2"),  # extract_answer is the last box; math_reward reads the list
+        ("so $\\boxed 7$.", "7"),
+        ("\\boxed 7.", "7"),
+        ("\\fbox{7}", "7"),
+        ("\\boxed {7}", "7"),
+        ("\\boxed{\\boxed{8}}", "8"),
+        ("\\boxed{ x^{2} }", "x^{2}"),
+        ("<think>\\boxed{1}</think> <answer>\\boxed{2}</answer>", "2"),
+        ("<think>x</think> <answer>\\boxed{3}</answer> trailing \\boxed{4}", "3"),
+        ("<answer>\\boxed{1}</answer> <answer>then \\boxed{5}</answer>", "5"),
+        ("<think>x</think> <answer>\\boxed{6}", "6"),  # stopped before </answer>
+        ("\\boxed{a}\\boxed{b}", "b"),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "no box at all",
+        "\\boxed{}",
+        "\\boxed{   }",
+        "\\boxed{5",
+        "\\boxed{5} then \\boxed{6",
+        "\\boxed{\\frac{1}{2}",
+        "<think>\\boxed{5}</think> <answer>5</answer>",
+        "trailing \\boxed",
+        "",
+        None,
+        5,
+        ["\\boxed{5}"],
+        b"\\boxed{5}",
+    ],
+)
+def test_extract_answer_returns_none_without_a_complete_final_answer(text):
+    assert extract_answer(text) is None
+
+
+def test_adjacent_boxes_form_a_list_but_distant_boxes_do_not():
+    assert reward._final_answer("roots $\\boxed{2}$ and $\\boxed{3}$") == "2, 3"
+    assert reward._final_answer("$\\boxed{2}$ \\text{ or } $\\boxed{3}$") == "2, 3"
+    assert reward._final_answer("first \\boxed{2}. Checking again, the answer is \\boxed{3}") == "3"
+    assert reward._final_answer("\\boxed{2}\n\n\\boxed{3}") == "3"
+    assert reward._final_answer("\\boxed{3}, \\boxed{3}") == "3"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad, huge and pathological input
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "response, truth",
+    [
+        ("", "5"),
+        (None, "5"),
+        (5, "5"),
+        (["\\boxed{5}"], "5"),
+        ({"a": 1}, "5"),
+        ("\\boxed{5", "5"),
+        ("}}}{{{\\boxed{", "5"),
+        ("\\boxed{5}", None),
+        ("\\boxed{5}", ""),
+        ("\\boxed{5}", ["5"]),
+        ("\\boxed{\\frac{1}{0}}", "5"),
+        ("\\boxed{0^0}", "5"),
+        ("\\boxed{\\left(}", "5"),
+    ],
+)
+def test_bad_input_scores_zero(response, truth):
+    assert math_reward(response, truth) == 0.0
+
+
+def test_numeric_ground_truth_and_extras_are_accepted():
+    assert math_reward("\\boxed{73}", 73, source="aime", level=5) == 1.0
+
+
+def test_huge_responses_are_fast():
+    start = time.perf_counter()
+    assert math_reward("word " * 40_000 + "\\boxed{5}", "5") == 1.0
+    assert math_reward("\\boxed{" * 30_000, "5") == 0.0
+    assert math_reward("{" * 200_000, "5") == 0.0
+    assert math_reward("\\boxed{5}" * 20_000, "5") == 1.0
+    assert time.perf_counter() - start < 3.0
+
+
+PATHOLOGICAL = [
+    "10^{10^{10^{10}}}",
+    "9^{9^{9^{9}}}",
+    "10^{10^{10}}",
+    "2^{10000000}",
+    "10^10^10^10",
+    "(" * 500 + "1" + ")" * 500,
+    "\\frac{" * 300 + "1" + "}{2}" * 300,
+    "1000000!",
+    "1" * 5000,
+    "(1,2)," * 200 + "1",
+    "\\sum_{n=1}^{10^{10}} n",
+    "\\int_0^1 e^{x^2} dx",
+]
+
+
+@pytest.mark.parametrize("answer", PATHOLOGICAL, ids=range(len(PATHOLOGICAL)))
+def test_pathological_answers_score_zero_quickly_in_process(answer):
+    start = time.perf_counter()
+    assert math_reward(f"So the answer is \\boxed{{{answer}}}.", "5") == 0.0
+    assert time.perf_counter() - start < 4.0
+
+
+def test_pathological_answers_score_zero_quickly_through_the_pool(math_pool):
+    responses = [f"<think>x</think> <answer>\\boxed{{{a}}}</answer>" for a in PATHOLOGICAL]
+    responses.append("filler " * 30_000 + "\\boxed{" + "9^{" * 50 + "9" + "}" * 50 + "}")  # 200k characters
+    start = time.perf_counter()
+    rewards, _ = math_pool.score(responses, ["5"] * len(responses))
+    assert rewards == [0.0] * len(responses)
+    assert max(math_pool.last_seconds) < 5.5
+    assert time.perf_counter() - start < 15.0
+
+
+def test_pre_screen_keeps_ordinary_answers():
+    for answer in [
+        "2^{2^{10}}",
+        "e^{-x^2}",
+        "10^{100}",
+        "\\frac{\\sqrt{\\frac{1}{2}}}{3}",
+        "((a+b)(c+d))",
+        "20!",
+    ]:
+        assert not reward._too_costly(answer), answer
+    for answer in ["10^{10^{10}}", "x^{x^{x^{x}}}", "2^3^4", "10^{1000000}", "100000!", "(" * 10 + ")" * 10]:
+        assert reward._too_costly(answer), answer
+
+
+# ----------------------------------------------------------------------------------------------------
+# Security: model output is never executed
+# ----------------------------------------------------------------------------------------------------
+
+
+def _injections(marker: Path) -> list[str]:
+    cmd = f"touch {marker}"
+    return [
+        f"__import__('os').system('{cmd}')",
+        f"(lambda: __import__('os').system('{cmd}'))()",
+        f"().__class__.__bases__[0].__subclasses__()[0]('{cmd}')",
+        f"eval(\"__import__('os').system('{cmd}')\")",
+        f"exec('import os; os.system(\"{cmd}\")')",
+        f"\\text{{__import__('os').system('{cmd}')}}",
+        f"1+__import__('os').system('{cmd}')",
+        f"{{}}.__class__.__init__.__globals__['os'].system('{cmd}')",
+    ]
+
+
+def test_injected_code_is_never_run(tmp_path, math_pool):
+    marker = tmp_path / "pwned_x"
+    responses = [f"<think>hi</think> <answer>\\boxed{{{code}}}</answer>" for code in _injections(marker)]
+    for response in responses:
+        assert math_reward(response, "5") == 0.0
+        assert math_verify_baseline(response, "5") == 0.0
+    rewards, _ = math_pool.score(responses, ["5"] * len(responses))
+    assert rewards == [0.0] * len(responses)
+    assert not marker.exists()
+
+
+def test_case_file_injections_did_not_run():
+    for case in CASES:
+        math_reward(case["response"], case["ground_truth"])
+    assert not Path("/tmp/pwned_reward_case").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Equivalence details worth pinning
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "pred, truth, expected",
+    [
+        ("0.0000671", "0.0000672", False),  # math-verify alone accepts this (6-decimal rounding)
+        ("6.72\\times 10^{-5}", "0.0000672", True),
+        ("0.3333333", "\\frac{1}{3}", True),
+        ("0.3333", "\\frac{1}{3}", False),
+        ("52_9", "52_8", False),
+        ("52", "52_8", True),
+        ("4 \\text{ t}", "4", True),
+        ("4 t", "4", False),
+        ("2 pi", "2", False),
+        ("12 ways", "12", True),
+        ("x \\in (3, \\infty)", "(3, \\infty)", True),
+        ("\\langle 1, 2 \\rangle", "(1,2)", True),
+        ("(B) \\text{ and } (C)", "B", False),
+        ("\\text{neither}", "\\text{even}", False),
+    ],
+)
+def test_answers_match(pred, truth, expected):
+    assert answers_match(pred, truth) is expected
+
+
+def test_format_reward():
+    good = "reasoning here </think> <answer>So \\boxed{5}</answer>"
+    assert format_reward(good) == 1.0
+    assert format_reward("<think>" + good) == 1.0
+    assert format_reward("reasoning </think> <answer>5</answer>") == 0.0  # no box
+    assert format_reward("reasoning <answer>\\boxed{5}</answer>") == 0.0  # no </think>
+    assert format_reward("</think> <answer>\\boxed{5}</answer>") == 0.0  # no reasoning
+    assert format_reward(good + " extra text") == 0.0
+    assert format_reward("a </think> b </think> <answer>\\boxed{5}</answer>") == 0.0
+    assert format_reward(None) == 0.0
+    start = time.perf_counter()
+    assert format_reward("</think><answer></answer>" * 8000) == 0.0  # a tag flood stays linear
+    assert time.perf_counter() - start < 0.5
+
+
+def test_answer_identical_to_the_truth_skips_the_cost_screen():
+    tower = "10^{10^{10}}"
+    assert reward._too_costly(tower)
+    assert math_reward(f"\\boxed{{{tower}}}", tower) == 1.0
+    assert math_reward("\\boxed{10^{10^{11}}}", tower) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# The pool
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_pool_counts_errors_invalid_values_and_keeps_going(bad_pool):
+    responses = ["ab", "raise", "string", "none", "nan", "inf", "abcd"]
+    rewards, counters = bad_pool.score(responses, [""] * 7, [{"bonus": 1}] + [{}] * 6)
+    assert rewards == [3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 4.0]
+    assert counters == {"reward/errors": 1, "reward/timeouts": 0, "reward/invalid": 4}
+
+
+def test_pool_reuses_workers_across_calls(bad_pool):
+    bad_pool.score(["a"], [""])
+    pids = bad_pool.worker_pids()
+    rewards, _ = bad_pool.score(["pid"] * 8, [""] * 8)
+    assert bad_pool.worker_pids() == pids
+    assert {int(r) for r in rewards} <= set(pids)
+    rewards, counters = bad_pool.score(["abc"] * 6, [""] * 6)
+    assert rewards == [3.0] * 6 and sum(counters.values()) == 0
+    assert bad_pool.worker_pids() == pids
+
+
+def test_pool_soft_deadline_interrupts_without_a_restart(bad_pool):
+    bad_pool.score(["a", "a"], ["", ""])
+    pids = bad_pool.worker_pids()
+    start = time.perf_counter()
+    rewards, counters = bad_pool.score(["sleep", "ab"], ["", ""])
+    assert rewards == [0.0, 2.0]
+    assert counters["reward/timeouts"] == 1
+    assert time.perf_counter() - start < 4.0
+    assert bad_pool.worker_pids() == pids
+
+
+def test_pool_kills_and_replaces_a_hung_worker(bad_pool):
+    bad_pool.score(["a", "a"], ["", ""])
+    pids = bad_pool.worker_pids()
+    start = time.perf_counter()
+    rewards, counters = bad_pool.score(["hang", "ab", "abc"], [""] * 3)
+    assert time.perf_counter() - start < 6.0
+    assert rewards == [0.0, 2.0, 3.0]
+    assert counters == {"reward/errors": 0, "reward/timeouts": 1, "reward/invalid": 0}
+    assert len(set(bad_pool.worker_pids()) - set(pids)) == 1  # only the hung worker was replaced
+    rewards, counters = bad_pool.score(["abcd"] * 4, [""] * 4)  # and the pool still works
+    assert rewards == [4.0] * 4 and sum(counters.values()) == 0
+
+
+def test_pool_survives_a_worker_crash_and_unpicklable_extras(bad_pool):
+    rewards, counters = bad_pool.score(["crash", "ab", "abc"], [""] * 3, [{}, {"f": lambda: 1}, {}])
+    assert rewards == [0.0, 0.0, 3.0]
+    assert counters["reward/errors"] == 2
+    rewards, _ = bad_pool.score(["ab"] * 3, [""] * 3)
+    assert rewards == [2.0] * 3
+
+
+def test_in_process_pool_counts_and_rate_limits_warnings(bad_rewards_file, caplog):
+    pool = RewardPool(f"{bad_rewards_file}:always_raises", num_workers=0)
+    with caplog.at_level(logging.WARNING, logger="reward"):
+        rewards, counters = pool.score(["x"] * 50, [""] * 50)
+    assert rewards == [0.0] * 50 and counters["reward/errors"] == 50
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert 1 <= len(warnings) <= 5
+    assert "item 0" in warnings[0] and "KeyError" in warnings[0]
+
+
+def test_in_process_pool_with_a_callable():
+    pool = RewardPool(lambda response, truth, **extras: "not a number", num_workers=0)
+    rewards, counters = pool.score(["a", "b"], ["", ""])
+    assert rewards == [0.0, 0.0] and counters["reward/invalid"] == 2
+    pool = RewardPool(math_reward, num_workers=0)
+    assert pool.score(["\\boxed{5}", "\\boxed{6}"], ["5", "5"])[0] == [1.0, 0.0]
+
+
+def test_pool_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="num_workers"):
+        RewardPool("math", num_workers=-1)
+    with pytest.raises(ValueError, match="timeout"):
+        RewardPool("math", timeout=0)
+    with pytest.raises(ValueError, match="cannot be sent"):
+        RewardPool(lambda r, t: 1.0, num_workers=1)
+    with pytest.raises(ValueError, match="no_such_module"):
+        RewardPool("no_such_module:f", num_workers=1)
+    pool = RewardPool("math", num_workers=0)
+    with pytest.raises(ValueError, match="lengths must match"):
+        pool.score(["a", "b"], ["a"])
+
+
+def test_close_is_idempotent_and_stops_workers():
+    pool = RewardPool("math", num_workers=1, timeout=5.0)
+    assert pool.score(["\\boxed{2}"], ["2"])[0] == [1.0]
+    process = pool._workers[0].process
+    with pool:
+        pass
+    pool.close()
+    assert not process.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.score(["\\boxed{2}"], ["2"])
+
+
+def test_interpreter_exit_without_close_does_not_hang(bad_rewards_file, tmp_path):
+    script = tmp_path / "leave_pool_open.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            sys.path.insert(0, {str(REPO)!r})
+            import reward
+            if __name__ == "__main__":
+                pool = reward.RewardPool({f"{bad_rewards_file}:by_response"!r}, num_workers=2, timeout=30.0)
+                print(pool.score(["ab", "abc"], ["", ""])[0], flush=True)
+                pool._workers[0].conn.send((0, 0, "hang", "", {{}}))  # a worker busy at exit
+            """
+        )
+    )
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "[2.0, 3.0]" in out.stdout
+    assert time.perf_counter() - start < 20.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading reward functions
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_load_reward_fn(bad_rewards_file):
+    assert load_reward_fn("math") is math_reward
+    assert load_reward_fn("reward:math_reward") is math_reward
+    fn = load_reward_fn(f"{bad_rewards_file}:by_response")
+    assert fn("abc", "", bonus=2) == 5.0
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("no/such/file.py:f", "not found"),
+        ("reward:no_such_function", "no attribute 'no_such_function'"),
+        ("no_such_module_xyz:f", "cannot import module"),
+        ("reward", "expected"),
+        ("reward:", "expected"),
+        (":f", "expected"),
+        ("BAD_FILE:NOT_CALLABLE", "not a function"),
+        ("BAD_FILE:missing", "no attribute"),
+    ],
+)
+def test_load_reward_fn_errors_name_the_spec(spec, message, bad_rewards_file):
+    spec = spec.replace("BAD_FILE", str(bad_rewards_file))
+    with pytest.raises(ValueError) as info:
+        load_reward_fn(spec)
+    text = str(info.value)
+    assert repr(spec) in text and message in text and "\n" not in text
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "reward.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+
+
+def test_cli_scores_a_file_with_baseline(tmp_path):
+    records = [
+        {"response": "<think>3*4</think> <answer>\\boxed{12}</answer>", "ground_truth": "12", "expected": 1},
+        {"response": "so \\boxed{4t}", "ground_truth": "4", "expected": 0, "source": "x"},
+        {"response": "so \\boxed{1e3}", "ground_truth": "1000", "expected": 1},
+        {"response": "no box", "ground_truth": "7", "expected": 0},
+    ]
+    path = tmp_path / "cases.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+    out = _run_cli(str(path), "--workers", "1", "--timeout", "5", "--baseline")
+    assert out.returncode == 0, out.stderr
+    assert "accuracy: 0.500 (2/4)" in out.stdout
+    agreement = next(line for line in out.stdout.splitlines() if line.startswith("agreement"))
+    assert "1.000 (4/4)" in agreement and "0.500 (2/4)" in agreement  # judge vs math-verify baseline
+    assert "slowest item" in out.stdout
+    zero_lines = out.stdout.split("items scoring 0")[1].splitlines()
+    assert any(line.split("|")[0].strip() == "1" and "4t" in line for line in zero_lines)
+    assert any(line.split("|")[0].strip() == "3" and "None" in line for line in zero_lines)
+
+
+def test_cli_reports_bad_input_with_exit_code_2(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"response": "\\\\boxed{1}", "ground_truth": "1"}\n{"response": oops}\n')
+    out = _run_cli(str(bad), "--workers", "0")
+    assert out.returncode == 2 and f"{bad}:2:" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    missing = tmp_path / "missing.jsonl"
+    out = _run_cli(str(missing))
+    assert out.returncode == 2 and str(missing) in out.stderr
+    no_truth = tmp_path / "no_truth.jsonl"
+    no_truth.write_text('{"response": "x"}\n')
+    out = _run_cli(str(no_truth))
+    assert out.returncode == 2 and f"{no_truth}:1:" in out.stderr
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"response": "\\\\boxed{1}", "ground_truth": "1"}\n')
+    out = _run_cli(str(good), "--reward", "nowhere.py:f")
+    assert out.returncode == 2 and "nowhere.py:f" in out.stderr
