@@ -1,0 +1,129 @@
+"""The critic of PPO: a value model, GAE, and the value loss.
+
+The value model is the policy's base checkpoint (its transformer backbone, fully fine-tuned) plus a
+bias-free linear head from the last hidden state to one value per token, as in Open-Reasoner-Zero
+(arXiv:2503.24290v2, sec. 2.2; their code, commit 3fdd9a0, initialises the head N(0, 1/(hidden+1))).
+
+Save and load it (the head is a separate safetensors file next to the backbone, so the shapes always
+match, unlike the released ORZ critics: their issue #63):
+
+    critic.save_pretrained("run/critic")
+    critic = ValueModel.from_pretrained("run/critic")
+"""
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from utils import masked_mean, position_ids_from_mask
+
+HEAD_FILE = "value_head.safetensors"
+
+
+class ValueModel(nn.Module):
+    """Backbone (an `AutoModel`) + `Linear(hidden, 1, bias=False)`; forward gives (B, T) values."""
+
+    def __init__(self, backbone: nn.Module, init_head: bool = True):
+        super().__init__()
+        self.backbone = backbone
+        hidden = backbone.config.hidden_size
+        self.value_head = nn.Linear(hidden, 1, bias=False)
+        if init_head:
+            # ORZ's code: std = 1 / (hidden + 1); the paper's text says U(-sqrt5, sqrt5), the code is what ran.
+            nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1))
+
+    @classmethod
+    def from_base(cls, name_or_path: str, **load_kwargs) -> "ValueModel":
+        """A fresh critic on a policy checkpoint: its backbone, and a new random head."""
+        from transformers import AutoModel
+
+        return cls(AutoModel.from_pretrained(name_or_path, **load_kwargs))
+
+    @classmethod
+    def from_pretrained(cls, path: str, **load_kwargs) -> "ValueModel":
+        """Load a critic written by `save_pretrained` (backbone and head, both safetensors)."""
+        from transformers import AutoModel
+
+        model = cls(AutoModel.from_pretrained(path, **load_kwargs), init_head=False)
+        model.value_head.load_state_dict(load_file(str(Path(path) / HEAD_FILE)))
+        return model
+
+    def save_pretrained(self, path: str, state_dict: dict | None = None, **kwargs) -> None:
+        state_dict = state_dict if state_dict is not None else self.state_dict()
+        backbone = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+        self.backbone.save_pretrained(path, state_dict=backbone, **kwargs)
+        save_file({"weight": state_dict["value_head.weight"].contiguous()}, str(Path(path) / HEAD_FILE))
+
+    def gradient_checkpointing_enable(self, **kwargs):
+        self.backbone.gradient_checkpointing_enable(**kwargs)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, values_to_keep: int = 0):
+        """Values of the last `values_to_keep` positions (all when 0). (B, T) -> (B, values_to_keep)."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+        if values_to_keep:
+            hidden = hidden[:, -values_to_keep:]
+        return self.value_head(hidden).squeeze(-1).float()
+
+
+def forward_values(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int):
+    """V(s_t) for each response token t: the value read at the state before it (the same shift as the
+    log-probs, RECIPE pitfall 2). (B, P+R) -> (B, R)."""
+    return critic(input_ids, attention_mask, values_to_keep=response_len + 1)[:, :-1]
+
+
+def compute_gae_advantages(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor,
+                           gamma: float = 1.0, lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens; returns (advantages, returns), both (B, R).
+
+    Schulman et al., arXiv:1506.02438v6, eq. 16: A_t = sum_l (gamma lam)^l delta_{t+l}, with
+    delta_t = r_t + gamma V_{t+1} - V_t. `rewards` (B, R) are per-token (the outcome sits on the last
+    valid token); past the last valid token the value is 0 (terminal), as veRL and OpenRLHF do (RECIPE
+    pitfall 6). Masked positions have no effect and come back as 0. returns = advantages + values.
+    With gamma = lam = 1 (ORZ) this is A_t = sum of rewards from t on - V_t. Example: one response of 3
+    tokens, reward 1 at the end, values [0.2, 0.5, 0.9] -> advantages [0.8, 0.5, 0.1], returns [1, 1, 1].
+    """
+    mask = response_mask.to(values.dtype)
+    values, rewards = values * mask, rewards * mask
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    running = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+        next_value = values[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def compute_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       loss_weights: torch.Tensor, clip_range: float | None = 0.2) -> tuple[torch.Tensor, dict]:
+    """PPO's value loss, clipped around the values of the rollout: 0.5 * max((V_clip - R)^2, (V - R)^2).
+
+    As ORZ runs it (clip 0.2; OpenAI baselines ppo2). `clip_range=None` is the plain 0.5 (V - R)^2.
+    `loss_weights` (B, R) is zero off the mask and sums to the loss normaliser's share of this micro-batch
+    (see `loss_weights` in train_ppo.py), so splitting a batch into micro-batches does not change the loss.
+    Example: V=0.5, V_old=0.1, R=1, clip 0.2 -> V_clip=0.3; max(0.49, 0.25) * 0.5 = 0.245 per token.
+    """
+    unclipped = (values - returns) ** 2
+    if clip_range is None:
+        per_token, clipped_more = unclipped, torch.zeros_like(unclipped, dtype=torch.bool)
+    else:
+        v_clip = old_values + (values - old_values).clamp(-clip_range, clip_range)
+        clipped = (v_clip - returns) ** 2
+        per_token, clipped_more = torch.maximum(unclipped, clipped), clipped > unclipped
+    loss = 0.5 * (per_token * loss_weights).sum()
+    mask = (loss_weights > 0).float()
+    stats = {"critic/clipfrac": masked_mean(clipped_more.float(), mask).item(),
+             "critic/values": masked_mean(values.detach(), mask).item()}
+    return loss, stats
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over the masked tokens; 1 is perfect, <= 0 is useless."""
+    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    diff = returns - values
+    var_diff = masked_mean((diff - masked_mean(diff, mask)) ** 2, mask)
+    return float("nan") if var_returns == 0 else (1 - var_diff / var_returns).item()
