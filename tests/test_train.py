@@ -1,0 +1,124 @@
+"""End to end: the real training scripts in a subprocess on the built-in task, small budgets.
+
+The two learning tests (one per estimator) run in CI; the full default runs are marked slow.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+
+def train(script: str, tmp_path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    return subprocess.run([sys.executable, str(ROOT / script), "--output-dir", str(tmp_path), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(tmp_path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def check_outputs(tmp_path, steps: int, critic: bool) -> list[dict]:
+    """Every output file a run promises, with the keys the issue names."""
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(steps + 1))  # one line per step, then the final eval
+    keys = {"train/reward", "train/response_length", "policy/clipfrac", "policy/entropy", "loss/policy",
+            "time/generate", "time/reward", "time/logprobs", "time/update", "time/step"}
+    if critic:
+        keys |= {"critic/value_loss", "critic/explained_var", "critic/values", "critic/clipfrac", "time/critic"}
+    for r in rows[:-1]:
+        assert keys <= r.keys(), keys - r.keys()
+    assert "eval/accuracy" in rows[0] and "eval/accuracy" in rows[-1]
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert samples and {"step", "prompt", "response", "reward", "advantage", "ground_truth"} <= samples[0].keys()
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["max_steps"] == steps
+    assert (tmp_path / "policy" / "model.safetensors").exists()
+    assert not list(tmp_path.rglob("*.bin"))
+    return rows
+
+
+@pytest.mark.parametrize("script,critic", [("train_grpo.py", False), ("train_ppo.py", True)])
+def test_learns_on_a_small_budget(script, critic, tmp_path, tiny_base):
+    """Held-out accuracy (avg of 4 samples, temperature 1) clearly rises above the base in 20 steps."""
+    steps = 20
+    result = train(script, tmp_path, "--max-steps", str(steps), "--eval-every", str(steps), "--lr", "3e-4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = check_outputs(tmp_path, steps, critic)
+    base, final = rows[0]["eval/accuracy"], rows[-1]["eval/accuracy"]
+    assert base <= 0.5  # a weak base: RL, not pre-training, does the work
+    assert final >= base + 0.3, (base, final)
+    assert rows[-2]["train/reward"] > rows[0]["train/reward"] + 0.2
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["base_accuracy"] == base and summary["final_accuracy"] == final
+    assert "held-out accuracy" in result.stdout
+
+
+def test_estimator_is_a_flag_on_either_script(tmp_path, tiny_base):
+    """train_grpo.py --advantage gae trains a critic; the saved critic loads back to the same values."""
+    import torch
+
+    from critic import ValueModel
+
+    result = train("train_grpo.py", tmp_path, "--advantage", "gae", "--max-steps", "1", "--eval-every", "0",
+                   "--prompts-per-step", "4", "--num-generations", "4", "--gradient-checkpointing")
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = metrics(tmp_path)[0]
+    assert "critic/value_loss" in row and "time/critic" in row
+    critic = ValueModel.from_pretrained(str(tmp_path / "critic")).eval()
+    again = ValueModel.from_pretrained(str(tmp_path / "critic")).eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.equal(critic(ids, torch.ones_like(ids)), again(ids, torch.ones_like(ids)))
+    assert critic.value_head.weight.abs().sum() > 0
+
+
+def test_ppo_script_runs_grpo_and_loads_the_policy(tmp_path, tiny_base):
+    from transformers import AutoModelForCausalLM
+
+    result = train("train_ppo.py", tmp_path, "--advantage", "rloo", "--max-steps", "1", "--eval-every", "0",
+                   "--prompts-per-step", "4", "--num-generations", "4", "--kl-coef", "0.01")
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = metrics(tmp_path)[0]
+    assert "critic/value_loss" not in row and "policy/kl" in row
+    assert not (tmp_path / "critic").exists()
+    AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
+
+
+def test_config_file_with_command_line_override(tmp_path):
+    from train_grpo import Args
+    from utils import parse_args
+
+    config = tmp_path / "run.yaml"
+    config.write_text("max_steps: 7\nlr: 0.001\nstop_strings: ['</answer>']\n")
+    args = parse_args(Args, ["--config", str(config), "--lr", "0.002"])
+    assert (args.max_steps, args.lr, args.stop_strings, args.advantage) == (7, 0.002, ["</answer>"], "grpo")
+    config.write_text("max_stepz: 7\n")
+    with pytest.raises(SystemExit):
+        parse_args(Args, ["--config", str(config)])
+
+
+@pytest.mark.parametrize("bad,message", [
+    (["--prompts-per-step", "5", "--micro-batch-size", "16"], "must split"),
+    (["--advantage", "grpo", "--num-generations", "1"], "--num-generations >= 2"),
+    (["--clip-low", "1.5"], "clip ranges"),
+    (["--model", "./no/such/model"], "no such path"),
+])
+def test_bad_arguments_fail_fast_with_one_line(bad, message, tmp_path):
+    result = train("train_ppo.py", tmp_path, *bad, timeout=120)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and message in last, result.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["train_grpo.py", "train_ppo.py"])
+def test_default_run_reaches_90_percent(script, tmp_path, tiny_base):
+    """The no-argument default: base at most 50%, final at least 90% held-out accuracy."""
+    result = train(script, tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["base_accuracy"] <= 0.5 and summary["final_accuracy"] >= 0.9, summary

@@ -1,0 +1,578 @@
+"""Train a base LM to reason with PPO and a rule-based reward, the Open-Reasoner-Zero way.
+
+Algorithm: PPO (Schulman et al., arXiv:1707.06347v2) with a learned critic and GAE, as Open-Reasoner-Zero
+runs it (arXiv:2503.24290v2): gamma = lambda = 1, no KL, a critic built from the base model, reward 1 for
+a correct final `\\boxed{}` answer of a response that stopped on its own. The advantage estimator is a
+flag on this one loop: `--advantage gae` (PPO, the default here), `grpo` (group baseline, DeepSeekMath
+arXiv:2402.03300v3; `train_grpo.py` only changes defaults) or `rloo` (leave-one-out, arXiv:2402.14740v2).
+
+Deviations from ORZ, numbered:
+  1. The defaults train the built-in tiny model on the built-in arithmetic task on a CPU in minutes, so
+     learning rates, batch sizes and lengths are small-model values; ORZ's own hyperparameters are in the
+     README. ORZ: 128 prompts x 64 samples, lr 1e-6 (policy) / 5e-6 (critic), 8000 new tokens.
+  2. Loss aggregation is a true token-mean over the whole optimizer batch across processes; ORZ's is a
+     mean per packed row of up to 16k tokens, then averaged (close to, not exactly, a token-mean).
+  3. No reference model is loaded when the KL coefficient is 0 (ORZ loads one only to log KL).
+  4. The math checker is math-verify plus normalisation (reward.py); ORZ trained with its own checker.
+
+Run it:
+    python train_ppo.py                                  # built-in default: tiny model, CPU, ~5 minutes
+    python train_ppo.py --help                           # every argument
+    python train_ppo.py --config my_run.yaml --lr 1e-6   # a config file, overridden on the command line
+    accelerate launch --num_processes 8 train_ppo.py --model Qwen/Qwen2.5-7B --dataset orz_math_57k.json
+"""
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from critic import ValueModel, compute_gae_advantages, compute_value_loss, explained_variance, forward_values
+from reward import RewardPool
+from rollout import (
+    Experience,
+    batched_logprobs,
+    compute_grpo_advantages,
+    compute_rloo_advantages,
+    equal_reward_groups,
+    forward_logprobs,
+    generate_responses,
+    response_mask_from_lengths,
+    stop_positions,
+)
+from utils import JsonlWriter, left_pad, masked_mean, masked_whiten, parse_args
+
+ORZ_STOP_STRINGS = ["User:", "Human:", "Assistant:", "</answer>"]  # ORZ's stops, kept in the output
+
+
+@dataclass
+class Args:
+    # model and data
+    model: str = field(default="tiny", metadata={"help": "hub id, local path, or 'tiny' (built-in, made offline)"})
+    dataset: str = field(default="synthetic", metadata={"help": "file (.json/.jsonl/.parquet), dataset dir or hub name, or 'synthetic'"})
+    eval_dataset: str | None = field(default=None, metadata={"help": "held-out set; default: the synthetic test split when training on 'synthetic'"})
+    question_field: str | None = field(default=None, metadata={"help": "field holding the question (default: auto)"})
+    answer_field: str | None = field(default=None, metadata={"help": "field holding the final answer (default: auto)"})
+    prompt_template: str = field(default="orz", metadata={"help": "'orz' (ORZ's plain-text template), 'chat', 'raw', or a string with {question}"})
+    synthetic_difficulty: int = field(default=1, metadata={"help": "difficulty of the built-in task (1: a+b under 20)"})
+    max_prompt_tokens: int = field(default=512, metadata={"help": "longer prompts are skipped (counted and logged)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub (off: it runs arbitrary code)"})
+    output_dir: str = field(default="runs/ppo", metadata={"help": "where metrics, samples and the final model go"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    # rollout
+    advantage: Literal["gae", "grpo", "rloo"] = field(default="gae", metadata={"help": "gae (PPO critic), grpo (group mean/std), rloo (leave-one-out)"})
+    max_steps: int = field(default=60, metadata={"help": "RL steps (one rollout and its updates each)"})
+    prompts_per_step: int = field(default=32, metadata={"help": "prompts per step, over all processes"})
+    num_generations: int = field(default=8, metadata={"help": "samples per prompt"})
+    max_new_tokens: int = field(default=32, metadata={"help": "response length limit; longer responses are truncated"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (also divides the training logits)"})
+    top_p: float = field(default=1.0, metadata={"help": "keep 1.0 for training: log-probs do not replay truncation"})
+    top_k: int = field(default=0, metadata={"help": "keep 0 for training: log-probs do not replay truncation"})
+    stop_strings: list[str] = field(default_factory=lambda: list(ORZ_STOP_STRINGS), metadata={"help": "strings that end a response (kept in it)"})
+    generation_batch_size: int = field(default=0, metadata={"help": "prompts per generate call (0: all of a step at once)"})
+    # reward
+    reward: str = field(default="math", metadata={"help": "'math', module:function or path/file.py:function"})
+    score_truncated: bool = field(default=False, metadata={"help": "score truncated responses too (ORZ: they get 0)"})
+    format_reward_weight: float = field(default=0.0, metadata={"help": "weight of the optional format reward"})
+    reward_workers: int = field(default=2, metadata={"help": "reward worker processes per training process"})
+    reward_timeout: float = field(default=5.0, metadata={"help": "seconds per item before it scores 0"})
+    # advantages and losses
+    gamma: float = field(default=1.0, metadata={"help": "GAE discount (ORZ: 1)"})
+    lam: float = field(default=1.0, metadata={"help": "GAE lambda (ORZ: 1)"})
+    whiten_advantages: bool = field(default=True, metadata={"help": "whiten advantages over all response tokens of the batch"})
+    scale_by_std: bool = field(default=True, metadata={"help": "GRPO: divide by the group std (off: Dr. GRPO)"})
+    drop_equal_groups: bool = field(default=False, metadata={"help": "leave groups whose rewards are all equal out of the update"})
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = field(default="token-mean", metadata={"help": "token-mean over the batch, mean of per-sequence means, or Dr. GRPO's constant normaliser"})
+    clip_low: float = field(default=0.2, metadata={"help": "ratio clip below: 1 - clip_low"})
+    clip_high: float = field(default=0.2, metadata={"help": "ratio clip above: 1 + clip_high (DAPO's clip-higher: 0.28)"})
+    kl_coef: float = field(default=0.0, metadata={"help": "KL to the reference model (0: none loaded, as ORZ)"})
+    kl_estimator: Literal["k3", "k1"] = field(default="k3", metadata={"help": "k3 in the loss (GRPO) or k1 in the reward (classic PPO)"})
+    entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus (entropy is always logged)"})
+    # optimisation
+    lr: float = field(default=1e-4, metadata={"help": "policy learning rate (ORZ on real models: 1e-6)"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps, then constant (ORZ: 50)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout"})
+    num_mini_batches: int = field(default=1, metadata={"help": "policy optimizer steps per epoch (ORZ: 1)"})
+    micro_batch_size: int = field(default=64, metadata={"help": "rows per forward/backward pass, per process"})
+    critic_lr: float = field(default=5e-4, metadata={"help": "critic learning rate (ORZ: 5e-6)"})
+    critic_epochs: int = field(default=1, metadata={"help": "critic passes over each rollout"})
+    critic_mini_batches: int = field(default=2, metadata={"help": "critic optimizer steps per epoch (ORZ: 12)"})
+    critic_warmup_steps: int = field(default=0, metadata={"help": "train only the critic for the first N steps"})
+    value_clip: float = field(default=0.2, metadata={"help": "clip of the value loss around old values (<= 0: plain loss)"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
+    # evaluation and logging
+    eval_every: int = field(default=20, metadata={"help": "evaluate every N steps (and at the start and end; 0: never)"})
+    eval_num_samples: int = field(default=4, metadata={"help": "samples per eval problem; accuracy is their mean (avg@k)"})
+    eval_limit: int = field(default=64, metadata={"help": "eval problems (0: all)"})
+    samples_per_step: int = field(default=4, metadata={"help": "responses written to samples.jsonl each step"})
+    report_to: Literal["none", "tensorboard", "wandb"] = field(default="none", metadata={"help": "tracker, through accelerate"})
+
+
+# --------------------------------------------------------------------------------------------------
+# The math of the update: pure functions, tensors in and tensors out.
+# --------------------------------------------------------------------------------------------------
+
+def loss_weights(response_mask: torch.Tensor, mode: str, num_sequences: int, num_tokens: float,
+                 max_new_tokens: int) -> torch.Tensor:
+    """Per-token weights (B, R) that make `sum(per_token_loss * weights)` the chosen average.
+
+    `num_sequences` and `num_tokens` count the whole optimizer batch over all processes, so the loss of a
+    micro-batch is its exact share and gradient accumulation does not change the objective (RECIPE
+    pitfall 7). Modes: "token-mean" (DAPO, arXiv:2503.14476v1, eq. 12), "seq-mean-token-mean" (GRPO as
+    written, arXiv:2402.03300v3 eq. 3), "seq-mean-token-sum-norm" (Dr. GRPO's constant normaliser
+    B * max_new_tokens, arXiv:2503.20783v1 sec. 3.2). Example: masks [1,1,0],[1,0,0] in token-mean ->
+    [1/3,1/3,0],[1/3,0,0]; in seq-mean-token-mean -> [1/4,1/4,0],[1/2,0,0].
+    """
+    mask = response_mask.float()
+    if mode == "token-mean":
+        return mask / max(num_tokens, 1.0)
+    if mode == "seq-mean-token-mean":
+        return mask / mask.sum(dim=1, keepdim=True).clamp(min=1) / num_sequences
+    if mode == "seq-mean-token-sum-norm":
+        return mask / (num_sequences * max_new_tokens)
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+def compute_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                        loss_weights: torch.Tensor, clip_low: float = 0.2,
+                        clip_high: float = 0.2) -> tuple[torch.Tensor, dict]:
+    """PPO's clipped surrogate, with separate lower and upper clip ranges, aggregated by `loss_weights`.
+
+    arXiv:1707.06347v2 eq. 7; clip-higher from DAPO (arXiv:2503.14476v1, sec. 3.1). The log-ratio is
+    clamped to +-20 before exp so one bad token cannot overflow (RECIPE pitfall 9). All (B, R).
+    Example: logratio log(1.5), advantage 1, clip 0.2 -> ratio 1.5, loss per token -min(1.5, 1.2) = -1.2.
+    """
+    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    loss = (per_token * loss_weights).sum()
+    mask = (loss_weights > 0).float()
+    stats = {"policy/clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
+             "policy/approx_kl": masked_mean(0.5 * log_ratio.detach() ** 2, mask).item(),
+             "policy/ratio": masked_mean(ratio.detach(), mask).item()}
+    return loss, stats
+
+
+def compute_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from sampled tokens (Schulman, "Approximating KL
+    divergence", 2020). k1 = log p - log q; k3 = q/p - 1 - log(q/p) >= 0, unbiased in value but not in
+    gradient (RECIPE pitfall 13); both clamped. (B, R) -> (B, R). Example: log p = 0, log q = -1 ->
+    k1 = 1, k3 = e^-1 + 1 - 1 = 0.368.
+    """
+    log_ratio = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k3":
+        return (torch.exp(log_ratio) - log_ratio - 1.0).clamp(max=10.0)
+    raise ValueError(f"unknown KL estimator {estimator!r}")
+
+
+def outcome_token_rewards(rewards: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Place each sequence's reward on its last valid response token (RECIPE pitfall 6). (B,) -> (B, R)."""
+    last = (response_mask.sum(dim=1).long() - 1).clamp(min=0)
+    token_rewards = torch.zeros_like(response_mask, dtype=rewards.dtype)
+    token_rewards[torch.arange(len(rewards)), last] = rewards
+    return token_rewards * response_mask
+
+
+# --------------------------------------------------------------------------------------------------
+# Setup helpers.
+# --------------------------------------------------------------------------------------------------
+
+def check_args(args: Args, num_processes: int = 1) -> None:
+    """Catch settings that cannot work before any model loads; one line saying what to change."""
+    problems = []
+    if args.prompts_per_step % num_processes:
+        problems.append(f"--prompts-per-step {args.prompts_per_step} must divide by the {num_processes} processes")
+    rows = args.prompts_per_step // max(num_processes, 1) * args.num_generations
+    for name, parts in (("num_mini_batches", args.num_mini_batches), ("critic_mini_batches", args.critic_mini_batches)):
+        if parts < 1 or rows % parts or (rows // parts) % min(args.micro_batch_size, rows // parts):
+            problems.append(f"--{name.replace('_', '-')} {parts} and --micro-batch-size {args.micro_batch_size} "
+                            f"must split the {rows} rollout rows per process evenly")
+    if args.advantage in ("grpo", "rloo") and args.num_generations < 2:
+        problems.append(f"--advantage {args.advantage} needs --num-generations >= 2")
+    if not (0 <= args.clip_low < 1 and args.clip_high >= 0):
+        problems.append("clip ranges must satisfy 0 <= --clip-low < 1 and --clip-high >= 0")
+    if args.temperature <= 0:
+        problems.append("--temperature must be > 0 for RL sampling")
+    if args.max_steps < 1 or args.max_new_tokens < 1 or args.num_generations < 1:
+        problems.append("--max-steps, --max-new-tokens and --num-generations must be >= 1")
+    if args.model != "tiny" and Path(args.model).exists() is False and args.model.startswith((".", "/", "~")):
+        problems.append(f"--model {args.model}: no such path")
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
+
+
+def load_data(args: Args, tokenizer):
+    """Train and eval records, each with `prompt_ids`; prompts over the limit are skipped and counted."""
+    from data.loading import DataError, format_prompt, load_records
+    from data.synthetic import make_synthetic_records
+
+    def load(spec: str, split: str):
+        if spec.startswith("synthetic"):
+            return make_synthetic_records(spec.partition(":")[2] or split, n=4096 if split == "train" else 512,
+                                          seed=args.seed, difficulty=args.synthetic_difficulty)
+        return load_records(spec, split=split, question_field=args.question_field, answer_field=args.answer_field)
+
+    eval_spec = args.eval_dataset or ("synthetic:test" if args.dataset == "synthetic" else None)
+    try:
+        train = load(args.dataset, "train")
+        evals = load(eval_spec, "test") if eval_spec else []
+        for records in (train, evals):
+            for r in records:
+                r["prompt_ids"] = tokenizer(format_prompt(r["question"], args.prompt_template, tokenizer))["input_ids"]
+    except DataError as err:
+        raise SystemExit(f"error: {err}") from None
+    kept = [r for r in train if len(r["prompt_ids"]) <= args.max_prompt_tokens]
+    if len(kept) < len(train):
+        print(f"warning: skipped {len(train) - len(kept)} of {len(train)} training prompts longer than "
+              f"--max-prompt-tokens {args.max_prompt_tokens} (first: record {next(r['id'] for r in train if r not in kept)})")
+    if not kept:
+        raise SystemExit(f"error: {args.dataset}: no training prompt fits in --max-prompt-tokens {args.max_prompt_tokens}")
+    evals = [r for r in evals if len(r["prompt_ids"]) <= args.max_prompt_tokens]
+    return kept, evals[:args.eval_limit] if args.eval_limit else evals
+
+
+def step_prompts(records: list, step: int, per_step: int, seed: int, rank: int, world: int) -> list:
+    """This process's share of the prompts of `step`: a fresh permutation per epoch, a pure function of
+    (step, seed), so a resumed run sees the same prompts."""
+    local = per_step // world
+    chosen = []
+    for g in range(step * per_step + rank * local, step * per_step + (rank + 1) * local):
+        epoch, pos = divmod(g, len(records))
+        perm = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        chosen.append(records[perm[pos]])
+    return chosen
+
+
+def warmup_constant(warmup_steps: int):
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Rollout and evaluation.
+# --------------------------------------------------------------------------------------------------
+
+def rollout(model, tokenizer, records: list, args: Args, num_generations: int, stop_ids: list[int],
+            temperature: float | None = None) -> tuple[Experience, list[str]]:
+    """Generate `num_generations` responses per record; the experience batch (no rewards yet) and the texts."""
+    prompt_ids, prompt_mask = left_pad([r["prompt_ids"] for r in records], tokenizer.pad_token_id)
+    response_ids = generate_responses(
+        model, prompt_ids, prompt_mask, num_generations=num_generations, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature if temperature is None else temperature, top_p=args.top_p, top_k=args.top_k,
+        stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id, stop_strings=args.stop_strings,
+        tokenizer=tokenizer, batch_size=args.generation_batch_size or None)
+    lengths, truncated = stop_positions(response_ids, stop_ids, args.stop_strings, tokenizer)
+    width = int(lengths.max())
+    response_ids = response_ids[:, :width]
+    mask = response_mask_from_lengths(lengths, width)
+    response_ids = torch.where(mask.bool(), response_ids, tokenizer.pad_token_id)  # nothing after a stop
+    texts = tokenizer.batch_decode([ids[:n] for ids, n in zip(response_ids.tolist(), lengths.tolist(), strict=True)],
+                                   skip_special_tokens=True)
+    exp = Experience(prompt_ids=prompt_ids.repeat_interleave(num_generations, 0),
+                     prompt_mask=prompt_mask.repeat_interleave(num_generations, 0),
+                     response_ids=response_ids, response_mask=mask, truncated=truncated,
+                     group_ids=torch.tensor([r["id"] for r in records]).repeat_interleave(num_generations))
+    return exp, texts
+
+
+def score(pool: RewardPool, texts: list[str], answers: list[str], truncated: torch.Tensor, args: Args):
+    """Rewards (B,) with ORZ's rule: a truncated response scores 0 unless --score-truncated."""
+    from reward import format_reward
+
+    rewards, stats = pool.score(texts, answers)
+    rewards = torch.tensor(rewards, dtype=torch.float32)
+    if args.format_reward_weight:
+        rewards += args.format_reward_weight * torch.tensor([format_reward(t) for t in texts])
+    if not args.score_truncated:
+        rewards = torch.where(truncated, torch.zeros_like(rewards), rewards)
+    return rewards, stats
+
+
+def evaluate(model, tokenizer, records: list, pool: RewardPool, args: Args, stop_ids: list[int], accelerator) -> dict:
+    """avg@k accuracy on `records` (each process takes its share; counts are summed over processes)."""
+    share = records[accelerator.process_index::accelerator.num_processes]
+    correct = torch.zeros(2)
+    for i in range(0, len(share), max(1, args.prompts_per_step)):
+        chunk = share[i:i + args.prompts_per_step]
+        exp, texts = rollout(model, tokenizer, chunk, args, args.eval_num_samples, stop_ids)
+        answers = [r["answer"] for r in chunk for _ in range(args.eval_num_samples)]
+        rewards, _ = score(pool, texts, answers, exp.truncated, args)
+        correct += torch.tensor([(rewards >= 1.0).sum().item(), len(rewards)])
+    correct = accelerator.reduce(correct.to(accelerator.device), "sum").cpu()
+    return {"eval/accuracy": (correct[0] / correct[1].clamp(min=1)).item()}
+
+
+# --------------------------------------------------------------------------------------------------
+# The training loop.
+# --------------------------------------------------------------------------------------------------
+
+def main(args: Args) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data.synthetic import build_tiny_base
+
+    # ---- 0. Setup: processes, models, data, reward workers, optimizers --------------------------------
+    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no",
+                              log_with=None if args.report_to == "none" else args.report_to,
+                              project_dir=args.output_dir)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    check_args(args, world)
+    set_seed(args.seed, device_specific=True)  # each process samples differently
+    out = Path(args.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(args), indent=2))
+    t_start = time.time()
+    with accelerator.main_process_first():
+        model_path = str(build_tiny_base(log=accelerator.print)) if args.model == "tiny" else args.model
+    load = dict(trust_remote_code=args.trust_remote_code, dtype=torch.bfloat16 if args.bf16 else torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # safe: masks come from stop positions, not from pad
+    policy = AutoModelForCausalLM.from_pretrained(model_path, **load)
+    eos = policy.generation_config.eos_token_id
+    stop_ids = sorted({tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])} - {None})
+    train_records, eval_records = load_data(args, tokenizer)
+    answers_by_id = {r["id"]: r["answer"] for r in train_records}
+
+    critic = ValueModel.from_base(model_path, **load) if args.advantage == "gae" else None
+    ref = AutoModelForCausalLM.from_pretrained(model_path, **load).eval().requires_grad_(False) if args.kl_coef > 0 else None
+    if args.gradient_checkpointing:
+        for m in (policy, critic):
+            if m is not None:
+                m.gradient_checkpointing_enable()
+    adam = dict(betas=(0.9, 0.95), weight_decay=0.0)  # ORZ's AdamW settings
+    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, **adam)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_constant(args.warmup_steps))
+    policy, opt = accelerator.prepare(policy, opt)
+    if critic is not None:
+        critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, **adam)
+        critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, warmup_constant(args.warmup_steps))
+        critic, critic_opt = accelerator.prepare(critic, critic_opt)
+    if ref is not None:
+        ref = accelerator.prepare_model(ref, evaluation_mode=True)
+    pool = RewardPool(args.reward, num_workers=args.reward_workers, timeout=args.reward_timeout)
+    metrics_file = JsonlWriter(out / "metrics.jsonl") if accelerator.is_main_process else None
+    samples_file = JsonlWriter(out / "samples.jsonl") if accelerator.is_main_process else None
+    if accelerator.is_main_process:
+        for f in (metrics_file, samples_file):
+            f.file.truncate(0)
+    if args.report_to != "none":
+        accelerator.init_trackers("reasoner-zero", config={k: str(v) for k, v in asdict(args).items()})
+    rows = args.prompts_per_step // world * args.num_generations  # rollout rows per process
+    sum_all = lambda x: accelerator.reduce(torch.as_tensor(x, dtype=torch.float32, device=accelerator.device), "sum")  # noqa: E731
+    unwrapped = accelerator.unwrap_model(policy)
+    history, base_accuracy = [], None
+    accelerator.print(f"training {args.advantage} on {len(train_records)} prompts, {world} process(es), "
+                      f"{args.max_steps} steps of {args.prompts_per_step} x {args.num_generations}")
+
+    bar = tqdm(range(args.max_steps), disable=not accelerator.is_main_process, desc=args.advantage)
+    for step in bar:
+        t_step = time.time()
+        metrics = {"step": step}
+        # ---- 1. Evaluate (at the start, every eval_every steps; the end is after the loop) ----------
+        if args.eval_every and eval_records and step % args.eval_every == 0:
+            t = time.time()
+            metrics.update(evaluate(unwrapped, tokenizer, eval_records, pool, args, stop_ids, accelerator))
+            base_accuracy = metrics["eval/accuracy"] if base_accuracy is None else base_accuracy
+            metrics["time/eval"] = time.time() - t
+
+        # ---- 2. Rollout: this process's prompts, num_generations samples each --------------------
+        t = time.time()
+        records = step_prompts(train_records, step, args.prompts_per_step, args.seed, rank, world)
+        exp, texts = rollout(unwrapped, tokenizer, records, args, args.num_generations, stop_ids)
+        exp = Experience(**{k: (v.to(accelerator.device) if torch.is_tensor(v) else v) for k, v in vars(exp).items()})
+        metrics["time/generate"] = time.time() - t
+
+        # ---- 3. Reward ---------------------------------------------------------------------------
+        t = time.time()
+        answers = [answers_by_id[int(g)] for g in exp.group_ids]
+        rewards, reward_stats = score(pool, texts, answers, exp.truncated.cpu(), args)
+        exp.rewards = rewards.to(accelerator.device)
+        metrics["time/reward"] = time.time() - t
+
+        # ---- 4. Log-probs and values of the rollout ----------------------------------------------
+        t = time.time()
+        mask = exp.response_mask
+        lengths = mask.sum(dim=1)
+        needs_old = args.ppo_epochs * args.num_mini_batches > 1 or (args.kl_coef > 0 and args.kl_estimator == "k1")
+        if needs_old:  # otherwise one update on one batch: old = logprobs.detach() is exact (pitfall 9)
+            policy.eval()
+            exp.old_logprobs = batched_logprobs(policy, exp, args.temperature, args.micro_batch_size)
+            policy.train()
+        if ref is not None:
+            exp.ref_logprobs = batched_logprobs(ref, exp, args.temperature, args.micro_batch_size)
+        metrics["time/logprobs"] = time.time() - t
+        t = time.time()
+        if critic is not None:
+            with torch.no_grad():
+                critic.eval()
+                exp.values = torch.cat([forward_values(critic, exp.input_ids[i:i + args.micro_batch_size],
+                                                       exp.attention_mask[i:i + args.micro_batch_size],
+                                                       mask.shape[1]) for i in range(0, rows, args.micro_batch_size)])
+                critic.train()
+
+        # ---- 5. Advantages -----------------------------------------------------------------------
+        seq_rewards = exp.rewards
+        if args.kl_coef > 0 and args.kl_estimator == "k1":  # classic PPO: KL as a per-token penalty in the reward
+            kl_penalty = args.kl_coef * compute_kl(exp.old_logprobs, exp.ref_logprobs, "k1") * mask
+        else:
+            kl_penalty = torch.zeros_like(mask)
+        if args.advantage == "gae":
+            token_rewards = outcome_token_rewards(seq_rewards, mask) - kl_penalty
+            exp.advantages, exp.returns = compute_gae_advantages(token_rewards, exp.values, mask, args.gamma, args.lam)
+        else:
+            seq_rewards = seq_rewards - kl_penalty.sum(dim=1)
+            if args.advantage == "grpo":
+                adv = compute_grpo_advantages(seq_rewards, exp.group_ids, args.scale_by_std)
+            else:
+                adv = compute_rloo_advantages(seq_rewards, exp.group_ids)
+            exp.advantages = adv[:, None] * mask
+        equal = equal_reward_groups(exp.rewards, exp.group_ids)
+        if args.drop_equal_groups and args.advantage != "gae":
+            exp.response_mask = mask = mask * (~equal)[:, None]
+        if args.whiten_advantages:
+            exp.advantages = masked_whiten(exp.advantages, mask, reduce=sum_all)
+
+        # ---- 6. Update: the critic first (ORZ), then the policy -----------------------------------
+        update_stats: dict[str, list] = {}
+        if critic is not None:
+            critic_stats = update(accelerator, critic, critic_opt, critic_sched, exp, args, "critic",
+                                  args.critic_epochs, args.critic_mini_batches, step)
+            update_stats.update(critic_stats)
+            metrics["critic/explained_var"] = explained_variance(exp.values, exp.returns, mask)
+            metrics["time/critic"] = time.time() - t
+        t = time.time()
+        if step >= args.critic_warmup_steps or critic is None:
+            update_stats.update(update(accelerator, policy, opt, sched, exp, args, "policy",
+                                       args.ppo_epochs, args.num_mini_batches, step))
+        metrics["time/update"] = time.time() - t
+
+        # ---- 7. Log ------------------------------------------------------------------------------
+        totals = sum_all(torch.stack([exp.rewards.sum(), lengths.sum().float(), exp.truncated.float().sum(),
+                                      equal.float().sum(), torch.tensor(float(rows), device=accelerator.device)]))
+        n = totals[4].item()
+        metrics.update({"train/reward": totals[0].item() / n, "train/response_length": totals[1].item() / n,
+                        "train/truncated": totals[2].item() / n, "train/equal_reward_groups": totals[3].item() / n,
+                        "train/advantage_abs": masked_mean(exp.advantages.abs(), exp.response_mask, sum_all).item()})
+        for k, v in reward_stats.items():
+            metrics[k] = sum_all(v).item()
+        for k, v in update_stats.items():
+            metrics[k] = sum_all(sum(v) / len(v)).item() / world
+        metrics["lr"] = sched.get_last_lr()[0]
+        metrics["time/step"] = time.time() - t_step
+        if accelerator.is_main_process:
+            for i in range(min(args.samples_per_step, len(texts))):
+                samples_file.write({"step": step, "prompt_id": int(exp.group_ids[i]),
+                                    "prompt": records[i // args.num_generations]["question"], "response": texts[i],
+                                    "ground_truth": answers[i], "reward": exp.rewards[i].item(),
+                                    "advantage": exp.advantages[i, 0].item()})
+            metrics_file.write(metrics)
+            bar.set_postfix(reward=f"{metrics['train/reward']:.2f}", **({"acc": f"{metrics['eval/accuracy']:.2f}"} if "eval/accuracy" in metrics else {}))
+        if args.report_to != "none":
+            accelerator.log(metrics, step=step)
+        history.append(metrics)
+
+    # ---- 8. Final evaluation and save --------------------------------------------------------------
+    final = {"step": args.max_steps}
+    if args.eval_every and eval_records:
+        final.update(evaluate(unwrapped, tokenizer, eval_records, pool, args, stop_ids, accelerator))
+        if accelerator.is_main_process:
+            metrics_file.write(final)
+    accelerator.wait_for_everyone()
+    save_kw = dict(is_main_process=accelerator.is_main_process, save_function=accelerator.save, safe_serialization=True)
+    unwrapped.save_pretrained(out / "policy", state_dict=accelerator.get_state_dict(policy), **save_kw)
+    if critic is not None:
+        accelerator.unwrap_model(critic).save_pretrained(str(out / "critic"), state_dict=accelerator.get_state_dict(critic), **save_kw)
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(out / "policy")
+    pool.close()
+    summary = {"base_accuracy": base_accuracy, "final_accuracy": final.get("eval/accuracy"), "steps": args.max_steps,
+               "minutes": (time.time() - t_start) / 60, "output_dir": str(out)}
+    if accelerator.is_main_process:
+        metrics_file.close()
+        samples_file.close()
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        acc = (f"held-out accuracy {summary['base_accuracy']:.1%} -> {summary['final_accuracy']:.1%}"
+               if summary["final_accuracy"] is not None else "no evaluation set")
+        print(f"done: {args.advantage}, {acc}, {args.max_steps} steps in {summary['minutes']:.1f} min; "
+              f"outputs in {out}/ (metrics.jsonl, samples.jsonl, policy/{', critic/' if critic is not None else ''})")
+    accelerator.end_training()
+    return summary
+
+
+def update(accelerator, model, optimizer, scheduler, exp: Experience, args: Args, role: str, epochs: int,
+           mini_batches: int, step: int) -> dict[str, list]:
+    """Optimizer steps of the policy or the critic over one rollout: `epochs` passes of `mini_batches`
+    mini-batches, each accumulated over micro-batches. Returns the lists of per-micro-batch stats."""
+    rows = len(exp.response_ids)
+    size = rows // mini_batches
+    micro = min(args.micro_batch_size, size)
+    accelerator.gradient_accumulation_steps = size // micro
+    accelerator.step = 0  # align accumulation boundaries with this phase's mini-batches
+    world = accelerator.num_processes
+    stats: dict[str, list] = {}
+    generator = torch.Generator().manual_seed(args.seed * 1000 + step)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(rows, generator=generator) if mini_batches > 1 else torch.arange(rows)
+        for m in range(mini_batches):
+            mini = exp.select(order[m * size:(m + 1) * size].to(exp.response_ids.device))
+            count = accelerator.reduce(torch.stack([mini.response_mask.sum(), torch.tensor(float(size), device=mini.response_mask.device)]), "sum")
+            weights_all = loss_weights(mini.response_mask, args.loss_agg if role == "policy" else "token-mean",
+                                       int(count[1].item()), count[0].item(), args.max_new_tokens)
+            for i in range(0, size, micro):
+                mb = mini.select(torch.arange(i, i + micro, device=mini.response_ids.device))
+                w = weights_all[i:i + micro]
+                with accelerator.accumulate(model):
+                    if role == "critic":
+                        values = forward_values(model, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1])
+                        loss, s = compute_value_loss(values, mb.values, mb.returns, w,
+                                                     args.value_clip if args.value_clip > 0 else None)
+                        s["critic/value_loss"] = loss.item()
+                    else:
+                        logprobs, entropy = forward_logprobs(model, mb.input_ids, mb.attention_mask,
+                                                             mb.response_ids.shape[1], args.temperature, with_entropy=True)
+                        old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
+                        loss, s = compute_policy_loss(logprobs, old, mb.advantages, w, args.clip_low, args.clip_high)
+                        s["loss/policy"] = loss.item()
+                        s["policy/entropy"] = masked_mean(entropy.detach(), mb.response_mask).item()
+                        if args.kl_coef > 0 and args.kl_estimator == "k3":
+                            kl = (compute_kl(logprobs, mb.ref_logprobs, "k3") * w).sum()
+                            loss = loss + args.kl_coef * kl
+                            s["policy/kl"] = kl.item()
+                        if args.entropy_coef:
+                            loss = loss - args.entropy_coef * (entropy * w).sum()
+                    # accelerate divides by the accumulation steps and DDP averages over processes; the
+                    # weights already normalise over the whole batch, so undo both.
+                    accelerator.backward(loss * accelerator.gradient_accumulation_steps * world)
+                    if accelerator.sync_gradients:
+                        norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                        s[f"{role}/grad_norm"] = float(norm)
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                for k, v in s.items():
+                    stats.setdefault(k, []).append(v)
+    # Losses are each micro-batch's share of the batch loss: report their sum per optimizer step.
+    for k in ("loss/policy", "critic/value_loss", "policy/kl"):
+        if k in stats:
+            per_step = len(stats[k]) // (epochs * mini_batches)
+            stats[k] = [sum(stats[k][j:j + per_step]) for j in range(0, len(stats[k]), per_step)]
+    return stats
+
+
+if __name__ == "__main__":
+    main(parse_args(Args))
