@@ -6,7 +6,9 @@ applies ORZ's other rule (a truncated response scores 0). What this file adds, n
 
 1. Equivalence is math-verify 0.9.0 (`parse`/`verify`) on the LaTeX path only, plus our own normalisation
    for what it misses or gets wrong: units inside `\\text{}`, thousands separators, E-notation, `x = 5`,
-   `\\approx`, inequalities vs intervals, column vectors vs tuples, multiple-choice letters, word answers.
+   `\\approx`, inequalities and set-builder sets vs intervals, column vectors (and arrays, and a scalar
+   times a vector) vs tuples, repeating decimals, multiple-choice letters and multiple-select sets (`AC`),
+   word answers, lead-ins such as `\\text{The answer is }`, and one answer written twice (`1/2 or 0.5`).
    Its bare-unit stripping is off: it turns `4t` into `4` (`latex2sympy2_extended` strips "t", "s", "m"...).
 2. Plain numbers (integers, decimals, fractions, mixed numbers, scientific notation) are compared exactly
    with `fractions.Fraction`, never through math-verify's 6-decimal float rounding, which accepts
@@ -73,9 +75,10 @@ _BOX_START = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _BRACE_TOKEN = re.compile(r"\\.|[{}]", re.DOTALL)
 # `\boxed 5` runs to `$`, a newline, `\]`, `\)` or the next box
 _UNBRACED_BOX_END = re.compile(r"\$|\n|\\\]|\\\)|\\boxed|\\fbox")
-# Between two boxes that form one list answer: separators only, e.g. "$, $", " and ", "\text{ or }".
+# Between two boxes that form one list answer: separators only, e.g. "$, $", " and ", "\text{ or }", "x =".
 _BOX_JOINER = re.compile(
-    r"(?:\s|\$|,|;|&|\\quad|\\qquad|\\[,;:! ]|\\\\|\\text\{\s*(?:and|or|,)?\s*\}|\band\b|\bor\b)*"
+    r"(?:\s|\$|,|;|&|\\quad|\\qquad|\\[,;:! ]|\\\\|\\text\{\s*(?:and|or|,)?\s*\}|\band\b|\bor\b"
+    r"|(?<![A-Za-z\\])[A-Za-z](?:_\{?\w+\}?)?\s*=)*"  # `$x = \boxed{2}$ and $x = \boxed{3}$`
 )
 
 
@@ -312,7 +315,7 @@ _UNICODE = str.maketrans({
     "\u00f7": r"\div ", "\u03c0": r"\pi ", "\u221e": r"\infty ", "\u221a": r"\sqrt ", "\u2264": r"\le ",
     "\u2265": r"\ge ", "\u2260": r"\ne ", "\u00b0": r"^\circ ", "\u222a": r"\cup ", "\u2229": r"\cap ",
     "\u2208": r"\in ", "\u2248": r"\approx ", "\u2205": r"\emptyset ", "\u00a0": " ", "\u2009": " ",
-    "\u202f": " ", "\n": " ", "\t": " ",
+    "\u202f": " ", "\n": " ", "\t": " ", "\u00a2": r"\text{ cents}",
 })
 # fmt: on
 _DELIMITERS = re.compile(r"\\\$|\$|\\\(|\\\)|\\\[|\\\]|\\displaystyle|\\textstyle")
@@ -324,6 +327,19 @@ _TEXT_COMMAND = re.compile(
 )
 _DEGREES = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ(?=\s*$)|\\degree(?![A-Za-z])")
 _TEXT_JOINER = re.compile(r"\\text\{\s*(?:and|or|,)\s*\}")
+# `3, 5, and 7` (after `\text{}` is unwrapped): the Oxford comma's "and" is only a separator
+_LIST_AND = re.compile(r",\s*(?:,\s*)*(?:and|or)\s+|(?:,\s*){2,}")
+# `\{x \mid x > 2\}`, `\{x | 1 \le x < 2\}`: set-builder notation for an interval, read as its condition
+_SET_BUILDER = re.compile(r"^\\\{\s*([A-Za-z])\s*(?:\\mid|\||:)\s*(.*)\\\}$")
+_INEQUALITY = re.compile(r"[<>]|\\[lg]eq?(?![A-Za-z])|\\[lg]t(?![A-Za-z])")
+# `0.\overline{3}`, `0.1\overline{6}`, `1.\overline{09}`: a repeating decimal
+_REPEATING = re.compile(r"(?<![\d.])(\d*)\.(\d*)\\overline\{?(\d{1,12})\}?(?![\d])")
+_ANSWER_PREFIX = re.compile(
+    r"^(?:(?:the\s+)?(?:final\s+)?answer\s*(?:is\b|:)|(?:option|choice)\b)\s*:?\s*", re.IGNORECASE
+)
+# `\left[\begin{array}{cc} 1 & 2 \\ 3 & 4 \end{array}\right]`: an array used as a matrix
+_ARRAY = re.compile(r"[(\[]?\s*\\begin\{array\}\{[^{}]*\}(.*?)\\end\{array\}\s*[)\]]?")
+_ALL_REALS = re.compile(r"(?:[a-z]\s*\\in\s*)?all\s+real(?:\s+numbers?|s)?", re.IGNORECASE)
 _PERCENT = re.compile(r"\s*(?:\\%|%|\\text\{\s*(?:\\%|%|percent)\s*\}|\bpercent\b)\s*$")
 # A unit in text after a value: letters, spaces, dots, slashes and hyphens, maybe squared or cubed.
 _TEXT_UNIT = re.compile(
@@ -402,17 +418,48 @@ def _vector_as_tuple(m: re.Match) -> str:
     return "(" + ", ".join(cells) + ")" if len(cells) >= 2 else m.group(0)
 
 
+_SCALED_VECTOR = re.compile(
+    r"([-+]?(?:\\frac\{[^{}]*\}\{[^{}]*\}|[\d.]+(?:/\d+)?))\s*(?:\\cdot|\\times)?\s*"
+    r"(\\begin\{[pbvB]?matrix\}.*?\\end\{[pbvB]?matrix\})"
+)
+
+
+def _scaled_vector(factor: str, matrix: str) -> str:
+    """`\\frac{1}{3}\\begin{pmatrix} -1 \\\\ 2 \\end{pmatrix}` -> the matrix with the factor in every cell."""
+    begin, body, end = re.match(r"(\\begin\{\w+\})(.*)(\\end\{\w+\})", matrix).groups()
+    rows = [
+        [f"{factor} \\cdot ({c.strip()})" for c in row.split("&")]
+        for row in re.split(r"\\\\", body)
+        if row.strip()
+    ]
+    return begin + " \\\\ ".join(" & ".join(row) for row in rows) + end
+
+
+def _repeating_decimal(m: re.Match) -> str:
+    """`0.1\\overline{6}` -> `\\frac{1}{6}`: a repeating decimal as the exact fraction it denotes."""
+    whole, fixed, period = m.group(1) or "0", m.group(2), m.group(3)
+    value = Fraction(int(whole)) + Fraction(int(fixed or "0"), 10 ** len(fixed))
+    value += Fraction(int(period), (10 ** len(period) - 1) * 10 ** len(fixed))
+    return (
+        str(value.numerator)
+        if value.denominator == 1
+        else f"\\frac{{{value.numerator}}}{{{value.denominator}}}"
+    )
+
+
 def normalize_answer(answer: str) -> tuple[str, bool]:
     """Canonical LaTeX for an answer string, and whether it was a percentage (the `%` is removed).
 
     Removes what does not change the value: `$`, `\\left`/`\\right`, spacing commands, degree signs,
-    trailing units, `\\text{}` wrappers, thousands separators; rewrites E-notation exactly and column
-    vectors as tuples. Keeps everything that does (variables, exponents, list structure).
+    trailing units, `\\text{}` wrappers, thousands separators, "and" in lists, "The answer is"; rewrites
+    E-notation and repeating decimals exactly, set-builder sets as their condition, and column vectors
+    (arrays, scaled vectors) as tuples. Keeps everything that does (variables, exponents, list structure).
 
     >>> normalize_answer("\\\\$1{,}000 \\\\text{ dollars}")
     ('1000', False)
     """
     s = answer.translate(_UNICODE)
+    s = re.sub(r"\\\\\[[-+\d.\s]*(?:pt|em|ex|mm|cm|mu)\]", r"\\\\ ", s)  # matrix row spacing `\\[2pt]`
     s = _DELIMITERS.sub("", s)
     s = _SIZING.sub("", s)
     s = re.sub(r",\s*\\!\s*", ",", s).replace("\\!", "")  # `10,\!080` is MATH's thousands separator
@@ -428,10 +475,22 @@ def normalize_answer(answer: str) -> tuple[str, bool]:
     s, percent_after_unit = _strip_percent(s)
     while (unwrapped := re.sub(r"\\text\{([^{}]*)\}", r"\1", s)) != s:
         s = unwrapped
-    s = re.sub(r"\s+", " ", s).strip().rstrip(".").rstrip()
+    s = re.sub(r"\s+", " ", s).strip().rstrip(".,;").rstrip()
+    s = _strip_units(s)  # a unit that was inside the text: `\text{5 hours}`
+    s = _LIST_AND.sub(", ", s).strip(" ,")
+    s = _ANSWER_PREFIX.sub("", s)  # `\text{The answer is } 5`, `\text{Option B}`
+    if _ALL_REALS.fullmatch(s):
+        s = "(-\\infty, \\infty)"
+    if (m := _SET_BUILDER.fullmatch(s)) and _INEQUALITY.search(m.group(2)):
+        s = m.group(2).strip()  # `\{x \mid x > 2\}` -> `x > 2`, which then matches `(2, \infty)`
+    s = _REPEATING.sub(_repeating_decimal, s)
     if _THOUSANDS.fullmatch(s):
         s = s.replace(",", "").replace(" ", "")
     s = _E_NOTATION.sub(lambda m: _exact_decimal(m.group(1), m.group(2)), s)
+    s = _ARRAY.sub(r"\\begin{pmatrix}\1\\end{pmatrix}", s)
+    scaled = _SCALED_VECTOR.fullmatch(s)
+    if scaled and _as_number(scaled.group(1)) is not None and len(re.findall(r"&|\\\\", s)) < 16:
+        s = _scaled_vector(scaled.group(1), scaled.group(2))
     s = _VECTOR.sub(_vector_as_tuple, s)
     s = re.sub(r"\\varnothing|\\\{\s*\\\}|\\O(?![A-Za-z])", r"\\emptyset", s)
     return s.strip(), percent or percent_after_unit
@@ -577,9 +636,35 @@ def _math_verify_equal(truth: str, pred: str) -> bool:
     return union is not None and math_verify.verify(gold, union, timeout_seconds=None)
 
 
+def _top_level_parts(s: str) -> list[str]:
+    """`s` split at commas outside brackets: `1, (2, 3)` -> [`1`, `(2, 3)`]."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(s):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(s[start:i].strip())
+            start = i + 1
+    parts.append(s[start:].strip())
+    return [p for p in parts if p]
+
+
+def _choice_set(s: str) -> frozenset[str] | None:
+    """The letters of a multiple-select answer such as `AC`, `A, C` or `(A), (C)`; None for anything else."""
+    letters = re.sub(r"[\s,()]|\\text|and", "", s)
+    if not re.fullmatch(r"[A-J]{2,10}", letters) or len(set(letters)) != len(letters):
+        return None
+    if re.search(r"[A-J]{2}", s) and not re.fullmatch(r"[A-J]+", s.strip()):
+        return None  # `AB, C`: a segment and a point, not options
+    return frozenset(letters)
+
+
 def answers_match(pred: str, truth: str) -> bool:
     """True if the extracted answer `pred` is mathematically equivalent to the ground truth `truth`."""
-    choice = _choice(normalize_answer(truth)[0])
+    truth_norm = normalize_answer(truth)[0]
+    choice = _choice(truth_norm)
     if choice is not None:  # multiple choice: `B` matches `B`, `(B)`, `\text{B}`, `\textbf{(B) } 5`
         guess = normalize_answer(pred)[0]
         if len(re.findall(r"\([A-J]\)", guess)) > 1:  # "(B) or (C)" hedges
@@ -587,6 +672,28 @@ def answers_match(pred: str, truth: str) -> bool:
         if m := _LEADING_CHOICE.fullmatch(guess):
             return (m.group(1) or m.group(2)) == choice[0]
         return bool(choice[1]) and answers_match(pred, choice[1])  # the option's value, if the truth has it
+    pred_norm = normalize_answer(pred)[0]
+    letters = _choice_set(truth_norm)
+    if letters is not None and (guessed := _choice_set(pred_norm)) is not None:
+        return letters == guessed  # multiple select: `AC` = `A, C` = `(C), (A)`
+    if _equivalent(pred, truth):
+        return True
+    if m := re.fullmatch(r"\(([A-J])\)\s*(\S.*)", pred_norm):  # `(B) 12` when the truth is the value 12
+        return _equivalent(m.group(2), truth)
+    parts = _top_level_parts(pred_norm)
+    if 2 <= len(parts) <= 6 and len(_top_level_parts(truth_norm)) == 1:
+        # One answer written twice, `\boxed{\frac{1}{2}}` or `\boxed{0.5}`: every part must be right.
+        return all(_equivalent(part, truth) for part in parts)
+    # Two equations (`y^2 = 4x`, `x = y^2/4`) compare whole, unless both just assign a plain number, which
+    # `_equivalent` already settled exactly (math-verify would round it).
+    equations = pred_norm.count("=") == 1 and truth_norm.count("=") == 1 and "," not in pred_norm + truth_norm
+    if equations and None in (_as_number(pred_norm.split("=")[1]), _as_number(truth_norm.split("=")[1])):
+        return _math_verify_equal(truth_norm, pred_norm)
+    return False
+
+
+def _equivalent(pred: str, truth: str) -> bool:
+    """`answers_match` for a truth that is not a multiple-choice letter."""
     truths, truth_base = _candidates(truth)
     preds, pred_base = _candidates(pred)
     if truth_base and pred_base and truth_base != pred_base:
