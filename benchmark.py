@@ -7,9 +7,9 @@
 model, prompts, group size and lengths, alternating the two, and reports the median step time of each,
 their ratio, and each phase's share of the step. Two settings:
   short      the built-in tiny base on its task: responses of ~12 tokens, about as long as the prompts;
-  gen-heavy  the same architecture with random weights and a 4x wider model, so responses run to
-             `max_new_tokens` (256) and are many times longer than the prompts: generation dominates,
-             as in ORZ's runs (responses of thousands of tokens after prompts of a few hundred).
+  gen-heavy  the same architecture with random weights and a 2x wider model, stopping only at EOS, so
+             responses run to `max_new_tokens` (256), about 25x longer than the prompts, as in ORZ's
+             runs (responses of thousands of tokens after prompts of a few hundred).
 """
 
 import argparse
@@ -54,7 +54,7 @@ def critic_benchmark(quick: bool) -> None:
         "short": (str(base), dict(max_new_tokens=32, prompts_per_step=16, num_generations=8)),
         "gen-heavy": (str(random_model(base, tmp / "random", hidden_size=256, num_layers=4)),
                       dict(max_new_tokens=256, prompts_per_step=8, num_generations=8, prompt_template="raw",
-                           stop_strings=["</answer>"])),
+                           stop_strings=[])),
     }
     steps, reps = (3, 1) if quick else (4, 3)
     results = {}

@@ -50,16 +50,64 @@ class Experience:
         return Experience(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index]
                              for f in fields(self)})
 
+    def trim(self) -> "Experience":
+        """The same rows without columns that are padding in every row: prompt columns on the left,
+        response columns on the right. A micro-batch of similar lengths then computes on few pads."""
+        p = int(self.prompt_mask.any(dim=0).long().argmax()) if self.prompt_mask.any() else self.prompt_mask.shape[1]
+        r = max(int(self.response_mask.sum(dim=1).max()), 1)
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is not None and f.name.startswith("prompt_"):
+                v = v[:, p:]
+            elif v is not None and v.dim() == 2:
+                v = v[:, :r]
+            out[f.name] = v
+        return Experience(**out)
+
+
+def plan_micro_batches(lengths: torch.Tensor, max_rows: int, max_tokens: int = 0,
+                       num_batches: int | None = None) -> list[torch.Tensor]:
+    """Split rows into micro-batches of similar length: sorted by length, then cut greedily so that each
+    holds at most `max_rows` rows and, if `max_tokens` > 0, at most `max_tokens` padded tokens
+    (rows x longest row). `num_batches` forces at least that many (every process must run the same
+    number of forward passes under sharded training); empty ones come back as empty index tensors.
+    lengths (B,) -> list of index tensors. Example: lengths [5, 1, 4, 2], max_rows 2 -> [[0, 2], [3, 1]].
+    """
+    order = torch.argsort(lengths, descending=True, stable=True)
+    batches, current, longest = [], [], 0
+    for i in order.tolist():
+        longest_if = max(longest, int(lengths[i]))
+        if current and (len(current) >= max_rows or (max_tokens > 0 and longest_if * (len(current) + 1) > max_tokens)):
+            batches.append(current)
+            current, longest_if = [], int(lengths[i])
+        current.append(i)
+        longest = longest_if
+    if current:
+        batches.append(current)
+    while num_batches is not None and len(batches) < num_batches:
+        big = max(range(len(batches)), key=lambda b: len(batches[b])) if batches else None
+        if big is None or len(batches[big]) < 2:
+            batches.append([])
+        else:  # split the fullest micro-batch in two
+            half = len(batches[big]) // 2
+            batches[big:big + 1] = [batches[big][:half], batches[big][half:]]
+    return [torch.tensor(b, dtype=torch.long, device=lengths.device) for b in batches]
+
 
 @torch.no_grad()
 def generate_responses(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_generations: int,
                        max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                        stop_token_ids: list[int], pad_token_id: int, stop_strings: list[str] | None = None,
-                       tokenizer=None, batch_size: int | None = None) -> torch.Tensor:
+                       tokenizer=None, batch_size: int | None = None,
+                       seeds: list[int] | None = None) -> torch.Tensor:
     """Sample `num_generations` responses per prompt; returns (B * G, R) ids, rows grouped by prompt.
 
     Generates in eval mode with the KV cache on: with gradient checkpointing in train mode HF drops the
     cache and re-runs the prefix at every token (RECIPE pitfall 12). `batch_size` caps prompts per call.
+    `seeds`, one per call, reseeds torch before it: a call's samples then depend only on its seed and its
+    prompts (left padding shared by all of its prompts is cut first), not on what else this process or
+    other processes generate, so that runs on 1 or N processes and resumed runs sample the same tokens.
     """
     was_training = model.training
     model.eval()
@@ -72,8 +120,12 @@ def generate_responses(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
         kwargs.update(stop_strings=stop_strings, tokenizer=tokenizer)
     chunks = []
     step = batch_size or len(prompt_ids)
-    for start in range(0, len(prompt_ids), step):
+    for n, start in enumerate(range(0, len(prompt_ids), step)):
         ids, mask = prompt_ids[start:start + step], prompt_mask[start:start + step]
+        first = int(mask.any(dim=0).long().argmax())
+        ids, mask = ids[:, first:], mask[:, first:]
+        if seeds is not None:
+            torch.manual_seed(seeds[n])
         out = model.generate(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                              **kwargs)
         chunks.append(out[:, ids.shape[1]:])
@@ -146,12 +198,17 @@ def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
 
 @torch.no_grad()
-def batched_logprobs(model, exp: Experience, temperature: float, micro_batch_size: int) -> torch.Tensor:
-    """`forward_logprobs` over the whole batch in micro-batches, without grad (old and reference log-probs)."""
-    input_ids, mask, R = exp.input_ids, exp.attention_mask, exp.response_ids.shape[1]
-    return torch.cat([forward_logprobs(model, input_ids[i:i + micro_batch_size], mask[i:i + micro_batch_size],
-                                       R, temperature)[0]
-                      for i in range(0, len(input_ids), micro_batch_size)])
+def batched_logprobs(model, exp: Experience, temperature: float, micro_batches: list[torch.Tensor]) -> torch.Tensor:
+    """`forward_logprobs` over the whole batch, one trimmed micro-batch at a time, without grad (old and
+    reference log-probs). `micro_batches` are row-index tensors, as `plan_micro_batches` makes them.
+    Returns (B, R), 0 outside the response mask."""
+    out = torch.zeros_like(exp.response_mask, dtype=torch.float32)
+    for rows in micro_batches:
+        mb = exp.select(rows if len(rows) else torch.zeros(1, dtype=torch.long, device=rows.device)).trim()
+        logprobs = forward_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1], temperature)[0]
+        if len(rows):
+            out[rows, :logprobs.shape[1]] = logprobs
+    return out * exp.response_mask
 
 
 def group_stats(rewards: torch.Tensor, group_ids: torch.Tensor):

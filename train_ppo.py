@@ -40,12 +40,14 @@ from rollout import (
     equal_reward_groups,
     forward_logprobs,
     generate_responses,
+    plan_micro_batches,
     response_mask_from_lengths,
     stop_positions,
 )
 from utils import JsonlWriter, left_pad, masked_mean, masked_whiten, parse_args
 
 ORZ_STOP_STRINGS = ["User:", "Human:", "Assistant:", "</answer>"]  # ORZ's stops, kept in the output
+SUMMED_STATS = ("loss/policy", "critic/value_loss", "policy/kl")  # shares of one batch loss, not means
 
 
 @dataclass
@@ -72,7 +74,7 @@ class Args:
     top_p: float = field(default=1.0, metadata={"help": "keep 1.0 for training: log-probs do not replay truncation"})
     top_k: int = field(default=0, metadata={"help": "keep 0 for training: log-probs do not replay truncation"})
     stop_strings: list[str] = field(default_factory=lambda: list(ORZ_STOP_STRINGS), metadata={"help": "strings that end a response (kept in it)"})
-    generation_batch_size: int = field(default=0, metadata={"help": "prompts per generate call (0: all of a step at once)"})
+    generation_batch_size: int = field(default=0, metadata={"help": "prompts per generate call (0: all of the process's prompts at once); each call is seeded from (seed, step, its first prompt's place), so with a size that divides every process's share, 1 and N processes sample the same tokens"})
     # reward
     reward: str = field(default="math", metadata={"help": "'math', module:function or path/file.py:function"})
     score_truncated: bool = field(default=False, metadata={"help": "score truncated responses too (ORZ: they get 0)"})
@@ -97,7 +99,8 @@ class Args:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout"})
     num_mini_batches: int = field(default=1, metadata={"help": "policy optimizer steps per epoch (ORZ: 1)"})
-    micro_batch_size: int = field(default=64, metadata={"help": "rows per forward/backward pass, per process"})
+    micro_batch_size: int = field(default=64, metadata={"help": "at most this many rows per forward/backward pass (rows are sorted by length first)"})
+    max_tokens_per_microbatch: int = field(default=0, metadata={"help": "and at most this many padded tokens (rows x longest row) per pass (0: no token limit)"})
     critic_lr: float = field(default=5e-4, metadata={"help": "critic learning rate (ORZ: 5e-6)"})
     critic_epochs: int = field(default=1, metadata={"help": "critic passes over each rollout"})
     critic_mini_batches: int = field(default=2, metadata={"help": "critic optimizer steps per epoch (ORZ: 12)"})
@@ -193,9 +196,10 @@ def check_args(args: Args, num_processes: int = 1) -> None:
         problems.append(f"--prompts-per-step {args.prompts_per_step} must divide by the {num_processes} processes")
     rows = args.prompts_per_step // max(num_processes, 1) * args.num_generations
     for name, parts in (("num_mini_batches", args.num_mini_batches), ("critic_mini_batches", args.critic_mini_batches)):
-        if parts < 1 or rows % parts or (rows // parts) % min(args.micro_batch_size, rows // parts):
-            problems.append(f"--{name.replace('_', '-')} {parts} and --micro-batch-size {args.micro_batch_size} "
-                            f"must split the {rows} rollout rows per process evenly")
+        if parts < 1 or rows % parts:
+            problems.append(f"--{name.replace('_', '-')} {parts} must split the {rows} rollout rows per process evenly")
+    if args.micro_batch_size < 1 or args.max_tokens_per_microbatch < 0:
+        problems.append("--micro-batch-size must be >= 1 and --max-tokens-per-microbatch >= 0")
     if args.advantage in ("grpo", "rloo") and args.num_generations < 2:
         problems.append(f"--advantage {args.advantage} needs --num-generations >= 2")
     if not (0 <= args.clip_low < 1 and args.clip_high >= 0):
@@ -252,6 +256,21 @@ def step_prompts(records: list, step: int, per_step: int, seed: int, rank: int, 
     return chosen
 
 
+def plan(exp: Experience, args: Args, accelerator) -> list[torch.Tensor]:
+    """This process's rows in micro-batches sorted by length, under --micro-batch-size rows and
+    --max-tokens-per-microbatch padded tokens; every process gets the same number of micro-batches."""
+    lengths = exp.attention_mask.sum(dim=1)
+    local = len(plan_micro_batches(lengths, args.micro_batch_size, args.max_tokens_per_microbatch))
+    count = int(accelerator.gather(torch.tensor([local], device=lengths.device)).max())
+    return plan_micro_batches(lengths, args.micro_batch_size, args.max_tokens_per_microbatch, count)
+
+
+def padding_fraction(exp: Experience, micro: list[torch.Tensor]) -> float:
+    """Share of the tokens computed in `micro` that are padding (trimmed micro-batches)."""
+    computed = sum(len(idx) * exp.select(idx).trim().input_ids.shape[1] for idx in micro if len(idx))
+    return 1.0 - exp.attention_mask.sum().item() / max(computed, 1)
+
+
 def warmup_constant(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
@@ -260,15 +279,21 @@ def warmup_constant(warmup_steps: int):
 # Rollout and evaluation.
 # --------------------------------------------------------------------------------------------------
 
+def call_seeds(seed: int, step: int, first: int, count: int, chunk: int, salt: int = 0) -> list[int]:
+    """One seed per generate call of `chunk` prompts, from the run's seed, the step and the place of the
+    call's first prompt among all processes' prompts of the step: independent of the process count."""
+    return [(seed * 1_000_003 + salt * 7_919 + step * 100_003 + first + i) % 2**62 for i in range(0, count, chunk)]
+
+
 def rollout(model, tokenizer, records: list, args: Args, num_generations: int, stop_ids: list[int],
-            temperature: float | None = None) -> tuple[Experience, list[str]]:
+            seeds: list[int] | None = None) -> tuple[Experience, list[str]]:
     """Generate `num_generations` responses per record; the experience batch (no rewards yet) and the texts."""
     prompt_ids, prompt_mask = left_pad([r["prompt_ids"] for r in records], tokenizer.pad_token_id)
     response_ids = generate_responses(
         model, prompt_ids, prompt_mask, num_generations=num_generations, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature if temperature is None else temperature, top_p=args.top_p, top_k=args.top_k,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id, stop_strings=args.stop_strings,
-        tokenizer=tokenizer, batch_size=args.generation_batch_size or None)
+        tokenizer=tokenizer, batch_size=args.generation_batch_size or None, seeds=seeds)
     lengths, truncated = stop_positions(response_ids, stop_ids, args.stop_strings, tokenizer)
     width = int(lengths.max())
     response_ids = response_ids[:, :width]
@@ -296,13 +321,16 @@ def score(pool: RewardPool, texts: list[str], answers: list[str], truncated: tor
     return rewards, stats
 
 
-def evaluate(model, tokenizer, records: list, pool: RewardPool, args: Args, stop_ids: list[int], accelerator) -> dict:
+def evaluate(model, tokenizer, records: list, pool: RewardPool, args: Args, stop_ids: list[int], accelerator,
+             step: int) -> dict:
     """avg@k accuracy on `records` (each process takes its share; counts are summed over processes)."""
     share = records[accelerator.process_index::accelerator.num_processes]
     correct = torch.zeros(2)
     for i in range(0, len(share), max(1, args.prompts_per_step)):
         chunk = share[i:i + args.prompts_per_step]
-        exp, texts = rollout(model, tokenizer, chunk, args, args.eval_num_samples, stop_ids)
+        seeds = call_seeds(args.seed, step, i * accelerator.num_processes + accelerator.process_index, len(chunk),
+                           args.generation_batch_size or len(chunk), salt=1)
+        exp, texts = rollout(model, tokenizer, chunk, args, args.eval_num_samples, stop_ids, seeds)
         answers = [r["answer"] for r in chunk for _ in range(args.eval_num_samples)]
         rewards, _ = score(pool, texts, answers, exp.truncated, args)
         correct += torch.tensor([(rewards >= 1.0).sum().item(), len(rewards)])
@@ -316,7 +344,7 @@ def evaluate(model, tokenizer, records: list, pool: RewardPool, args: Args, stop
 
 def main(args: Args) -> dict:
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import gather_object, set_seed
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -385,14 +413,15 @@ def main(args: Args) -> dict:
         # ---- 1. Evaluate (at the start, every eval_every steps; the end is after the loop) ----------
         if args.eval_every and eval_records and step % args.eval_every == 0:
             t = time.time()
-            metrics.update(evaluate(unwrapped, tokenizer, eval_records, pool, args, stop_ids, accelerator))
+            metrics.update(evaluate(unwrapped, tokenizer, eval_records, pool, args, stop_ids, accelerator, step))
             base_accuracy = metrics["eval/accuracy"] if base_accuracy is None else base_accuracy
             metrics["time/eval"] = time.time() - t
 
         # ---- 2. Rollout: this process's prompts, num_generations samples each --------------------
         t = time.time()
         records = step_prompts(train_records, step, args.prompts_per_step, args.seed, rank, world)
-        exp, texts = rollout(unwrapped, tokenizer, records, args, args.num_generations, stop_ids)
+        seeds = call_seeds(args.seed, step, rank * len(records), len(records), args.generation_batch_size or len(records))
+        exp, texts = rollout(unwrapped, tokenizer, records, args, args.num_generations, stop_ids, seeds)
         exp = Experience(**{k: (v.to(accelerator.device) if torch.is_tensor(v) else v) for k, v in vars(exp).items()})
         metrics["time/generate"] = time.time() - t
 
@@ -408,20 +437,26 @@ def main(args: Args) -> dict:
         mask = exp.response_mask
         lengths = mask.sum(dim=1)
         needs_old = args.ppo_epochs * args.num_mini_batches > 1 or (args.kl_coef > 0 and args.kl_estimator == "k1")
+        micro = plan(exp, args, accelerator)
         if needs_old:  # otherwise one update on one batch: old = logprobs.detach() is exact (pitfall 9)
             policy.eval()
-            exp.old_logprobs = batched_logprobs(policy, exp, args.temperature, args.micro_batch_size)
+            exp.old_logprobs = batched_logprobs(policy, exp, args.temperature, micro)
             policy.train()
         if ref is not None:
-            exp.ref_logprobs = batched_logprobs(ref, exp, args.temperature, args.micro_batch_size)
+            exp.ref_logprobs = batched_logprobs(ref, exp, args.temperature, micro)
+        metrics["perf/padding"] = padding_fraction(exp, micro)
         metrics["time/logprobs"] = time.time() - t
         t = time.time()
         if critic is not None:
             with torch.no_grad():
                 critic.eval()
-                exp.values = torch.cat([forward_values(critic, exp.input_ids[i:i + args.micro_batch_size],
-                                                       exp.attention_mask[i:i + args.micro_batch_size],
-                                                       mask.shape[1]) for i in range(0, rows, args.micro_batch_size)])
+                exp.values = torch.zeros_like(mask)
+                for idx in micro:
+                    mb = exp.select(idx if len(idx) else idx.new_zeros(1)).trim()
+                    values = forward_values(critic, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1])
+                    if len(idx):
+                        exp.values[idx, :values.shape[1]] = values.float()
+                exp.values *= mask
                 critic.train()
 
         # ---- 5. Advantages -----------------------------------------------------------------------
@@ -469,16 +504,18 @@ def main(args: Args) -> dict:
                         "train/advantage_abs": masked_mean(exp.advantages.abs(), exp.response_mask, sum_all).item()})
         for k, v in reward_stats.items():
             metrics[k] = sum_all(v).item()
-        for k, v in update_stats.items():
-            metrics[k] = sum_all(sum(v) / len(v)).item() / world
+        for k, v in update_stats.items():  # per-process means, averaged; losses are shares of one loss: summed
+            metrics[k] = sum_all(sum(v) / len(v)).item() / (1 if k in SUMMED_STATS else world)
         metrics["lr"] = sched.get_last_lr()[0]
         metrics["time/step"] = time.time() - t_step
+        take = min(-(-args.samples_per_step // world), len(texts))  # each process's part of the sample
+        samples = gather_object([{"step": step, "prompt_id": int(exp.group_ids[i]),
+                                  "prompt": records[i // args.num_generations]["question"], "response": texts[i],
+                                  "ground_truth": answers[i], "reward": exp.rewards[i].item(),
+                                  "advantage": exp.advantages[i, int(lengths[i]) - 1].item()} for i in range(take)])
         if accelerator.is_main_process:
-            for i in range(min(args.samples_per_step, len(texts))):
-                samples_file.write({"step": step, "prompt_id": int(exp.group_ids[i]),
-                                    "prompt": records[i // args.num_generations]["question"], "response": texts[i],
-                                    "ground_truth": answers[i], "reward": exp.rewards[i].item(),
-                                    "advantage": exp.advantages[i, 0].item()})
+            for sample in samples[:args.samples_per_step]:
+                samples_file.write(sample)
             metrics_file.write(metrics)
             bar.set_postfix(reward=f"{metrics['train/reward']:.2f}", **({"acc": f"{metrics['eval/accuracy']:.2f}"} if "eval/accuracy" in metrics else {}))
         if args.report_to != "none":
@@ -488,7 +525,7 @@ def main(args: Args) -> dict:
     # ---- 8. Final evaluation and save --------------------------------------------------------------
     final = {"step": args.max_steps}
     if args.eval_every and eval_records:
-        final.update(evaluate(unwrapped, tokenizer, eval_records, pool, args, stop_ids, accelerator))
+        final.update(evaluate(unwrapped, tokenizer, eval_records, pool, args, stop_ids, accelerator, args.max_steps))
         if accelerator.is_main_process:
             metrics_file.write(final)
     accelerator.wait_for_everyone()
@@ -519,9 +556,6 @@ def update(accelerator, model, optimizer, scheduler, exp: Experience, args: Args
     mini-batches, each accumulated over micro-batches. Returns the lists of per-micro-batch stats."""
     rows = len(exp.response_ids)
     size = rows // mini_batches
-    micro = min(args.micro_batch_size, size)
-    accelerator.gradient_accumulation_steps = size // micro
-    accelerator.step = 0  # align accumulation boundaries with this phase's mini-batches
     world = accelerator.num_processes
     stats: dict[str, list] = {}
     generator = torch.Generator().manual_seed(args.seed * 1000 + step)
@@ -533,9 +567,14 @@ def update(accelerator, model, optimizer, scheduler, exp: Experience, args: Args
             count = accelerator.reduce(torch.stack([mini.response_mask.sum(), torch.tensor(float(size), device=mini.response_mask.device)]), "sum")
             weights_all = loss_weights(mini.response_mask, args.loss_agg if role == "policy" else "token-mean",
                                        int(count[1].item()), count[0].item(), args.max_new_tokens)
-            for i in range(0, size, micro):
-                mb = mini.select(torch.arange(i, i + micro, device=mini.response_ids.device))
-                w = weights_all[i:i + micro]
+            micro = plan(mini, args, accelerator)
+            accelerator.gradient_accumulation_steps = len(micro)
+            accelerator.step = 0  # align accumulation boundaries with this mini-batch
+            for idx in micro:
+                # an empty micro-batch (another process has more) runs one row with zero weight, so that
+                # every process makes the same number of forward and backward passes
+                mb = mini.select(idx if len(idx) else idx.new_zeros(1)).trim()
+                w = weights_all[idx if len(idx) else idx.new_zeros(1), :mb.response_ids.shape[1]] * float(len(idx) > 0)
                 with accelerator.accumulate(model):
                     if role == "critic":
                         values = forward_values(model, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1])
@@ -567,7 +606,7 @@ def update(accelerator, model, optimizer, scheduler, exp: Experience, args: Args
                 for k, v in s.items():
                     stats.setdefault(k, []).append(v)
     # Losses are each micro-batch's share of the batch loss: report their sum per optimizer step.
-    for k in ("loss/policy", "critic/value_loss", "policy/kl"):
+    for k in SUMMED_STATS:
         if k in stats:
             per_step = len(stats[k]) // (epochs * mini_batches)
             stats[k] = [sum(stats[k][j:j + per_step]) for j in range(0, len(stats[k]), per_step)]

@@ -16,6 +16,7 @@ from rollout import (
     batched_logprobs,
     forward_logprobs,
     generate_responses,
+    plan_micro_batches,
     response_mask_from_lengths,
     stop_positions,
 )
@@ -131,7 +132,9 @@ def test_batched_logprobs_micro_batch_sizes(rollout):
                      response_mask=r["response_mask"], truncated=r["truncated"],
                      group_ids=torch.arange(len(r["response"])) // 2)
     B = len(r["response"])
-    results = [batched_logprobs(r["model"], exp, TEMPERATURE, mb) for mb in (1, 2, B)]
+    lengths = exp.attention_mask.sum(dim=1)
+    plans = [plan_micro_batches(lengths, rows) for rows in (1, 2, B)] + [plan_micro_batches(lengths, B, max_tokens=40)]
+    results = [batched_logprobs(r["model"], exp, TEMPERATURE, plan) for plan in plans]
     valid = r["response_mask"].bool()
     for out in results:
         assert out.shape == r["response"].shape
@@ -312,3 +315,26 @@ def test_masked_whiten_across_processes():
     # the check can fail: whitening each half on its own gives something else
     local = torch.cat([masked_whiten(*h) for h in halves])
     assert (local - combined).abs().max() > 1e-2
+
+
+def test_plan_micro_batches_sorts_packs_and_pads_the_count():
+    lengths = torch.tensor([5, 1, 4, 2])
+    assert [b.tolist() for b in plan_micro_batches(lengths, max_rows=2)] == [[0, 2], [3, 1]]
+    # a token budget of 8 padded tokens: 5+4 would cost 2 x 5 = 10, so 5 goes alone; then 4, 2 (2 x 4 = 8); then 1
+    assert [b.tolist() for b in plan_micro_batches(lengths, max_rows=4, max_tokens=8)] == [[0], [2, 3], [1]]
+    # forcing a count splits the fullest batch, then adds empty ones
+    assert [b.tolist() for b in plan_micro_batches(lengths, max_rows=4, num_batches=2)] == [[0, 2], [3, 1]]
+    assert [b.tolist() for b in plan_micro_batches(torch.tensor([3]), max_rows=4, num_batches=3)] == [[0], [], []]
+
+
+def test_trim_drops_columns_that_are_padding_everywhere():
+    exp = Experience(prompt_ids=torch.tensor([[0, 0, 7, 8], [0, 0, 0, 9]]),
+                     prompt_mask=torch.tensor([[0, 0, 1, 1], [0, 0, 0, 1]]),
+                     response_ids=torch.tensor([[1, 2, 0, 0], [3, 0, 0, 0]]),
+                     response_mask=torch.tensor([[1.0, 1.0, 0, 0], [1.0, 0, 0, 0]]),
+                     truncated=torch.tensor([False, False]), group_ids=torch.tensor([0, 1]),
+                     advantages=torch.ones(2, 4))
+    t = exp.trim()
+    assert t.prompt_ids.tolist() == [[7, 8], [0, 9]] and t.prompt_mask.tolist() == [[1, 1], [0, 1]]
+    assert t.response_ids.tolist() == [[1, 2], [3, 0]] and t.advantages.shape == (2, 2)
+    assert t.input_ids.tolist() == [[7, 8, 1, 2], [0, 9, 3, 0]]

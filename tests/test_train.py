@@ -102,7 +102,7 @@ def test_config_file_with_command_line_override(tmp_path):
 
 
 @pytest.mark.parametrize("bad,message", [
-    (["--prompts-per-step", "5", "--micro-batch-size", "16"], "must split"),
+    (["--prompts-per-step", "5", "--num-mini-batches", "3"], "must split"),
     (["--advantage", "grpo", "--num-generations", "1"], "--num-generations >= 2"),
     (["--clip-low", "1.5"], "clip ranges"),
     (["--model", "./no/such/model"], "no such path"),
