@@ -5,11 +5,15 @@
 
 `critic` runs the real training loop (`train_ppo.main`) for `gae` and `grpo` in one process, on the same
 model, prompts, group size and lengths, alternating the two, and reports the median step time of each,
-their ratio, and each phase's share of the step. Two settings:
+their ratio, and each phase's share of the step. Three settings:
   short      the built-in tiny base on its task: responses of ~12 tokens, about as long as the prompts;
-  gen-heavy  the same architecture with random weights and a 2x wider model, stopping only at EOS, so
-             responses run to `max_new_tokens` (256), about 25x longer than the prompts, as in ORZ's
-             runs (responses of thousands of tokens after prompts of a few hundred).
+  long       a 2x wider model with random weights, stopping only at EOS, so responses run to ~210-256
+             tokens, about 25x longer than the prompts, as in ORZ's runs; all 64 rows decode together;
+  gen-bound  the same, decoding 8 rows per generate call: each decoding step is then bound by overheads
+             and memory traffic rather than arithmetic, as decoding is on GPUs, and generation dominates
+             the step as it did in ORZ's runs.
+The critic roughly doubles the non-generation work (a value pass plus its own update), so the ratio is
+about 1 + (1 - generation share of the GRPO step) x 4/3: it depends on how much generation dominates.
 """
 
 import argparse
@@ -50,13 +54,14 @@ def critic_benchmark(quick: bool) -> None:
 
     base = build_tiny_base()
     tmp = Path(tempfile.mkdtemp(prefix="bench-critic-"))
+    random_dir = str(random_model(base, tmp / "random", hidden_size=256, num_layers=4))
+    long = dict(max_new_tokens=256, prompts_per_step=8, num_generations=8, prompt_template="raw", stop_strings=[])
     settings = {
         "short": (str(base), dict(max_new_tokens=32, prompts_per_step=16, num_generations=8)),
-        "gen-heavy": (str(random_model(base, tmp / "random", hidden_size=256, num_layers=4)),
-                      dict(max_new_tokens=256, prompts_per_step=8, num_generations=8, prompt_template="raw",
-                           stop_strings=[])),
+        "long": (random_dir, long),
+        "gen-bound": (random_dir, dict(long, generation_batch_size=1)),
     }
-    steps, reps = (3, 1) if quick else (4, 3)
+    steps, reps = (2, 1) if quick else (3, 2)
     results = {}
     for name, (model, kw) in settings.items():
         rows = {"gae": [], "grpo": []}

@@ -100,7 +100,7 @@ def generate_responses(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
                        max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                        stop_token_ids: list[int], pad_token_id: int, stop_strings: list[str] | None = None,
                        tokenizer=None, batch_size: int | None = None,
-                       seeds: list[int] | None = None) -> torch.Tensor:
+                       seeds: list[int] | None = None, synced_gpus: bool = False) -> torch.Tensor:
     """Sample `num_generations` responses per prompt; returns (B * G, R) ids, rows grouped by prompt.
 
     Generates in eval mode with the KV cache on: with gradient checkpointing in train mode HF drops the
@@ -108,12 +108,15 @@ def generate_responses(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
     `seeds`, one per call, reseeds torch before it: a call's samples then depend only on its seed and its
     prompts (left padding shared by all of its prompts is cut first), not on what else this process or
     other processes generate, so that runs on 1 or N processes and resumed runs sample the same tokens.
+    `synced_gpus` keeps every process stepping until all are done, which sharded models (FSDP) need:
+    each decoding step gathers parameters from all processes.
     """
     was_training = model.training
     model.eval()
     do_sample = temperature > 0
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_return_sequences=num_generations,
-                  eos_token_id=stop_token_ids, pad_token_id=pad_token_id, use_cache=True)
+                  eos_token_id=stop_token_ids, pad_token_id=pad_token_id, use_cache=True,
+                  synced_gpus=synced_gpus)
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
     if stop_strings:

@@ -48,6 +48,9 @@ from utils import JsonlWriter, left_pad, masked_mean, masked_whiten, parse_args
 
 ORZ_STOP_STRINGS = ["User:", "Human:", "Assistant:", "</answer>"]  # ORZ's stops, kept in the output
 SUMMED_STATS = ("loss/policy", "critic/value_loss", "policy/kl")  # shares of one batch loss, not means
+# Token means, computed per micro-batch and weighted by its share of the mini-batch's tokens (all processes),
+# so that they too are summed: then they do not depend on how the batch is split.
+TOKEN_STATS = ("policy/clipfrac", "policy/approx_kl", "policy/ratio", "policy/entropy", "critic/clipfrac", "critic/values")
 
 
 @dataclass
@@ -271,6 +274,20 @@ def padding_fraction(exp: Experience, micro: list[torch.Tensor]) -> float:
     return 1.0 - exp.attention_mask.sum().item() / max(computed, 1)
 
 
+def clip_gradients(accelerator, model, max_norm: float) -> float:
+    """Clip `model`'s gradients to `max_norm`, returning the norm before clipping. Under FSDP, accelerate
+    finds the model by comparing parameter lists with ==, which raises when the policy and the critic have
+    as many parameters; clip the given model directly instead."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+    if hasattr(model, "clip_grad_norm_"):  # FSDP1 wrapper
+        return float(model.clip_grad_norm_(max_norm))
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)  # FSDP2: DTensor gradients
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
 def warmup_constant(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
@@ -285,15 +302,21 @@ def call_seeds(seed: int, step: int, first: int, count: int, chunk: int, salt: i
     return [(seed * 1_000_003 + salt * 7_919 + step * 100_003 + first + i) % 2**62 for i in range(0, count, chunk)]
 
 
+def is_sharded(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
 def rollout(model, tokenizer, records: list, args: Args, num_generations: int, stop_ids: list[int],
-            seeds: list[int] | None = None) -> tuple[Experience, list[str]]:
+            seeds: list[int] | None = None, synced: bool = False) -> tuple[Experience, list[str]]:
     """Generate `num_generations` responses per record; the experience batch (no rewards yet) and the texts."""
     prompt_ids, prompt_mask = left_pad([r["prompt_ids"] for r in records], tokenizer.pad_token_id)
     response_ids = generate_responses(
         model, prompt_ids, prompt_mask, num_generations=num_generations, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id, stop_strings=args.stop_strings,
-        tokenizer=tokenizer, batch_size=args.generation_batch_size or None, seeds=seeds)
+        tokenizer=tokenizer, batch_size=args.generation_batch_size or None, seeds=seeds, synced_gpus=synced)
     lengths, truncated = stop_positions(response_ids, stop_ids, args.stop_strings, tokenizer)
     width = int(lengths.max())
     response_ids = response_ids[:, :width]
@@ -324,16 +347,20 @@ def score(pool: RewardPool, texts: list[str], answers: list[str], truncated: tor
 def evaluate(model, tokenizer, records: list, pool: RewardPool, args: Args, stop_ids: list[int], accelerator,
              step: int) -> dict:
     """avg@k accuracy on `records` (each process takes its share; counts are summed over processes)."""
-    share = records[accelerator.process_index::accelerator.num_processes]
+    world, rank = accelerator.num_processes, accelerator.process_index
+    share = records[rank::world]
+    real = len(share)
+    share = share + share[:1] * (-(-len(records) // world) - real)  # same number of generate calls everywhere
     correct = torch.zeros(2)
     for i in range(0, len(share), max(1, args.prompts_per_step)):
         chunk = share[i:i + args.prompts_per_step]
-        seeds = call_seeds(args.seed, step, i * accelerator.num_processes + accelerator.process_index, len(chunk),
-                           args.generation_batch_size or len(chunk), salt=1)
-        exp, texts = rollout(model, tokenizer, chunk, args, args.eval_num_samples, stop_ids, seeds)
+        seeds = call_seeds(args.seed, step, i * world + rank, len(chunk), args.generation_batch_size or len(chunk), salt=1)
+        with accelerator.autocast():
+            exp, texts = rollout(model, tokenizer, chunk, args, args.eval_num_samples, stop_ids, seeds, is_sharded(accelerator))
         answers = [r["answer"] for r in chunk for _ in range(args.eval_num_samples)]
         rewards, _ = score(pool, texts, answers, exp.truncated, args)
-        correct += torch.tensor([(rewards >= 1.0).sum().item(), len(rewards)])
+        counted = (torch.arange(len(chunk)) + i < real).repeat_interleave(args.eval_num_samples)
+        correct += torch.tensor([((rewards >= 1.0) & counted).sum().item(), counted.sum().item()])
     correct = accelerator.reduce(correct.to(accelerator.device), "sum").cpu()
     return {"eval/accuracy": (correct[0] / correct[1].clamp(min=1)).item()}
 
@@ -356,6 +383,11 @@ def main(args: Args) -> dict:
                               project_dir=args.output_dir)
     world, rank = accelerator.num_processes, accelerator.process_index
     check_args(args, world)
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise SystemExit("error: DeepSpeed is not supported yet (one engine per model and its own gradient "
+                         "accumulation are not wired in); launch with configs/accelerate/fsdp.yaml to shard instead")
     set_seed(args.seed, device_specific=True)  # each process samples differently
     out = Path(args.output_dir)
     if accelerator.is_main_process:
@@ -364,7 +396,9 @@ def main(args: Args) -> dict:
     t_start = time.time()
     with accelerator.main_process_first():
         model_path = str(build_tiny_base(log=accelerator.print)) if args.model == "tiny" else args.model
-    load = dict(trust_remote_code=args.trust_remote_code, dtype=torch.bfloat16 if args.bf16 else torch.float32)
+    # Trained models load in fp32 and --bf16 autocasts their forward passes: AdamW on bf16 weights loses
+    # updates of lr 1e-6 to rounding. Sharded setups (FSDP) keep fp32 masters the same way.
+    load = dict(trust_remote_code=args.trust_remote_code, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
@@ -376,7 +410,8 @@ def main(args: Args) -> dict:
     answers_by_id = {r["id"]: r["answer"] for r in train_records}
 
     critic = ValueModel.from_base(model_path, **load) if args.advantage == "gae" else None
-    ref = AutoModelForCausalLM.from_pretrained(model_path, **load).eval().requires_grad_(False) if args.kl_coef > 0 else None
+    ref_load = {**load, "dtype": torch.bfloat16 if args.bf16 else torch.float32}  # never trained: bf16 is fine
+    ref = AutoModelForCausalLM.from_pretrained(model_path, **ref_load).eval().requires_grad_(False) if args.kl_coef > 0 else None
     if args.gradient_checkpointing:
         for m in (policy, critic):
             if m is not None:
@@ -421,7 +456,9 @@ def main(args: Args) -> dict:
         t = time.time()
         records = step_prompts(train_records, step, args.prompts_per_step, args.seed, rank, world)
         seeds = call_seeds(args.seed, step, rank * len(records), len(records), args.generation_batch_size or len(records))
-        exp, texts = rollout(unwrapped, tokenizer, records, args, args.num_generations, stop_ids, seeds)
+        with accelerator.autocast():
+            exp, texts = rollout(unwrapped, tokenizer, records, args, args.num_generations, stop_ids, seeds,
+                                 is_sharded(accelerator))
         exp = Experience(**{k: (v.to(accelerator.device) if torch.is_tensor(v) else v) for k, v in vars(exp).items()})
         metrics["time/generate"] = time.time() - t
 
@@ -505,7 +542,7 @@ def main(args: Args) -> dict:
         for k, v in reward_stats.items():
             metrics[k] = sum_all(v).item()
         for k, v in update_stats.items():  # per-process means, averaged; losses are shares of one loss: summed
-            metrics[k] = sum_all(sum(v) / len(v)).item() / (1 if k in SUMMED_STATS else world)
+            metrics[k] = sum_all(sum(v) / len(v)).item() / (1 if k in SUMMED_STATS + TOKEN_STATS else world)
         metrics["lr"] = sched.get_last_lr()[0]
         metrics["time/step"] = time.time() - t_step
         take = min(-(-args.samples_per_step // world), len(texts))  # each process's part of the sample
@@ -553,28 +590,36 @@ def main(args: Args) -> dict:
 def update(accelerator, model, optimizer, scheduler, exp: Experience, args: Args, role: str, epochs: int,
            mini_batches: int, step: int) -> dict[str, list]:
     """Optimizer steps of the policy or the critic over one rollout: `epochs` passes of `mini_batches`
-    mini-batches, each accumulated over micro-batches. Returns the lists of per-micro-batch stats."""
+    mini-batches, each accumulated over micro-batches. Returns lists of stats, one value per optimizer step."""
     rows = len(exp.response_ids)
-    size = rows // mini_batches
-    world = accelerator.num_processes
+    world, rank = accelerator.num_processes, accelerator.process_index
+    device = exp.response_ids.device
     stats: dict[str, list] = {}
     generator = torch.Generator().manual_seed(args.seed * 1000 + step)
     model.train()
     for _ in range(epochs):
-        order = torch.randperm(rows, generator=generator) if mini_batches > 1 else torch.arange(rows)
-        for m in range(mini_batches):
-            mini = exp.select(order[m * size:(m + 1) * size].to(exp.response_ids.device))
-            count = accelerator.reduce(torch.stack([mini.response_mask.sum(), torch.tensor(float(size), device=mini.response_mask.device)]), "sum")
+        # Mini-batches are drawn from the rows of all processes (process r holds global rows r*rows ..),
+        # so they hold the same rows whatever the process count; a process may get more or fewer of them.
+        order = torch.randperm(rows * world, generator=generator) if mini_batches > 1 else torch.arange(rows * world)
+        for part in order.chunk(mini_batches):
+            local = part[(part >= rank * rows) & (part < (rank + 1) * rows)].to(device) - rank * rows
+            mini = exp.select(local)
+            count = accelerator.reduce(torch.stack([mini.response_mask.sum(), torch.tensor(float(len(local)), device=device)]), "sum")
             weights_all = loss_weights(mini.response_mask, args.loss_agg if role == "policy" else "token-mean",
                                        int(count[1].item()), count[0].item(), args.max_new_tokens)
             micro = plan(mini, args, accelerator)
+            mini_stats: dict[str, list] = {}
             accelerator.gradient_accumulation_steps = len(micro)
             accelerator.step = 0  # align accumulation boundaries with this mini-batch
             for idx in micro:
                 # an empty micro-batch (another process has more) runs one row with zero weight, so that
                 # every process makes the same number of forward and backward passes
-                mb = mini.select(idx if len(idx) else idx.new_zeros(1)).trim()
-                w = weights_all[idx if len(idx) else idx.new_zeros(1), :mb.response_ids.shape[1]] * float(len(idx) > 0)
+                if len(idx):
+                    mb, w = mini.select(idx).trim(), weights_all[idx]
+                else:
+                    mb = exp.select(torch.zeros(1, dtype=torch.long, device=device)).trim()
+                    w = torch.zeros_like(mb.response_mask)
+                w = w[:, :mb.response_ids.shape[1]]
                 with accelerator.accumulate(model):
                     if role == "critic":
                         values = forward_values(model, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1])
@@ -598,18 +643,16 @@ def update(accelerator, model, optimizer, scheduler, exp: Experience, args: Args
                     # weights already normalise over the whole batch, so undo both.
                     accelerator.backward(loss * accelerator.gradient_accumulation_steps * world)
                     if accelerator.sync_gradients:
-                        norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                        s[f"{role}/grad_norm"] = float(norm)
+                        norm = clip_gradients(accelerator, model, args.max_grad_norm)
+                        s[f"{role}/grad_norm"] = norm
                         optimizer.step()
                         scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
+                share = mb.response_mask.sum().item() * float(len(idx) > 0) / max(count[0].item(), 1.0)
                 for k, v in s.items():
-                    stats.setdefault(k, []).append(v)
-    # Losses are each micro-batch's share of the batch loss: report their sum per optimizer step.
-    for k in SUMMED_STATS:
-        if k in stats:
-            per_step = len(stats[k]) // (epochs * mini_batches)
-            stats[k] = [sum(stats[k][j:j + per_step]) for j in range(0, len(stats[k]), per_step)]
+                    mini_stats.setdefault(k, []).append(v * share if k in TOKEN_STATS else v)
+            for k, v in mini_stats.items():  # one value per optimizer step
+                stats.setdefault(k, []).append(sum(v) if k in SUMMED_STATS + TOKEN_STATS else sum(v) / len(v))
     return stats
 
 
