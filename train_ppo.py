@@ -23,6 +23,7 @@ Run it:
 """
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -117,6 +118,12 @@ class Args:
     eval_limit: int = field(default=64, metadata={"help": "eval problems (0: all)"})
     samples_per_step: int = field(default=4, metadata={"help": "responses written to samples.jsonl each step"})
     report_to: Literal["none", "tensorboard", "wandb"] = field(default="none", metadata={"help": "tracker, through accelerate"})
+    # checkpoints and faults
+    save_every: int = field(default=20, metadata={"help": "checkpoint every N steps into output_dir/checkpoints (0: never)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "keep the last K checkpoints"})
+    resume: bool = field(default=False, metadata={"help": "resume from the last checkpoint (also automatic when one exists, unless --overwrite)"})
+    overwrite: bool = field(default=False, metadata={"help": "start afresh even if output_dir holds checkpoints"})
+    max_nonfinite_updates: int = field(default=3, metadata={"help": "stop after this many updates in a row with a NaN/inf loss or gradient (each one is skipped)"})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,6 +295,90 @@ def clip_gradients(accelerator, model, max_norm: float) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
+CHECKPOINT_PREFIX = "step-"
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under `root`: a `step-N` directory (complete ones only ever appear
+    under that name, by an atomic rename of a finished temporary directory)."""
+    done = [p for p in root.glob(CHECKPOINT_PREFIX + "*") if (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+
+
+def save_checkpoint(accelerator, root: Path, state: dict, keep: int) -> Path:
+    """Everything needed to continue at `state["step"]`: models, optimizers, schedulers, every process's
+    RNG states (accelerate's `save_state`, weights as safetensors) and `state`. Written to a temporary
+    directory, fsynced, then renamed, so a kill at any instant leaves the previous checkpoint whole."""
+    import os
+    import shutil
+
+    final = root / f"{CHECKPOINT_PREFIX}{state['step']:06d}"
+    tmp = root / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        for path in [*tmp.rglob("*"), tmp]:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        fd = os.open(root, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        done = sorted((p for p in root.glob(CHECKPOINT_PREFIX + "*") if p != final), key=lambda p: p.name)
+        for old in done[:max(len(done) - keep + 1, 0)]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_jsonl_before(path: Path, step: int) -> list[dict]:
+    """The records of a JSONL file with "step" < `step`; a torn last line (killed mid-write) is dropped."""
+    rows = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("step", step) < step:
+                rows.append(row)
+    return rows
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the step and exits."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.signal = None
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+
+def injected_nan_steps() -> set[int]:
+    """Fault injection for tests: REASONER_ZERO_NAN_STEPS="3,4" makes the losses of those steps NaN."""
+    import os
+
+    return {int(x) for x in os.environ.get("REASONER_ZERO_NAN_STEPS", "").split(",") if x.strip()}
+
+
 def warmup_constant(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
@@ -426,22 +517,39 @@ def main(args: Args) -> dict:
         critic, critic_opt = accelerator.prepare(critic, critic_opt)
     if ref is not None:
         ref = accelerator.prepare_model(ref, evaluation_mode=True)
+    accelerator.register_for_checkpointing(sched, *([critic_sched] if critic is not None else []))
     pool = RewardPool(args.reward, num_workers=args.reward_workers, timeout=args.reward_timeout)
+
+    # ---- Resume: the last complete checkpoint, if any (and not --overwrite) -----------------------------
+    ckpt_root, start_step, base_accuracy, nonfinite = out / "checkpoints", 0, None, 0
+    ckpt = None if args.overwrite else latest_checkpoint(ckpt_root)
+    if args.resume and ckpt is None:
+        raise SystemExit(f"error: --resume: no complete checkpoint in {ckpt_root}")
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        start_step, base_accuracy = state["step"], state["base_accuracy"]
+        accelerator.print(f"resuming from {ckpt} at step {start_step} (--overwrite starts afresh)")
+    kept = {name: read_jsonl_before(out / name, start_step) for name in ("metrics.jsonl", "samples.jsonl")}
+    accelerator.wait_for_everyone()
     metrics_file = JsonlWriter(out / "metrics.jsonl") if accelerator.is_main_process else None
     samples_file = JsonlWriter(out / "samples.jsonl") if accelerator.is_main_process else None
-    if accelerator.is_main_process:
-        for f in (metrics_file, samples_file):
+    if accelerator.is_main_process:  # drop what a killed run wrote after its last checkpoint
+        for f, name in ((metrics_file, "metrics.jsonl"), (samples_file, "samples.jsonl")):
             f.file.truncate(0)
+            for row in kept[name]:
+                f.write(row)
+    stop = StopRequest()
     if args.report_to != "none":
         accelerator.init_trackers("reasoner-zero", config={k: str(v) for k, v in asdict(args).items()})
     rows = args.prompts_per_step // world * args.num_generations  # rollout rows per process
     sum_all = lambda x: accelerator.reduce(torch.as_tensor(x, dtype=torch.float32, device=accelerator.device), "sum")  # noqa: E731
     unwrapped = accelerator.unwrap_model(policy)
-    history, base_accuracy = [], None
     accelerator.print(f"training {args.advantage} on {len(train_records)} prompts, {world} process(es), "
                       f"{args.max_steps} steps of {args.prompts_per_step} x {args.num_generations}")
 
-    bar = tqdm(range(args.max_steps), disable=not accelerator.is_main_process, desc=args.advantage)
+    bar = tqdm(range(start_step, args.max_steps), disable=not accelerator.is_main_process, desc=args.advantage,
+               initial=start_step, total=args.max_steps)
     for step in bar:
         t_step = time.time()
         metrics = {"step": step}
@@ -541,6 +649,7 @@ def main(args: Args) -> dict:
                         "train/advantage_abs": masked_mean(exp.advantages.abs(), exp.response_mask, sum_all).item()})
         for k, v in reward_stats.items():
             metrics[k] = sum_all(v).item()
+        metrics["train/nonfinite_updates"] = sum(update_stats.pop("train/nonfinite_updates", []))
         for k, v in update_stats.items():  # per-process means, averaged; losses are shares of one loss: summed
             metrics[k] = sum_all(sum(v) / len(v)).item() / (1 if k in SUMMED_STATS + TOKEN_STATS else world)
         metrics["lr"] = sched.get_last_lr()[0]
@@ -557,9 +666,21 @@ def main(args: Args) -> dict:
             bar.set_postfix(reward=f"{metrics['train/reward']:.2f}", **({"acc": f"{metrics['eval/accuracy']:.2f}"} if "eval/accuracy" in metrics else {}))
         if args.report_to != "none":
             accelerator.log(metrics, step=step)
-        history.append(metrics)
 
-    # ---- 8. Final evaluation and save --------------------------------------------------------------
+        # ---- 8. Checkpoint, and stop when asked or when updates keep failing -----------------------
+        nonfinite = nonfinite + 1 if metrics.get("train/nonfinite_updates", 0) > 0 else 0
+        signalled = sum_all(float(stop.signal is not None)).item() > 0
+        if (args.save_every and (step + 1) % args.save_every == 0) or signalled or nonfinite >= args.max_nonfinite_updates:
+            saved = save_checkpoint(accelerator, ckpt_root, {"step": step + 1, "base_accuracy": base_accuracy},
+                                    args.keep_checkpoints)
+            if signalled:
+                raise SystemExit(f"stopped by signal {stop.signal} after step {step}: checkpoint in {saved}; "
+                                 "run the same command again to resume")
+            if nonfinite >= args.max_nonfinite_updates:
+                raise SystemExit(f"error: step {step}: {nonfinite} updates in a row had a NaN or infinite loss or "
+                                 f"gradient and were skipped; stopping with the last good state in {saved}")
+
+    # ---- 9. Final evaluation and save --------------------------------------------------------------
     final = {"step": args.max_steps}
     if args.eval_every and eval_records:
         final.update(evaluate(unwrapped, tokenizer, eval_records, pool, args, stop_ids, accelerator, args.max_steps))
@@ -639,14 +760,18 @@ def update(accelerator, model, optimizer, scheduler, exp: Experience, args: Args
                             s["policy/kl"] = kl.item()
                         if args.entropy_coef:
                             loss = loss - args.entropy_coef * (entropy * w).sum()
+                    if step in injected_nan_steps():
+                        loss = loss * float("nan")
                     # accelerate divides by the accumulation steps and DDP averages over processes; the
                     # weights already normalise over the whole batch, so undo both.
                     accelerator.backward(loss * accelerator.gradient_accumulation_steps * world)
                     if accelerator.sync_gradients:
-                        norm = clip_gradients(accelerator, model, args.max_grad_norm)
+                        norm = clip_gradients(accelerator, model, args.max_grad_norm)  # global: same on all processes
                         s[f"{role}/grad_norm"] = norm
-                        optimizer.step()
-                        scheduler.step()
+                        s["train/nonfinite_updates"] = float(not math.isfinite(norm))
+                        if math.isfinite(norm):  # a NaN/inf loss or gradient: skip this update, counted
+                            optimizer.step()
+                            scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
                 share = mb.response_mask.sum().item() * float(len(idx) > 0) / max(count[0].item(), 1.0)
                 for k, v in s.items():

@@ -1,0 +1,151 @@
+"""A run killed at a random instant (SIGKILL, also in the middle of a checkpoint write) and started again
+with the same command ends exactly where an uninterrupted run ends: the same metrics.jsonl values
+(timings aside) and the same final parameters. Also SIGTERM, and NaN losses.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT
+from safetensors.torch import load_file
+
+STEPS = 5
+COMMON = ["--max-steps", str(STEPS), "--save-every", "1", "--keep-checkpoints", "2", "--prompts-per-step", "4",
+          "--num-generations", "4", "--max-new-tokens", "24", "--eval-every", "3", "--eval-limit", "8",
+          "--eval-num-samples", "2", "--reward-workers", "0", "--samples-per-step", "4", "--seed", "5"]
+
+
+def command(out, advantage: str) -> list[str]:
+    return [sys.executable, "train_ppo.py", "--output-dir", str(out), "--advantage", advantage, *COMMON]
+
+
+def env(**extra) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
+def run(out, advantage: str, **extra) -> subprocess.CompletedProcess:
+    return subprocess.run(command(out, advantage), cwd=ROOT, env=env(**extra), capture_output=True, text=True,
+                          timeout=600)
+
+
+def metric_lines(out) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+def killed_run(out, advantage: str, when: str, rng: random.Random) -> str:
+    """Start a run and SIGKILL it: after a random number of finished steps plus a random delay, or as
+    soon as a checkpoint is being written. Returns a description of the kill point."""
+    proc = subprocess.Popen(command(out, advantage), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    target, delay = rng.randint(1, STEPS - 2), rng.uniform(0.0, 1.0)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if when == "checkpoint-write" and len(metric_lines(out)) >= target and list((out / "checkpoints").glob(".tmp-*")):
+                break
+            if when == "random" and len(metric_lines(out)) >= target:
+                time.sleep(delay)
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if when == "checkpoint-write":
+        return f"during the checkpoint write after {len(metric_lines(out))} logged steps"
+    return f"after {target} logged steps + {delay:.2f} s"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_base):
+    """Uninterrupted runs of both estimators."""
+    out = {}
+    for advantage in ("grpo", "gae"):
+        path = tmp_path_factory.mktemp(f"reference-{advantage}")
+        result = run(path, advantage)
+        assert result.returncode == 0, result.stderr[-3000:]
+        out[advantage] = path
+    return out
+
+
+def assert_same_run(resumed, reference, advantage: str) -> None:
+    assert comparable(metric_lines(resumed)) == comparable(metric_lines(reference))
+    parts = ["policy/model.safetensors"] + (["critic/value_head.safetensors"] if advantage == "gae" else [])
+    for part in parts:
+        a, b = load_file(resumed / part), load_file(reference / part)
+        assert all((a[k] == b[k]).all() for k in a), part
+
+
+def check_kill_and_resume(tmp_path, reference, advantage: str, when: str, seed: int) -> None:
+    out = tmp_path / f"{advantage}-{when}-{seed}"
+    point = killed_run(out, advantage, when, random.Random(seed))
+    had_checkpoint = bool(list((out / "checkpoints").glob("step-*")))
+    result = run(out, advantage)  # the same command: resumes on its own
+    assert result.returncode == 0, (point, result.stderr[-3000:])
+    assert ("resuming from" in result.stdout) == had_checkpoint
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    assert len(list((out / "checkpoints").glob("step-*"))) <= 2  # --keep-checkpoints
+    assert_same_run(out, reference[advantage], advantage)
+    print(f"{advantage}: killed {point}: resumed run matches exactly")
+
+
+@pytest.mark.parametrize("advantage,when", [("grpo", "random"), ("gae", "checkpoint-write")])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(advantage, when, tmp_path, reference):
+    check_kill_and_resume(tmp_path, reference, advantage, when, seed=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("advantage", ["grpo", "gae"])
+@pytest.mark.parametrize("when", ["random", "checkpoint-write"])
+def test_many_kill_points(advantage, when, tmp_path, reference):
+    for seed in range(1, 5):
+        check_kill_and_resume(tmp_path, reference, advantage, when, seed)
+
+
+def test_sigterm_checkpoints_and_exits_then_resumes(tmp_path, reference):
+    out = tmp_path / "term"
+    proc = subprocess.Popen(command(out, "grpo"), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    while len(metric_lines(out)) < 1 and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "stopped by signal" in stderr and "run the same command again to resume" in stderr
+    stopped_at = len(metric_lines(out))
+    assert stopped_at < STEPS
+    assert (out / "checkpoints" / f"step-{stopped_at:06d}" / "trainer_state.json").exists()
+    result = run(out, "grpo")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(out, reference["grpo"], "grpo")
+
+
+def test_nan_updates_are_skipped_and_counted(tmp_path):
+    result = run(tmp_path, "grpo", REASONER_ZERO_NAN_STEPS="1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = metric_lines(tmp_path)
+    assert [r["train/nonfinite_updates"] for r in rows if "train/nonfinite_updates" in r] == [0, 1, 0, 0, 0]
+    policy = load_file(tmp_path / "policy" / "model.safetensors")
+    assert all(v.isfinite().all() for v in policy.values())
+
+
+def test_nan_updates_in_a_row_stop_with_a_checkpoint(tmp_path):
+    result = run(tmp_path, "grpo", REASONER_ZERO_NAN_STEPS="1,2,3")
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: step 3: 3 updates in a row had a NaN") and "step-000004" in last
+    state = load_file(tmp_path / "checkpoints" / "step-000004" / "model.safetensors")
+    assert all(v.isfinite().all() for v in state.values())
