@@ -113,3 +113,119 @@ class JsonlWriter:
 
     def close(self) -> None:
         self.file.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots of runs: `python utils.py plot RUN_DIR [RUN_DIR ...] --out FILE.png`
+# --------------------------------------------------------------------------------------------------
+
+# (title, keys or a test on the key): one panel each, in this order. Eval accuracies are every eval/
+# key that is an accuracy: eval/accuracy and eval/<dataset>/avg@k, pass@k, maj@k.
+PLOT_PANELS = [
+    ("train reward", ["train/reward"]),
+    ("eval accuracy", lambda key: key.startswith("eval/") and any(s in key for s in ("accuracy", "avg@", "pass@", "maj@"))),
+    ("response length", ["train/response_length"]),
+    ("entropy", ["policy/entropy"]),
+    ("clip fraction", ["policy/clipfrac"]),
+    ("value loss", ["critic/value_loss"]),
+    ("explained variance", ["critic/explained_var"]),
+]
+OPTIONAL_PANELS = ("value loss", "explained variance")  # drawn only when some run has them (PPO's critic)
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """The records of RUN_DIR/metrics.jsonl (one JSON object per line; blank and malformed lines, such as
+    a last line cut off by a kill, are skipped). Raises SystemExit with one line if the file is missing."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"error: {run_dir}: no metrics.jsonl (is it a run directory?)")
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _series(records: list[dict], key: str) -> tuple[list, list]:
+    """(steps, values) of the records that have a number under `key`; the step is the record's `step`,
+    or its line number when it has none."""
+    points = [(r.get("step", i), r[key]) for i, r in enumerate(records)
+              if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_runs(run_dirs: list[str], out_path: str | os.PathLike) -> list[str]:
+    """Draw the metrics of one or more runs, overlaid, against step into one PNG; returns the panel titles.
+
+    Panels: train reward, eval accuracy (every eval/ accuracy key), response length, entropy, clip
+    fraction, and value loss / explained variance when any run logged them. A panel no run has data for
+    is drawn empty with a note. Lines are labelled by the run directory's name (and the key, when a panel
+    shows several). Uses matplotlib's Agg backend, so it needs no display.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not run_dirs:
+        raise SystemExit("error: plot needs at least one run directory")
+    names = [Path(d).resolve().name or str(d) for d in run_dirs]
+    # Labelled by directory name; two runs with the same name (a/ppo, b/ppo) keep the path given.
+    runs = {(name if names.count(name) == 1 else str(d)): read_metrics(d) for name, d in zip(names, run_dirs, strict=True)}
+    present = {key for records in runs.values() for r in records for key in r}
+    panels = []
+    for title, keys in PLOT_PANELS:
+        keys = sorted(k for k in present if keys(k)) if callable(keys) else keys
+        if title in OPTIONAL_PANELS and not any(k in present for k in keys):
+            continue
+        panels.append((title, keys))
+    cols = 2
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.remove()
+    for ax, (title, keys) in zip(axes.flat, panels, strict=False):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        drawn = 0
+        for run, records in runs.items():
+            for key in keys:
+                steps, values = _series(records, key)
+                if steps:
+                    ax.plot(steps, values, marker="." if len(steps) < 30 else None,
+                            label=run if len(keys) == 1 else f"{run}: {key}")
+                    drawn += 1
+        if drawn:
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, f"no {' / '.join(keys) or title} in these runs", ha="center", va="center",
+                    transform=ax.transAxes, color="gray")
+    fig.tight_layout()
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return [title for title, _ in panels]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python utils.py plot RUN_DIR [RUN_DIR ...] --out FILE.png`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="utils.py", description="Helpers with a command line.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    plot = sub.add_parser("plot", help="plot the metrics.jsonl of one or more runs into one PNG")
+    plot.add_argument("run_dirs", nargs="+", help="run directories holding metrics.jsonl")
+    plot.add_argument("--out", default="runs.png", help="PNG file to write (default runs.png)")
+    args = parser.parse_args(argv)
+    if not str(args.out).lower().endswith(".png"):
+        raise SystemExit(f"error: --out {args.out}: must be a .png file")
+    titles = plot_runs(args.run_dirs, args.out)
+    print(f"wrote {args.out} ({len(titles)} panels: {', '.join(titles)})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Tests of the evaluation metrics and `python rollout.py eval`: pass@k against hand-computed values,
+majority voting over equivalent answers, aggregation, the files the command writes, and bad input.
+
+Run: python -m pytest tests/test_eval.py -q
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rollout import EvalArgs, aggregate_eval, eval_main, format_eval_table, majority_answer, pass_at_k
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("n, c, k, expected", [
+    (5, 2, 1, 0.4),        # c / n
+    (5, 2, 2, 0.7),        # 1 - C(3,2)/C(5,2) = 1 - 3/10
+    (5, 0, 3, 0.0),        # nothing correct
+    (5, 3, 3, 1.0),        # n - c = 2 < k: every draw of 3 holds a correct one
+    (4, 1, 4, 1.0),
+    (10, 3, 2, 1 - 21 / 45),  # 1 - C(7,2)/C(10,2)
+])
+def test_pass_at_k_hand_computed(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pass_at_k_stable_for_large_n():
+    # C(1000, 100) overflows a float; the product form does not: 1 - C(990,100)/C(1000,100).
+    value = pass_at_k(1000, 10, 100)
+    assert 0.65 < value < 0.66
+
+
+@pytest.mark.parametrize("n, c, k", [(5, 6, 1), (5, -1, 1), (5, 2, 0), (5, 2, 6), (5.0, 2, 1)])
+def test_pass_at_k_bad_input(n, c, k):
+    with pytest.raises(ValueError, match="pass_at_k needs"):
+        pass_at_k(n, c, k)
+
+
+def test_majority_groups_equivalent_answers():
+    # \frac12, 1/2 and 0.5 are one answer with 3 votes; 3 has 2; None is ignored.
+    assert majority_answer(["1/2", None, "3", "\\frac12", "3", "0.5"]) == "1/2"
+    assert majority_answer(["3", "\\frac12", "0.5", "3", "3"]) == "3"
+
+
+def test_majority_ties_and_empty():
+    assert majority_answer(["4", "3", "3", "4"]) == "4"  # tie: the answer seen first
+    assert majority_answer([None, "7", "8"]) == "7"
+    assert majority_answer([None, None]) is None
+    assert majority_answer([]) is None
+
+
+def test_majority_multiple_choice_letters():
+    assert majority_answer(["(B)", "A", "B", "\\text{B}"]) == "(B)"
+
+
+def test_majority_custom_equivalence():
+    same = lambda a, b: a.lower() == b.lower()  # noqa: E731
+    assert majority_answer(["x", "Y", "y"], same=same) == "Y"
+
+
+def test_aggregate_eval_hand_made_table():
+    table = [{"n": 4, "correct": 0, "maj_correct": 0},   # avg 0,    pass@4 0
+             {"n": 4, "correct": 1, "maj_correct": 0},   # avg 0.25, pass@4 1
+             {"n": 4, "correct": 3, "maj_correct": 1},   # avg 0.75, pass@4 1
+             {"n": 4, "correct": 4, "maj_correct": 1}]   # avg 1,    pass@4 1
+    out = aggregate_eval(table)
+    assert out == {"avg@4": pytest.approx(0.5), "pass@4": pytest.approx(0.75), "maj@4": pytest.approx(0.5),
+                   "problems": 4, "k": 4}
+    assert "avg@4" in format_eval_table({"toy": out, "overall": out})
+
+
+def test_aggregate_eval_bad_input():
+    with pytest.raises(ValueError, match="no problems"):
+        aggregate_eval([])
+    with pytest.raises(ValueError, match="0 <= correct <= n"):
+        aggregate_eval([{"n": 2, "correct": 3, "maj_correct": 1}])
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(temperature=0.0, num_samples=2), "greedy"),
+    (dict(num_samples=0), "--num-samples"),
+    (dict(datasets="/no/such/file.jsonl"), "no such file"),
+    (dict(datasets=" , "), "--datasets is empty"),
+    (dict(model="./no/such/model"), "no such path"),
+])
+def test_eval_bad_arguments(changes, message, tmp_path):
+    # All of these fail before any model loads.
+    with pytest.raises(SystemExit, match=message) as err:
+        eval_main(EvalArgs(output_dir=str(tmp_path), **changes))
+    assert str(err.value).startswith("error: ") and "\n" not in str(err.value)
+
+
+def test_eval_command_writes_results(tiny_base, tmp_path):
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "rollout.py", "eval", "--model", "tiny", "--datasets", "synthetic,math500",
+           "--limit", "4", "--num-samples", "2", "--max-new-tokens", "24", "--reward-workers", "0",
+           "--output-dir", str(out)]
+    # In-process scoring (--reward-workers 0): a spawned worker re-imports torch, ~10 s on a busy CPU; the
+    # worker pool itself is tested in test_reward.py.
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "pass@2" in proc.stdout and "overall" in proc.stdout
+
+    results = json.loads((out / "results.json").read_text())
+    metrics = results["metrics"]
+    assert set(metrics) == {"synthetic", "math500", "overall"}
+    for name in ("synthetic", "math500"):
+        m = metrics[name]
+        assert m["problems"] == 4 and m["k"] == 2
+        assert 0 <= m["avg@2"] <= m["pass@2"] <= 1 and 0 <= m["maj@2"] <= m["pass@2"]
+        assert aggregate_eval(results["per_problem"][name]) == m  # the raw counts reproduce the metrics
+    assert metrics["overall"]["problems"] == 8
+
+    rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 4 * 2
+    assert set(rows[0]) >= {"dataset", "id", "question", "ground_truth", "sample", "response", "answer", "reward"}
+    assert [r["sample"] for r in rows[:4]] == [0, 1, 0, 1]
+    for name in ("synthetic", "math500"):
+        mine = [r for r in rows if r["dataset"] == name]
+        correct = sum(r["reward"] >= 1 for r in mine)
+        assert correct == sum(p["correct"] for p in results["per_problem"][name])
+        assert all(r["reward"] == 0 for r in mine if r["truncated"])  # ORZ: truncated scores 0
+    # The built-in model answers some synthetic problems right in 24 tokens; the rewards must show it.
+    assert any(r["reward"] == 1 and r["answer"] == r["ground_truth"] for r in rows if r["dataset"] == "synthetic")
