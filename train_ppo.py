@@ -59,7 +59,7 @@ class Args:
     # model and data
     model: str = field(default="tiny", metadata={"help": "hub id, local path, or 'tiny' (built-in, made offline)"})
     dataset: str = field(default="synthetic", metadata={"help": "file (.json/.jsonl/.parquet), dataset dir or hub name, or 'synthetic'"})
-    eval_dataset: str | None = field(default=None, metadata={"help": "held-out set; default: the synthetic test split when training on 'synthetic'"})
+    eval_datasets: str | None = field(default=None, metadata={"help": "comma-separated held-out sets (math500, aime2024, files, 'synthetic'); default: the synthetic test split when training on 'synthetic'"})
     question_field: str | None = field(default=None, metadata={"help": "field holding the question (default: auto)"})
     answer_field: str | None = field(default=None, metadata={"help": "field holding the final answer (default: auto)"})
     prompt_template: str = field(default="orz", metadata={"help": "'orz' (ORZ's plain-text template), 'chat', 'raw', or a string with {question}"})
@@ -202,7 +202,7 @@ def outcome_token_rewards(rewards: torch.Tensor, response_mask: torch.Tensor) ->
 def check_args(args: Args, num_processes: int = 1) -> None:
     """Catch settings that cannot work before any model loads; one line saying what to change."""
     problems = []
-    if args.prompts_per_step % num_processes:
+    if args.prompts_per_step % num_processes or args.prompts_per_step < num_processes:
         problems.append(f"--prompts-per-step {args.prompts_per_step} must divide by the {num_processes} processes")
     rows = args.prompts_per_step // max(num_processes, 1) * args.num_generations
     for name, parts in (("num_mini_batches", args.num_mini_batches), ("critic_mini_batches", args.critic_mini_batches)):
@@ -216,12 +216,52 @@ def check_args(args: Args, num_processes: int = 1) -> None:
         problems.append("clip ranges must satisfy 0 <= --clip-low < 1 and --clip-high >= 0")
     if args.temperature <= 0:
         problems.append("--temperature must be > 0 for RL sampling")
-    if args.max_steps < 1 or args.max_new_tokens < 1 or args.num_generations < 1:
-        problems.append("--max-steps, --max-new-tokens and --num-generations must be >= 1")
-    if args.model != "tiny" and Path(args.model).exists() is False and args.model.startswith((".", "/", "~")):
-        problems.append(f"--model {args.model}: no such path")
+    if min(args.max_steps, args.max_new_tokens, args.num_generations, args.prompts_per_step) < 1:
+        problems.append("--max-steps, --max-new-tokens, --num-generations and --prompts-per-step must be >= 1")
+    if args.model != "tiny" and not Path(args.model).expanduser().exists() and (
+            args.model.startswith((".", "/", "~")) or args.model.count("/") > 1):
+        problems.append(f"--model {args.model}: no such path (and not a hub id)")
+    for name, value in (("--lr", args.lr), ("--critic-lr", args.critic_lr), ("--reward-timeout", args.reward_timeout)):
+        if not value > 0:
+            problems.append(f"{name} must be > 0")
+    if not (0 < args.top_p <= 1) or args.top_k < 0:
+        problems.append("--top-p must be in (0, 1] and --top-k >= 0")
+    if not (0 <= args.gamma <= 1 and 0 <= args.lam <= 1):
+        problems.append("--gamma and --lam must be in [0, 1]")
+    if args.kl_coef < 0 or args.entropy_coef < 0 or args.max_grad_norm <= 0:
+        problems.append("--kl-coef and --entropy-coef must be >= 0 and --max-grad-norm > 0")
+    if min(args.eval_num_samples, args.keep_checkpoints, args.max_prompt_tokens, args.ppo_epochs,
+           args.critic_epochs, args.max_nonfinite_updates) < 1:
+        problems.append("--eval-num-samples, --keep-checkpoints, --max-prompt-tokens, --ppo-epochs, --critic-epochs "
+                        "and --max-nonfinite-updates must be >= 1")
+    if min(args.eval_every, args.save_every, args.eval_limit, args.generation_batch_size, args.samples_per_step,
+           args.warmup_steps, args.critic_warmup_steps, args.reward_workers) < 0:
+        problems.append("counts (--eval-every, --save-every, --eval-limit, --generation-batch-size, ...) must be >= 0")
+    for name, spec in [("--dataset", args.dataset), *(("--eval-datasets", s) for s in (args.eval_datasets or "").split(","))]:
+        if spec.strip().lower().endswith((".json", ".jsonl", ".parquet")) and not Path(spec.strip()).expanduser().is_file():
+            problems.append(f"{name} {spec.strip()}: no such file")
+    try:
+        from reward import load_reward_fn
+
+        load_reward_fn(args.reward)
+    except ValueError as err:
+        problems.append(f"--reward: {err}")
+    problems += output_dir_problems(args.output_dir)
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
+
+
+def output_dir_problems(path: str) -> list[str]:
+    """[] if `path` can be created and written, else one message."""
+    import tempfile
+
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        return [f"--output-dir {path}: cannot write there ({err.strerror or err})"]
+    return []
 
 
 def load_data(args: Args, tokenizer):
@@ -235,11 +275,11 @@ def load_data(args: Args, tokenizer):
                                           seed=args.seed, difficulty=args.synthetic_difficulty)
         return load_records(spec, split=split, question_field=args.question_field, answer_field=args.answer_field)
 
-    eval_spec = args.eval_dataset or ("synthetic:test" if args.dataset == "synthetic" else None)
+    specs = [s.strip() for s in (args.eval_datasets or ("synthetic" if args.dataset == "synthetic" else "")).split(",") if s.strip()]
     try:
         train = load(args.dataset, "train")
-        evals = load(eval_spec, "test") if eval_spec else []
-        for records in (train, evals):
+        evals = {spec.partition(":")[0]: load("synthetic:test" if spec == "synthetic" else spec, "test") for spec in specs}
+        for records in (train, *evals.values()):
             for r in records:
                 r["prompt_ids"] = tokenizer(format_prompt(r["question"], args.prompt_template, tokenizer))["input_ids"]
     except DataError as err:
@@ -250,8 +290,10 @@ def load_data(args: Args, tokenizer):
               f"--max-prompt-tokens {args.max_prompt_tokens} (first: record {next(r['id'] for r in train if r not in kept)})")
     if not kept:
         raise SystemExit(f"error: {args.dataset}: no training prompt fits in --max-prompt-tokens {args.max_prompt_tokens}")
-    evals = [r for r in evals if len(r["prompt_ids"]) <= args.max_prompt_tokens]
-    return kept, evals[:args.eval_limit] if args.eval_limit else evals
+    for name, records in evals.items():
+        records = [r for r in records if len(r["prompt_ids"]) <= args.max_prompt_tokens]
+        evals[name] = records[:args.eval_limit] if args.eval_limit else records
+    return kept, {name: records for name, records in evals.items() if records}
 
 
 def step_prompts(records: list, step: int, per_step: int, seed: int, rank: int, world: int) -> list:
@@ -435,25 +477,41 @@ def score(pool: RewardPool, texts: list[str], answers: list[str], truncated: tor
     return rewards, stats
 
 
-def evaluate(model, tokenizer, records: list, pool: RewardPool, args: Args, stop_ids: list[int], accelerator,
-             step: int) -> dict:
-    """avg@k accuracy on `records` (each process takes its share; counts are summed over processes)."""
+def evaluate(model, tokenizer, datasets: dict[str, list], pool: RewardPool, args: Args, stop_ids: list[int],
+             accelerator, step: int) -> dict:
+    """avg@k, pass@k and maj@k on each held-out set, as `python rollout.py eval` computes them; each process
+    samples its share of the problems and the per-problem counts are gathered. `eval/accuracy` is the
+    avg@k over all sets pooled."""
+    from accelerate.utils import gather_object
+
+    from rollout import aggregate_eval, evaluate_datasets
+
     world, rank = accelerator.num_processes, accelerator.process_index
-    share = records[rank::world]
-    real = len(share)
-    share = share + share[:1] * (-(-len(records) // world) - real)  # same number of generate calls everywhere
-    correct = torch.zeros(2)
-    for i in range(0, len(share), max(1, args.prompts_per_step)):
-        chunk = share[i:i + args.prompts_per_step]
-        seeds = call_seeds(args.seed, step, i * world + rank, len(chunk), args.generation_batch_size or len(chunk), salt=1)
-        with accelerator.autocast():
-            exp, texts = rollout(model, tokenizer, chunk, args, args.eval_num_samples, stop_ids, seeds, is_sharded(accelerator))
-        answers = [r["answer"] for r in chunk for _ in range(args.eval_num_samples)]
-        rewards, _ = score(pool, texts, answers, exp.truncated, args)
-        counted = (torch.arange(len(chunk)) + i < real).repeat_interleave(args.eval_num_samples)
-        correct += torch.tensor([((rewards >= 1.0) & counted).sum().item(), counted.sum().item()])
-    correct = accelerator.reduce(correct.to(accelerator.device), "sum").cpu()
-    return {"eval/accuracy": (correct[0] / correct[1].clamp(min=1)).item()}
+    shares = {}
+    for name, records in datasets.items():
+        share = records[rank::world]
+        shares[name] = share + share[:1] * (-(-len(records) // world) - len(share))  # equal generate calls
+    generate_kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                           top_k=args.top_k, stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id,
+                           stop_strings=args.stop_strings, tokenizer=tokenizer, synced_gpus=is_sharded(accelerator))
+    with accelerator.autocast():
+        result = evaluate_datasets(model, tokenizer, shares, pool=pool, generate_kwargs=generate_kwargs,
+                                   num_samples=args.eval_num_samples, batch_size=args.prompts_per_step,
+                                   seed=args.seed * 1_000 + step + 1, score_truncated=args.score_truncated,
+                                   progress=False)
+    metrics, pooled = {}, []
+    for name in datasets:
+        gathered = gather_object([{**p, "rank": rank} for p in result["per_problem"][name]])
+        seen, rows = set(), []
+        for p in gathered:  # padded repeats carry an id already counted on the same process
+            if (p["rank"], p["id"]) not in seen:
+                seen.add((p["rank"], p["id"]))
+                rows.append(p)
+        agg = aggregate_eval(rows)
+        metrics.update({f"eval/{name}/{k}": v for k, v in agg.items() if "@" in k})
+        pooled += rows
+    metrics["eval/accuracy"] = aggregate_eval(pooled)[f"avg@{args.eval_num_samples}"]
+    return metrics
 
 
 # --------------------------------------------------------------------------------------------------

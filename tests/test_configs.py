@@ -153,8 +153,8 @@ def test_recipe_eval_set_is_shipped(name):
     from utils import parse_args
 
     args = parse_args(Args, ["--config", str(RECIPE_DIR / f"{name}.yaml")])
-    assert args.eval_dataset in list_eval_sets()
-    assert list_eval_sets()[args.eval_dataset].is_file()
+    for name in args.eval_datasets.split(","):
+        assert name in list_eval_sets() and list_eval_sets()[name].is_file()
 
 
 def recipe_launches(name: str) -> list[tuple[str, int]]:
