@@ -7,6 +7,7 @@ so a misspelt or misplaced key fails here rather than on a GPU node. Each recipe
 the accelerate config named in its launch line. Launching for real needs CUDA GPUs and is skipped without.
 """
 
+import dataclasses
 import os
 import re
 import shutil
@@ -168,24 +169,31 @@ def recipe_launches(name: str) -> list[tuple[str, int]]:
     return launches
 
 
+def with_local_paths(args, tmp_path):
+    """The recipe's arguments with the dataset (which users download) and the output dir in tmp_path."""
+    data = tmp_path / args.dataset
+    data.write_text("[]")
+    return dataclasses.replace(args, dataset=str(data), output_dir=str(tmp_path / "out"))
+
+
 @pytest.mark.parametrize("name", sorted(RECIPES))
-def test_recipe_passes_check_args_for_its_launch_configs(name):
+def test_recipe_passes_check_args_for_its_launch_configs(name, tmp_path):
     from train_ppo import Args, check_args
     from utils import parse_args
 
-    args = parse_args(Args, ["--config", str(RECIPE_DIR / f"{name}.yaml")])
+    args = with_local_paths(parse_args(Args, ["--config", str(RECIPE_DIR / f"{name}.yaml")]), tmp_path)
     launches = recipe_launches(name)
     assert launches, f"{name}.yaml has no `accelerate launch ... --config` line in its header"
     for _, processes in launches:
         check_args(args, processes)  # raises SystemExit with the problem
 
 
-def test_recipes_also_fit_two_nodes():
+def test_recipes_also_fit_two_nodes(tmp_path):
     from train_ppo import Args, check_args
     from utils import parse_args
 
     for name in ("orz_1.5b", "orz_7b"):
-        args = parse_args(Args, ["--config", str(RECIPE_DIR / f"{name}.yaml")])
+        args = with_local_paths(parse_args(Args, ["--config", str(RECIPE_DIR / f"{name}.yaml")]), tmp_path)
         check_args(args, 16)
 
 
