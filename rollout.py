@@ -526,6 +526,107 @@ def eval_main(args: EvalArgs) -> dict:
     return result["metrics"]
 
 
+# --------------------------------------------------------------------------------------------------
+# Repetition: responses caught in a loop. ORZ (arXiv:2503.24290v2, sec. on the critic) finds that such
+# responses appear during RL and that its critic learns to give them low values; its training code logs a
+# suffix-array "repeatness" score per step. Ours is cheaper and yes/no, so that its share can be logged at
+# every step and, optionally, a degenerate response can be denied its reward (`zero_degenerate`).
+# --------------------------------------------------------------------------------------------------
+
+def _padded_ids(response_ids, lengths) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, R) long ids and (B,) lengths from a right-padded tensor (+ lengths) or a list of id lists."""
+    if torch.is_tensor(response_ids):
+        if response_ids.dim() != 2:
+            raise ValueError(f"repetition: response_ids must be (B, R), got shape {tuple(response_ids.shape)}")
+        full = torch.full((len(response_ids),), response_ids.shape[1], dtype=torch.long, device=response_ids.device)
+        lengths = full if lengths is None else torch.as_tensor(lengths, device=response_ids.device).long()
+        return response_ids.long(), lengths.clamp(min=0, max=response_ids.shape[1])
+    rows = [list(r) for r in response_ids]
+    if lengths is not None:
+        rows = [r[:int(n)] for r, n in zip(rows, lengths, strict=True)]
+    ids = torch.full((len(rows), max([len(r) for r in rows] + [1])), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return ids, torch.tensor([len(r) for r in rows], dtype=torch.long)
+
+
+def tail_loop_flags(response_ids, lengths=None, *, max_span: int = 64, min_repeats: int = 4,
+                    min_loop_tokens: int = 16) -> torch.Tensor:
+    """Whether each response ends in a loop: its last L tokens repeat a span of p tokens (1 <= p <= max_span)
+    back to back, with L >= min_repeats * p and L >= min_loop_tokens (so a 1-token span needs 16 copies).
+
+    A cut-off last copy counts: the test is x[t] == x[t - p] over the tail, i.e. the tail has period p.
+    Vectorised over the batch; per response it reads only the last max(min_repeats * p, min_loop_tokens)
+    tokens for each p, so the cost does not grow with the response length. A response that stopped
+    normally ends with its stop (e.g. "</answer>"), so this flags mostly truncated, looping responses.
+    response_ids: (B, R) right-padded with `lengths` (B,), or a list of id lists. Returns (B,) bool.
+    """
+    ids, lengths = _padded_ids(response_ids, lengths)
+    B, R = ids.shape
+    flags = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    for p in range(1, max_span + 1):
+        need = max(min_repeats * p, min_loop_tokens)  # tail length that must have period p
+        if need > R:
+            break  # `need` grows with p: no row is long enough from here on
+        t = lengths[:, None] - need + p + torch.arange(need - p, device=ids.device)[None, :]
+        same = ids.gather(1, t.clamp(0, R - 1)) == ids.gather(1, (t - p).clamp(0, R - 1))
+        flags |= (lengths >= need) & same.all(dim=1)
+    return flags
+
+
+def compression_ratio(text: str) -> float:
+    """zlib-compressed size / UTF-8 size of `text` (1.0 for empty text). Normal math prose is ~0.4-0.6,
+    text that cycles through the same paragraphs far lower. Whisper uses the same signal (as raw/compressed,
+    threshold 2.4) to reject looping transcriptions (openai/whisper, transcribe.py)."""
+    import zlib
+
+    raw = text.encode("utf-8")
+    return len(zlib.compress(raw)) / len(raw) if raw else 1.0
+
+
+def repetition_flags(response_ids, lengths=None, texts: list[str] | None = None, *, max_span: int = 64,
+                     min_repeats: int = 4, min_loop_tokens: int = 16, max_compression_ratio: float = 0.2,
+                     min_chars: int = 300) -> torch.Tensor:
+    """Whether each response is degenerate (caught in a loop): `tail_loop_flags`, or, when `texts` is
+    given, a text of at least `min_chars` characters whose `compression_ratio` is below
+    `max_compression_ratio` (repeated paragraphs, loops that later stopped, spans longer than max_span).
+
+    Defaults: "12 + 7 = 19 </think> <answer> \\boxed{19} </answer>" and "1, 2, 3, 4, 5, 6" pass; "the the the
+    ..." (16+ copies), "= 5 = 5 = 5 ..." (4+ copies over 16+ tokens) and text cycling through the same
+    paragraphs are flagged. Normal math text compresses to ~0.4-0.6; a 160-character paragraph written 5 times
+    comes to 0.17 (4 times: 0.20, not flagged), a 700-character solution written 3 times to 0.19; a paragraph
+    up to max_span tokens long that loops to the end is caught by the tail test from 4 copies. Cheap enough for every step: O(max_span^2) tensor work per response, plus one zlib call
+    per long text.
+
+    response_ids: (B, R) right-padded ids with `lengths` (B,) (e.g. exp.response_ids and
+    exp.response_mask.sum(1)), or a list of token id lists. texts: the decoded responses, same order.
+    Returns (B,) bool on the ids' device.
+    """
+    flags = tail_loop_flags(response_ids, lengths, max_span=max_span, min_repeats=min_repeats,
+                            min_loop_tokens=min_loop_tokens)
+    if texts is not None:
+        if len(texts) != len(flags):
+            raise ValueError(f"repetition_flags: {len(flags)} responses but {len(texts)} texts")
+        squashed = [len(t) >= min_chars and compression_ratio(t) < max_compression_ratio for t in texts]
+        flags |= torch.tensor(squashed, dtype=torch.bool, device=flags.device)
+    return flags
+
+
+def repetition_rate(response_ids, lengths=None, texts: list[str] | None = None, **kwargs) -> float:
+    """Share of responses `repetition_flags` flags (0.0 for no responses); log it as train/repetition."""
+    flags = repetition_flags(response_ids, lengths, texts, **kwargs)
+    return flags.float().mean().item() if len(flags) else 0.0
+
+
+def zero_degenerate(rewards, flags):
+    """The guard: a degenerate response gets reward 0, whatever its answer, so that a loop that happens to
+    end in a right box is never reinforced. rewards (B,) tensor or list; flags (B,) bool. Same type back."""
+    if torch.is_tensor(rewards):
+        flags = torch.as_tensor(flags, dtype=torch.bool, device=rewards.device)
+        return torch.where(flags, torch.zeros_like(rewards), rewards)
+    return [0.0 if bool(f) else r for r, f in zip(rewards, flags, strict=True)]
+
+
 if __name__ == "__main__":
     import sys
 

@@ -1,0 +1,415 @@
+"""Curate a training set the ORZ way: keep prompts the model rarely solves, drop repeats, drop eval overlap.
+
+    python -m data.curate difficulty --model tiny --dataset synthetic --num-samples 64 --output hard.jsonl
+    python -m data.curate dedup --dataset train.jsonl --output deduped.jsonl
+    python -m data.curate contamination --dataset train.jsonl --eval math500,aime2024 [--drop --output clean.jsonl]
+
+Every output is JSON Lines, one record per problem: {"question", "answer", the source record's other
+fields, "source", "source_id"} (+ "pass_rate", "num_samples" from `difficulty`). "question" and "answer"
+are the fields data/loading.py reads first, so `python train_ppo.py --dataset hard.jsonl` trains on it, and
+"source"/"source_id" keep the first origin through chained curation steps.
+
+Bad input (a missing or empty file, an unknown eval set, a bad option) stops with one line `error: ...`.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import unicodedata
+from collections import Counter
+from pathlib import Path
+
+from data.loading import DataError, list_eval_sets, load_records
+
+# ---------------------------------------------------------------- loading and writing records
+
+
+def load_dataset(spec: str, args) -> list[dict]:
+    """Records of `spec` as train_ppo.load_data reads them: "synthetic" (or "synthetic:test") is the built-in
+    task (4096 train problems, or the 512-problem held-out split), anything else goes to load_records."""
+    from data.synthetic import make_synthetic_records
+
+    try:
+        if spec.startswith("synthetic"):
+            split = spec.partition(":")[2] or "train"
+            records = make_synthetic_records(split, n=4096 if split == "train" else 512, seed=args.seed,
+                                             difficulty=args.synthetic_difficulty)
+        else:
+            records = load_records(spec, split=args.split, question_field=args.question_field,
+                                   answer_field=args.answer_field)
+    except (DataError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    return records[:args.limit] if args.limit else records
+
+
+def output_record(record: dict, **fields) -> dict:
+    """A flat record data/loading.py reads back: question, answer, the source's other fields, its origin."""
+    extras = {k: v for k, v in (record.get("extras") or {}).items() if k not in ("question", "answer")}
+    row = {"question": record["question"], "answer": record["answer"], **extras}
+    row.setdefault("source", record["source"])
+    row.setdefault("source_id", record["id"])
+    row.update(fields)
+    return row
+
+
+def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Write `rows` as JSON Lines, atomically (a temporary file, then rename), so the output may be the input."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- text normalisation
+
+# LaTeX that changes spacing or sizing only: "\,", "\;", "\!", "\quad", "\left(", "\displaystyle" ...
+_LATEX_NOISE = re.compile(r"\\[,;:! ]|\\q?quad\b|\\left\b|\\right\b|\\displaystyle\b|\\[dt]frac\b|[$~]")
+
+
+def normalize_text(text: str) -> str:
+    """Lowercase, NFKC, LaTeX spacing/sizing commands and `$` removed (`\\dfrac` -> `\\frac`), whitespace
+    collapsed: "Find $x$ if $\\dfrac{x}{2} = 3$." and "find x if \\frac{x}{2}=3" differ only in spaces."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = _LATEX_NOISE.sub(lambda m: "\\frac" if m.group(0).endswith("frac") else " ", text)
+    return " ".join(text.split())
+
+
+def question_key(text: str) -> str:
+    """The dedup key: `normalize_text`, no space next to punctuation, no trailing ".?!": so "What is 2+3 ?"
+    and "what is 2 + 3" are the same question."""
+    text = re.sub(r"\s*([^\w\s])\s*", r"\1", normalize_text(text))
+    return text.rstrip(".?! ")
+
+
+def words(text: str) -> list[str]:
+    """The words of `normalize_text(text)`: runs of letters and digits, and the operators + - * / = < > ^ | !
+    (so "43 + 70 - 19" and "43 - 70 + 19" differ). Case and other punctuation are ignored, as in GPT-3's
+    decontamination (arXiv:2005.14165, appendix C)."""
+    return re.findall(r"\w+|[-+*/=<>^|!]", normalize_text(text))
+
+
+# ---------------------------------------------------------------- difficulty
+
+
+def _record_key(record: dict) -> str:
+    """A short hash of a record's question and answer: a progress file made from other data is detected."""
+    return hashlib.sha1(f"{record['question']}\x00{record['answer']}".encode()).hexdigest()[:16]
+
+
+def _read_progress(path: Path, settings: dict) -> dict[int, dict]:
+    """Rows of a progress file by record id; the first line holds the settings they were sampled with.
+
+    A line cut off by a killed run (no final newline) is dropped from the file. Settings that differ from
+    this run's stop the run: pass rates from another model or sample count must not be mixed.
+    """
+    if not path.exists():
+        return {}
+    text = path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]
+        path.write_text(text, encoding="utf-8")
+    lines = text.splitlines()
+    if not lines:
+        return {}
+    try:
+        header, rows = json.loads(lines[0]), [json.loads(line) for line in lines[1:] if line.strip()]
+    except json.JSONDecodeError:
+        raise SystemExit(f"error: {path}: not a progress file of data.curate (invalid JSON); delete it") from None
+    if not isinstance(header, dict) or header.get("settings") != settings:
+        old = header.get("settings") if isinstance(header, dict) else None
+        changed = sorted(k for k in settings if not isinstance(old, dict) or old.get(k) != settings[k])
+        raise SystemExit(f"error: {path} was sampled with other settings ({', '.join(changed) or 'unknown'}); "
+                         "delete it or choose another --output")
+    return {row["id"]: row for row in rows}
+
+
+def _load_sampler(model_name: str, trust_remote_code: bool):
+    """Model, tokenizer and stop ids, exactly as `rollout.eval_main` and train_ppo.main build them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data.synthetic import build_tiny_base
+
+    path = str(build_tiny_base()) if model_name == "tiny" else model_name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise SystemExit(f"error: --model {model_name}: cannot load: {first}") from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # safe: masks come from stop positions, not from pad
+    eos = model.generation_config.eos_token_id
+    stop_ids = sorted({tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])} - {None})
+    return model, tokenizer, stop_ids
+
+
+def _sample_pending(pending: list[dict], args, progress_path: Path, initial: int, total: int) -> None:
+    """Sample `args.num_samples` responses per pending record with the ORZ template, score them with the
+    'math' reward in RewardPool workers (ORZ's rule: a truncated response scores 0), and append one progress
+    line per record after each batch. Each batch is seeded from (--seed, its first record's id)."""
+    from tqdm.auto import tqdm
+
+    from reward import RewardPool
+    from rollout import evaluate_datasets
+    from train_ppo import ORZ_STOP_STRINGS
+    from utils import JsonlWriter
+
+    model, tokenizer, stop_ids = _load_sampler(args.model, args.trust_remote_code)
+    generate_kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=1.0, top_k=0,
+                           stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id,
+                           stop_strings=list(ORZ_STOP_STRINGS), tokenizer=tokenizer)
+    writer = JsonlWriter(progress_path)
+    bar = tqdm(total=total, initial=initial, desc="difficulty", unit="prompt")
+    with RewardPool("math", num_workers=args.reward_workers, timeout=args.reward_timeout) as pool:
+        for start in range(0, len(pending), args.batch_size):
+            chunk = pending[start:start + args.batch_size]
+            try:
+                result = evaluate_datasets(model, tokenizer, {"curate": chunk}, pool=pool, generate_kwargs=generate_kwargs,
+                                           num_samples=args.num_samples, batch_size=len(chunk),
+                                           seed=args.seed * 100_003 + chunk[0]["id"], prompt_template=args.prompt_template,
+                                           progress=False)
+            except ValueError as err:  # e.g. DataError from a prompt template
+                raise SystemExit(f"error: {err}") from None
+            cut = Counter(c["id"] for c in result["completions"] if c["truncated"])
+            for record, row in zip(chunk, result["per_problem"]["curate"], strict=True):
+                writer.write({"id": record["id"], "key": _record_key(record), "correct": int(row["correct"]),
+                              "num_samples": row["n"], "pass_rate": row["correct"] / row["n"],
+                              "truncated": cut[record["id"]]})
+            bar.update(len(chunk))
+    bar.close()
+    writer.close()
+
+
+def difficulty(args) -> list[dict]:
+    """`difficulty`: each prompt's pass rate over `--num-samples` samples, and the records whose pass rate is in
+    [--min-pass, --max-pass], with "pass_rate" and "num_samples", written to --output.
+
+    ORZ (arXiv:2503.24290v2, data curation) keeps the problems its model rarely solves, e.g. at most 4 right
+    in 64 samples: --num-samples 64 --max-pass 0.0625 (4/64; the range is inclusive). --min-pass 0 keeps
+    never-solved problems too; raise it above 0 to drop those (no learning signal, or a wrong answer key).
+
+    Resumable: per-prompt results are appended to OUTPUT.progress, and a rerun (also with a larger --limit,
+    or another pass range) samples only the prompts not in it. Returns the written records.
+    """
+    if args.num_samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+        raise SystemExit("error: --num-samples, --batch-size and --max-new-tokens must be >= 1")
+    if not 0.0 <= args.min_pass <= args.max_pass <= 1.0:
+        raise SystemExit(f"error: need 0 <= --min-pass <= --max-pass <= 1, got {args.min_pass} and {args.max_pass}")
+    if args.temperature <= 0 and args.num_samples > 1:
+        raise SystemExit("error: --temperature must be > 0 to draw several different samples")
+    if args.model != "tiny" and args.model.startswith((".", "/", "~")) and not Path(args.model).expanduser().exists():
+        raise SystemExit(f"error: --model {args.model}: no such path")
+    records = load_dataset(args.dataset, args)
+    progress_path = Path(args.output + ".progress")
+    # What the samples depend on; which data they came from is checked per record (`_record_key`).
+    settings = {key: getattr(args, key) for key in ("model", "num_samples", "max_new_tokens", "temperature",
+                                                    "prompt_template", "seed")}
+    done = _read_progress(progress_path, settings)
+    for r in records:
+        if r["id"] in done and done[r["id"]]["key"] != _record_key(r):
+            raise SystemExit(f"error: {progress_path}: record {r['id']} differs from {args.dataset} record {r['id']}; "
+                             "the progress file was made from other data: delete it or choose another --output")
+    if not progress_path.exists() or progress_path.stat().st_size == 0:
+        progress_path.parent.mkdir(parents=True, exist_ok=True)
+        progress_path.write_text(json.dumps({"settings": settings}) + "\n", encoding="utf-8")
+    pending = [r for r in records if r["id"] not in done]
+    print(f"difficulty: {len(records)} prompts, {len(records) - len(pending)} already sampled in {progress_path}, "
+          f"{len(pending)} to sample x {args.num_samples}")
+    if pending:
+        _sample_pending(pending, args, progress_path, len(records) - len(pending), len(records))
+        done = _read_progress(progress_path, settings)
+    rates = [done[r["id"]]["pass_rate"] for r in records]
+    eps = 1e-9  # pass rates are k/n fractions: 4/64 must count as <= 0.0625
+    kept = [output_record(r, pass_rate=p, num_samples=done[r["id"]]["num_samples"])
+            for r, p in zip(records, rates, strict=True) if args.min_pass - eps <= p <= args.max_pass + eps]
+    write_jsonl(args.output, kept)
+    never, always = sum(p == 0 for p in rates), sum(p == 1 for p in rates)
+    print(f"pass rate: mean {sum(rates) / len(rates):.3f}; never solved {never}, sometimes {len(rates) - never - always}, "
+          f"always {always}")
+    print(f"kept {len(kept)} of {len(records)} prompts with pass rate in [{args.min_pass:g}, {args.max_pass:g}]: "
+          f"wrote {args.output}")
+    return kept
+
+
+# ---------------------------------------------------------------- dedup
+
+
+def dedup_records(records: list[dict]) -> tuple[list[dict], list[tuple[dict, dict]]]:
+    """Keep the first record of each `question_key`; returns (kept, [(dropped, the kept copy), ...])."""
+    first: dict[str, dict] = {}
+    kept, dropped = [], []
+    for r in records:
+        key = question_key(r["question"])
+        if key in first:
+            dropped.append((r, first[key]))
+        else:
+            first[key] = r
+            kept.append(r)
+    return kept, dropped
+
+
+def dedup(args) -> list[dict]:
+    """`dedup`: drop records whose normalised question repeats an earlier one; print counts, write --output.
+    Returns the written records."""
+    records = load_dataset(args.dataset, args)
+    kept, dropped = dedup_records(records)
+    conflicts = sum(d["answer"].strip() != k["answer"].strip() for d, k in dropped)
+    kept = [output_record(r) for r in kept]
+    write_jsonl(args.output, kept)
+    print(f"dedup: {len(records)} records, {len(kept)} distinct questions: dropped {len(dropped)} duplicates "
+          f"({conflicts} with an answer other than the kept copy's); wrote {args.output}")
+    return kept
+
+
+# ---------------------------------------------------------------- contamination
+
+
+def load_eval_sets(spec: str, args) -> dict[str, list[dict]]:
+    """name -> records for a comma-separated list of shipped eval set names or existing files."""
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise SystemExit("error: --eval is empty")
+    shipped = list_eval_sets()
+    out = {}
+    for name in names:
+        if name not in shipped and not name.startswith("synthetic") and not Path(name).expanduser().exists():
+            raise SystemExit(f"error: unknown eval set {name!r}: use {', '.join(shipped)}, or a file that exists")
+        spec = "synthetic:test" if name == "synthetic" else name  # the built-in task's held-out split
+        out[name] = load_dataset(spec, argparse.Namespace(**{**vars(args), "question_field": None,
+                                                            "answer_field": None, "limit": 0, "split": "test"}))
+    return out
+
+
+def _ngrams(tokens: list[str], n: int) -> set[tuple[str, ...]]:
+    return {tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
+
+
+def find_overlaps(train: list[dict], evals: dict[str, list[dict]], n: int = 13, threshold: float = 0.5) -> list[dict]:
+    """Pairs (training record, eval question) that share word n-grams, GPT-3's decontamination test
+    (arXiv:2005.14165, appendix C: 13-grams of lowercased words, punctuation ignored).
+
+    An eval question shorter than n words is matched whole (n = its length), so a short question copied
+    into a training question is still found. overlap = shared n-grams / n-grams of the shorter of the two
+    texts, i.e. how much of one is contained in the other; pairs with overlap >= threshold are returned as
+    {"id", "question", "eval_set", "eval_id", "eval_question", "overlap", "n"}, by training id then overlap.
+    """
+    entries, index = [], {}  # index: n-gram size -> n-gram -> eval entries holding it
+    for name, records in evals.items():
+        for r in records:
+            tokens = words(r["question"])
+            if not tokens:
+                continue
+            size = min(n, len(tokens))
+            grams = _ngrams(tokens, size)
+            entries.append((name, r, size, len(grams)))
+            for g in grams:
+                index.setdefault(size, {}).setdefault(g, []).append(len(entries) - 1)
+    hits = []
+    for r in train:
+        tokens = words(r["question"])
+        found = []
+        for size, by_gram in index.items():
+            grams = _ngrams(tokens, size)
+            shared = Counter(e for g in grams for e in by_gram.get(g, ()))
+            for e, count in shared.items():
+                name, er, _, total = entries[e]
+                overlap = count / min(len(grams), total)
+                if overlap >= threshold:
+                    found.append({"id": r["id"], "question": r["question"], "eval_set": name, "eval_id": er["id"],
+                                  "eval_question": er["question"], "overlap": round(overlap, 4), "n": size})
+        hits += sorted(found, key=lambda h: -h["overlap"])
+    return hits
+
+
+def contamination(args) -> list[dict]:
+    """`contamination`: report training records that overlap an eval question (printed and as JSON in
+    --report); with --drop, write the other records to --output. Returns the overlaps."""
+    if args.n < 1 or not 0 < args.threshold <= 1:
+        raise SystemExit(f"error: need --n >= 1 and 0 < --threshold <= 1, got {args.n} and {args.threshold}")
+    if args.drop != bool(args.output):
+        raise SystemExit("error: --drop and --output go together: --drop --output clean.jsonl writes the cleaned set")
+    train = load_dataset(args.dataset, args)
+    evals = load_eval_sets(args.eval, args)
+    hits = find_overlaps(train, evals, n=args.n, threshold=args.threshold)
+    flagged = {h["id"] for h in hits}
+    report = {"dataset": args.dataset, "eval_sets": {k: len(v) for k, v in evals.items()}, "n": args.n,
+              "threshold": args.threshold, "records": len(train), "flagged_records": len(flagged), "overlaps": hits}
+    Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.report).write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    for h in hits[:20]:
+        question = " ".join(h["question"].split())
+        print(f"  record {h['id']} ~ {h['eval_set']} #{h['eval_id']}: overlap {h['overlap']:.2f} "
+              f"({h['n']}-grams)  {question[:70]!r}")
+    if len(hits) > 20:
+        print(f"  ... {len(hits) - 20} more in {args.report}")
+    sizes = ", ".join(f"{k} {v}" for k, v in report["eval_sets"].items())
+    print(f"contamination: {len(flagged)} of {len(train)} training records overlap an eval question ({sizes}; "
+          f"{args.n}-grams, overlap >= {args.threshold:g}); report: {args.report}")
+    if args.drop:
+        write_jsonl(args.output, [output_record(r) for r in train if r["id"] not in flagged])
+        print(f"dropped {len(flagged)}, wrote {len(train) - len(flagged)} records to {args.output}")
+    return hits
+
+
+# ---------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data.curate", description=__doc__.split("\n")[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dataset", required=True, help="file (.json/.jsonl/.parquet), dataset dir or hub name, "
+                                                          "math500/aime2024, or 'synthetic' (the built-in task)")
+    common.add_argument("--split", default="train", help="split of a dataset directory or hub dataset")
+    common.add_argument("--question-field", default=None, help="field holding the question (default: auto)")
+    common.add_argument("--answer-field", default=None, help="field holding the final answer (default: auto)")
+    common.add_argument("--limit", type=int, default=0, help="first N records only (0: all)")
+    common.add_argument("--seed", type=int, default=0, help="seed of the synthetic task and of sampling")
+    common.add_argument("--synthetic-difficulty", type=int, default=1, help="difficulty of the built-in task")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("difficulty", parents=[common], help="keep prompts by the model's pass rate")
+    d.add_argument("--model", default="tiny", help="hub id, local path, or 'tiny' (the built-in model)")
+    d.add_argument("--num-samples", type=int, default=64, help="samples per prompt (ORZ: 64)")
+    d.add_argument("--min-pass", type=float, default=0.0, help="keep pass rates >= this")
+    d.add_argument("--max-pass", type=float, default=0.0625, help="keep pass rates <= this (4/64)")
+    d.add_argument("--output", required=True, help="JSON Lines output; progress goes to OUTPUT.progress")
+    d.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    d.add_argument("--max-new-tokens", type=int, default=32, help="response length limit; truncated responses score 0")
+    d.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (ORZ: 1.0)")
+    d.add_argument("--prompt-template", default="orz", help="'orz', 'chat', 'raw', or a string with {question}")
+    d.add_argument("--reward-workers", type=int, default=2, help="reward worker processes")
+    d.add_argument("--reward-timeout", type=float, default=5.0, help="seconds per item before it scores 0")
+    d.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
+    d.set_defaults(run=difficulty)
+
+    u = sub.add_parser("dedup", parents=[common], help="drop repeated questions")
+    u.add_argument("--output", required=True, help="JSON Lines output")
+    u.set_defaults(run=dedup)
+
+    c = sub.add_parser("contamination", parents=[common], help="find (and drop) overlap with eval sets")
+    c.add_argument("--eval", default="math500,aime2024", help="comma-separated: math500, aime2024, or files")
+    c.add_argument("--n", type=int, default=13, help="n-gram size in words (GPT-3: 13)")
+    c.add_argument("--threshold", type=float, default=0.5, help="flag when this share of n-grams is shared")
+    c.add_argument("--report", default="contamination.json", help="JSON report of the overlaps")
+    c.add_argument("--drop", action="store_true", help="write the records without overlap to --output")
+    c.add_argument("--output", default=None, help="JSON Lines output of --drop")
+    c.set_defaults(run=contamination)
+    return parser
+
+
+def main(argv: list[str] | None = None):
+    args = build_parser().parse_args(argv)
+    if args.limit < 0:
+        raise SystemExit("error: --limit must be >= 0")
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
