@@ -42,8 +42,10 @@ from rollout import (
     forward_logprobs,
     generate_responses,
     plan_micro_batches,
+    repetition_flags,
     response_mask_from_lengths,
     stop_positions,
+    zero_degenerate,
 )
 from utils import JsonlWriter, left_pad, masked_mean, masked_whiten, parse_args
 
@@ -83,6 +85,7 @@ class Args:
     reward: str = field(default="math", metadata={"help": "'math', module:function or path/file.py:function"})
     score_truncated: bool = field(default=False, metadata={"help": "score truncated responses too (ORZ: they get 0)"})
     format_reward_weight: float = field(default=0.0, metadata={"help": "weight of the optional format reward"})
+    zero_repetitive: bool = field(default=False, metadata={"help": "reward 0 for a response caught in a loop (rollout.repetition_flags); repetition is always logged as train/repetition"})
     reward_workers: int = field(default=2, metadata={"help": "reward worker processes per training process"})
     reward_timeout: float = field(default=5.0, metadata={"help": "seconds per item before it scores 0"})
     # advantages and losses
@@ -632,6 +635,9 @@ def main(args: Args) -> dict:
         t = time.time()
         answers = [answers_by_id[int(g)] for g in exp.group_ids]
         rewards, reward_stats = score(pool, texts, answers, exp.truncated.cpu(), args)
+        repetitive = repetition_flags(exp.response_ids.cpu(), exp.response_mask.sum(dim=1).long().cpu(), texts)
+        if args.zero_repetitive:  # a guard against drifting into repetition; ORZ's code only logs a repeat score
+            rewards = zero_degenerate(rewards, repetitive)
         exp.rewards = rewards.to(accelerator.device)
         metrics["time/reward"] = time.time() - t
 
@@ -700,8 +706,10 @@ def main(args: Args) -> dict:
 
         # ---- 7. Log ------------------------------------------------------------------------------
         totals = sum_all(torch.stack([exp.rewards.sum(), lengths.sum().float(), exp.truncated.float().sum(),
-                                      equal.float().sum(), torch.tensor(float(rows), device=accelerator.device)]))
+                                      equal.float().sum(), torch.tensor(float(rows), device=accelerator.device),
+                                      repetitive.float().sum().to(accelerator.device)]))
         n = totals[4].item()
+        metrics["train/repetition"] = totals[5].item() / n
         metrics.update({"train/reward": totals[0].item() / n, "train/response_length": totals[1].item() / n,
                         "train/truncated": totals[2].item() / n, "train/equal_reward_groups": totals[3].item() / n,
                         "train/advantage_abs": masked_mean(exp.advantages.abs(), exp.response_mask, sum_all).item()})

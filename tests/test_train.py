@@ -27,7 +27,8 @@ def check_outputs(tmp_path, steps: int, critic: bool) -> list[dict]:
     rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == list(range(steps + 1))  # one line per step, then the final eval
     keys = {"train/reward", "train/response_length", "policy/clipfrac", "policy/entropy", "loss/policy",
-            "time/generate", "time/reward", "time/logprobs", "time/update", "time/step"}
+            "time/generate", "time/reward", "time/logprobs", "time/update", "time/step", "train/repetition",
+            "train/nonfinite_updates", "perf/padding"}
     if critic:
         keys |= {"critic/value_loss", "critic/explained_var", "critic/values", "critic/clipfrac", "time/critic"}
     for r in rows[:-1]:
