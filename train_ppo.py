@@ -287,6 +287,11 @@ def load_data(args: Args, tokenizer):
                 r["prompt_ids"] = tokenizer(format_prompt(r["question"], args.prompt_template, tokenizer))["input_ids"]
     except DataError as err:
         raise SystemExit(f"error: {err}") from None
+    unusable = [r for r in train if not answer_is_usable(r["answer"])]
+    if unusable:
+        print(f"warning: skipped {len(unusable)} of {len(train)} training records whose answer cannot be checked "
+              f"(empty or unbalanced braces; first: record {unusable[0]['id']}, answer {unusable[0]['answer'][:40]!r})")
+        train = [r for r in train if answer_is_usable(r["answer"])]
     kept = [r for r in train if len(r["prompt_ids"]) <= args.max_prompt_tokens]
     if len(kept) < len(train):
         print(f"warning: skipped {len(train) - len(kept)} of {len(train)} training prompts longer than "
@@ -297,6 +302,19 @@ def load_data(args: Args, tokenizer):
         records = [r for r in records if len(r["prompt_ids"]) <= args.max_prompt_tokens]
         evals[name] = records[:args.eval_limit] if args.eval_limit else records
     return kept, {name: records for name, records in evals.items() if records}
+
+
+def answer_is_usable(answer: str) -> bool:
+    """False for a ground truth no response could match: empty, or with unbalanced braces."""
+    from reward import _ground_truth_answer
+
+    text = answer.replace("\\{", "").replace("\\}", "")
+    depth = 0
+    for ch in text:
+        depth += (ch == "{") - (ch == "}")
+        if depth < 0:
+            return False
+    return depth == 0 and _ground_truth_answer(answer) is not None
 
 
 def step_prompts(records: list, step: int, per_step: int, seed: int, rank: int, world: int) -> list:

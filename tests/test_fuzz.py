@@ -185,3 +185,17 @@ def test_a_reward_function_that_raises_hangs_or_returns_junk_costs_only_those_sa
     assert all(v > 0 for v in totals.values()), totals
     assert all(0.0 <= r["train/reward"] <= 1.0 for r in rows)
     assert all(r["time/reward"] < 30 for r in rows)  # a hang costs the timeout, not the step
+
+
+def test_records_whose_answer_cannot_be_checked_are_skipped_and_counted(tmp_path, tiny_base, capsys):
+    from transformers import AutoTokenizer
+
+    from train_ppo import load_data
+
+    path = tmp_path / "mixed.jsonl"
+    answers = ["4", "\\frac{1}{2", "\\{1, 2\\}", "x}", "7"]
+    path.write_text("\n".join(json.dumps({"question": f"q{i}?", "answer": a}) for i, a in enumerate(answers)))
+    args = Args(dataset=str(path), output_dir=str(tmp_path / "out"))
+    train, _ = load_data(args, AutoTokenizer.from_pretrained(tiny_base))
+    assert [r["answer"] for r in train] == ["4", "\\{1, 2\\}", "7"]
+    assert "skipped 2 of 5 training records whose answer cannot be checked" in capsys.readouterr().out
