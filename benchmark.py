@@ -2,6 +2,10 @@
 
     python benchmark.py critic            # what the PPO critic adds to a step, vs GRPO (ORZ: about 20%)
     python benchmark.py critic --quick    # fewer steps, for a smoke run
+    python benchmark.py trl [--quick]     # our GRPO step vs TRL's GRPOTrainer (pip install -r requirements-bench.txt)
+    python benchmark.py decode [--quick]  # decode work wasted on finished rows: plain generate vs alternatives
+    python benchmark.py scaling [--quick] # step time as samples per step and response length grow 1x, 2x, 4x
+    python benchmark.py ablate [--seeds 3 --jobs 1]  # gae vs grpo x KL off/on on the built-in task: table + figure
 
 `critic` runs the real training loop (`train_ppo.main`) for `gae` and `grpo` in one process, on the same
 model, prompts, group size and lengths, alternating the two, and reports the median step time of each,
@@ -18,9 +22,12 @@ about 1 + (1 - generation share of the GRPO step) x 4/3: it depends on how much 
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 PHASES = ("time/generate", "time/reward", "time/logprobs", "time/critic", "time/update")
@@ -59,7 +66,7 @@ def critic_benchmark(quick: bool) -> None:
     settings = {
         "short": (str(base), dict(max_new_tokens=32, prompts_per_step=16, num_generations=8)),
         "long": (random_dir, long),
-        "gen-bound": (random_dir, dict(long, generation_batch_size=1)),
+        "gen-bound": (random_dir, dict(long, generation="generate", generation_batch_size=1)),
     }
     steps, reps = (2, 1) if quick else (3, 2)
     results = {}
@@ -80,13 +87,452 @@ def critic_benchmark(quick: bool) -> None:
         print(f"{name:<10} PPO/GRPO step-time ratio: {med['gae'] / med['grpo']:.2f} (ORZ: about 1.2)")
 
 
+# --------------------------------------------------------------------------------------------------
+# trl: our GRPO step against TRL's GRPOTrainer, each run in a fresh subprocess (peak RSS per run).
+# --------------------------------------------------------------------------------------------------
+
+# (layers, width) -> EOS scale: the EOS row of the (tied) embedding is scaled so that random-init models
+# stop at widely spread lengths, as RL rollouts do, instead of nearly never (EOS is 1 of ~600 tokens).
+TRL_MODELS = {(2, 64): 8.0, (4, 256): 100.0}
+TRL_SETTINGS = {  # prompts x samples, new tokens; stop at EOS only on both sides (TRL has no stop strings)
+    "short": dict(prompts_per_step=2, num_generations=8, max_new_tokens=32),
+    "varied": dict(prompts_per_step=8, num_generations=8, max_new_tokens=256),
+}
+LR = 1e-4
+
+
+def eos_random_model(base_dir: Path, out_dir: Path, hidden_size: int, num_layers: int, eos_scale: float) -> Path:
+    """A random-init model with the tiny base's tokenizer, `num_layers` x `hidden_size` (heads of 32), whose
+    EOS embedding row (tied: also its output row) is scaled by `eos_scale` so that lengths spread widely."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if (out_dir / "config.json").exists():
+        return out_dir
+    config = AutoConfig.from_pretrained(base_dir)
+    config.hidden_size, config.intermediate_size, config.num_hidden_layers = hidden_size, 3 * hidden_size, num_layers
+    config.num_attention_heads = config.num_key_value_heads = max(1, hidden_size // 32)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    eos = config.eos_token_id if isinstance(config.eos_token_id, int) else config.eos_token_id[0]
+    with torch.no_grad():
+        model.get_output_embeddings().weight[eos] *= eos_scale
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)
+    return out_dir
+
+
+def bench_prompts(tokenizer, n: int = 512) -> list[dict]:
+    """The synthetic task's training prompts in ORZ's template: {"question", "prompt" (text), "answer"}."""
+    from data.loading import format_prompt
+    from data.synthetic import make_synthetic_records
+
+    return [{"question": r["question"], "prompt": format_prompt(r["question"], "orz", tokenizer), "answer": r["answer"]}
+            for r in make_synthetic_records("train", n=n, seed=0)]
+
+
+def worker(spec: dict) -> None:
+    """One training run in this process; prints `RESULT {json}` with per-step seconds (first step dropped),
+    generated tokens per step, generate seconds per step and peak RSS."""
+    import resource
+
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    if spec["side"] == "ours":
+        result = run_ours(spec)
+    else:
+        result = run_trl(spec)
+    result["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_ours(spec: dict) -> dict:
+    from train_ppo import Args, main
+
+    out = Path(spec["out"])
+    kw = TRL_SETTINGS[spec["setting"]]
+    main(Args(model=spec["model"], advantage="grpo", max_steps=spec["steps"], output_dir=str(out), eval_every=0,
+              samples_per_step=0, save_every=0, prompt_template="orz", stop_strings=[], lr=LR, temperature=1.0,
+              reward="math", overwrite=True, **kw))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    n = kw["prompts_per_step"] * kw["num_generations"]
+    return {"step_s": [r["time/step"] for r in rows], "tokens": [r["train/response_length"] * n for r in rows],
+            "generate_s": [r["time/generate"] for r in rows], "update_s": [r["time/update"] for r in rows]}
+
+
+def run_trl(spec: dict) -> dict:
+    import time as _time
+
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from reward import math_reward
+
+    kw = TRL_SETTINGS[spec["setting"]]
+    rows = kw["prompts_per_step"] * kw["num_generations"]
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model"])
+    data = Dataset.from_list([{"prompt": p["prompt"], "answer": p["answer"]} for p in bench_prompts(tokenizer)])
+
+    def reward(completions, answer, **_):  # the same rule as ours: math_reward, 0 for truncated is not applied
+        return [math_reward(c, a) for c, a in zip(completions, answer, strict=True)]
+
+    # One optimizer step = one rollout of `rows` rows, used once: the whole rollout is one train batch
+    # (per_device_train_batch_size = rows, no accumulation), generated in one batch (steps_per_generation 1),
+    # one pass (num_iterations 1), so no old log-prob pass either, as ours with ppo_epochs = mini-batches = 1.
+    config = GRPOConfig(
+        output_dir=spec["out"], use_cpu=True, bf16=False, report_to="none", logging_steps=1, save_strategy="no",
+        max_steps=spec["steps"], learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, beta=0.0,
+        temperature=1.0, top_p=1.0, top_k=0, num_generations=kw["num_generations"],
+        max_completion_length=kw["max_new_tokens"], per_device_train_batch_size=rows,
+        gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1, loss_type="dapo",
+        gradient_checkpointing=False, max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0,
+        dataloader_num_workers=0, seed=0, disable_tqdm=True)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=data,
+                          processing_class=tokenizer)
+    ends, gen = [], []
+    generate = model.generate
+
+    def timed_generate(*args, **kwargs):
+        t = _time.time()
+        out = generate(*args, **kwargs)
+        gen.append(_time.time() - t)
+        return out
+
+    model.generate = timed_generate
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if not ends:
+                ends.append(_time.time())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            ends.append(_time.time())
+
+    trainer.add_callback(Clock())
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "completions/mean_length" in h]
+    steps = [b - a for a, b in zip(ends, ends[1:], strict=False)]
+    return {"step_s": steps[1:], "tokens": [h["completions/mean_length"] * rows for h in logs][1:],
+            "generate_s": gen[1:], "trl_version": trl.__version__}
+
+
+def run_worker(spec: dict) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "worker", "--spec", json.dumps(spec)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode or line is None:
+        raise RuntimeError(f"{spec['side']} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def trl_benchmark(quick: bool, threads: int) -> None:
+    from data.synthetic import build_tiny_base
+
+    base = build_tiny_base()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-trl-"))
+    steps, reps = (3, 2) if quick else (4, 3)
+    results = {}
+    for (layers, width), scale in TRL_MODELS.items():
+        model = str(eos_random_model(base, tmp / f"random-{layers}x{width}", width, layers, scale))
+        for setting in TRL_SETTINGS:
+            res = {"ours": [], "trl": []}
+            for rep in range(reps):  # alternate, and swap who goes first, so load drift hits both alike
+                for side in (("ours", "trl") if rep % 2 == 0 else ("trl", "ours")):
+                    spec = dict(side=side, model=model, setting=setting, steps=steps, threads=threads,
+                                out=str(tmp / f"{layers}x{width}-{setting}-{side}-{rep}"))
+                    r = run_worker(spec)
+                    res[side].append(r)
+                    print(f"  {layers}x{width} {setting:<6} rep {rep} {side:<4}: steps " +
+                          " ".join(f"{s:.2f}" for s in r["step_s"]) + " s, generate " +
+                          " ".join(f"{s:.2f}" for s in r["generate_s"]) + f" s, {r['max_rss_mb']:.0f} MB", flush=True)
+            results[(layers, width, setting)] = res
+    version = next((r["trl_version"] for res in results.values() for r in res["trl"]), "?")
+    print(f"\nTRL {version}, torch threads {threads}, {steps} steps per run (first dropped) x {reps} runs per side, "
+          "medians")
+    head = (f"{'model':<7} {'setting':<7} {'side':<5} {'step s':>7} {'gen s':>7} {'tok/s':>7} {'tokens':>7} "
+            f"{'RSS MB':>7}")
+    print(head)
+    for (layers, width, setting), res in results.items():
+        med = {}
+        for side, runs in res.items():
+            steps_s = [s for r in runs for s in r["step_s"]]
+            gen_s = [s for r in runs for s in r["generate_s"]]
+            tokens = [t for r in runs for t in r["tokens"]]
+            tps = [t / s for r in runs for t, s in zip(r["tokens"], r["step_s"], strict=False)]
+            med[side] = statistics.median(steps_s)
+            print(f"{layers}x{width:<5} {setting:<7} {side:<5} {med[side]:>7.2f} {statistics.median(gen_s):>7.2f} "
+                  f"{statistics.median(tps):>7.0f} {statistics.median(tokens):>7.0f} "
+                  f"{statistics.median(r['max_rss_mb'] for r in runs):>7.0f}")
+        target = 0.5 if setting == "varied" else 1.0
+        ratio = med["ours"] / med["trl"]
+        print(f"{layers}x{width:<5} {setting:<7} ours/TRL step time {ratio:.2f} (target <= {target}: "
+              f"{'met' if ratio <= target else 'NOT met'})")
+
+
+# --------------------------------------------------------------------------------------------------
+# decode: the share of decode work spent on rows that already stopped, and alternatives that cut it.
+# --------------------------------------------------------------------------------------------------
+
+def decode_benchmark(quick: bool, threads: int) -> None:
+    """Varied-length rollouts (8 prompts x 8 samples, up to 256 new tokens, EOS only, ORZ template) on the
+    `trl` benchmark's random models. wasted = 1 - generated tokens / (rows x decode steps run), per method:
+      plain        one generate call of all 64 rows (the trainer's default);
+      per-prompt   8 calls of one prompt's 8 rows (--generation-batch-size 1);
+      refill-F     rollout.generate_responses_refill: a call ends when at most a share F of its rows are
+                   still running; those continue in a new, smaller call (KV cache recomputed);
+      cb           transformers' continuous batching, model.generate_batch (paged attention)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data.synthetic import build_tiny_base
+    from rollout import generate_responses, generate_responses_refill, stop_positions
+    from utils import left_pad
+
+    torch.set_num_threads(threads)
+    base = build_tiny_base()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-decode-"))
+    reps = 2 if quick else 4
+    prompts_n, G, max_new = 8, 8, 256
+    table = []
+    for (layers, width), scale in TRL_MODELS.items():
+        path = eos_random_model(base, tmp / f"random-{layers}x{width}", width, layers, scale)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path)
+        records = bench_prompts(tokenizer, 8 * prompts_n * reps)
+        kw = dict(num_generations=G, max_new_tokens=max_new, temperature=1.0, top_p=1.0, top_k=0,
+                  stop_token_ids=[model.generation_config.eos_token_id], pad_token_id=tokenizer.pad_token_id)
+
+        def plain(ids, mask, seed, batch_size=None, model=model, kw=kw):
+            out = generate_responses(model, ids, mask, **kw, seeds=[seed + i for i in range(len(ids))],
+                                     batch_size=batch_size)
+            lengths = stop_positions(out, kw["stop_token_ids"])[0]
+            step = (batch_size or len(ids)) * G  # each call runs as many steps as its longest row
+            row_steps = sum(len(c) * int(c.max()) for c in lengths.split(step))
+            return lengths, row_steps
+
+        def per_prompt(ids, mask, seed, plain=plain):
+            return plain(ids, mask, seed, batch_size=1)
+
+        def refill(ids, mask, seed, model=model, kw=kw, fraction=0.5):
+            stats = {}
+            out = generate_responses_refill(model, ids, mask, **kw, seeds=[seed], stats=stats,
+                                            refill_fraction=fraction)
+            return stop_positions(out, kw["stop_token_ids"])[0], stats["row_steps"]
+
+        def cb(ids, mask, seed, model=model, kw=kw):
+            from transformers import GenerationConfig
+
+            torch.manual_seed(seed)
+            inputs = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
+            config = GenerationConfig(max_new_tokens=max_new, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                      eos_token_id=kw["stop_token_ids"], pad_token_id=kw["pad_token_id"],
+                                      num_return_sequences=G)
+            outs = model.generate_batch(inputs, generation_config=config, progress_bar=False)
+            lengths = torch.tensor([min(len(o.generated_tokens), max_new) for o in outs.values()])
+            return lengths, int(lengths.sum())  # continuous batching drops rows as they finish
+
+        def refill_85(ids, mask, seed, refill=refill):
+            return refill(ids, mask, seed, fraction=0.85)
+
+        methods = {"plain": plain, "per-prompt": per_prompt, "refill-0.5": refill, "refill-0.85": refill_85,
+                   "cb": cb}
+        res = {name: {"time": [], "waste": [], "len": []} for name in methods}
+        for rep in range(reps):
+            chunk = records[rep * prompts_n:(rep + 1) * prompts_n]
+            ids, mask = left_pad([tokenizer(r["prompt"])["input_ids"] for r in chunk], tokenizer.pad_token_id)
+            order = list(methods) if rep % 2 == 0 else list(reversed(methods))
+            for name in order:
+                t = time.time()
+                try:
+                    lengths, row_steps = methods[name](ids, mask, 1000 + rep)
+                except Exception as err:  # noqa: BLE001 - report and go on
+                    print(f"  {layers}x{width} {name}: failed: {type(err).__name__}: {str(err)[:200]}")
+                    continue
+                res[name]["time"].append(time.time() - t)
+                res[name]["waste"].append(1 - int(lengths.sum()) / max(row_steps, 1))
+                res[name]["len"] += lengths.tolist()
+                print(f"  {layers}x{width} rep {rep} {name:<11} {res[name]['time'][-1]:6.2f} s, wasted "
+                      f"{res[name]['waste'][-1]:.0%}", flush=True)
+        table.append(((layers, width), res))
+    print(f"\ndecode: {prompts_n} prompts x {G} samples, up to {max_new} new tokens, EOS only, torch threads {threads}; "
+          f"medians of {reps} rollouts (target: wasted <= 15% and faster than plain)")
+    print(f"{'model':<7} {'method':<11} {'wasted':>7} {'time s':>7} {'vs plain':>8}  lengths p10/p50/p90, truncated")
+    for (layers, width), res in table:
+        base_t = statistics.median(res["plain"]["time"]) if res["plain"]["time"] else float("nan")
+        for name, r in res.items():
+            if not r["time"]:
+                print(f"{layers}x{width:<5} {name:<11} failed")
+                continue
+            lens = torch.tensor(r["len"], dtype=torch.float)
+            q = torch.quantile(lens, torch.tensor([0.1, 0.5, 0.9])).tolist()
+            med_t = statistics.median(r["time"])
+            print(f"{layers}x{width:<5} {name:<11} {statistics.median(r['waste']):>7.0%} {med_t:>7.2f} "
+                  f"{med_t / base_t:>8.2f}  {q[0]:.0f}/{q[1]:.0f}/{q[2]:.0f}, {float((lens >= max_new).float().mean()):.0%}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Ablations: ORZ's claims in miniature, on the built-in task.
+# --------------------------------------------------------------------------------------------------
+
+ABLATION_GRID = {"advantage": ["gae", "grpo"], "kl_coef": [0.0, 0.05]}
+
+
+def ablation_runs(seeds: int) -> list[dict]:
+    """Every (advantage, kl_coef, seed) of the grid, with the run's directory name."""
+    runs = []
+    for advantage in ABLATION_GRID["advantage"]:
+        for kl in ABLATION_GRID["kl_coef"]:
+            for seed in range(seeds):
+                runs.append({"advantage": advantage, "kl_coef": kl, "seed": seed,
+                             "name": f"{advantage}-kl{kl:g}-seed{seed}"})
+    return runs
+
+
+def launch_ablation_run(run: dict, out: Path, threads: int, extra: list[str]):
+    import os
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).parent / "train_ppo.py"), "--advantage", run["advantage"],
+           "--kl-coef", str(run["kl_coef"]), "--seed", str(run["seed"]), "--eval-every", "10",
+           "--output-dir", str(out / run["name"]), "--overwrite", *extra]
+    log = open(out / f"{run['name']}.log", "w")  # noqa: SIM115 - closed when the run ends
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log
+
+
+def summarize_run(run_dir: Path) -> dict:
+    """Final accuracy, steps to 90%, wall time, critic share, response-length trend, repetition."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    evals = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
+    steps = [r for r in rows if "time/step" in r]
+    lengths = [r["train/response_length"] for r in steps]
+    tenth = max(1, len(lengths) // 10)
+    return {
+        "final": summary["final_accuracy"], "base": summary["base_accuracy"],
+        "to90": next((s for s, acc in evals if acc >= 0.9), None),
+        "minutes": summary["minutes"],
+        "critic_share": sum(r.get("time/critic", 0.0) for r in steps) / sum(r["time/step"] for r in steps),
+        "length_first": statistics.mean(lengths[:tenth]), "length_last": statistics.mean(lengths[-tenth:]),
+        "repetition": statistics.mean(r.get("train/repetition", 0.0) for r in steps),
+        "evals": evals,
+    }
+
+
+def ablation_benchmark(out: Path, seeds: int, jobs: int, extra: list[str]) -> None:
+    """Run the grid (skipping finished runs), then print the table and draw the figure."""
+    import os
+    import time
+
+    out.mkdir(parents=True, exist_ok=True)
+    runs = ablation_runs(seeds)
+    todo = [r for r in runs if not (out / r["name"] / "summary.json").exists()]
+    print(f"ablation: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run, {jobs} at a time")
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    running = []
+    while todo or running:
+        while todo and len(running) < jobs:
+            run = todo.pop(0)
+            running.append((run, *launch_ablation_run(run, out, threads, extra)))
+            print(f"  started {run['name']}")
+        time.sleep(2)
+        for item in [i for i in running if i[1].poll() is not None]:
+            run, proc, log = item
+            log.close()
+            running.remove(item)
+            status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {out / run['name']}.log)"
+            print(f"  {run['name']}: {status}")
+
+    table = {}
+    for run in runs:
+        if (out / run["name"] / "summary.json").exists():
+            table.setdefault((run["advantage"], run["kl_coef"]), []).append(summarize_run(out / run["name"]))
+    print("\n| estimator | KL | seeds | final held-out acc. | steps to 90% | minutes | critic share | "
+          "response length first -> last 10% | repetition |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (advantage, kl), results in table.items():
+        finals = [r["final"] for r in results]
+        reached = [r["to90"] for r in results if r["to90"] is not None]
+        spread = statistics.stdev(finals) if len(finals) > 1 else 0.0
+        to90 = f"{statistics.mean(reached):.0f} ({len(reached)}/{len(results)} reached)" if reached else "not reached"
+        print(f"| {advantage} | {kl:g} | {len(results)} | {statistics.mean(finals):.1%} +- {spread:.1%} | {to90} | "
+              f"{statistics.mean(r['minutes'] for r in results):.1f} | {statistics.mean(r['critic_share'] for r in results):.0%} | "
+              f"{statistics.mean(r['length_first'] for r in results):.1f} -> {statistics.mean(r['length_last'] for r in results):.1f} | "
+              f"{statistics.mean(r['repetition'] for r in results):.1%} |")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (advantage, kl), results in table.items():
+        steps = [s for s, _ in results[0]["evals"]]
+        mean = [statistics.mean(r["evals"][i][1] for r in results if i < len(r["evals"])) for i in range(len(steps))]
+        ax.plot(steps, mean, marker="o", label=f"{advantage}, KL {kl:g} (mean of {len(results)})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out accuracy (avg@4)")
+    ax.set_title("Ablation on the built-in task")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "ablation.png", dpi=120)
+    print(f"\nfigure: {out / 'ablation.png'}")
+
+
+def scaling_benchmark(quick: bool) -> None:
+    """How step time grows with samples per step and with response length (1x, 2x, 4x of each), next
+    to the tokens processed: the time per token should not grow."""
+    from data.synthetic import build_tiny_base
+
+    base = build_tiny_base()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-scaling-"))
+    model = str(random_model(base, tmp / "random", hidden_size=128, num_layers=4))
+    common = dict(prompt_template="raw", stop_strings=[], num_generations=8)
+    grid = [("samples", m, dict(common, prompts_per_step=2 * m, max_new_tokens=64)) for m in (1, 2, 4)]
+    grid += [("length", m, dict(common, prompts_per_step=2, max_new_tokens=64 * m)) for m in (1, 2, 4)]
+    steps = 2 if quick else 4
+    print(f"\n{'grows':<8} {'x':>2} {'samples':>7} {'max new':>7} {'step s':>7} {'tokens':>7} {'ms/token':>8} "
+          f"{'generate':>8} {'update':>7}")
+    for axis, m, kw in grid:
+        rows = run(model, "grpo", steps, tmp / f"{axis}-{m}", **kw)
+        step = statistics.median(r["time/step"] for r in rows)
+        samples = kw["prompts_per_step"] * kw["num_generations"]
+        tokens = statistics.mean(r["train/response_length"] for r in rows) * samples
+        print(f"{axis:<8} {m:>2} {samples:>7} {kw['max_new_tokens']:>7} {step:>7.2f} {tokens:>7.0f} "
+              f"{1000 * step / tokens:>8.2f} {statistics.median(r['time/generate'] for r in rows):>8.2f} "
+              f"{statistics.median(r['time/update'] for r in rows):>7.2f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["critic"], help="which benchmark")
+    parser.add_argument("which", choices=["critic", "trl", "decode", "scaling", "ablate", "worker"], help="which benchmark "
+                        "('worker' is internal: one training run in this process, for `trl`)")
     parser.add_argument("--quick", action="store_true", help="fewer steps and repetitions")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of every run (trl, decode)")
+    parser.add_argument("--spec", default="", help="worker only: the run as JSON")
+    parser.add_argument("--out", default="runs/ablation", help="ablate: where the runs, table and figure go")
+    parser.add_argument("--seeds", type=int, default=3, help="ablate: seeds per setting")
+    parser.add_argument("--jobs", type=int, default=1, help="ablate: runs at a time")
+    parser.add_argument("--extra", default="", help="ablate: more train_ppo.py arguments for every run, e.g. '--max-steps 40'")
     args = parser.parse_args(argv)
     if args.which == "critic":
         critic_benchmark(args.quick)
+    elif args.which == "trl":
+        trl_benchmark(args.quick, args.threads)
+    elif args.which == "decode":
+        decode_benchmark(args.quick, args.threads)
+    elif args.which == "scaling":
+        scaling_benchmark(args.quick)
+    elif args.which == "ablate":
+        ablation_benchmark(Path(args.out), args.seeds, args.jobs, args.extra.split())
+    else:
+        worker(json.loads(args.spec))
 
 
 if __name__ == "__main__":

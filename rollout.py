@@ -636,3 +636,114 @@ if __name__ == "__main__":
         raise SystemExit("error: usage: python rollout.py eval --model PATH|HUB_ID|tiny --datasets math500,... "
                          "(python rollout.py eval --help for every option)")
     eval_main(parse_args(EvalArgs, sys.argv[2:]))
+
+
+class _RefillStop:
+    """Stopping criterion of one `generate_responses_refill` call: tracks which rows have stopped (a stop
+    token, or a stop string through HF's own StopStringCriteria) and ends the whole call once at most
+    `keep` rows are still running. Rows it ends early did not stop: the caller continues them."""
+
+    def __init__(self, rows: int, prompt_len: int, keep: int, stop_token_ids: list[int], string_stop=None):
+        self.finished = None
+        self.rows, self.prompt_len, self.keep = rows, prompt_len, keep
+        self.stop_ids, self.string_stop, self.steps = stop_token_ids, string_stop, 0
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        if self.finished is None:
+            self.finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        self.steps = input_ids.shape[1] - self.prompt_len
+        last = input_ids[:, -1]
+        done = torch.isin(last, torch.tensor(self.stop_ids, device=last.device))
+        if self.string_stop is not None:
+            done |= self.string_stop(input_ids, scores)
+        self.finished |= done
+        if int((~self.finished).sum()) <= self.keep:
+            return torch.ones_like(self.finished)
+        return self.finished.clone()
+
+
+@torch.no_grad()
+def generate_responses_refill(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_generations: int,
+                              max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+                              stop_token_ids: list[int], pad_token_id: int, stop_strings: list[str] | None = None,
+                              tokenizer=None, batch_size: int | None = None, seeds: list[int] | None = None,
+                              synced_gpus: bool = False, refill_fraction: float = 0.85,
+                              stats: dict | None = None) -> torch.Tensor:
+    """`generate_responses` with the same signature and return ((B * G, R) ids, rows grouped by prompt),
+    wasting little decode work on rows that have already stopped.
+
+    Plain batched `generate` keeps every row in the batch until the longest one stops: with RL's widely
+    spread lengths most row-steps decode rows that are already done. Here a call ends as soon as at most
+    `refill_fraction` of its rows are still running; those rows (prompt + what they generated) start a
+    new, smaller call with the remaining token budget, their KV cache recomputed in one prefill, and so
+    on until every row has stopped or used `max_new_tokens`. Sampling is unchanged: every token is drawn
+    from the same processed distribution (temperature, top-p, top-k are per-token and stateless), under
+    the same stop token ids and stop strings (HF's StopStringCriteria looks at the tail of prompt + output,
+    which spans the restart), so `stop_positions` and the masks apply as before. With `seeds`, each chunk
+    of `batch_size` prompts is reseeded before its first call, which therefore draws exactly the tokens
+    `generate_responses` draws up to the point it ends; later calls draw from the same distribution with
+    the generator state they find. `synced_gpus` is not supported (sharded models need every process to
+    run the same calls): use `generate_responses` there. `stats`, if given, receives "row_steps" (rows x
+    decode steps run), "tokens" (generated tokens up to each row's stop) and "calls".
+    """
+    from transformers import StoppingCriteriaList
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    from utils import left_pad
+
+    if synced_gpus:
+        raise ValueError("generate_responses_refill does not support synced_gpus (FSDP): use generate_responses")
+    was_training = model.training
+    model.eval()
+    do_sample = temperature > 0
+    kwargs = dict(do_sample=do_sample, eos_token_id=stop_token_ids, pad_token_id=pad_token_id, use_cache=True)
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
+    string_stop = StopStringCriteria(tokenizer, stop_strings) if stop_strings else None
+    step = batch_size or len(prompt_ids)
+    outputs: list[list[int]] = [[] for _ in range(len(prompt_ids) * num_generations)]
+    row_steps = calls = 0
+    for n, start in enumerate(range(0, len(prompt_ids), step)):
+        ids, mask = prompt_ids[start:start + step], prompt_mask[start:start + step]
+        prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
+        active = list(range(start * num_generations, (start + len(prompts)) * num_generations))  # output rows
+        first = True
+        budget = max_new_tokens
+        if seeds is not None:
+            torch.manual_seed(seeds[n])
+        while active and budget > 0:
+            if first:  # exactly generate_responses' first call: prompts x num_return_sequences
+                call_ids, call_mask = ids, mask
+                cut = int(mask.any(dim=0).long().argmax())
+                call_ids, call_mask = call_ids[:, cut:], call_mask[:, cut:]
+                extra = dict(num_return_sequences=num_generations)
+            else:
+                seqs = [prompts[(r // num_generations) - start] + outputs[r] for r in active]
+                call_ids, call_mask = left_pad(seqs, pad_token_id)
+                call_ids, call_mask = call_ids.to(prompt_ids.device), call_mask.to(prompt_ids.device)
+                extra = {}
+            rows = len(active)
+            keep = math.floor(refill_fraction * rows) if rows > 1 else 0
+            criterion = _RefillStop(rows, call_ids.shape[1], keep, stop_token_ids, string_stop)
+            out = model.generate(input_ids=call_ids, attention_mask=call_mask,
+                                 position_ids=position_ids_from_mask(call_mask), max_new_tokens=budget,
+                                 stopping_criteria=StoppingCriteriaList([criterion]), **kwargs, **extra)
+            new = out[:, call_ids.shape[1]:]
+            steps = new.shape[1]
+            row_steps += rows * steps
+            calls += 1
+            still = []
+            for j, r in enumerate(active):  # a stopped row keeps its padded tail: stop_positions cuts it
+                outputs[r] += new[j].tolist()
+                if not bool(criterion.finished[j]):
+                    still.append(r)
+            budget -= steps
+            active, first = still, False
+    model.train(was_training)
+    if stats is not None:
+        stats.update(row_steps=row_steps, calls=calls,
+                     tokens=sum(int(stop_positions(torch.tensor([o or [pad_token_id]]), stop_token_ids,
+                                                   stop_strings, tokenizer)[0]) for o in outputs))
+    width = max(max((len(o) for o in outputs), default=0), 1)
+    return torch.tensor([o + [pad_token_id] * (width - len(o)) for o in outputs], dtype=torch.long,
+                        device=prompt_ids.device)

@@ -26,6 +26,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -41,6 +42,7 @@ from rollout import (
     equal_reward_groups,
     forward_logprobs,
     generate_responses,
+    generate_responses_refill,
     plan_micro_batches,
     repetition_flags,
     response_mask_from_lengths,
@@ -80,6 +82,8 @@ class Args:
     top_p: float = field(default=1.0, metadata={"help": "keep 1.0 for training: log-probs do not replay truncation"})
     top_k: int = field(default=0, metadata={"help": "keep 0 for training: log-probs do not replay truncation"})
     stop_strings: list[str] = field(default_factory=lambda: list(ORZ_STOP_STRINGS), metadata={"help": "strings that end a response (kept in it)"})
+    generation: Literal["generate", "refill"] = field(default="refill", metadata={"help": "refill: rows still running when most have stopped continue in a smaller call, so little decoding is spent on finished rows (rollout.generate_responses_refill; same sampling); generate: plain batched HF generate (also used under FSDP)"})
+    refill_fraction: float = field(default=0.85, metadata={"help": "refill: end a call when at most this share of its rows is still running"})
     generation_batch_size: int = field(default=0, metadata={"help": "prompts per generate call (0: all of the process's prompts at once); each call is seeded from (seed, step, its first prompt's place), so with a size that divides every process's share, 1 and N processes sample the same tokens"})
     # reward
     reward: str = field(default="math", metadata={"help": "'math', module:function or path/file.py:function"})
@@ -211,6 +215,8 @@ def check_args(args: Args, num_processes: int = 1) -> None:
     for name, parts in (("num_mini_batches", args.num_mini_batches), ("critic_mini_batches", args.critic_mini_batches)):
         if parts < 1 or rows % parts:
             problems.append(f"--{name.replace('_', '-')} {parts} must split the {rows} rollout rows per process evenly")
+    if not 0 < args.refill_fraction < 1:
+        problems.append("--refill-fraction must be in (0, 1)")
     if args.micro_batch_size < 1 or args.max_tokens_per_microbatch < 0:
         problems.append("--micro-batch-size must be >= 1 and --max-tokens-per-microbatch >= 0")
     if args.advantage in ("grpo", "rloo") and args.num_generations < 2:
@@ -466,7 +472,10 @@ def rollout(model, tokenizer, records: list, args: Args, num_generations: int, s
             seeds: list[int] | None = None, synced: bool = False) -> tuple[Experience, list[str]]:
     """Generate `num_generations` responses per record; the experience batch (no rewards yet) and the texts."""
     prompt_ids, prompt_mask = left_pad([r["prompt_ids"] for r in records], tokenizer.pad_token_id)
-    response_ids = generate_responses(
+    # refill cannot keep processes in lockstep, which sharded (FSDP) generation needs: plain generate there
+    refill = args.generation == "refill" and not synced
+    generate = partial(generate_responses_refill, refill_fraction=args.refill_fraction) if refill else generate_responses
+    response_ids = generate(
         model, prompt_ids, prompt_mask, num_generations=num_generations, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id, stop_strings=args.stop_strings,
