@@ -375,8 +375,9 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def save_checkpoint(accelerator, root: Path, state: dict, keep: int) -> Path:
-    """Everything needed to continue at `state["step"]`: models, optimizers, schedulers, every process's
-    RNG states (accelerate's `save_state`, weights as safetensors) and `state`. Written to a temporary
+    """Everything needed to continue at `state["step"]`: models, optimizers, every process's RNG states
+    (accelerate's `save_state`: weights as safetensors, the rest read back with torch's weights-only
+    loader) and `state` as JSON (with the schedulers: nothing is unpickled on resume). Written to a temporary
     directory, fsynced, then renamed, so a kill at any instant leaves the previous checkpoint whole."""
     import os
     import shutil
@@ -605,7 +606,7 @@ def main(args: Args) -> dict:
         critic, critic_opt = accelerator.prepare(critic, critic_opt)
     if ref is not None:
         ref = accelerator.prepare_model(ref, evaluation_mode=True)
-    accelerator.register_for_checkpointing(sched, *([critic_sched] if critic is not None else []))
+    schedulers = [sched] + ([critic_sched] if critic is not None else [])  # saved as JSON in the checkpoint
     pool = RewardPool(args.reward, num_workers=args.reward_workers, timeout=args.reward_timeout)
 
     # ---- Resume: the last complete checkpoint, if any (and not --overwrite) -----------------------------
@@ -617,6 +618,8 @@ def main(args: Args) -> dict:
         accelerator.load_state(str(ckpt))
         state = json.loads((ckpt / "trainer_state.json").read_text())
         start_step, base_accuracy = state["step"], state["base_accuracy"]
+        for scheduler, saved in zip(schedulers, state["schedulers"], strict=True):
+            scheduler.load_state_dict(saved)
         accelerator.print(f"resuming from {ckpt} at step {start_step} (--overwrite starts afresh)")
     kept = {name: read_jsonl_before(out / name, start_step) for name in ("metrics.jsonl", "samples.jsonl")}
     accelerator.wait_for_everyone()
@@ -764,7 +767,8 @@ def main(args: Args) -> dict:
         nonfinite = nonfinite + 1 if metrics.get("train/nonfinite_updates", 0) > 0 else 0
         signalled = sum_all(float(stop.signal is not None)).item() > 0
         if (args.save_every and (step + 1) % args.save_every == 0) or signalled or nonfinite >= args.max_nonfinite_updates:
-            saved = save_checkpoint(accelerator, ckpt_root, {"step": step + 1, "base_accuracy": base_accuracy},
+            saved = save_checkpoint(accelerator, ckpt_root, {"step": step + 1, "base_accuracy": base_accuracy,
+                                                             "schedulers": [s.state_dict() for s in schedulers]},
                                     args.keep_checkpoints)
             if signalled:
                 raise SystemExit(f"stopped by signal {stop.signal} after step {step}: checkpoint in {saved}; "
