@@ -686,27 +686,44 @@ def main(args: Args) -> dict:
         metrics["perf/padding"] = padding_fraction(exp, micro)
         metrics["time/logprobs"] = time.time() - t
         t = time.time()
-        if critic is not None:
-            with torch.no_grad():
-                critic.eval()
-                exp.values = torch.zeros_like(mask)
-                for idx in micro:
-                    mb = exp.select(idx if len(idx) else idx.new_zeros(1)).trim()
-                    values = forward_values(critic, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1])
-                    if len(idx):
-                        exp.values[idx, :values.shape[1]] = values.float()
-                exp.values *= mask
-                critic.train()
-
-        # ---- 5. Advantages -----------------------------------------------------------------------
         seq_rewards = exp.rewards
         if args.kl_coef > 0 and args.kl_estimator == "k1":  # classic PPO: KL as a per-token penalty in the reward
             kl_penalty = args.kl_coef * compute_kl(exp.old_logprobs, exp.ref_logprobs, "k1") * mask
         else:
             kl_penalty = torch.zeros_like(mask)
-        if args.advantage == "gae":
+        if critic is not None:
+            # The rows of the critic's first mini-batch get their values from that update's own forward
+            # pass (before any step, so they are the rollout's values): only the other rows need a pass here.
+            fused = critic_fusable(accelerator.unwrap_model(critic))
+            first = (local_rows(mini_batch_parts(rows * world, args.critic_mini_batches, args.seed, step)[0], rank, rows)
+                     if fused else mask.new_zeros(0, dtype=torch.long))
+            rest = torch.ones(len(mask), dtype=torch.bool, device=mask.device)
+            rest[first] = False
+            rest = rest.nonzero().squeeze(1)
+            exp.values = torch.zeros_like(mask)
+            with torch.no_grad():
+                critic.eval()
+                rest_exp = exp.select(rest)
+                for idx in plan(rest_exp, args, accelerator):
+                    mb = rest_exp.select(idx if len(idx) else idx.new_zeros(1)).trim()
+                    values = forward_values(critic, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1])
+                    if len(idx):
+                        exp.values[rest[idx], :values.shape[1]] = values.float()
+                exp.values *= mask
+                critic.train()
             token_rewards = outcome_token_rewards(seq_rewards, mask) - kl_penalty
+            _, exp.returns = compute_gae_advantages(token_rewards, exp.values, mask, args.gamma, args.lam)
+
+        # ---- 5. Update the critic first (ORZ), then advantages for the policy --------------------------
+        update_stats: dict[str, list] = {}
+        if critic is not None:
+            critic_stats = update(accelerator, critic, critic_opt, critic_sched, exp, args, "critic",
+                                  args.critic_epochs, args.critic_mini_batches, step,
+                                  token_rewards=token_rewards if fused else None)
+            update_stats.update(critic_stats)
             exp.advantages, exp.returns = compute_gae_advantages(token_rewards, exp.values, mask, args.gamma, args.lam)
+            metrics["critic/explained_var"] = explained_variance(exp.values, exp.returns, mask)
+            metrics["time/critic"] = time.time() - t
         else:
             seq_rewards = seq_rewards - kl_penalty.sum(dim=1)
             if args.advantage == "grpo":
@@ -720,14 +737,7 @@ def main(args: Args) -> dict:
         if args.whiten_advantages:
             exp.advantages = masked_whiten(exp.advantages, mask, reduce=sum_all)
 
-        # ---- 6. Update: the critic first (ORZ), then the policy -----------------------------------
-        update_stats: dict[str, list] = {}
-        if critic is not None:
-            critic_stats = update(accelerator, critic, critic_opt, critic_sched, exp, args, "critic",
-                                  args.critic_epochs, args.critic_mini_batches, step)
-            update_stats.update(critic_stats)
-            metrics["critic/explained_var"] = explained_variance(exp.values, exp.returns, mask)
-            metrics["time/critic"] = time.time() - t
+        # ---- 6. Update the policy ------------------------------------------------------------------
         t = time.time()
         if step >= args.critic_warmup_steps or critic is None:
             update_stats.update(update(accelerator, policy, opt, sched, exp, args, "policy",
@@ -805,76 +815,109 @@ def main(args: Args) -> dict:
     return summary
 
 
+def mini_batch_parts(total: int, mini_batches: int, seed: int, step: int, epochs: int = 1) -> list[torch.Tensor]:
+    """The global rows of each mini-batch, epoch after epoch: a fresh shuffle per epoch, seeded by
+    (seed, step). Mini-batches are drawn from the rows of all processes (process r holds global rows
+    r*rows ..), so they hold the same rows whatever the process count."""
+    generator = torch.Generator().manual_seed(seed * 1000 + step)
+    parts = []
+    for _ in range(epochs):
+        order = torch.randperm(total, generator=generator) if mini_batches > 1 else torch.arange(total)
+        parts += list(order.chunk(mini_batches))
+    return parts
+
+
+def local_rows(part: torch.Tensor, rank: int, rows: int) -> torch.Tensor:
+    """This process's rows of a mini-batch of global rows, as indices into its own batch."""
+    return part[(part >= rank * rows) & (part < (rank + 1) * rows)] - rank * rows
+
+
+def critic_fusable(critic) -> bool:
+    """Whether the first critic update's forward pass (in train mode) gives the same values as the no-grad
+    value pass (in eval mode): true unless the model has active dropout."""
+    dropout = [v for k, v in critic.backbone.config.to_dict().items() if "dropout" in k or k.endswith("pdrop")]
+    return not any(isinstance(v, (int, float)) and v > 0 for v in dropout) and not any(
+        isinstance(m, torch.nn.Dropout) and m.p > 0 for m in critic.modules())
+
+
 def update(accelerator, model, optimizer, scheduler, exp: Experience, args: Args, role: str, epochs: int,
-           mini_batches: int, step: int) -> dict[str, list]:
+           mini_batches: int, step: int, token_rewards: torch.Tensor | None = None) -> dict[str, list]:
     """Optimizer steps of the policy or the critic over one rollout: `epochs` passes of `mini_batches`
-    mini-batches, each accumulated over micro-batches. Returns lists of stats, one value per optimizer step."""
+    mini-batches, each accumulated over micro-batches. Returns lists of stats, one value per optimizer step.
+
+    Critic with `token_rewards`: the rows of the first mini-batch have no values yet; the forward pass of
+    that first update, taken before any optimizer step, is their value pass. It writes `exp.values` and
+    `exp.returns` of those rows (GAE is per row), and the loss uses them as the old values, exactly as a
+    separate value pass would, saving that pass's cost for 1 / `mini_batches` of the rows."""
     rows = len(exp.response_ids)
     world, rank = accelerator.num_processes, accelerator.process_index
     device = exp.response_ids.device
     stats: dict[str, list] = {}
-    generator = torch.Generator().manual_seed(args.seed * 1000 + step)
     model.train()
-    for _ in range(epochs):
-        # Mini-batches are drawn from the rows of all processes (process r holds global rows r*rows ..),
-        # so they hold the same rows whatever the process count; a process may get more or fewer of them.
-        order = torch.randperm(rows * world, generator=generator) if mini_batches > 1 else torch.arange(rows * world)
-        for part in order.chunk(mini_batches):
-            local = part[(part >= rank * rows) & (part < (rank + 1) * rows)].to(device) - rank * rows
-            mini = exp.select(local)
-            count = accelerator.reduce(torch.stack([mini.response_mask.sum(), torch.tensor(float(len(local)), device=device)]), "sum")
-            weights_all = loss_weights(mini.response_mask, args.loss_agg if role == "policy" else "token-mean",
-                                       int(count[1].item()), count[0].item(), args.max_new_tokens)
-            micro = plan(mini, args, accelerator)
-            mini_stats: dict[str, list] = {}
-            accelerator.gradient_accumulation_steps = len(micro)
-            accelerator.step = 0  # align accumulation boundaries with this mini-batch
-            for idx in micro:
-                # an empty micro-batch (another process has more) runs one row with zero weight, so that
-                # every process makes the same number of forward and backward passes
-                if len(idx):
-                    mb, w = mini.select(idx).trim(), weights_all[idx]
+    for number, part in enumerate(mini_batch_parts(rows * world, mini_batches, args.seed, step, epochs)):
+        local = local_rows(part, rank, rows).to(device)  # a process may get more or fewer rows than another
+        mini = exp.select(local)
+        fill = token_rewards is not None and number == 0
+        count = accelerator.reduce(torch.stack([mini.response_mask.sum(), torch.tensor(float(len(local)), device=device)]), "sum")
+        weights_all = loss_weights(mini.response_mask, args.loss_agg if role == "policy" else "token-mean",
+                                   int(count[1].item()), count[0].item(), args.max_new_tokens)
+        micro = plan(mini, args, accelerator)
+        mini_stats: dict[str, list] = {}
+        accelerator.gradient_accumulation_steps = len(micro)
+        accelerator.step = 0  # align accumulation boundaries with this mini-batch
+        for idx in micro:
+            # an empty micro-batch (another process has more) runs one row with zero weight, so that
+            # every process makes the same number of forward and backward passes
+            if len(idx):
+                mb, w = mini.select(idx).trim(), weights_all[idx]
+            else:
+                mb = exp.select(torch.zeros(1, dtype=torch.long, device=device)).trim()
+                w = torch.zeros_like(mb.response_mask)
+            w = w[:, :mb.response_ids.shape[1]]
+            with accelerator.accumulate(model):
+                if role == "critic":
+                    values = forward_values(model, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1])
+                    if fill:  # this forward is these rows' value pass (see the docstring)
+                        rows_in_exp, width = local[idx] if len(idx) else idx.new_zeros(1), values.shape[1]
+                        mb.values = values.detach() * mb.response_mask
+                        _, mb.returns = compute_gae_advantages(token_rewards[rows_in_exp, :width], mb.values,
+                                                               mb.response_mask, args.gamma, args.lam)
+                        if len(idx):
+                            exp.values[rows_in_exp, :width], exp.returns[rows_in_exp, :width] = mb.values, mb.returns
+                    loss, s = compute_value_loss(values, mb.values, mb.returns, w,
+                                                 args.value_clip if args.value_clip > 0 else None)
+                    s["critic/value_loss"] = loss.item()
                 else:
-                    mb = exp.select(torch.zeros(1, dtype=torch.long, device=device)).trim()
-                    w = torch.zeros_like(mb.response_mask)
-                w = w[:, :mb.response_ids.shape[1]]
-                with accelerator.accumulate(model):
-                    if role == "critic":
-                        values = forward_values(model, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1])
-                        loss, s = compute_value_loss(values, mb.values, mb.returns, w,
-                                                     args.value_clip if args.value_clip > 0 else None)
-                        s["critic/value_loss"] = loss.item()
-                    else:
-                        logprobs, entropy = forward_logprobs(model, mb.input_ids, mb.attention_mask,
-                                                             mb.response_ids.shape[1], args.temperature, with_entropy=True)
-                        old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
-                        loss, s = compute_policy_loss(logprobs, old, mb.advantages, w, args.clip_low, args.clip_high)
-                        s["loss/policy"] = loss.item()
-                        s["policy/entropy"] = masked_mean(entropy.detach(), mb.response_mask).item()
-                        if args.kl_coef > 0 and args.kl_estimator == "k3":
-                            kl = (compute_kl(logprobs, mb.ref_logprobs, "k3") * w).sum()
-                            loss = loss + args.kl_coef * kl
-                            s["policy/kl"] = kl.item()
-                        if args.entropy_coef:
-                            loss = loss - args.entropy_coef * (entropy * w).sum()
-                    if step in injected_nan_steps():
-                        loss = loss * float("nan")
-                    # accelerate divides by the accumulation steps and DDP averages over processes; the
-                    # weights already normalise over the whole batch, so undo both.
-                    accelerator.backward(loss * accelerator.gradient_accumulation_steps * world)
-                    if accelerator.sync_gradients:
-                        norm = clip_gradients(accelerator, model, args.max_grad_norm)  # global: same on all processes
-                        s[f"{role}/grad_norm"] = norm
-                        s["train/nonfinite_updates"] = float(not math.isfinite(norm))
-                        if math.isfinite(norm):  # a NaN/inf loss or gradient: skip this update, counted
-                            optimizer.step()
-                            scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
-                share = mb.response_mask.sum().item() * float(len(idx) > 0) / max(count[0].item(), 1.0)
-                for k, v in s.items():
-                    mini_stats.setdefault(k, []).append(v * share if k in TOKEN_STATS else v)
-            for k, v in mini_stats.items():  # one value per optimizer step
-                stats.setdefault(k, []).append(sum(v) if k in SUMMED_STATS + TOKEN_STATS else sum(v) / len(v))
+                    logprobs, entropy = forward_logprobs(model, mb.input_ids, mb.attention_mask,
+                                                         mb.response_ids.shape[1], args.temperature, with_entropy=True)
+                    old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
+                    loss, s = compute_policy_loss(logprobs, old, mb.advantages, w, args.clip_low, args.clip_high)
+                    s["loss/policy"] = loss.item()
+                    s["policy/entropy"] = masked_mean(entropy.detach(), mb.response_mask).item()
+                    if args.kl_coef > 0 and args.kl_estimator == "k3":
+                        kl = (compute_kl(logprobs, mb.ref_logprobs, "k3") * w).sum()
+                        loss = loss + args.kl_coef * kl
+                        s["policy/kl"] = kl.item()
+                    if args.entropy_coef:
+                        loss = loss - args.entropy_coef * (entropy * w).sum()
+                if step in injected_nan_steps():
+                    loss = loss * float("nan")
+                # accelerate divides by the accumulation steps and DDP averages over processes; the
+                # weights already normalise over the whole batch, so undo both.
+                accelerator.backward(loss * accelerator.gradient_accumulation_steps * world)
+                if accelerator.sync_gradients:
+                    norm = clip_gradients(accelerator, model, args.max_grad_norm)  # global: same on all processes
+                    s[f"{role}/grad_norm"] = norm
+                    s["train/nonfinite_updates"] = float(not math.isfinite(norm))
+                    if math.isfinite(norm):  # a NaN/inf loss or gradient: skip this update, counted
+                        optimizer.step()
+                        scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+            share = mb.response_mask.sum().item() * float(len(idx) > 0) / max(count[0].item(), 1.0)
+            for k, v in s.items():
+                mini_stats.setdefault(k, []).append(v * share if k in TOKEN_STATS else v)
+        for k, v in mini_stats.items():  # one value per optimizer step
+            stats.setdefault(k, []).append(sum(v) if k in SUMMED_STATS + TOKEN_STATS else sum(v) / len(v))
     return stats
 
 
