@@ -68,22 +68,26 @@ class Experience:
 
 
 def plan_micro_batches(lengths: torch.Tensor, max_rows: int, max_tokens: int = 0,
-                       num_batches: int | None = None) -> list[torch.Tensor]:
+                       num_batches: int | None = None, max_padding: float = 1.0) -> list[torch.Tensor]:
     """Split rows into micro-batches of similar length: sorted by length, then cut greedily so that each
-    holds at most `max_rows` rows and, if `max_tokens` > 0, at most `max_tokens` padded tokens
-    (rows x longest row). `num_batches` forces at least that many (every process must run the same
-    number of forward passes under sharded training); empty ones come back as empty index tensors.
-    lengths (B,) -> list of index tensors. Example: lengths [5, 1, 4, 2], max_rows 2 -> [[0, 2], [3, 1]].
+    holds at most `max_rows` rows, if `max_tokens` > 0 at most `max_tokens` padded tokens (rows x longest
+    row), and at most a `max_padding` share of padding (1.0: no limit). `num_batches` forces at least that
+    many (every process must run the same number of forward passes under sharded training); empty ones
+    come back as empty index tensors. lengths (B,) -> list of index tensors.
+    Example: lengths [5, 1, 4, 2], max_rows 2 -> [[0, 2], [3, 1]]; with max_padding 0.1 -> [[0, 2], [3], [1]]
+    ([3, 1] would be 2 padded tokens of 4).
     """
     order = torch.argsort(lengths, descending=True, stable=True)
-    batches, current, longest = [], [], 0
+    batches, current, longest, total = [], [], 0, 0
     for i in order.tolist():
-        longest_if = max(longest, int(lengths[i]))
-        if current and (len(current) >= max_rows or (max_tokens > 0 and longest_if * (len(current) + 1) > max_tokens)):
+        length = int(lengths[i])
+        longest_if, padded_if = max(longest, length), max(longest, length) * (len(current) + 1)
+        if current and (len(current) >= max_rows or (max_tokens > 0 and padded_if > max_tokens)
+                        or padded_if - total - length > max_padding * padded_if):
             batches.append(current)
-            current, longest_if = [], int(lengths[i])
+            current, longest_if, total = [], length, 0
         current.append(i)
-        longest = longest_if
+        longest, total = longest_if, total + length
     if current:
         batches.append(current)
     while num_batches is not None and len(batches) < num_batches:

@@ -112,6 +112,7 @@ class Args:
     num_mini_batches: int = field(default=1, metadata={"help": "policy optimizer steps per epoch (ORZ: 1)"})
     micro_batch_size: int = field(default=64, metadata={"help": "at most this many rows per forward/backward pass (rows are sorted by length first)"})
     max_tokens_per_microbatch: int = field(default=0, metadata={"help": "and at most this many padded tokens (rows x longest row) per pass (0: no token limit)"})
+    max_padding: float = field(default=0.1, metadata={"help": "and a new micro-batch starts where padding would exceed this share of its tokens (1: no limit)"})
     critic_lr: float = field(default=5e-4, metadata={"help": "critic learning rate (ORZ: 5e-6)"})
     critic_epochs: int = field(default=1, metadata={"help": "critic passes over each rollout"})
     critic_mini_batches: int = field(default=2, metadata={"help": "critic optimizer steps per epoch (ORZ: 12)"})
@@ -217,6 +218,8 @@ def check_args(args: Args, num_processes: int = 1) -> None:
             problems.append(f"--{name.replace('_', '-')} {parts} must split the {rows} rollout rows per process evenly")
     if not 0 < args.refill_fraction < 1:
         problems.append("--refill-fraction must be in (0, 1)")
+    if not 0 < args.max_padding <= 1:
+        problems.append(f"--max-padding {args.max_padding} must be in (0, 1]")
     if args.micro_batch_size < 1 or args.max_tokens_per_microbatch < 0:
         problems.append("--micro-batch-size must be >= 1 and --max-tokens-per-microbatch >= 0")
     if args.advantage in ("grpo", "rloo") and args.num_generations < 2:
@@ -339,9 +342,11 @@ def plan(exp: Experience, args: Args, accelerator) -> list[torch.Tensor]:
     """This process's rows in micro-batches sorted by length, under --micro-batch-size rows and
     --max-tokens-per-microbatch padded tokens; every process gets the same number of micro-batches."""
     lengths = exp.attention_mask.sum(dim=1)
-    local = len(plan_micro_batches(lengths, args.micro_batch_size, args.max_tokens_per_microbatch))
+    limits = dict(max_rows=args.micro_batch_size, max_tokens=args.max_tokens_per_microbatch,
+                  max_padding=args.max_padding)
+    local = len(plan_micro_batches(lengths, **limits))
     count = int(accelerator.gather(torch.tensor([local], device=lengths.device)).max())
-    return plan_micro_batches(lengths, args.micro_batch_size, args.max_tokens_per_microbatch, count)
+    return plan_micro_batches(lengths, num_batches=count, **limits)
 
 
 def padding_fraction(exp: Experience, micro: list[torch.Tensor]) -> float:

@@ -104,7 +104,7 @@ BAD_ARGS = {
     "save_every": [-1], "reward": ["nope", "no_such_module:f", "./missing.py:f", "reward:NOPE"],
     "model": ["./no/such/dir", "/abs/missing", "a/b/c"], "dataset": ["missing.json", "gone.parquet"],
     "eval_datasets": ["math500,absent.jsonl"], "reward_timeout": [0.0], "max_prompt_tokens": [0],
-    "max_tokens_per_microbatch": [-5],
+    "max_tokens_per_microbatch": [-5], "max_padding": [0.0, -0.1, 1.5],
 }
 
 

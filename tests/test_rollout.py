@@ -325,6 +325,23 @@ def test_plan_micro_batches_sorts_packs_and_pads_the_count():
     # forcing a count splits the fullest batch, then adds empty ones
     assert [b.tolist() for b in plan_micro_batches(lengths, max_rows=4, num_batches=2)] == [[0, 2], [3, 1]]
     assert [b.tolist() for b in plan_micro_batches(torch.tensor([3]), max_rows=4, num_batches=3)] == [[0], [], []]
+    # a padding cap of 10%: 5+4 pads 1 of 10 (kept), 2+1 would pad 1 of 4 (cut)
+    assert [b.tolist() for b in plan_micro_batches(lengths, max_rows=2, max_padding=0.1)] == [[0, 2], [3], [1]]
+    assert [b.tolist() for b in plan_micro_batches(lengths, max_rows=4, max_padding=0.1)] == [[0, 2], [3], [1]]
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("max_padding", [0.05, 0.1, 0.3])
+def test_plan_micro_batches_padding_cap(seed, max_padding):
+    """Widely spread lengths: every row once, and no micro-batch pads more than the cap."""
+    lengths = torch.randint(1, 300, (64,), generator=torch.Generator().manual_seed(seed))
+    plan = plan_micro_batches(lengths, max_rows=64, max_padding=max_padding)
+    assert sorted(torch.cat(plan).tolist()) == list(range(64))
+    for rows in plan:
+        padded = int(lengths[rows].max()) * len(rows)
+        assert padded - int(lengths[rows].sum()) <= max_padding * padded
+    uncapped = plan_micro_batches(lengths, max_rows=64)
+    assert len(uncapped) == 1 and len(plan) > 1
 
 
 def test_trim_drops_columns_that_are_padding_everywhere():
