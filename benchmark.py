@@ -19,8 +19,9 @@ their ratio, and each phase's share of the step. Three settings:
              the step as it did in ORZ's runs.
 The critic roughly doubles the non-generation work: its own update, plus a value pass over the rows
 outside its first mini-batch (that mini-batch's forward is their value pass), (4 - 1/M) / 3 of the policy
-update for M critic mini-batches. So the ratio is about 1 + (1 - generation share of the GRPO step) x 1.17
-at M = 2: it depends on how much generation dominates. Step times drift between runs by more than that,
+update for M critic mini-batches counting passes (1.17 at M = 2; measured, less: the critic has no LM
+head). So the ratio is about 1 + (1 - generation share of the GRPO step) x (critic / policy update): it
+depends on how much generation dominates. Step times drift between runs by more than the critic costs,
 so it also prints 1 + critic time / GRPO step, which the drift in generation time does not reach.
 """
 

@@ -68,24 +68,30 @@ class Experience:
 
 
 def plan_micro_batches(lengths: torch.Tensor, max_rows: int, max_tokens: int = 0,
-                       num_batches: int | None = None, max_padding: float = 1.0) -> list[torch.Tensor]:
+                       num_batches: int | None = None, max_padding: float = 1.0,
+                       prompt_lengths: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Split rows into micro-batches of similar length: sorted by length, then cut greedily so that each
-    holds at most `max_rows` rows, if `max_tokens` > 0 at most `max_tokens` padded tokens (rows x longest
-    row), and at most a `max_padding` share of padding (1.0: no limit). `num_batches` forces at least that
-    many (every process must run the same number of forward passes under sharded training); empty ones
-    come back as empty index tensors. lengths (B,) -> list of index tensors.
+    holds at most `max_rows` rows, if `max_tokens` > 0 at most `max_tokens` padded tokens (rows x width),
+    and at most a `max_padding` share of padding (1.0: no limit). A micro-batch is as wide as its longest
+    row or, with `prompt_lengths` (then `lengths` - `prompt_lengths` are the response lengths), as its
+    longest prompt plus its longest response: left-padded prompts and right-padded responses, as
+    `Experience.trim` cuts them. `num_batches` forces at least that many (every process must run the
+    same number of forward passes under sharded training) by splitting the fullest in two, which may pad
+    more than the cap; empty ones come back as empty index tensors. lengths (B,) -> list of index tensors.
     Example: lengths [5, 1, 4, 2], max_rows 2 -> [[0, 2], [3, 1]]; with max_padding 0.1 -> [[0, 2], [3], [1]]
     ([3, 1] would be 2 padded tokens of 4).
     """
+    prompts = prompt_lengths if prompt_lengths is not None else torch.zeros_like(lengths)
     order = torch.argsort(lengths, descending=True, stable=True)
-    batches, current, longest, total = [], [], 0, 0
+    batches, current, total, longest = [], [], 0, (0, 0)  # longest (prompt, response) of the current batch
     for i in order.tolist():
-        length = int(lengths[i])
-        longest_if, padded_if = max(longest, length), max(longest, length) * (len(current) + 1)
+        length, prompt = int(lengths[i]), int(prompts[i])
+        longest_if = (max(longest[0], prompt), max(longest[1], length - prompt))
+        padded_if = sum(longest_if) * (len(current) + 1)
         if current and (len(current) >= max_rows or (max_tokens > 0 and padded_if > max_tokens)
                         or padded_if - total - length > max_padding * padded_if):
             batches.append(current)
-            current, longest_if, total = [], length, 0
+            current, total, longest_if = [], 0, (prompt, length - prompt)
         current.append(i)
         longest, total = longest_if, total + length
     if current:

@@ -111,7 +111,7 @@ class Args:
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout"})
     num_mini_batches: int = field(default=1, metadata={"help": "policy optimizer steps per epoch (ORZ: 1)"})
     micro_batch_size: int = field(default=64, metadata={"help": "at most this many rows per forward/backward pass (rows are sorted by length first)"})
-    max_tokens_per_microbatch: int = field(default=0, metadata={"help": "and at most this many padded tokens (rows x longest row) per pass (0: no token limit)"})
+    max_tokens_per_microbatch: int = field(default=0, metadata={"help": "and at most this many padded tokens (rows x (longest prompt + longest response)) per pass (0: no token limit)"})
     max_padding: float = field(default=0.1, metadata={"help": "and a new micro-batch starts where padding would exceed this share of its tokens (1: no limit)"})
     critic_lr: float = field(default=5e-4, metadata={"help": "critic learning rate (ORZ: 5e-6)"})
     critic_epochs: int = field(default=1, metadata={"help": "critic passes over each rollout"})
@@ -343,7 +343,7 @@ def plan(exp: Experience, args: Args, accelerator) -> list[torch.Tensor]:
     --max-tokens-per-microbatch padded tokens; every process gets the same number of micro-batches."""
     lengths = exp.attention_mask.sum(dim=1)
     limits = dict(max_rows=args.micro_batch_size, max_tokens=args.max_tokens_per_microbatch,
-                  max_padding=args.max_padding)
+                  max_padding=args.max_padding, prompt_lengths=exp.prompt_mask.sum(dim=1))
     local = len(plan_micro_batches(lengths, **limits))
     count = int(accelerator.gather(torch.tensor([local], device=lengths.device)).max())
     return plan_micro_batches(lengths, num_batches=count, **limits)
@@ -710,7 +710,9 @@ def main(args: Args) -> dict:
                 critic.eval()
                 rest_exp = exp.select(rest)
                 for idx in plan(rest_exp, args, accelerator):
-                    mb = rest_exp.select(idx if len(idx) else idx.new_zeros(1)).trim()
+                    # a process may have no rows outside the first mini-batch: its empty micro-batches run
+                    # row 0 of the whole batch, so that every process runs the same passes
+                    mb = (rest_exp.select(idx) if len(idx) else exp.select(idx.new_zeros(1))).trim()
                     values = forward_values(critic, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1])
                     if len(idx):
                         exp.values[rest[idx], :values.shape[1]] = values.float()

@@ -344,6 +344,38 @@ def test_plan_micro_batches_padding_cap(seed, max_padding):
     assert len(uncapped) == 1 and len(plan) > 1
 
 
+def test_plan_micro_batches_counts_prompt_and_response_padding_separately():
+    """Prompts are left-padded and responses right-padded, so a micro-batch is as wide as its longest
+    prompt plus its longest response: (10 + 2) and (2 + 10) tokens together are 24 columns, 40% padding."""
+    lengths, prompts = torch.tensor([12, 12]), torch.tensor([10, 2])
+    assert len(plan_micro_batches(lengths, max_rows=2, max_padding=0.1)) == 1  # by total length: no padding
+    assert len(plan_micro_batches(lengths, max_rows=2, max_padding=0.1, prompt_lengths=prompts)) == 2
+    # the token budget counts the same width: 2 x (10 + 10) = 40 > 30
+    assert len(plan_micro_batches(lengths, max_rows=2, max_tokens=30, prompt_lengths=prompts)) == 2
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_plan_micro_batches_padding_cap_holds_after_trim(seed):
+    """On a real rollout layout, the share of padding in every trimmed micro-batch is within the cap."""
+    g = torch.Generator().manual_seed(seed)
+    rows, width = 48, 40
+    prompt_len = torch.randint(1, width, (rows,), generator=g)
+    response_len = torch.randint(1, width, (rows,), generator=g)
+    cols = torch.arange(width)
+    prompt_mask = (cols[None, :] >= width - prompt_len[:, None]).long()
+    response_mask = (cols[None, :] < response_len[:, None]).float()
+    exp = Experience(prompt_ids=prompt_mask * 5, prompt_mask=prompt_mask, response_ids=response_mask.long() * 6,
+                     response_mask=response_mask, truncated=torch.zeros(rows, dtype=torch.bool),
+                     group_ids=torch.arange(rows))
+    plan = plan_micro_batches(exp.attention_mask.sum(dim=1), max_rows=rows, max_padding=0.1,
+                              prompt_lengths=exp.prompt_mask.sum(dim=1))
+    assert sorted(torch.cat(plan).tolist()) == list(range(rows))
+    for idx in plan:
+        mb = exp.select(idx).trim()
+        computed = mb.input_ids.numel()
+        assert computed - mb.attention_mask.sum().item() <= 0.1 * computed
+
+
 def test_trim_drops_columns_that_are_padding_everywhere():
     exp = Experience(prompt_ids=torch.tensor([[0, 0, 7, 8], [0, 0, 0, 9]]),
                      prompt_mask=torch.tensor([[0, 0, 1, 1], [0, 0, 0, 1]]),
