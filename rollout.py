@@ -67,6 +67,17 @@ class Experience:
         return Experience(**out)
 
 
+def prepare_for_sampling(tokenizer, model) -> list[int]:
+    """Set the tokenizer up for batched sampling (left padding; EOS as pad when it has none, which is safe:
+    masks come from stop positions, not from pad) and return the stop token ids: the tokenizer's EOS and
+    every EOS of the model's generation config. Training, evaluation and curation all sample this way."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    eos = model.generation_config.eos_token_id
+    return sorted({tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])} - {None})
+
+
 def plan_micro_batches(lengths: torch.Tensor, max_rows: int, max_tokens: int = 0,
                        num_batches: int | None = None, max_padding: float = 1.0,
                        prompt_lengths: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -505,12 +516,8 @@ def eval_main(args: EvalArgs) -> dict:
     seed_everything(args.seed)
     model_path = str(build_tiny_base()) if args.model == "tiny" else args.model
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # safe: masks come from stop positions, not from pad
     model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
-    eos = model.generation_config.eos_token_id  # the stop ids exactly as train_ppo.main builds them
-    stop_ids = sorted({tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])} - {None})
+    stop_ids = prepare_for_sampling(tokenizer, model)
     generate_kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            top_k=args.top_k, stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id,
                            stop_strings=list(ORZ_STOP_STRINGS), tokenizer=tokenizer)

@@ -44,6 +44,7 @@ from rollout import (
     generate_responses,
     generate_responses_refill,
     plan_micro_batches,
+    prepare_for_sampling,
     repetition_flags,
     response_mask_from_lengths,
     stop_positions,
@@ -585,12 +586,8 @@ def main(args: Args) -> dict:
     # updates of lr 1e-6 to rounding. Sharded setups (FSDP) keep fp32 masters the same way.
     load = dict(trust_remote_code=args.trust_remote_code, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # safe: masks come from stop positions, not from pad
     policy = AutoModelForCausalLM.from_pretrained(model_path, **load)
-    eos = policy.generation_config.eos_token_id
-    stop_ids = sorted({tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])} - {None})
+    stop_ids = prepare_for_sampling(tokenizer, policy)
     train_records, eval_records = load_data(args, tokenizer)
     answers_by_id = {r["id"]: r["answer"] for r in train_records}
 

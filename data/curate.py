@@ -134,6 +134,7 @@ def _load_sampler(model_name: str, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from data.synthetic import build_tiny_base
+    from rollout import prepare_for_sampling
 
     path = str(build_tiny_base()) if model_name == "tiny" else model_name
     try:
@@ -142,12 +143,7 @@ def _load_sampler(model_name: str, trust_remote_code: bool):
     except (OSError, ValueError) as err:
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise SystemExit(f"error: --model {model_name}: cannot load: {first}") from None
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # safe: masks come from stop positions, not from pad
-    eos = model.generation_config.eos_token_id
-    stop_ids = sorted({tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])} - {None})
-    return model, tokenizer, stop_ids
+    return model, tokenizer, prepare_for_sampling(tokenizer, model)
 
 
 def _sample_pending(pending: list[dict], args, progress_path: Path, initial: int, total: int) -> None:
