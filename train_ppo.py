@@ -608,6 +608,7 @@ def main(args: Args) -> dict:
         critic, critic_opt = accelerator.prepare(critic, critic_opt)
     if ref is not None:
         ref = accelerator.prepare_model(ref, evaluation_mode=True)
+    fused = critic is not None and critic_fusable(accelerator.unwrap_model(critic))  # see `update`
     schedulers = [sched] + ([critic_sched] if critic is not None else [])  # saved as JSON in the checkpoint
     pool = RewardPool(args.reward, num_workers=args.reward_workers, timeout=args.reward_timeout)
 
@@ -696,7 +697,6 @@ def main(args: Args) -> dict:
         if critic is not None:
             # The rows of the critic's first mini-batch get their values from that update's own forward
             # pass (before any step, so they are the rollout's values): only the other rows need a pass here.
-            fused = critic_fusable(accelerator.unwrap_model(critic))
             first = (local_rows(mini_batch_parts(rows * world, args.critic_mini_batches, args.seed, step)[0], rank, rows)
                      if fused else mask.new_zeros(0, dtype=torch.long))
             rest = torch.ones(len(mask), dtype=torch.bool, device=mask.device)
@@ -716,7 +716,8 @@ def main(args: Args) -> dict:
                 exp.values *= mask
                 critic.train()
             token_rewards = outcome_token_rewards(seq_rewards, mask) - kl_penalty
-            _, exp.returns = compute_gae_advantages(token_rewards, exp.values, mask, args.gamma, args.lam)
+            # the first mini-batch's rows are filled in by the critic update (see `update`)
+            exp.advantages, exp.returns = compute_gae_advantages(token_rewards, exp.values, mask, args.gamma, args.lam)
 
         # ---- 5. Update the critic first (ORZ), then advantages for the policy --------------------------
         update_stats: dict[str, list] = {}
@@ -725,7 +726,6 @@ def main(args: Args) -> dict:
                                   args.critic_epochs, args.critic_mini_batches, step,
                                   token_rewards=token_rewards if fused else None)
             update_stats.update(critic_stats)
-            exp.advantages, exp.returns = compute_gae_advantages(token_rewards, exp.values, mask, args.gamma, args.lam)
             metrics["critic/explained_var"] = explained_variance(exp.values, exp.returns, mask)
             metrics["time/critic"] = time.time() - t
         else:
@@ -850,9 +850,9 @@ def update(accelerator, model, optimizer, scheduler, exp: Experience, args: Args
     mini-batches, each accumulated over micro-batches. Returns lists of stats, one value per optimizer step.
 
     Critic with `token_rewards`: the rows of the first mini-batch have no values yet; the forward pass of
-    that first update, taken before any optimizer step, is their value pass. It writes `exp.values` and
-    `exp.returns` of those rows (GAE is per row), and the loss uses them as the old values, exactly as a
-    separate value pass would, saving that pass's cost for 1 / `mini_batches` of the rows."""
+    that first update, taken before any optimizer step, is their value pass. It writes `exp.values`,
+    `exp.advantages` and `exp.returns` of those rows (GAE is per row), and the loss uses them as the old
+    values, exactly as a separate value pass would, saving that pass's cost for 1 / `mini_batches` of the rows."""
     rows = len(exp.response_ids)
     world, rank = accelerator.num_processes, accelerator.process_index
     device = exp.response_ids.device
@@ -884,10 +884,11 @@ def update(accelerator, model, optimizer, scheduler, exp: Experience, args: Args
                     if fill:  # this forward is these rows' value pass (see the docstring)
                         rows_in_exp, width = local[idx] if len(idx) else idx.new_zeros(1), values.shape[1]
                         mb.values = values.detach() * mb.response_mask
-                        _, mb.returns = compute_gae_advantages(token_rewards[rows_in_exp, :width], mb.values,
-                                                               mb.response_mask, args.gamma, args.lam)
+                        advantages, mb.returns = compute_gae_advantages(token_rewards[rows_in_exp, :width], mb.values,
+                                                                        mb.response_mask, args.gamma, args.lam)
                         if len(idx):
                             exp.values[rows_in_exp, :width], exp.returns[rows_in_exp, :width] = mb.values, mb.returns
+                            exp.advantages[rows_in_exp, :width] = advantages
                     loss, s = compute_value_loss(values, mb.values, mb.returns, w,
                                                  args.value_clip if args.value_clip > 0 else None)
                     s["critic/value_loss"] = loss.item()
