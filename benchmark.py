@@ -38,15 +38,27 @@ from pathlib import Path
 PHASES = ("time/generate", "time/reward", "time/logprobs", "time/critic", "time/update")
 
 
-def random_model(base_dir: Path, out_dir: Path, hidden_size: int, num_layers: int) -> Path:
-    """A randomly initialised model with the tiny base's tokenizer: it rarely stops, so lengths are long."""
+def random_model(base_dir: Path, out_dir: Path, hidden_size: int, num_layers: int, eos_scale: float = 1.0,
+                 head_width: int | None = None) -> Path:
+    """A randomly initialised model with the tiny base's tokenizer, `num_layers` x `hidden_size` (the base's
+    head count, or heads of `head_width`). As is, it rarely stops, so lengths are long; `eos_scale` scales
+    its EOS embedding row (tied: also its output row) so that lengths spread widely. Kept if already there."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if (out_dir / "config.json").exists():
+        return out_dir
     config = AutoConfig.from_pretrained(base_dir)
     config.hidden_size, config.intermediate_size, config.num_hidden_layers = hidden_size, 3 * hidden_size, num_layers
+    if head_width:
+        config.num_attention_heads = config.num_key_value_heads = max(1, hidden_size // head_width)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(out_dir)
+    model = AutoModelForCausalLM.from_config(config)
+    if eos_scale != 1.0:
+        eos = config.eos_token_id if isinstance(config.eos_token_id, int) else config.eos_token_id[0]
+        with torch.no_grad():
+            model.get_output_embeddings().weight[eos] *= eos_scale
+    model.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)
     return out_dir
 
@@ -110,27 +122,6 @@ TRL_SETTINGS = {  # prompts x samples, new tokens; stop at EOS only on both side
     "varied": dict(prompts_per_step=8, num_generations=8, max_new_tokens=256),
 }
 LR = 1e-4
-
-
-def eos_random_model(base_dir: Path, out_dir: Path, hidden_size: int, num_layers: int, eos_scale: float) -> Path:
-    """A random-init model with the tiny base's tokenizer, `num_layers` x `hidden_size` (heads of 32), whose
-    EOS embedding row (tied: also its output row) is scaled by `eos_scale` so that lengths spread widely."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    if (out_dir / "config.json").exists():
-        return out_dir
-    config = AutoConfig.from_pretrained(base_dir)
-    config.hidden_size, config.intermediate_size, config.num_hidden_layers = hidden_size, 3 * hidden_size, num_layers
-    config.num_attention_heads = config.num_key_value_heads = max(1, hidden_size // 32)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    eos = config.eos_token_id if isinstance(config.eos_token_id, int) else config.eos_token_id[0]
-    with torch.no_grad():
-        model.get_output_embeddings().weight[eos] *= eos_scale
-    model.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)
-    return out_dir
 
 
 def bench_prompts(tokenizer, n: int = 512) -> list[dict]:
@@ -249,7 +240,7 @@ def trl_benchmark(quick: bool, threads: int) -> None:
     steps, reps = (3, 2) if quick else (4, 3)
     results = {}
     for (layers, width), scale in TRL_MODELS.items():
-        model = str(eos_random_model(base, tmp / f"random-{layers}x{width}", width, layers, scale))
+        model = str(random_model(base, tmp / f"random-{layers}x{width}", width, layers, scale, head_width=32))
         for setting in TRL_SETTINGS:
             res = {"ours": [], "trl": []}
             for rep in range(reps):  # alternate, and swap who goes first, so load drift hits both alike
@@ -311,7 +302,7 @@ def decode_benchmark(quick: bool, threads: int) -> None:
     prompts_n, G, max_new = 8, 8, 256
     table = []
     for (layers, width), scale in TRL_MODELS.items():
-        path = eos_random_model(base, tmp / f"random-{layers}x{width}", width, layers, scale)
+        path = random_model(base, tmp / f"random-{layers}x{width}", width, layers, scale, head_width=32)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path)
         records = bench_prompts(tokenizer, 8 * prompts_n * reps)

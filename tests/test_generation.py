@@ -15,9 +15,9 @@ def setup(tiny_base, tmp_path_factory):
     """A small random model with the tiny base's tokenizer, its EOS row scaled so lengths spread widely."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from benchmark import eos_random_model
+    from benchmark import random_model
 
-    path = eos_random_model(tiny_base, tmp_path_factory.mktemp("gen") / "m", 64, 2, eos_scale=20.0)
+    path = random_model(tiny_base, tmp_path_factory.mktemp("gen") / "m", 64, 2, eos_scale=20.0, head_width=32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     from data.loading import format_prompt
