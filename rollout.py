@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from utils import position_ids_from_mask
 
@@ -117,6 +118,44 @@ def plan_micro_batches(lengths: torch.Tensor, max_rows: int, max_tokens: int = 0
     return [torch.tensor(b, dtype=torch.long, device=lengths.device) for b in batches]
 
 
+KV_CHUNK = 256  # positions a growing KV cache adds at a time: bounded spare memory, a copy only every 256 steps
+
+
+class GrowingLayer(DynamicLayer):
+    """One layer of `growing_kv_cache`: appends keys and values in place into a buffer with up to KV_CHUNK spare
+    positions and returns views of its filled part. HF's DynamicLayer concatenates instead, copying the whole
+    layer cache at every decoding step. Anything that replaces `keys` (crop, select, reset) is adopted as is."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, add = self.get_seq_length(), key_states.shape[-2]
+        if self.keys is not getattr(self, "_view", None) or n + add > self._k.shape[-2]:
+            size = n + add + KV_CHUNK
+            self._k = key_states.new_empty((*key_states.shape[:2], size, key_states.shape[-1]))
+            self._v = value_states.new_empty((*value_states.shape[:2], size, value_states.shape[-1]))
+            if n:
+                self._k[:, :, :n], self._v[:, :, :n] = self.keys, self.values
+        self._k[:, :, n:n + add], self._v[:, :, n:n + add] = key_states, value_states
+        self.keys, self.values = self._k[:, :, :n + add], self._v[:, :, :n + add]
+        self._view = self.keys
+        return self.keys, self.values
+
+
+def growing_kv_cache(model) -> DynamicCache | None:
+    """A fresh KV cache for one `generate` call (its `cache=`) that grows in place, or None (HF's default) when
+    the model has layers other than plain full attention (sliding windows, linear attention), which keep HF's.
+
+    Attention sees exactly the values DynamicCache gives it, so the sampled tokens are identical (tested);
+    what goes is DynamicCache's copy of the whole cache at every step, O(L^2) memory traffic per call:
+    17-19% of the rollout time of the random models in `python benchmark.py trl` (README, Speed)."""
+    cache = DynamicCache(config=model.config)
+    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    cache.layers = [GrowingLayer() for _ in cache.layers]
+    return cache
+
+
 @torch.no_grad()
 def generate_responses(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_generations: int,
                        max_new_tokens: int, temperature: float, top_p: float, top_k: int,
@@ -152,7 +191,7 @@ def generate_responses(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
         if seeds is not None:
             torch.manual_seed(seeds[n])
         out = model.generate(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                             **kwargs)
+                             cache=growing_kv_cache(model), **kwargs)
         chunks.append(out[:, ids.shape[1]:])
     model.train(was_training)
     width = max(c.shape[1] for c in chunks)
@@ -193,7 +232,7 @@ def response_mask_from_lengths(lengths: torch.Tensor, width: int) -> torch.Tenso
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
-                         with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                         with_entropy: bool = False, entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-prob of `tokens` under softmax(logits / T), in fp32 and in row chunks.
 
     Dividing by the sampling temperature makes these the log-probs of the distribution that was
@@ -742,7 +781,7 @@ def generate_responses_refill(model, prompt_ids: torch.Tensor, prompt_mask: torc
             rows = len(active)
             keep = math.floor(refill_fraction * rows) if rows > 1 else 0
             criterion = _RefillStop(rows, call_ids.shape[1], keep, stop_token_ids, string_stop)
-            out = model.generate(input_ids=call_ids, attention_mask=call_mask,
+            out = model.generate(input_ids=call_ids, attention_mask=call_mask, cache=growing_kv_cache(model),
                                  position_ids=position_ids_from_mask(call_mask), max_new_tokens=budget,
                                  stopping_criteria=StoppingCriteriaList([criterion]), **kwargs, **extra)
             new = out[:, call_ids.shape[1]:]

@@ -95,3 +95,62 @@ def test_refill_rejects_synced_gpus(setup):
     model, tokenizer, ids, mask, kw = setup
     with pytest.raises(ValueError, match="synced_gpus"):
         generate_responses_refill(model, ids, mask, **kw, synced_gpus=True)
+
+
+@pytest.mark.parametrize("refill", [False, True])
+def test_growing_kv_cache_samples_the_same_tokens(setup, monkeypatch, refill):
+    """The in-place KV cache changes no sampled token: the same seeds give the same rows as HF's own
+    DynamicCache, also when the buffer has to grow every few steps (KV_CHUNK 3)."""
+    import rollout
+
+    model, tokenizer, ids, mask, kw = setup
+    generate = generate_responses_refill if refill else generate_responses
+    assert isinstance(rollout.growing_kv_cache(model).layers[0], rollout.GrowingLayer)
+    monkeypatch.setattr(rollout, "KV_CHUNK", 3)
+    ours = generate(model, ids, mask, **kw, stop_strings=STOP_STRINGS, seeds=[5])
+    monkeypatch.setattr(rollout, "growing_kv_cache", lambda model: None)  # None: generate builds its default
+    hf = generate(model, ids, mask, **kw, stop_strings=STOP_STRINGS, seeds=[5])
+    assert ours.shape[1] > 20 and torch.equal(ours, hf)
+
+
+def test_growing_layer_matches_dynamic_layer(monkeypatch):
+    """Keys and values after every update equal DynamicLayer's, across regrowth and after the operations that
+    replace them (crop, batch select, repeat, reset); values may have their own head width."""
+    from transformers.cache_utils import DynamicLayer
+
+    import rollout
+
+    monkeypatch.setattr(rollout, "KV_CHUNK", 2)
+    g = torch.Generator().manual_seed(0)
+    ours, ref = rollout.GrowingLayer(), DynamicLayer()
+
+    def step(n: int, batch: int = 3):
+        k, v = torch.randn(batch, 2, n, 4, generator=g), torch.randn(batch, 2, n, 5, generator=g)
+        (k1, v1), (k2, v2) = ours.update(k, v), ref.update(k, v)
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+
+    for n in (5, 1, 1, 3, 1):
+        step(n)
+    for op in (lambda layer: layer.crop(-2), lambda layer: layer.batch_select_indices(torch.tensor([2, 0]))):
+        op(ours), op(ref)
+        step(1, batch=2 if ours.keys.shape[0] == 2 else 3)
+    step(4, batch=2)
+    ours.batch_repeat_interleave(2), ref.batch_repeat_interleave(2)
+    step(1, batch=4)
+    ours.reset(), ref.reset()
+    step(2, batch=1)
+    assert ours.get_seq_length() == ref.get_seq_length() == 2
+
+
+def test_growing_kv_cache_leaves_sliding_window_models_to_hf():
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, MistralConfig
+
+    from rollout import GrowingLayer, growing_kv_cache
+
+    kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+              intermediate_size=64, vocab_size=50)
+    assert growing_kv_cache(SimpleNamespace(config=MistralConfig(sliding_window=8, **kw))) is None
+    cache = growing_kv_cache(SimpleNamespace(config=LlamaConfig(**kw)))
+    assert [type(layer) for layer in cache.layers] == [GrowingLayer, GrowingLayer]
