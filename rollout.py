@@ -237,6 +237,8 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
 
     Dividing by the sampling temperature makes these the log-probs of the distribution that was
     sampled (RECIPE pitfall 1). logits (B, R, V), tokens (B, R) -> (B, R), and entropy (B, R) if asked.
+    The entropy carries a gradient only with `entropy_grad`: otherwise autograd would keep one more
+    (B, R, V) tensor alive until the backward pass, as much memory as the logits, just to log a number.
     """
     out, ent = [], []
     for rows in torch.split(torch.arange(logits.shape[0], device=logits.device), LOGIT_CHUNK):
@@ -244,12 +246,13 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
         logp = chunk.log_softmax(dim=-1)
         out.append(logp.gather(-1, tokens[rows].unsqueeze(-1)).squeeze(-1))
         if with_entropy:
-            ent.append(-(logp.exp() * logp).sum(-1))
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                ent.append(-(logp.exp() * logp).sum(-1))
     return torch.cat(out), (torch.cat(ent) if with_entropy else None)
 
 
 def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
-                     temperature: float, with_entropy: bool = False):
+                     temperature: float, with_entropy: bool = False, entropy_grad: bool = False):
     """Log-probs (and entropy) of the last `response_len` tokens of each row under `model`.
 
     Positions are computed from the mask exactly as `generate` computes them (RECIPE pitfall 3), and only
@@ -258,7 +261,7 @@ def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
                    position_ids=position_ids_from_mask(attention_mask),
                    logits_to_keep=response_len + 1, use_cache=False).logits[:, :-1]
-    return logprobs_from_logits(logits, input_ids[:, -response_len:], temperature, with_entropy)
+    return logprobs_from_logits(logits, input_ids[:, -response_len:], temperature, with_entropy, entropy_grad)
 
 
 @torch.no_grad()

@@ -894,7 +894,8 @@ def update(accelerator, model, optimizer, scheduler, exp: Experience, args: Args
                     s["critic/value_loss"] = loss.item()
                 else:
                     logprobs, entropy = forward_logprobs(model, mb.input_ids, mb.attention_mask,
-                                                         mb.response_ids.shape[1], args.temperature, with_entropy=True)
+                                                         mb.response_ids.shape[1], args.temperature, with_entropy=True,
+                                                         entropy_grad=args.entropy_coef > 0)
                     old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
                     loss, s = compute_policy_loss(logprobs, old, mb.advantages, w, args.clip_low, args.clip_high)
                     s["loss/policy"] = loss.item()

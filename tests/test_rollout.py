@@ -5,6 +5,7 @@ left padding, position ids, and masked whitening across simulated processes.
 Run: python -m pytest tests/test_rollout.py -q
 """
 
+import math
 import threading
 
 import pytest
@@ -16,6 +17,7 @@ from rollout import (
     batched_logprobs,
     forward_logprobs,
     generate_responses,
+    logprobs_from_logits,
     plan_micro_batches,
     response_mask_from_lengths,
     stop_positions,
@@ -100,6 +102,22 @@ def test_forward_logprobs_match_sampling_distribution(rollout):
     with torch.no_grad():
         at_t1, _ = forward_logprobs(r["model"], input_ids, attention_mask, response.shape[1], 1.0)
     assert (at_t1 - sampled)[valid].abs().max() > 1e-2
+
+
+def test_entropy_gradient_only_when_asked():
+    """Two-token vocabulary with p = (1/4, 3/4): H = -(1/4 ln 1/4 + 3/4 ln 3/4) = 0.5623 and dH/dlogit_i =
+    -p_i (ln p_i + H) = (0.2059, -0.2059). Without entropy_grad the same value carries no graph."""
+    logits = torch.tensor([[[0.0, math.log(3.0)]]], requires_grad=True)
+    tokens = torch.tensor([[1]])
+    h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    logprobs, entropy = logprobs_from_logits(logits, tokens, 1.0, with_entropy=True, entropy_grad=True)
+    entropy.sum().backward()
+    assert entropy.item() == pytest.approx(h, abs=1e-6)
+    expected = [-0.25 * (math.log(0.25) + h), -0.75 * (math.log(0.75) + h)]
+    torch.testing.assert_close(logits.grad[0, 0], torch.tensor(expected), atol=1e-6, rtol=0)
+    logprobs, entropy = logprobs_from_logits(logits, tokens, 1.0, with_entropy=True)
+    assert entropy.item() == pytest.approx(h, abs=1e-6) and entropy.grad_fn is None
+    assert logprobs.requires_grad and logprobs.item() == pytest.approx(math.log(0.75), abs=1e-6)
 
 
 def test_forward_without_position_ids_would_not_match():
