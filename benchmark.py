@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 PHASES = ("time/generate", "time/reward", "time/logprobs", "time/critic", "time/update")
 
@@ -237,11 +238,13 @@ def trl_benchmark(quick: bool, threads: int) -> None:
 
     base = build_tiny_base()
     tmp = Path(tempfile.mkdtemp(prefix="bench-trl-"))
-    steps, reps = (3, 2) if quick else (4, 3)
+    reps = 2 if quick else 3
     results = {}
     for (layers, width), scale in TRL_MODELS.items():
         model = str(random_model(base, tmp / f"random-{layers}x{width}", width, layers, scale, head_width=32))
         for setting in TRL_SETTINGS:
+            # short steps take ~0.15 s and their first few run slower (new shapes): more of them, at little cost
+            steps = (10 if quick else 12) if setting == "short" else (3 if quick else 4)
             res = {"ours": [], "trl": []}
             for rep in range(reps):  # alternate, and swap who goes first, so load drift hits both alike
                 for side in (("ours", "trl") if rep % 2 == 0 else ("trl", "ours")):
@@ -254,8 +257,8 @@ def trl_benchmark(quick: bool, threads: int) -> None:
                           " ".join(f"{s:.2f}" for s in r["generate_s"]) + f" s, {r['max_rss_mb']:.0f} MB", flush=True)
             results[(layers, width, setting)] = res
     version = next((r["trl_version"] for res in results.values() for r in res["trl"]), "?")
-    print(f"\nTRL {version}, torch threads {threads}, {steps} steps per run (first dropped) x {reps} runs per side, "
-          "medians")
+    print(f"\nTRL {version}, torch threads {threads}, short {10 if quick else 12} and varied {3 if quick else 4} steps "
+          f"per run (first dropped) x {reps} runs per side, medians")
     head = (f"{'model':<7} {'setting':<7} {'side':<5} {'step s':>7} {'gen s':>7} {'tok/s':>7} {'tokens':>7} "
             f"{'RSS MB':>7}")
     print(head)
@@ -287,7 +290,9 @@ def decode_benchmark(quick: bool, threads: int) -> None:
       per-prompt   8 calls of one prompt's 8 rows (--generation-batch-size 1);
       refill-F     rollout.generate_responses_refill: a call ends when at most a share F of its rows are
                    still running; those continue in a new, smaller call (KV cache recomputed);
-      cb           transformers' continuous batching, model.generate_batch (paged attention)."""
+      cb           transformers' continuous batching, model.generate_batch (paged attention);
+      NAME-hf      NAME with HF's DynamicCache, which copies the whole KV cache at every step, instead of
+                   rollout.growing_kv_cache (same tokens)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -341,8 +346,16 @@ def decode_benchmark(quick: bool, threads: int) -> None:
         def refill_85(ids, mask, seed, refill=refill):
             return refill(ids, mask, seed, fraction=0.85)
 
-        methods = {"plain": plain, "per-prompt": per_prompt, "refill-0.5": refill, "refill-0.85": refill_85,
-                   "cb": cb}
+        def hf_cache(method):
+            def run(*call):
+                with mock.patch("rollout.growing_kv_cache", lambda model: None):  # None: generate's default
+                    return method(*call)
+            return run
+
+        methods = {"plain": plain, "plain-hf": hf_cache(plain), "per-prompt": per_prompt, "refill-0.5": refill,
+                   "refill-0.85": refill_85, "refill-0.85-hf": hf_cache(refill_85), "cb": cb}
+        warm = records[-prompts_n:]  # the first calls of a process run slower (allocator): not measured
+        plain(*left_pad([tokenizer(r["prompt"])["input_ids"] for r in warm], tokenizer.pad_token_id), 0)
         res = {name: {"time": [], "waste": [], "len": []} for name in methods}
         for rep in range(reps):
             chunk = records[rep * prompts_n:(rep + 1) * prompts_n]
@@ -358,22 +371,22 @@ def decode_benchmark(quick: bool, threads: int) -> None:
                 res[name]["time"].append(time.time() - t)
                 res[name]["waste"].append(1 - int(lengths.sum()) / max(row_steps, 1))
                 res[name]["len"] += lengths.tolist()
-                print(f"  {layers}x{width} rep {rep} {name:<11} {res[name]['time'][-1]:6.2f} s, wasted "
+                print(f"  {layers}x{width} rep {rep} {name:<14} {res[name]['time'][-1]:6.2f} s, wasted "
                       f"{res[name]['waste'][-1]:.0%}", flush=True)
         table.append(((layers, width), res))
     print(f"\ndecode: {prompts_n} prompts x {G} samples, up to {max_new} new tokens, EOS only, torch threads {threads}; "
           f"medians of {reps} rollouts (target: wasted <= 15% and faster than plain)")
-    print(f"{'model':<7} {'method':<11} {'wasted':>7} {'time s':>7} {'vs plain':>8}  lengths p10/p50/p90, truncated")
+    print(f"{'model':<7} {'method':<14} {'wasted':>7} {'time s':>7} {'vs plain':>8}  lengths p10/p50/p90, truncated")
     for (layers, width), res in table:
         base_t = statistics.median(res["plain"]["time"]) if res["plain"]["time"] else float("nan")
         for name, r in res.items():
             if not r["time"]:
-                print(f"{layers}x{width:<5} {name:<11} failed")
+                print(f"{layers}x{width:<5} {name:<14} failed")
                 continue
             lens = torch.tensor(r["len"], dtype=torch.float)
             q = torch.quantile(lens, torch.tensor([0.1, 0.5, 0.9])).tolist()
             med_t = statistics.median(r["time"])
-            print(f"{layers}x{width:<5} {name:<11} {statistics.median(r['waste']):>7.0%} {med_t:>7.2f} "
+            print(f"{layers}x{width:<5} {name:<14} {statistics.median(r['waste']):>7.0%} {med_t:>7.2f} "
                   f"{med_t / base_t:>8.2f}  {q[0]:.0f}/{q[1]:.0f}/{q[2]:.0f}, {float((lens >= max_new).float().mean()):.0%}")
 
 

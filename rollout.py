@@ -732,23 +732,22 @@ def generate_responses_refill(model, prompt_ids: torch.Tensor, prompt_mask: torc
     wasting little decode work on rows that have already stopped.
 
     Plain batched `generate` keeps every row in the batch until the longest one stops: with RL's widely
-    spread lengths most row-steps decode rows that are already done. Here a call ends as soon as at most
-    `refill_fraction` of its rows are still running; those rows (prompt + what they generated) start a
-    new, smaller call with the remaining token budget, their KV cache recomputed in one prefill, and so
-    on until every row has stopped or used `max_new_tokens`. Sampling is unchanged: every token is drawn
-    from the same processed distribution (temperature, top-p, top-k are per-token and stateless), under
-    the same stop token ids and stop strings (HF's StopStringCriteria looks at the tail of prompt + output,
-    which spans the restart), so `stop_positions` and the masks apply as before. With `seeds`, each chunk
-    of `batch_size` prompts is reseeded before its first call, which therefore draws exactly the tokens
-    `generate_responses` draws up to the point it ends; later calls draw from the same distribution with
-    the generator state they find. `synced_gpus` is not supported (sharded models need every process to
-    run the same calls): use `generate_responses` there. `stats`, if given, receives "row_steps" (rows x
-    decode steps run), "tokens" (generated tokens up to each row's stop) and "calls".
+    spread lengths many row-steps decode rows that are already done. Here a call ends as soon as at most
+    `refill_fraction` of its rows are still running; the KV cache drops the other rows and the next
+    `generate` call continues the running ones from it (HF feeds only their last token), with the
+    remaining token budget, and so on until every row has stopped or used `max_new_tokens`. Sampling is
+    unchanged: every token is drawn from the same processed distribution (temperature, top-p, top-k are
+    per-token and stateless) given the same cached keys and values, under the same stop token ids and stop
+    strings (HF's StopStringCriteria looks at the tail of prompt + output, which spans the restart), so
+    `stop_positions` and the masks apply as before; greedy decoding gives plain generate's rows (tested).
+    With `seeds`, each chunk of `batch_size` prompts is reseeded before its first call, which therefore
+    draws exactly the tokens `generate_responses` draws up to the point it ends; later calls draw from the
+    same distribution with the generator state they find. `synced_gpus` is not supported (sharded models
+    need every process to run the same calls): use `generate_responses` there. `stats`, if given, receives
+    "row_steps" (rows x decode steps run), "tokens" (generated tokens up to each row's stop) and "calls".
     """
     from transformers import StoppingCriteriaList
     from transformers.generation.stopping_criteria import StopStringCriteria
-
-    from utils import left_pad
 
     if synced_gpus:
         raise ValueError("generate_responses_refill does not support synced_gpus (FSDP): use generate_responses")
@@ -764,40 +763,35 @@ def generate_responses_refill(model, prompt_ids: torch.Tensor, prompt_mask: torc
     row_steps = calls = 0
     for n, start in enumerate(range(0, len(prompt_ids), step)):
         ids, mask = prompt_ids[start:start + step], prompt_mask[start:start + step]
-        prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
-        active = list(range(start * num_generations, (start + len(prompts)) * num_generations))  # output rows
-        first = True
+        cut = int(mask.any(dim=0).long().argmax())  # as generate_responses: drop padding shared by every prompt
+        call_ids, call_mask = ids[:, cut:], mask[:, cut:]
+        active = list(range(start * num_generations, (start + len(ids)) * num_generations))  # output rows
+        extra = dict(num_return_sequences=num_generations)  # the first call is exactly generate_responses' call
+        cache = growing_kv_cache(model) or DynamicCache(config=model.config)
         budget = max_new_tokens
         if seeds is not None:
             torch.manual_seed(seeds[n])
         while active and budget > 0:
-            if first:  # exactly generate_responses' first call: prompts x num_return_sequences
-                call_ids, call_mask = ids, mask
-                cut = int(mask.any(dim=0).long().argmax())
-                call_ids, call_mask = call_ids[:, cut:], call_mask[:, cut:]
-                extra = dict(num_return_sequences=num_generations)
-            else:
-                seqs = [prompts[(r // num_generations) - start] + outputs[r] for r in active]
-                call_ids, call_mask = left_pad(seqs, pad_token_id)
-                call_ids, call_mask = call_ids.to(prompt_ids.device), call_mask.to(prompt_ids.device)
-                extra = {}
             rows = len(active)
             keep = math.floor(refill_fraction * rows) if rows > 1 else 0
             criterion = _RefillStop(rows, call_ids.shape[1], keep, stop_token_ids, string_stop)
-            out = model.generate(input_ids=call_ids, attention_mask=call_mask, cache=growing_kv_cache(model),
+            out = model.generate(input_ids=call_ids, attention_mask=call_mask, cache=cache,
                                  position_ids=position_ids_from_mask(call_mask), max_new_tokens=budget,
                                  stopping_criteria=StoppingCriteriaList([criterion]), **kwargs, **extra)
             new = out[:, call_ids.shape[1]:]
             steps = new.shape[1]
             row_steps += rows * steps
             calls += 1
-            still = []
             for j, r in enumerate(active):  # a stopped row keeps its padded tail: stop_positions cuts it
                 outputs[r] += new[j].tolist()
-                if not bool(criterion.finished[j]):
-                    still.append(r)
+            running = (~criterion.finished).nonzero().flatten()
+            active = [active[j] for j in running.tolist()]
             budget -= steps
-            active, first = still, False
+            if active and budget > 0:  # the cache holds all but each row's last token: generate feeds that one
+                cache.batch_select_indices(running)
+                call_mask = call_mask.repeat_interleave(len(out) // len(call_mask), 0)[running]
+                call_ids, call_mask = out[running], F.pad(call_mask, (0, steps), value=1)
+            extra = {}
     model.train(was_training)
     if stats is not None:
         stats.update(row_steps=row_steps, calls=calls,

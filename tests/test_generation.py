@@ -74,6 +74,27 @@ def test_refill_first_call_matches_generate(setup):
     assert torch.equal(p_len[done], r_len[done])
 
 
+@pytest.mark.parametrize("stop_strings", [None, STOP_STRINGS])
+def test_refill_greedy_matches_generate(setup, stop_strings):
+    """Greedy decoding leaves nothing to chance: every row of every refill call, continued from the kept KV
+    cache after the finished rows are dropped, is exactly plain generate's row (positions, masks and cache
+    rows all line up), and the stop rules end rows at the same tokens."""
+    model, tokenizer, ids, mask, kw = setup
+    kw = {**kw, "temperature": 0.0, "stop_strings": stop_strings, "num_generations": 1}  # HF: greedy is G = 1
+    ids, mask = ids.repeat(6, 1), mask.repeat(6, 1)  # so more prompts instead: 3 of ours and 15 random ones
+    torch.manual_seed(0)
+    ids[3:] = torch.where(mask[3:].bool(), torch.randint(2, 600, ids[3:].shape), ids[3:])
+    plain = generate_responses(model, ids, mask, **kw)
+    stats = {}
+    refill = generate_responses_refill(model, ids, mask, **kw, refill_fraction=0.8, stats=stats)
+    assert stats["calls"] >= 3, stats
+    lengths, _ = stop_positions(plain, kw["stop_token_ids"], stop_strings, tokenizer)
+    assert len(set(lengths.tolist())) > 3, "lengths should spread for the test to mean something"
+    assert torch.equal(stop_positions(refill, kw["stop_token_ids"], stop_strings, tokenizer)[0], lengths)
+    for a, b, n in zip(plain, refill, lengths.tolist(), strict=True):
+        assert torch.equal(a[:n], b[:n])
+
+
 def test_refill_same_distribution(setup):
     """Over many seeds, the mean length and the first-token distribution match plain generate's."""
     model, tokenizer, ids, mask, kw = setup
