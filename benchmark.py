@@ -238,13 +238,13 @@ def trl_benchmark(quick: bool, threads: int) -> None:
 
     base = build_tiny_base()
     tmp = Path(tempfile.mkdtemp(prefix="bench-trl-"))
-    reps = 2 if quick else 3
     results = {}
     for (layers, width), scale in TRL_MODELS.items():
         model = str(random_model(base, tmp / f"random-{layers}x{width}", width, layers, scale, head_width=32))
         for setting in TRL_SETTINGS:
-            # short steps take ~0.15 s and their first few run slower (new shapes): more of them, at little cost
-            steps = (10 if quick else 12) if setting == "short" else (3 if quick else 4)
+            # A short step takes ~0.15 s, and one process can run 30% slower than the next for its whole life
+            # (seen on both sides): more steps and more processes there, at little cost.
+            steps, reps = ((10, 6) if quick else (12, 8)) if setting == "short" else ((3, 2) if quick else (4, 3))
             res = {"ours": [], "trl": []}
             for rep in range(reps):  # alternate, and swap who goes first, so load drift hits both alike
                 for side in (("ours", "trl") if rep % 2 == 0 else ("trl", "ours")):
@@ -257,8 +257,8 @@ def trl_benchmark(quick: bool, threads: int) -> None:
                           " ".join(f"{s:.2f}" for s in r["generate_s"]) + f" s, {r['max_rss_mb']:.0f} MB", flush=True)
             results[(layers, width, setting)] = res
     version = next((r["trl_version"] for res in results.values() for r in res["trl"]), "?")
-    print(f"\nTRL {version}, torch threads {threads}, short {10 if quick else 12} and varied {3 if quick else 4} steps "
-          f"per run (first dropped) x {reps} runs per side, medians")
+    print(f"\nTRL {version}, torch threads {threads}, steps per run (first dropped) x runs per side: short "
+          f"{'10 x 6' if quick else '12 x 8'}, varied {'3 x 2' if quick else '4 x 3'}; medians")
     head = (f"{'model':<7} {'setting':<7} {'side':<5} {'step s':>7} {'gen s':>7} {'tok/s':>7} {'tokens':>7} "
             f"{'RSS MB':>7}")
     print(head)
