@@ -295,6 +295,7 @@ def decode_benchmark(quick: bool, threads: int) -> None:
                    rollout.growing_kv_cache (same tokens)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.cache_utils import DynamicLayer
 
     from data.synthetic import build_tiny_base
     from rollout import generate_responses, generate_responses_refill, stop_positions
@@ -348,7 +349,7 @@ def decode_benchmark(quick: bool, threads: int) -> None:
 
         def hf_cache(method):
             def run(*call):
-                with mock.patch("rollout.growing_kv_cache", lambda model: None):  # None: generate's default
+                with mock.patch("rollout.GrowingLayer", DynamicLayer):  # growing_kv_cache builds HF's layers
                     return method(*call)
             return run
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from utils import position_ids_from_mask
 
@@ -118,20 +118,21 @@ def plan_micro_batches(lengths: torch.Tensor, max_rows: int, max_tokens: int = 0
     return [torch.tensor(b, dtype=torch.long, device=lengths.device) for b in batches]
 
 
-KV_CHUNK = 256  # positions a growing KV cache adds at a time: bounded spare memory, a copy only every 256 steps
+KV_CHUNK = 256  # most spare positions a growing KV cache adds at a time: bounded memory, rare copies
 
 
 class GrowingLayer(DynamicLayer):
-    """One layer of `growing_kv_cache`: appends keys and values in place into a buffer with up to KV_CHUNK spare
-    positions and returns views of its filled part. HF's DynamicLayer concatenates instead, copying the whole
-    layer cache at every decoding step. Anything that replaces `keys` (crop, select, reset) is adopted as is."""
+    """One layer of `growing_kv_cache`: appends keys and values in place into a buffer with spare positions
+    (as many as it holds, at most KV_CHUNK) and returns views of its filled part. HF's DynamicLayer
+    concatenates instead, copying the whole layer cache at every decoding step. Operations that replace
+    `keys` (crop, row selection, reset, offload) release the buffer; the next update starts a new one."""
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n, add = self.get_seq_length(), key_states.shape[-2]
         if self.keys is not getattr(self, "_view", None) or n + add > self._k.shape[-2]:
-            size = n + add + KV_CHUNK
+            size = n + add + min(n + add, KV_CHUNK)
             self._k = key_states.new_empty((*key_states.shape[:2], size, key_states.shape[-1]))
             self._v = value_states.new_empty((*value_states.shape[:2], size, value_states.shape[-1]))
             if n:
@@ -141,18 +142,50 @@ class GrowingLayer(DynamicLayer):
         self._view = self.keys
         return self.keys, self.values
 
+    def _release(self):
+        self._k = self._v = self._view = None
+
+    def crop(self, tokens_to_remove: int):
+        super().crop(tokens_to_remove)
+        self._release()
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        self._release()
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        self._release()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        super().reorder_cache(beam_idx)
+        self._release()
+
+    def reset(self):
+        super().reset()
+        self._release()
+
+    def offload(self):
+        super().offload()
+        self._release()
+
 
 def growing_kv_cache(model) -> DynamicCache | None:
-    """A fresh KV cache for one `generate` call (its `cache=`) that grows in place, or None (HF's default) when
-    the model has layers other than plain full attention (sliding windows, linear attention), which keep HF's.
+    """A fresh KV cache for one `generate` call (its `cache=`) whose full-attention layers grow in place, or
+    None, which leaves `generate` its own cache: when the generation config names a cache implementation
+    (HF takes one or the other), or when a layer keeps more than keys and values (linear attention,
+    convolution states), which `generate_responses_refill` could not drop rows from. Sliding-window layers
+    stay HF's.
 
     Attention sees exactly the values DynamicCache gives it, so the sampled tokens are identical (tested);
     what goes is DynamicCache's copy of the whole cache at every step, O(L^2) memory traffic per call:
-    17-19% of the rollout time of the random models in `python benchmark.py trl` (README, Speed)."""
-    cache = DynamicCache(config=model.config)
-    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+    with it, plain generate took 1.07-1.35x as long in `python benchmark.py decode` (README, Speed)."""
+    if getattr(model.generation_config, "cache_implementation", None):
         return None
-    cache.layers = [GrowingLayer() for _ in cache.layers]
+    cache = DynamicCache(config=model.config)
+    if not cache.layers or any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) for layer in cache.layers):
+        return None
+    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
 
 
@@ -710,6 +743,9 @@ class _RefillStop:
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         if self.finished is None:
             self.finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            self.ended = False
+        if self.ended:  # asked again after ending the call (HF checks a step late on some devices, e.g. MPS):
+            return torch.ones_like(self.finished)  # that step's tokens are pad for every row and are undone
         self.steps = input_ids.shape[1] - self.prompt_len
         last = input_ids[:, -1]
         done = torch.isin(last, torch.tensor(self.stop_ids, device=last.device))
@@ -717,6 +753,7 @@ class _RefillStop:
             done |= self.string_stop(input_ids, scores)
         self.finished |= done
         if int((~self.finished).sum()) <= self.keep:
+            self.ended = True
             return torch.ones_like(self.finished)
         return self.finished.clone()
 
@@ -739,18 +776,27 @@ def generate_responses_refill(model, prompt_ids: torch.Tensor, prompt_mask: torc
     unchanged: every token is drawn from the same processed distribution (temperature, top-p, top-k are
     per-token and stateless) given the same cached keys and values, under the same stop token ids and stop
     strings (HF's StopStringCriteria looks at the tail of prompt + output, which spans the restart), so
-    `stop_positions` and the masks apply as before; greedy decoding gives plain generate's rows (tested).
+    `stop_positions` and the masks apply as before; greedy decoding gives plain generate's rows (fp32, tested).
     With `seeds`, each chunk of `batch_size` prompts is reseeded before its first call, which therefore
     draws exactly the tokens `generate_responses` draws up to the point it ends; later calls draw from the
     same distribution with the generator state they find. `synced_gpus` is not supported (sharded models
-    need every process to run the same calls): use `generate_responses` there. `stats`, if given, receives
-    "row_steps" (rows x decode steps run), "tokens" (generated tokens up to each row's stop) and "calls".
+    need every process to run the same calls): use `generate_responses` there, as this function itself does
+    for models whose cache `growing_kv_cache` leaves to HF (linear attention, convolutions, or a cache
+    implementation in the generation config). `stats`, if given, receives "row_steps" (rows x decode steps
+    run), "tokens" (generated tokens up to each row's stop) and "calls".
     """
     from transformers import StoppingCriteriaList
     from transformers.generation.stopping_criteria import StopStringCriteria
 
     if synced_gpus:
         raise ValueError("generate_responses_refill does not support synced_gpus (FSDP): use generate_responses")
+    if not 0 <= refill_fraction < 1:
+        raise ValueError(f"refill_fraction must be in [0, 1), got {refill_fraction}")
+    if growing_kv_cache(model) is None:  # no cache we can drop rows from (see there): plain batched generate
+        return generate_responses(model, prompt_ids, prompt_mask, num_generations=num_generations,
+                                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                  stop_token_ids=stop_token_ids, pad_token_id=pad_token_id,
+                                  stop_strings=stop_strings, tokenizer=tokenizer, batch_size=batch_size, seeds=seeds)
     was_training = model.training
     model.eval()
     do_sample = temperature > 0
@@ -767,7 +813,7 @@ def generate_responses_refill(model, prompt_ids: torch.Tensor, prompt_mask: torc
         call_ids, call_mask = ids[:, cut:], mask[:, cut:]
         active = list(range(start * num_generations, (start + len(ids)) * num_generations))  # output rows
         extra = dict(num_return_sequences=num_generations)  # the first call is exactly generate_responses' call
-        cache = growing_kv_cache(model) or DynamicCache(config=model.config)
+        cache = growing_kv_cache(model)
         budget = max_new_tokens
         if seeds is not None:
             torch.manual_seed(seeds[n])

@@ -83,7 +83,7 @@ class Args:
     top_p: float = field(default=1.0, metadata={"help": "keep 1.0 for training: log-probs do not replay truncation"})
     top_k: int = field(default=0, metadata={"help": "keep 0 for training: log-probs do not replay truncation"})
     stop_strings: list[str] = field(default_factory=lambda: list(ORZ_STOP_STRINGS), metadata={"help": "strings that end a response (kept in it)"})
-    generation: Literal["generate", "refill"] = field(default="refill", metadata={"help": "refill: rows still running when most have stopped continue in a smaller call, so little decoding is spent on finished rows (rollout.generate_responses_refill; same sampling); generate: plain batched HF generate (also used under FSDP)"})
+    generation: Literal["generate", "refill"] = field(default="refill", metadata={"help": "refill: rows still running when most have stopped continue in a smaller call, so little decoding is spent on finished rows (rollout.generate_responses_refill; same sampling); generate: plain batched HF generate (also used under FSDP, and for models with linear-attention or convolution layers)"})
     refill_fraction: float = field(default=0.85, metadata={"help": "refill: end a call when at most this share of its rows is still running"})
     generation_batch_size: int = field(default=0, metadata={"help": "prompts per generate call (0: all of the process's prompts at once); each call is seeded from (seed, step, its first prompt's place), so with a size that divides every process's share, 1 and N processes sample the same tokens"})
     # reward

@@ -122,6 +122,8 @@ def test_refill_rejects_synced_gpus(setup):
 def test_growing_kv_cache_samples_the_same_tokens(setup, monkeypatch, refill):
     """The in-place KV cache changes no sampled token: the same seeds give the same rows as HF's own
     DynamicCache, also when the buffer has to grow every few steps (KV_CHUNK 3)."""
+    from transformers.cache_utils import DynamicLayer
+
     import rollout
 
     model, tokenizer, ids, mask, kw = setup
@@ -129,7 +131,8 @@ def test_growing_kv_cache_samples_the_same_tokens(setup, monkeypatch, refill):
     assert isinstance(rollout.growing_kv_cache(model).layers[0], rollout.GrowingLayer)
     monkeypatch.setattr(rollout, "KV_CHUNK", 3)
     ours = generate(model, ids, mask, **kw, stop_strings=STOP_STRINGS, seeds=[5])
-    monkeypatch.setattr(rollout, "growing_kv_cache", lambda model: None)  # None: generate builds its default
+    monkeypatch.setattr(rollout, "GrowingLayer", DynamicLayer)  # growing_kv_cache now builds HF's own layers
+    assert type(rollout.growing_kv_cache(model).layers[0]) is DynamicLayer
     hf = generate(model, ids, mask, **kw, stop_strings=STOP_STRINGS, seeds=[5])
     assert ours.shape[1] > 20 and torch.equal(ours, hf)
 
@@ -163,15 +166,84 @@ def test_growing_layer_matches_dynamic_layer(monkeypatch):
     assert ours.get_seq_length() == ref.get_seq_length() == 2
 
 
-def test_growing_kv_cache_leaves_sliding_window_models_to_hf():
+def test_growing_layer_releases_its_buffer_when_rows_are_dropped():
+    """After a row selection (what refill does between calls) the old full-batch buffer is freed, not kept
+    alive next to the selected copy; the next update makes a buffer for the kept rows only."""
+    import gc
+    import weakref
+
+    from rollout import GrowingLayer
+
+    layer = GrowingLayer()
+    for n in (7, 1, 1):
+        layer.update(torch.randn(4, 2, n, 8), torch.randn(4, 2, n, 8))
+    old = weakref.ref(layer._k)
+    assert layer._k.shape[-2] > layer.get_seq_length()  # it has spare positions
+    layer.batch_select_indices(torch.tensor([1, 3]))
+    gc.collect()
+    assert old() is None and layer.keys.shape == (2, 2, 9, 8)
+    keys, _ = layer.update(torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8))
+    assert keys.shape == (2, 2, 10, 8) and layer._k.shape[0] == 2
+
+
+def test_refill_stop_ignores_a_late_check_after_ending_the_call():
+    """Where HF checks the stop a step late (MPS), the criterion is asked once more after it ended the
+    call, with pad (= EOS here) in every row: rows that were still running must stay unfinished."""
+    from rollout import _RefillStop
+
+    stop = _RefillStop(rows=4, prompt_len=2, keep=2, stop_token_ids=[1])
+    prefix = torch.zeros(4, 2, dtype=torch.long)
+    assert stop(torch.cat([prefix, torch.tensor([[1], [5], [6], [7]])], 1), None).tolist() == [True, False, False, False]
+    assert stop(torch.cat([prefix, torch.tensor([[1, 1], [5, 1], [6, 6], [7, 7]])], 1), None).all()  # 2 left: end
+    assert stop(torch.cat([prefix, torch.tensor([[1, 1, 1], [5, 1, 1], [6, 6, 1], [7, 7, 1]])], 1), None).all()
+    assert stop.finished.tolist() == [True, True, False, False]
+
+
+def test_growing_kv_cache_leaves_other_caches_to_hf():
+    """Sliding-window layers stay HF's; a cache implementation in the generation config, or layers with
+    state other than keys and values (convolutions), get no cache from us at all."""
     from types import SimpleNamespace
 
-    from transformers import LlamaConfig, MistralConfig
+    from transformers import GenerationConfig, Lfm2Config, LlamaConfig, MistralConfig
+    from transformers.cache_utils import DynamicSlidingWindowLayer
 
     from rollout import GrowingLayer, growing_kv_cache
 
     kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
               intermediate_size=64, vocab_size=50)
-    assert growing_kv_cache(SimpleNamespace(config=MistralConfig(sliding_window=8, **kw))) is None
-    cache = growing_kv_cache(SimpleNamespace(config=LlamaConfig(**kw)))
+    model = lambda config, **gen: SimpleNamespace(config=config, generation_config=GenerationConfig(**gen))  # noqa: E731
+    cache = growing_kv_cache(model(LlamaConfig(**kw)))
     assert [type(layer) for layer in cache.layers] == [GrowingLayer, GrowingLayer]
+    cache = growing_kv_cache(model(MistralConfig(sliding_window=8, **kw)))
+    assert [type(layer) for layer in cache.layers] == [DynamicSlidingWindowLayer, DynamicSlidingWindowLayer]
+    assert growing_kv_cache(model(LlamaConfig(**kw), cache_implementation="static")) is None
+    assert growing_kv_cache(model(Lfm2Config(layer_types=["conv", "full_attention"], **kw))) is None
+
+
+@pytest.mark.parametrize("which", ["conv layers", "static cache"])
+def test_refill_falls_back_to_plain_generate(which):
+    """Models refill cannot drop rows from, or whose generation config asks for a cache implementation,
+    sample exactly as plain generate (same seeds, same rows) instead of failing."""
+    from transformers import Lfm2Config, Lfm2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+              intermediate_size=64, vocab_size=64, eos_token_id=1, pad_token_id=0)
+    torch.manual_seed(0)
+    if which == "conv layers":
+        model = Lfm2ForCausalLM(Lfm2Config(layer_types=["conv", "full_attention"], bos_token_id=2, **kw)).eval()
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**kw)).eval()
+        model.generation_config.cache_implementation = "static"
+
+    def eos_about_a_quarter(module, inputs, logits):  # near-uniform logits over 64 tokens: P(EOS) ~ 0.24
+        logits = logits.clone()
+        logits[..., 1] = 3.0
+        return logits
+
+    model.get_output_embeddings().register_forward_hook(eos_about_a_quarter)
+    ids, mask = left_pad([[5, 6, 7], [8, 9, 10, 11, 12]], 0)
+    gen = dict(num_generations=4, max_new_tokens=16, temperature=1.0, top_p=1.0, top_k=0, stop_token_ids=[1],
+               pad_token_id=0, seeds=[4])
+    plain = generate_responses(model, ids, mask, **gen)
+    assert len(set(stop_positions(plain, [1])[0].tolist())) > 3  # spread lengths: a refill would have happened
+    assert torch.equal(generate_responses_refill(model, ids, mask, **gen), plain)
