@@ -289,7 +289,7 @@ def decode_benchmark(quick: bool, threads: int) -> None:
       plain        one generate call of all 64 rows (the trainer's default);
       per-prompt   8 calls of one prompt's 8 rows (--generation-batch-size 1);
       refill-F     rollout.generate_responses_refill: a call ends when at most a share F of its rows are
-                   still running; those continue in a new, smaller call (KV cache recomputed);
+                   still running; those continue in a new, smaller call from the kept KV cache;
       cb           transformers' continuous batching, model.generate_batch (paged attention);
       NAME-hf      NAME with HF's DynamicCache, which copies the whole KV cache at every step, instead of
                    rollout.growing_kv_cache (same tokens)."""

@@ -735,18 +735,15 @@ class _RefillStop:
     token, or a stop string through HF's own StopStringCriteria) and ends the whole call once at most
     `keep` rows are still running. Rows it ends early did not stop: the caller continues them."""
 
-    def __init__(self, rows: int, prompt_len: int, keep: int, stop_token_ids: list[int], string_stop=None):
-        self.finished = None
-        self.rows, self.prompt_len, self.keep = rows, prompt_len, keep
-        self.stop_ids, self.string_stop, self.steps = stop_token_ids, string_stop, 0
+    def __init__(self, keep: int, stop_token_ids: list[int], string_stop=None):
+        self.finished, self.ended = None, False
+        self.keep, self.stop_ids, self.string_stop = keep, stop_token_ids, string_stop
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         if self.finished is None:
             self.finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-            self.ended = False
         if self.ended:  # asked again after ending the call (HF checks a step late on some devices, e.g. MPS):
             return torch.ones_like(self.finished)  # that step's tokens are pad for every row and are undone
-        self.steps = input_ids.shape[1] - self.prompt_len
         last = input_ids[:, -1]
         done = torch.isin(last, torch.tensor(self.stop_ids, device=last.device))
         if self.string_stop is not None:
@@ -820,7 +817,7 @@ def generate_responses_refill(model, prompt_ids: torch.Tensor, prompt_mask: torc
         while active and budget > 0:
             rows = len(active)
             keep = math.floor(refill_fraction * rows) if rows > 1 else 0
-            criterion = _RefillStop(rows, call_ids.shape[1], keep, stop_token_ids, string_stop)
+            criterion = _RefillStop(keep, stop_token_ids, string_stop)
             out = model.generate(input_ids=call_ids, attention_mask=call_mask, cache=cache,
                                  position_ids=position_ids_from_mask(call_mask), max_new_tokens=budget,
                                  stopping_criteria=StoppingCriteriaList([criterion]), **kwargs, **extra)

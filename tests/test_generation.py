@@ -191,7 +191,7 @@ def test_refill_stop_ignores_a_late_check_after_ending_the_call():
     call, with pad (= EOS here) in every row: rows that were still running must stay unfinished."""
     from rollout import _RefillStop
 
-    stop = _RefillStop(rows=4, prompt_len=2, keep=2, stop_token_ids=[1])
+    stop = _RefillStop(keep=2, stop_token_ids=[1])
     prefix = torch.zeros(4, 2, dtype=torch.long)
     assert stop(torch.cat([prefix, torch.tensor([[1], [5], [6], [7]])], 1), None).tolist() == [True, False, False, False]
     assert stop(torch.cat([prefix, torch.tensor([[1, 1], [5, 1], [6, 6], [7, 7]])], 1), None).all()  # 2 left: end
