@@ -435,7 +435,7 @@ def aggregate_eval(per_problem: list[dict]) -> dict:
 
 def evaluate_datasets(model, tokenizer, datasets: dict[str, list[dict]], *, pool, generate_kwargs: dict,
                       num_samples: int = 1, batch_size: int = 8, seed: int = 0, score_truncated: bool = False,
-                      prompt_template: str = "orz", progress: bool = True) -> dict:
+                      prompt_template: str = "orz", progress: bool = True, rank: int = 0, world: int = 1) -> dict:
     """Sample `num_samples` responses per problem, score them with `pool`, and report avg@k/pass@k/maj@k.
 
     datasets: name -> records as data/loading.py makes them ({"id", "question", "answer", ...}); a record
@@ -447,6 +447,10 @@ def evaluate_datasets(model, tokenizer, datasets: dict[str, list[dict]], *, pool
         stop_token_ids, pad_token_id, stop_strings, tokenizer, synced_gpus); `stop_token_ids` and
         `stop_strings` also cut the responses (`stop_positions`), as in training.
     batch_size: prompts per generate call; each call is seeded from (seed, dataset, first prompt's index).
+    rank, world: under accelerate, this process samples every `world`-th batch of each dataset, starting at
+        batch `rank`. Batches and their seeds are those of one process, so the samples, and the metrics of
+        the gathered `per_problem` rows, do not depend on the number of processes. With `synced_gpus`, a
+        process short of a batch repeats one and discards it, so that all make the same generate calls.
 
     Majority voting uses the final answers of responses that stopped on their own; maj@k is right when
     the first sample carrying the majority answer scored 1. Returns
@@ -454,8 +458,8 @@ def evaluate_datasets(model, tokenizer, datasets: dict[str, list[dict]], *, pool
          "per_problem": {name: [{"id", "n", "correct", "maj_correct", "majority"}, ...]},
          "completions": [{"dataset", "id", "question", "ground_truth", "sample", "response", "answer",
                           "reward", "truncated"}, ...]}.
-    Under accelerate, give each process its share of records, gather `per_problem` (gather_object) and
-    call `aggregate_eval` on the concatenation; drop repeats by id first if shares were padded.
+    Under accelerate, give every process all records with its `rank` and `world`, gather `per_problem`
+    (gather_object) and call `aggregate_eval` on the concatenation.
     """
     from tqdm.auto import tqdm
 
@@ -472,7 +476,11 @@ def evaluate_datasets(model, tokenizer, datasets: dict[str, list[dict]], *, pool
     bar = tqdm(total=sum(len(r) for r in datasets.values()), desc="eval", unit="problem", disable=not progress)
     for d, (name, records) in enumerate(datasets.items()):
         per_problem[name] = []
-        for start in range(0, len(records), batch_size):
+        starts = list(range(0, len(records), batch_size))
+        mine = starts[rank::world]
+        calls = -(-len(starts) // world) if generate_kwargs.get("synced_gpus") else len(mine)
+        for call in range(calls):
+            start = mine[call] if call < len(mine) else (mine or starts)[0]  # a repeat, discarded below
             chunk = records[start:start + batch_size]
             prompts = [r["prompt_ids"] if "prompt_ids" in r else
                        tokenizer(format_prompt(r["question"], prompt_template, tokenizer))["input_ids"] for r in chunk]
@@ -482,6 +490,8 @@ def evaluate_datasets(model, tokenizer, datasets: dict[str, list[dict]], *, pool
             lengths, truncated = stop_positions(out, stop_ids, stop_strings, tokenizer)
             texts = tokenizer.batch_decode([row[:n] for row, n in zip(out.tolist(), lengths.tolist(), strict=True)],
                                            skip_special_tokens=True)
+            if call >= len(mine):
+                continue
             truths = [r["answer"] for r in chunk for _ in range(num_samples)]
             rewards, _ = pool.score(texts, truths)
             if not score_truncated:

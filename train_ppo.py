@@ -517,33 +517,23 @@ def score(pool: RewardPool, texts: list[str], answers: list[str], truncated: tor
 def evaluate(model, tokenizer, datasets: dict[str, list], pool: RewardPool, args: Args, stop_ids: list[int],
              accelerator, step: int) -> dict:
     """avg@k, pass@k and maj@k on each held-out set, as `python rollout.py eval` computes them; each process
-    samples its share of the problems and the per-problem counts are gathered. `eval/accuracy` is the
-    avg@k over all sets pooled."""
+    samples its share of the batches (the same batches and seeds whatever the process count) and the
+    per-problem counts are gathered. `eval/accuracy` is the avg@k over all sets pooled."""
     from accelerate.utils import gather_object
 
     from rollout import aggregate_eval, evaluate_datasets
 
-    world, rank = accelerator.num_processes, accelerator.process_index
-    shares = {}
-    for name, records in datasets.items():
-        share = records[rank::world]
-        shares[name] = share + share[:1] * (-(-len(records) // world) - len(share))  # equal generate calls
     generate_kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            top_k=args.top_k, stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id,
                            stop_strings=args.stop_strings, tokenizer=tokenizer, synced_gpus=is_sharded(accelerator))
     with accelerator.autocast():
-        result = evaluate_datasets(model, tokenizer, shares, pool=pool, generate_kwargs=generate_kwargs,
+        result = evaluate_datasets(model, tokenizer, datasets, pool=pool, generate_kwargs=generate_kwargs,
                                    num_samples=args.eval_num_samples, batch_size=args.prompts_per_step,
                                    seed=args.seed * 1_000 + step + 1, score_truncated=args.score_truncated,
-                                   progress=False)
+                                   progress=False, rank=accelerator.process_index, world=accelerator.num_processes)
     metrics, pooled = {}, []
     for name in datasets:
-        gathered = gather_object([{**p, "rank": rank} for p in result["per_problem"][name]])
-        seen, rows = set(), []
-        for p in gathered:  # padded repeats carry an id already counted on the same process
-            if (p["rank"], p["id"]) not in seen:
-                seen.add((p["rank"], p["id"]))
-                rows.append(p)
+        rows = gather_object(result["per_problem"][name])
         agg = aggregate_eval(rows)
         metrics.update({f"eval/{name}/{k}": v for k, v in agg.items() if "@" in k})
         pooled += rows
