@@ -27,7 +27,6 @@ from utils import parse_args
 @dataclass
 class Args(PPOArgs):
     advantage: Literal["gae", "grpo", "rloo"] = field(default="grpo", metadata={"help": "gae (PPO critic), grpo (group mean/std), rloo (leave-one-out)"})
-    whiten_advantages: bool = field(default=False, metadata={"help": "whiten advantages over the batch (ORZ's GRPO does)"})
     output_dir: str = field(default="runs/grpo", metadata={"help": "where metrics, samples and the final model go"})
 
 

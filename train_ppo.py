@@ -25,7 +25,7 @@ Run it:
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -96,7 +96,7 @@ class Args:
     # advantages and losses
     gamma: float = field(default=1.0, metadata={"help": "GAE discount (ORZ: 1)"})
     lam: float = field(default=1.0, metadata={"help": "GAE lambda (ORZ: 1)"})
-    whiten_advantages: bool = field(default=True, metadata={"help": "whiten advantages over all response tokens of the batch"})
+    whiten_advantages: bool | None = field(default=None, metadata={"help": "whiten advantages over all response tokens of the batch (default: on for gae, as ORZ; off for grpo/rloo, whose groups with equal rewards then keep advantage 0)"})
     scale_by_std: bool = field(default=True, metadata={"help": "GRPO: divide by the group std (off: Dr. GRPO)"})
     drop_equal_groups: bool = field(default=False, metadata={"help": "leave groups whose rewards are all equal out of the update"})
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = field(default="token-mean", metadata={"help": "token-mean over the batch, mean of per-sequence means, or Dr. GRPO's constant normaliser"})
@@ -554,6 +554,8 @@ def main(args: Args) -> dict:
     from data.synthetic import build_tiny_base
 
     # ---- 0. Setup: processes, models, data, reward workers, optimizers --------------------------------
+    if args.whiten_advantages is None:  # resolved once, so that config.json records what trains
+        args = replace(args, whiten_advantages=args.advantage == "gae")
     accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no",
                               log_with=None if args.report_to == "none" else args.report_to,
                               project_dir=args.output_dir)

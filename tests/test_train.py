@@ -125,3 +125,21 @@ def test_default_run_reaches_90_percent(script, tmp_path, tiny_base):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["base_accuracy"] <= 0.5 and summary["final_accuracy"] >= 0.9, summary
+
+
+@pytest.mark.parametrize("script", ["train_ppo.py", "train_grpo.py"])
+def test_grpo_groups_with_equal_rewards_get_zero_advantage_from_both_scripts(script, tmp_path, tiny_base):
+    """GRPO has one default on both entry points: no batch whitening, so a group whose rewards are all
+    equal has advantage exactly 0 (whitening would shift it by the batch mean)."""
+    result = train(script, tmp_path, "--advantage", "grpo", "--max-steps", "1", "--prompts-per-step", "8",
+                   "--num-generations", "4", "--eval-every", "0", "--samples-per-step", "32",
+                   "--reward-workers", "0", "--seed", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    groups: dict[int, list[dict]] = {}
+    for s in samples:
+        groups.setdefault(s["prompt_id"], []).append(s)
+    equal = [g for g in groups.values() if len({s["reward"] for s in g}) == 1]
+    assert equal and len(equal) < len(groups)  # both kinds present, or the test means nothing
+    assert all(s["advantage"] == 0.0 for g in equal for s in g)
+    assert json.loads((tmp_path / "config.json").read_text())["whiten_advantages"] is False
