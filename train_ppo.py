@@ -50,7 +50,7 @@ from rollout import (
     stop_positions,
     zero_degenerate,
 )
-from utils import JsonlWriter, left_pad, masked_mean, masked_whiten, parse_args
+from utils import JsonlWriter, disable_dropout, left_pad, masked_mean, masked_whiten, parse_args
 
 ORZ_STOP_STRINGS = ["User:", "Human:", "Assistant:", "</answer>"]  # ORZ's stops, kept in the output
 SUMMED_STATS = ("loss/policy", "critic/value_loss", "policy/kl")  # shares of one batch loss, not means
@@ -586,6 +586,9 @@ def main(args: Args) -> dict:
     critic = ValueModel.from_base(model_path, **load) if args.advantage == "gae" else None
     ref_load = {**load, "dtype": torch.bfloat16 if args.bf16 else torch.float32}  # never trained: bf16 is fine
     ref = AutoModelForCausalLM.from_pretrained(model_path, **ref_load).eval().requires_grad_(False) if args.kl_coef > 0 else None
+    for name, m in (("policy", policy), ("critic", critic)):
+        if m is not None and disable_dropout(m):  # the update must score the model that sampled
+            accelerator.print(f"dropout set to 0 in the {name} for training")
     if args.gradient_checkpointing:
         for m in (policy, critic):
             if m is not None:

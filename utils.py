@@ -66,6 +66,25 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Set every dropout probability in `model` to 0 (nn.Dropout modules and float `*dropout*`/`*pdrop`
+    attributes that attention implementations read in train mode); returns how many were non-zero.
+
+    Sampling and old log-probs run in eval mode; an update in train mode with dropout would score other
+    log-probs, so the PPO ratio would not be 1 before the first step. Gradient checkpointing needs train
+    mode, so dropout is switched off rather than the update run in eval mode. The config is left as is.
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            module.p, changed = 0.0, changed + 1
+        for name, value in list(vars(module).items()):
+            if ("dropout" in name or name.endswith("pdrop")) and isinstance(value, float) and value > 0:
+                setattr(module, name, 0.0)
+                changed += 1
+    return changed
+
+
 def parse_args(args_class, argv: list[str] | None = None):
     """Parse a dataclass of arguments from the command line, with `--config FILE` (YAML or JSON) as defaults.
 

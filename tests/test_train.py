@@ -143,3 +143,49 @@ def test_grpo_groups_with_equal_rewards_get_zero_advantage_from_both_scripts(scr
     assert equal and len(equal) < len(groups)  # both kinds present, or the test means nothing
     assert all(s["advantage"] == 0.0 for g in equal for s in g)
     assert json.loads((tmp_path / "config.json").read_text())["whiten_advantages"] is False
+
+
+def dropout_model(tiny_base, out):
+    """A small random GPT-2 with dropout everywhere (embeddings, attention, residuals), the tiny tokenizer."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=256,
+                        resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, eos_token_id=tokenizer.eos_token_id,
+                        bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    GPT2LMHeadModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_policy_ratio_is_one_on_the_first_update_of_a_model_with_dropout(tmp_path, tiny_base):
+    """Rollout and old log-probs run in eval mode; the update must see the same model, so before any
+    optimizer step the PPO ratio is exactly 1 (the k1 KL makes the run compute old log-probs)."""
+    model = dropout_model(tiny_base, tmp_path / "model")
+    result = train("train_ppo.py", tmp_path / "run", "--model", str(model), "--advantage", "grpo",
+                   "--max-steps", "1", "--prompts-per-step", "4", "--num-generations", "4", "--eval-every", "0",
+                   "--max-new-tokens", "8", "--kl-coef", "0.1", "--kl-estimator", "k1", "--reward-workers", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = metrics(tmp_path / "run")[0]
+    assert row["policy/ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert row["policy/approx_kl"] == pytest.approx(0.0, abs=1e-10)
+
+
+def test_disable_dropout_makes_train_mode_forward_equal_eval_mode(tmp_path, tiny_base):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from utils import disable_dropout
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, attention_dropout=0.5))
+    for model, expected in ((AutoModelForCausalLM.from_pretrained(dropout_model(tiny_base, tmp_path / "gpt2")), 7),
+                            (llama, 2)):
+        ids = torch.randint(0, 50, (2, 12))
+        model.train()
+        torch.manual_seed(0)
+        assert not torch.equal(model(ids).logits, model.eval()(ids).logits)  # dropout is really there
+        assert disable_dropout(model) == expected
+        eval_logits = model(ids).logits
+        torch.testing.assert_close(model.train()(ids).logits, eval_logits, rtol=0, atol=0)
+        assert disable_dropout(model) == 0
