@@ -107,7 +107,7 @@ class Args:
     entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus (entropy is always logged)"})
     # optimisation
     lr: float = field(default=1e-4, metadata={"help": "policy learning rate (ORZ on real models: 1e-6)"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps, then constant (ORZ: 50)"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up over this many RL steps with updates, then constant; policy and critic alike (ORZ: 50)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout"})
     num_mini_batches: int = field(default=1, metadata={"help": "policy optimizer steps per epoch (ORZ: 1)"})
@@ -717,7 +717,7 @@ def main(args: Args) -> dict:
         # ---- 5. Update the critic first (ORZ), then advantages for the policy --------------------------
         update_stats: dict[str, list] = {}
         if critic is not None:
-            critic_stats = update(accelerator, critic, critic_opt, critic_sched, exp, args, "critic",
+            critic_stats = update(accelerator, critic, critic_opt, exp, args, "critic",
                                   args.critic_epochs, args.critic_mini_batches, step,
                                   token_rewards=token_rewards if fused else None)
             update_stats.update(critic_stats)
@@ -739,7 +739,7 @@ def main(args: Args) -> dict:
         # ---- 6. Update the policy ------------------------------------------------------------------
         t = time.time()
         if step >= args.critic_warmup_steps or critic is None:
-            update_stats.update(update(accelerator, policy, opt, sched, exp, args, "policy",
+            update_stats.update(update(accelerator, policy, opt, exp, args, "policy",
                                        args.ppo_epochs, args.num_mini_batches, step))
         metrics["time/update"] = time.time() - t
 
@@ -757,7 +757,14 @@ def main(args: Args) -> dict:
         metrics["train/nonfinite_updates"] = sum(update_stats.pop("train/nonfinite_updates", []))
         for k, v in update_stats.items():  # per-process means, averaged; losses are shares of one loss: summed
             metrics[k] = sum_all(sum(v) / len(v)).item() / (1 if k in SUMMED_STATS + TOKEN_STATS else world)
+        # the learning rates this step's updates used; the schedules then advance once per RL step of
+        # updates, so that --warmup-steps means the same for the policy and for a critic of M mini-batches
         metrics["lr"] = sched.get_last_lr()[0]
+        if critic is not None:
+            metrics["critic/lr"] = critic_sched.get_last_lr()[0]
+            critic_sched.step()
+        if step >= args.critic_warmup_steps or critic is None:
+            sched.step()
         metrics["time/step"] = time.time() - t_step
         take = min(-(-args.samples_per_step // world), len(texts))  # each process's part of the sample
         samples = gather_object([{"step": step, "prompt_id": int(exp.group_ids[i]),
@@ -839,7 +846,7 @@ def critic_fusable(critic) -> bool:
         isinstance(m, torch.nn.Dropout) and m.p > 0 for m in critic.modules())
 
 
-def update(accelerator, model, optimizer, scheduler, exp: Experience, args: Args, role: str, epochs: int,
+def update(accelerator, model, optimizer, exp: Experience, args: Args, role: str, epochs: int,
            mini_batches: int, step: int, token_rewards: torch.Tensor | None = None) -> dict[str, list]:
     """Optimizer steps of the policy or the critic over one rollout: `epochs` passes of `mini_batches`
     mini-batches, each accumulated over micro-batches. Returns lists of stats, one value per optimizer step.
@@ -857,7 +864,9 @@ def update(accelerator, model, optimizer, scheduler, exp: Experience, args: Args
         local = local_rows(part, rank, rows).to(device)  # a process may get more or fewer rows than another
         mini = exp.select(local)
         fill = token_rewards is not None and number == 0
-        count = accelerator.reduce(torch.stack([mini.response_mask.sum(), torch.tensor(float(len(local)), device=device)]), "sum")
+        # sequences are the rows with a token in the loss: rows left out (--drop-equal-groups) have none
+        kept_rows = (mini.response_mask.sum(dim=1) > 0).sum().float()
+        count = accelerator.reduce(torch.stack([mini.response_mask.sum(), kept_rows]), "sum")
         weights_all = loss_weights(mini.response_mask, args.loss_agg if role == "policy" else "token-mean",
                                    int(count[1].item()), count[0].item(), args.max_new_tokens)
         micro = plan(mini, args, accelerator)
@@ -912,7 +921,6 @@ def update(accelerator, model, optimizer, scheduler, exp: Experience, args: Args
                     s["train/nonfinite_updates"] = float(not math.isfinite(norm))
                     if math.isfinite(norm):  # a NaN/inf loss or gradient: skip this update, counted
                         optimizer.step()
-                        scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
             share = mb.response_mask.sum().item() * float(len(idx) > 0) / max(count[0].item(), 1.0)
             for k, v in s.items():

@@ -189,3 +189,32 @@ def test_disable_dropout_makes_train_mode_forward_equal_eval_mode(tmp_path, tiny
         eval_logits = model(ids).logits
         torch.testing.assert_close(model.train()(ids).logits, eval_logits, rtol=0, atol=0)
         assert disable_dropout(model) == 0
+
+
+def test_seq_mean_loss_averages_over_the_kept_sequences_only(tmp_path, tiny_base):
+    """Groups with equal rewards have advantage 0 (GRPO, no whitening), so dropping them changes only the
+    normaliser: the mean of per-sequence means is over the kept rows, and the gradient grows by
+    rows / kept rows (a normaliser that still counted the dropped rows would leave it unchanged)."""
+    common = ["--max-steps", "1", "--prompts-per-step", "8", "--num-generations", "4", "--eval-every", "0",
+              "--reward-workers", "0", "--seed", "1", "--loss-agg", "seq-mean-token-mean"]
+    rows = {}
+    for name, extra in (("all", []), ("drop", ["--drop-equal-groups"])):
+        result = train("train_grpo.py", tmp_path / name, *common, *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows[name] = metrics(tmp_path / name)[0]
+    kept = 1.0 - rows["drop"]["train/equal_reward_groups"]
+    assert 0 < kept < 1
+    ratio = rows["drop"]["policy/grad_norm"] / rows["all"]["policy/grad_norm"]
+    assert ratio == pytest.approx(1 / kept, rel=1e-4)
+
+
+def test_warmup_counts_rl_steps_and_lr_is_the_one_used(tmp_path, tiny_base):
+    """--warmup-steps 4: steps 0, 1, 2 train at 1/4, 2/4, 3/4 of the rate, for the policy and for a critic
+    making 2 optimizer steps per RL step; the logged rates are the ones each step used."""
+    result = train("train_ppo.py", tmp_path, "--max-steps", "3", "--prompts-per-step", "4", "--num-generations", "4",
+                   "--eval-every", "0", "--reward-workers", "0", "--warmup-steps", "4", "--critic-mini-batches", "2",
+                   "--lr", "1e-4", "--critic-lr", "2e-4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = metrics(tmp_path)
+    assert [r["lr"] for r in rows] == pytest.approx([1e-4 * k / 4 for k in (1, 2, 3)])
+    assert [r["critic/lr"] for r in rows] == pytest.approx([2e-4 * k / 4 for k in (1, 2, 3)])
