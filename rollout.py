@@ -68,13 +68,46 @@ class Experience:
         return Experience(**out)
 
 
-def prepare_for_sampling(tokenizer, model) -> list[int]:
+# Generation config fields that do not change which token is drawn: kept from the checkpoint when sampling.
+NEUTRAL_GENERATION_FIELDS = ("eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id",
+                             "cache_implementation", "cache_config", "use_cache", "transformers_version")
+
+
+def neutral_generation_config(model) -> list[str]:
+    """Replace `model.generation_config` with one that keeps only NEUTRAL_GENERATION_FIELDS, and return the
+    names of the other fields the checkpoint had set (away from transformers' defaults).
+
+    `generate` fills whatever a call leaves unset from the model's generation config, so a checkpoint's
+    repetition_penalty, no_repeat_ngram_size, min_new_tokens, bad_words_ids, top-k/top-p... would reshape
+    the sampled distribution while the training log-probs replay plain softmax(logits / T): the PPO ratio
+    and the policy gradient would then be for a policy that did not sample. Callers pass temperature,
+    top-p and top-k explicitly. The checkpoint's config stays in `model.reasoner_zero_original_generation_config`.
+    """
+    from transformers import GenerationConfig
+
+    original = model.generation_config
+    defaults = GenerationConfig().to_dict()
+    changed = sorted(k for k, v in original.to_diff_dict().items()
+                     if k not in NEUTRAL_GENERATION_FIELDS and v != defaults.get(k) and not k.startswith("_"))
+    clean = GenerationConfig(**{k: getattr(original, k) for k in NEUTRAL_GENERATION_FIELDS
+                                if getattr(original, k, None) is not None and k != "transformers_version"})
+    model.reasoner_zero_original_generation_config = original
+    model.generation_config = clean
+    return changed
+
+
+def prepare_for_sampling(tokenizer, model, log=print) -> list[int]:
     """Set the tokenizer up for batched sampling (left padding; EOS as pad when it has none, which is safe:
-    masks come from stop positions, not from pad) and return the stop token ids: the tokenizer's EOS and
-    every EOS of the model's generation config. Training, evaluation and curation all sample this way."""
+    masks come from stop positions, not from pad), set aside the checkpoint's sampling settings
+    (`neutral_generation_config`, reported through `log`) and return the stop token ids: the tokenizer's
+    EOS and every EOS of the model's generation config. Training, evaluation and curation all sample this way."""
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    overridden = neutral_generation_config(model)
+    if overridden:
+        log(f"sampling from softmax(logits / temperature) only: ignoring the checkpoint's generation settings "
+            f"{', '.join(overridden)}")
     eos = model.generation_config.eos_token_id
     return sorted({tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])} - {None})
 

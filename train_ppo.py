@@ -579,7 +579,7 @@ def main(args: Args) -> dict:
     load = dict(trust_remote_code=args.trust_remote_code, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
     policy = AutoModelForCausalLM.from_pretrained(model_path, **load)
-    stop_ids = prepare_for_sampling(tokenizer, policy)
+    stop_ids = prepare_for_sampling(tokenizer, policy, log=accelerator.print)
     train_records, eval_records = load_data(args, tokenizer)
     answers_by_id = {r["id"]: r["answer"] for r in train_records}
 
@@ -800,6 +800,9 @@ def main(args: Args) -> dict:
         if accelerator.is_main_process:
             metrics_file.write(final)
     accelerator.wait_for_everyone()
+    # the saved policy keeps the checkpoint's own generation settings for whoever uses it next
+    unwrapped.generation_config = getattr(unwrapped, "reasoner_zero_original_generation_config",
+                                          unwrapped.generation_config)
     save_kw = dict(is_main_process=accelerator.is_main_process, save_function=accelerator.save, safe_serialization=True)
     unwrapped.save_pretrained(out / "policy", state_dict=accelerator.get_state_dict(policy), **save_kw)
     if critic is not None:

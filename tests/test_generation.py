@@ -247,3 +247,33 @@ def test_refill_falls_back_to_plain_generate(which):
     plain = generate_responses(model, ids, mask, **gen)
     assert len(set(stop_positions(plain, [1])[0].tolist())) > 3  # spread lengths: a refill would have happened
     assert torch.equal(generate_responses_refill(model, ids, mask, **gen), plain)
+
+
+@pytest.mark.parametrize("refill", [False, True])
+def test_sampling_ignores_the_checkpoints_generation_settings(tiny_base, tmp_path, refill):
+    """A checkpoint whose generation_config bans the likeliest token, penalises repeats, forbids repeated
+    n-grams and an early EOS, and narrows top-k/top-p: training still samples from softmax(logits / T)
+    (first-token frequencies over 3000 samples), and the settings it set aside are reported."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data.loading import format_prompt
+    from rollout import prepare_for_sampling
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    ids = torch.tensor([tokenizer(format_prompt("What is 7 + 8?"))["input_ids"]])
+    with torch.no_grad():
+        probs = torch.softmax(model(ids).logits[0, -1] / 0.7, dim=-1)
+    top = int(probs.argmax())
+    assert probs[top] > 0.2  # banning it would change the distribution a lot
+    model.generation_config.update(repetition_penalty=3.0, no_repeat_ngram_size=1, min_new_tokens=4, top_k=2,
+                                   top_p=0.3, temperature=0.1, bad_words_ids=[[top]], do_sample=False)
+    logged = []
+    stop_ids = prepare_for_sampling(tokenizer, model, log=logged.append)
+    assert "bad_words_ids" in logged[0] and "repetition_penalty" in logged[0]
+    generate = generate_responses_refill if refill else generate_responses
+    torch.manual_seed(0)
+    out = generate(model, ids, torch.ones_like(ids), num_generations=3000, max_new_tokens=1, temperature=0.7,
+                   top_p=1.0, top_k=0, stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id)
+    freq = torch.bincount(out[:, 0], minlength=len(probs)).float() / len(out)
+    assert 0.5 * (freq - probs).abs().sum() < 0.05  # total variation; a banned top token would give > 0.2
