@@ -206,18 +206,22 @@ def figure_of_runs(run_dirs: list[str]):
     # Labelled by directory name; two runs with the same name (a/ppo, b/ppo) keep the path given.
     runs = {(name if names.count(name) == 1 else str(d)): read_metrics(d) for name, d in zip(names, run_dirs, strict=True)}
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    colours = dict(zip(runs, cycle if len(runs) <= len(cycle) else
-                       [matplotlib.colormaps["turbo"](i / (len(runs) - 1)) for i in range(len(runs))], strict=False))
-    styles = [("-", "."), ("--", "x"), (":", "^"), ("-.", "s")]
+    if len(runs) > len(cycle):  # more runs than the default cycle: spread them over a colour map
+        cycle = [matplotlib.colormaps["turbo"](i / (len(runs) - 1)) for i in range(len(runs))]
+    colours = dict(zip(runs, cycle, strict=False))
+    # Line styles and markers cycle at coprime lengths: 20 keys in one panel before a pair repeats.
+    line_styles, markers = ("-", "--", ":", "-."), (".", "x", "^", "s", "d")
     present = {key for records in runs.values() for r in records for key in r}
     panels = []
     for title, keys in PLOT_PANELS:
         # The headline eval/accuracy first: it keeps the solid line and names any key merged into it.
-        keys = sorted((k for k in present if keys(k)), key=lambda k: (k != "eval/accuracy", k)) if callable(keys) else keys
+        if callable(keys):
+            keys = sorted((k for k in present if keys(k)), key=lambda k: (k != "eval/accuracy", k))
         if title in OPTIONAL_PANELS and not any(k in present for k in keys):
             continue
         panels.append((title, keys))
-    steps = [s for records in runs.values() for _, keys in panels for k in keys for s in _series(records, k)[0]]
+    steps = [s for records in runs.values() for _, keys in panels for k in keys
+             for s in _series(records, k)[0]]
     low, high = (min(steps), max(steps)) if steps else (0, 1)
     pad = 0.04 * (high - low) or 0.5
     cols = 2
@@ -238,23 +242,25 @@ def figure_of_runs(run_dirs: list[str]):
                 continue
             for key, (x, y) in series.items():
                 i = [g[0] for g in groups].index(key)
-                style, marker = styles[i % len(styles)]
-                ax.plot(x, y, color=colours[run], linestyle=style, marker=marker if len(x) < 30 else None,
-                        linewidth=2.0 if i == 0 and len(groups) > 1 else 1.5,
+                # Markers tell keys apart when line styles repeat; alone, they only mark the points of a
+                # short run.
+                marker = markers[i % 5] if len(groups) > 1 or len(x) < 30 else None
+                ax.plot(x, y, color=colours[run], linestyle=line_styles[i % 4], marker=marker,
+                        markevery=max(1, len(x) // 15), linewidth=2.0 if i == 0 and len(groups) > 1 else 1.5,
                         label=run if len(keys) == 1 else f"{run}: {key}")
                 values += y
             twin = next((other for other, s in drawn.items() if s.keys() == series.keys()
                          and all(_same_series(s[k], series[k]) for k in s)), None)
             drawn[run] = series
-            run_handles.append(Line2D([], [], color=colours[run], label=run + (f" (same as {twin})" if twin else "")))
+            label = run + (f" (same as {twin})" if twin else "")
+            run_handles.append(Line2D([], [], color=colours[run], label=label))
         if len(groups) > 1 or any(len(g) > 1 for g in groups):
             for i, group in enumerate(groups):
-                style, marker = styles[i % len(styles)]
-                key_handles.append(Line2D([], [], color="gray", linestyle=style, marker=marker,
-                                          label=" = ".join(group)))
+                key_handles.append(Line2D([], [], color="gray", linestyle=line_styles[i % 4],
+                                          marker=markers[i % 5], label=" = ".join(group)))
         if drawn:
             # A legend of several keys would cover the lines: it goes under the panel.
-            below = dict(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2) if key_handles else {}
+            below = dict(loc="upper center", bbox_to_anchor=(0.5, -0.24), ncol=2) if key_handles else {}
             ax.legend(handles=run_handles + key_handles, fontsize="small", **below)
             if max(values) == min(values):
                 ax.text(0.5, 0.9, f"constant {values[0]:g}" + (" in every run" if len(drawn) > 1 else ""),

@@ -69,8 +69,9 @@ def write_run(directory: Path, steps: int = 5, critic: bool = False, evals: bool
                            "eval/math500/pass@4": 0.3 * step})
         lines.append(json.dumps(record))
     if final_eval:
-        lines.append(json.dumps({"step": steps, "eval/accuracy": 0.5, "eval/math500/avg@4": 0.5 if pooled_equals_avg
-                                 else 0.4, "eval/math500/pass@4": 0.9}))
+        avg = 0.5 if pooled_equals_avg else 0.4
+        lines.append(json.dumps({"step": steps, "eval/accuracy": 0.5, "eval/math500/avg@4": avg,
+                                 "eval/math500/pass@4": 0.9}))
     (directory / "metrics.jsonl").write_text("\n".join(lines) + "\n{\"step\": 5, \"train/rew")  # cut-off last line
     return directory
 
@@ -156,8 +157,8 @@ def test_plot_eval_accuracy_is_not_hidden_behind_the_identical_avg(tmp_path, sav
 
 def test_plot_panels_share_the_x_range(tmp_path, saved_figures):
     """The final evaluation is logged one step after the last training step: every panel still spans it."""
-    plot_runs([write_run(tmp_path / "grpo", final_eval=True), write_run(tmp_path / "ppo", critic=True, steps=3)],
-              tmp_path / "out.png")
+    runs = [write_run(tmp_path / "grpo", final_eval=True), write_run(tmp_path / "ppo", critic=True, steps=3)]
+    plot_runs(runs, tmp_path / "out.png")
     limits = {title: ax.get_xlim() for title, ax in panels(saved_figures[0]).items()}
     assert len(set(limits.values())) == 1, limits
     low, high = limits["train reward"]
