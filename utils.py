@@ -4,6 +4,7 @@ No algorithm logic and no configuration lives here; everything is a plain functi
 """
 
 import json
+import math
 import os
 import random
 import sys
@@ -177,31 +178,71 @@ def _series(records: list[dict], key: str) -> tuple[list, list]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def plot_runs(run_dirs: list[str], out_path: str | os.PathLike) -> list[str]:
-    """Draw the metrics of one or more runs, overlaid, against step into one PNG; returns the panel titles.
+def _same_series(a: tuple[list, list], b: tuple[list, list]) -> bool:
+    """Equal steps and values (to rounding): two such lines would be drawn exactly on top of each other."""
+    return a[0] == b[0] and len(a[1]) == len(b[1]) and all(
+        math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12) for x, y in zip(a[1], b[1], strict=True))
 
-    Panels: train reward, eval accuracy (every eval/ accuracy key), response length, entropy, clip
-    fraction, and value loss / explained variance when any run logged them. A panel no run has data for
-    is drawn empty with a note. Lines are labelled by the run directory's name (and the key, when a panel
-    shows several). Uses matplotlib's Agg backend, so it needs no display.
+
+def _merge_duplicate_keys(keys: list[str], runs: dict[str, list[dict]]) -> list[list[str]]:
+    """`keys` grouped so that each group is one series in every run: [[eval/accuracy, eval/x/avg@4], ...].
+
+    With one eval set, eval/accuracy (avg@k pooled over all sets) is the same series as that set's avg@k;
+    drawn twice, one line would hide the other. A key joins an earlier group only when it equals that
+    group's first key in every run that logged either of them.
+    """
+    groups: list[list[str]] = []
+    for key in keys:
+        for group in groups:
+            pairs = [(_series(records, group[0]), _series(records, key)) for records in runs.values()]
+            pairs = [(a, b) for a, b in pairs if a[0] or b[0]]
+            if pairs and all(_same_series(a, b) for a, b in pairs):
+                group.append(key)
+                break
+        else:
+            groups.append([key])
+    return groups
+
+
+def figure_of_runs(run_dirs: list[str]):
+    """The matplotlib figure `plot_runs` saves, and its panel titles; the caller closes the figure.
+
+    Each run has one colour in every panel; the keys of a panel with several differ in line style (the
+    first, e.g. eval/accuracy, solid and thicker). Keys whose series are identical are drawn once, with a
+    legend entry naming all of them. Every panel spans the same steps. A panel whose values are all one
+    number says so, and a run whose lines coincide with an earlier run's is labelled "(same as ...)",
+    so a line on top of another is not read as a missing run.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     if not run_dirs:
         raise SystemExit("error: plot needs at least one run directory")
     names = [Path(d).resolve().name or str(d) for d in run_dirs]
     # Labelled by directory name; two runs with the same name (a/ppo, b/ppo) keep the path given.
     runs = {(name if names.count(name) == 1 else str(d)): read_metrics(d) for name, d in zip(names, run_dirs, strict=True)}
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(runs) > len(cycle):  # more runs than the default cycle: spread them over a colour map
+        cycle = [matplotlib.colormaps["turbo"](i / (len(runs) - 1)) for i in range(len(runs))]
+    colours = dict(zip(runs, cycle, strict=False))
+    # Line styles and markers cycle at coprime lengths: 20 keys in one panel before a pair repeats.
+    line_styles, markers = ("-", "--", ":", "-."), (".", "x", "^", "s", "d")
     present = {key for records in runs.values() for r in records for key in r}
     panels = []
     for title, keys in PLOT_PANELS:
-        keys = sorted(k for k in present if keys(k)) if callable(keys) else keys
+        # The headline eval/accuracy first: it keeps the solid line and names any key merged into it.
+        if callable(keys):
+            keys = sorted((k for k in present if keys(k)), key=lambda k: (k != "eval/accuracy", k))
         if title in OPTIONAL_PANELS and not any(k in present for k in keys):
             continue
         panels.append((title, keys))
+    steps = [s for records in runs.values() for _, keys in panels for k in keys
+             for s in _series(records, k)[0]]
+    low, high = (min(steps), max(steps)) if steps else (0, 1)
+    pad = 0.04 * (high - low) or 0.5
     cols = 2
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.2 * rows), squeeze=False)
@@ -210,24 +251,61 @@ def plot_runs(run_dirs: list[str], out_path: str | os.PathLike) -> list[str]:
     for ax, (title, keys) in zip(axes.flat, panels, strict=False):
         ax.set_title(title)
         ax.set_xlabel("step")
-        drawn = 0
+        ax.set_xlim(low - pad, high + pad)
+        groups = _merge_duplicate_keys(keys, runs)
+        drawn, values, run_handles, key_handles = {}, [], [], []
         for run, records in runs.items():
-            for key in keys:
-                steps, values = _series(records, key)
-                if steps:
-                    ax.plot(steps, values, marker="." if len(steps) < 30 else None,
-                            label=run if len(keys) == 1 else f"{run}: {key}")
-                    drawn += 1
+            series = {group[0]: _series(records, group[0]) for group in groups}
+            series = {k: v for k, v in series.items() if v[0]}
+            if not series:
+                continue
+            for key, (x, y) in series.items():
+                i = [g[0] for g in groups].index(key)
+                # Markers tell keys apart when line styles repeat; alone, they only mark the points of a
+                # short run.
+                marker = markers[i % 5] if len(groups) > 1 or len(x) < 30 else None
+                ax.plot(x, y, color=colours[run], linestyle=line_styles[i % 4], marker=marker,
+                        markevery=max(1, len(x) // 15), linewidth=2.0 if i == 0 and len(groups) > 1 else 1.5,
+                        label=run if len(keys) == 1 else f"{run}: {key}")
+                values += y
+            twin = next((other for other, s in drawn.items() if s.keys() == series.keys()
+                         and all(_same_series(s[k], series[k]) for k in s)), None)
+            drawn[run] = series
+            label = run + (f" (same as {twin})" if twin else "")
+            run_handles.append(Line2D([], [], color=colours[run], label=label))
+        if len(groups) > 1 or any(len(g) > 1 for g in groups):
+            for i, group in enumerate(groups):
+                key_handles.append(Line2D([], [], color="gray", linestyle=line_styles[i % 4],
+                                          marker=markers[i % 5], label=" = ".join(group)))
         if drawn:
-            ax.legend(fontsize="small")
+            # A legend of several keys would cover the lines: it goes under the panel.
+            below = dict(loc="upper center", bbox_to_anchor=(0.5, -0.24), ncol=2) if key_handles else {}
+            ax.legend(handles=run_handles + key_handles, fontsize="small", **below)
+            if max(values) == min(values):
+                ax.text(0.5, 0.9, f"constant {values[0]:g}" + (" in every run" if len(drawn) > 1 else ""),
+                        ha="center", va="top", transform=ax.transAxes, color="gray")
         else:
             ax.text(0.5, 0.5, f"no {' / '.join(keys) or title} in these runs", ha="center", va="center",
                     transform=ax.transAxes, color="gray")
     fig.tight_layout()
+    return fig, [title for title, _ in panels]
+
+
+def plot_runs(run_dirs: list[str], out_path: str | os.PathLike) -> list[str]:
+    """Draw the metrics of one or more runs, overlaid, against step into one PNG; returns the panel titles.
+
+    Panels: train reward, eval accuracy (every eval/ accuracy key), response length, entropy, clip
+    fraction, and value loss / explained variance when any run logged them. A panel no run has data for
+    is drawn empty with a note. Runs are labelled by the run directory's name; how they are told apart is
+    in `figure_of_runs`. Uses matplotlib's Agg backend, so it needs no display.
+    """
+    fig, titles = figure_of_runs(run_dirs)
+    import matplotlib.pyplot as plt  # after figure_of_runs chose the Agg backend
+
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
-    return [title for title, _ in panels]
+    return titles
 
 
 def main(argv: list[str] | None = None) -> None:

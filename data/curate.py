@@ -324,13 +324,27 @@ def find_overlaps(train: list[dict], evals: dict[str, list[dict]], n: int = 13, 
     return hits
 
 
+def default_report_path(dataset: str) -> Path:
+    """Where `contamination` writes its report without --report: beside the dataset, named after it
+    (data/train.jsonl -> data/train.contamination.json; a dataset directory d -> d.contamination.json).
+    A dataset that is not a local path has no such place: SystemExit with one line."""
+    path = Path(dataset).expanduser()
+    if dataset.startswith("synthetic") or not path.exists():  # the built-in task, as load_dataset reads it
+        raise SystemExit(f"error: --dataset {dataset} is not a local file, so there is no place beside it "
+                         "for the report: give --report FILE.json")
+    return path.with_name((path.stem if path.is_file() else path.name) + ".contamination.json")
+
+
 def contamination(args) -> list[dict]:
     """`contamination`: report training records that overlap an eval question (printed and as JSON in
-    --report); with --drop, write the other records to --output. Returns the overlaps."""
+    --report, by default beside the dataset); with --drop, write the other records to --output. Returns the
+    overlaps."""
     if args.n < 1 or not 0 < args.threshold <= 1:
         raise SystemExit(f"error: need --n >= 1 and 0 < --threshold <= 1, got {args.n} and {args.threshold}")
     if args.drop != bool(args.output):
         raise SystemExit("error: --drop and --output go together: --drop --output clean.jsonl writes the cleaned set")
+    # Not the current directory: a report there is easily lost or overwritten by the next dataset's.
+    args.report = args.report or str(default_report_path(args.dataset))
     train = load_dataset(args.dataset, args)
     evals = load_eval_sets(args.eval, args)
     hits = find_overlaps(train, evals, n=args.n, threshold=args.threshold)
@@ -393,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval", default="math500,aime2024", help="comma-separated: math500, aime2024, or files")
     c.add_argument("--n", type=int, default=13, help="n-gram size in words (GPT-3: 13)")
     c.add_argument("--threshold", type=float, default=0.5, help="flag when this share of n-grams is shared")
-    c.add_argument("--report", default="contamination.json", help="JSON report of the overlaps")
+    c.add_argument("--report", default=None, help="JSON report of the overlaps (default: beside the dataset, "
+                                                  "DATASET.contamination.json)")
     c.add_argument("--drop", action="store_true", help="write the records without overlap to --output")
     c.add_argument("--output", default=None, help="JSON Lines output of --drop")
     c.set_defaults(run=contamination)

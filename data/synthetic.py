@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 SOURCE = "synthetic"
@@ -144,21 +145,51 @@ def tiny_base_path(cache_dir: str | None = None, **overrides) -> Path:
     return root / f"tiny-base-{digest}"
 
 
-def build_tiny_base(cache_dir: str | None = None, log=print, **overrides) -> Path:
+def build_tiny_base(cache_dir: str | None = None, log=print, progress: bool = True, **overrides) -> Path:
     """Build (or reuse from cache) the tiny base model and tokenizer; returns its directory.
+
+    Processes that need it at once (tests and a training run on a fresh machine) build it once: the first
+    takes a lock on the cache entry and builds, the others wait on the lock and then use the finished cache.
+    Temporary directories of builds that were killed are removed before building. `log` gets the start and
+    end of a build (accelerate's main-process print in the trainer); `progress` shows a progress bar.
+    """
+    from filelock import FileLock, Timeout
+
+    path = tiny_base_path(cache_dir, **overrides)
+    if (path / "model.safetensors").exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path.with_name(path.name + ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log(f"waiting for another process that is building the tiny base model ({path}) ...")
+        lock.acquire()
+    try:
+        if (path / "model.safetensors").exists():  # built by the process we waited for
+            return path
+        # Only the holder of the lock writes here, so a temporary directory found now is from a killed build,
+        # and an entry without its model is not a finished one (os.replace could not move a build onto it).
+        for stale in [*path.parent.glob(path.name + ".tmp*"), *([path] if path.exists() else [])]:
+            shutil.rmtree(stale, ignore_errors=True)
+        _build_tiny_base(path, {**TINY_DEFAULTS, **overrides}, log, progress)
+    finally:
+        lock.release()
+    return path
+
+
+def _build_tiny_base(path: Path, settings: dict, log, progress: bool) -> None:
+    """Pre-train the tiny base with `settings` and move it to `path` once complete.
 
     Pre-training is teacher-forced next-token prediction on the response tokens only, with prompts and
     responses tokenized separately exactly as generation will see them.
     """
     import torch
+    from tqdm.auto import tqdm
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from data.loading import format_prompt
 
-    settings = {**TINY_DEFAULTS, **overrides}
-    path = tiny_base_path(cache_dir, **overrides)
-    if (path / "model.safetensors").exists():
-        return path
     log(f"building the tiny base model once (cached at {path}) ...")
     rng = random.Random(settings["seed"])
     records = make_synthetic_records("train", 4000, seed=settings["seed"], difficulty=settings["difficulty"])
@@ -175,6 +206,7 @@ def build_tiny_base(cache_dir: str | None = None, log=print, **overrides) -> Pat
     opt = torch.optim.AdamW(model.parameters(), lr=settings["lr"], betas=(0.9, 0.98), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, settings["lr"], total_steps=settings["steps"], pct_start=0.1)
     model.train()
+    bar = tqdm(total=settings["steps"], desc="pre-training the tiny base", unit="step", disable=not progress)
     for step in range(settings["steps"]):
         batch = [sequences[rng.randrange(len(sequences))] for _ in range(settings["batch_size"])]
         width = max(len(p) + len(r) for p, r in batch)
@@ -191,11 +223,13 @@ def build_tiny_base(cache_dir: str | None = None, log=print, **overrides) -> Pat
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == settings["steps"] - 1:
-            log(f"  pre-train step {step}: loss {loss.item():.3f}")
+        bar.update()
+        if step % 10 == 0 or step == settings["steps"] - 1:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "reasoner_zero_base.json").write_text(json.dumps(settings, indent=2))
     os.replace(tmp, path)  # atomic: a half-written cache is never mistaken for a finished one
-    return path
+    log(f"built the tiny base model: final pre-training loss {loss.item():.3f}")

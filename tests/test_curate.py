@@ -161,13 +161,34 @@ def test_contamination_short_questions_and_threshold(tmp_path):
     assert [(h["id"], h["eval_set"]) for h in hits] == [(0, eval_file)]
 
 
+def test_contamination_report_defaults_to_next_to_its_input(tmp_path, monkeypatch):
+    """Without --report the report goes beside the dataset file, not into the current directory; a dataset
+    that is not a local file (the built-in task, a hub name) needs --report."""
+    data_dir, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    data_dir.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    data = write_jsonl(data_dir / "train.jsonl", [{"question": "What is 2 + 3?", "answer": "5"}])
+    eval_file = write_jsonl(data_dir / "ev.jsonl", [{"question": "What is 2 + 3?", "answer": "5"}])
+    main(["contamination", "--dataset", data, "--eval", eval_file])
+    assert list(elsewhere.iterdir()) == []
+    report = json.loads((data_dir / "train.contamination.json").read_text())
+    assert report["dataset"] == data and report["flagged_records"] == 1
+    with pytest.raises(SystemExit) as err:
+        main(["contamination", "--dataset", "synthetic", "--eval", eval_file])
+    assert str(err.value) == ("error: --dataset synthetic is not a local file, so there is no place beside "
+                              "it for the report: give --report FILE.json")
+    assert list(elsewhere.iterdir()) == []
+
+
 # ---------------------------------------------------------------- bad input
 
 
 @pytest.mark.parametrize("argv, message", [
     (["dedup", "--dataset", "{tmp}/missing.jsonl", "--output", "{tmp}/o.jsonl"], "missing.jsonl: no such file"),
     (["dedup", "--dataset", "{tmp}/empty.jsonl", "--output", "{tmp}/o.jsonl"], "empty.jsonl: file is empty"),
-    (["contamination", "--dataset", "synthetic", "--eval", "math500,gsm8k"], "unknown eval set 'gsm8k'"),
+    (["contamination", "--dataset", "synthetic", "--eval", "math500,gsm8k", "--report", "{tmp}/r.json"],
+     "unknown eval set 'gsm8k'"),
     (["contamination", "--dataset", "synthetic", "--drop"], "--drop and --output go together"),
     (["difficulty", "--dataset", "synthetic", "--output", "{tmp}/o.jsonl", "--max-pass", "2"], "--max-pass"),
     (["difficulty", "--dataset", "synthetic", "--output", "{tmp}/o.jsonl", "--model", "./nope"], "./nope: no such path"),
