@@ -972,6 +972,9 @@ class _RateLimitedWarnings:
             self.suppressed += 1
 
 
+_CALL_ARGUMENTS = ("response", "ground_truth")  # what `fn(response, ground_truth, **extras)` names
+
+
 class RewardPool:
     """Score (response, ground truth) pairs with a reward function in worker processes, with per-item timeouts.
 
@@ -1056,6 +1059,9 @@ class RewardPool:
     ) -> tuple[list[float], dict[str, int]]:
         """Rewards for each (response, ground truth[, extras]) and counters of failed items.
 
+        `extras[i]` (e.g. a dataset record's other fields) are passed to the reward function as keyword
+        arguments, except keys named "response" or "ground_truth", which the call already fills.
+
         Returns (rewards, {"reward/errors": n, "reward/timeouts": n, "reward/invalid": n}).
         """
         if self._closed:
@@ -1066,7 +1072,8 @@ class RewardPool:
                 f"score: {n} responses, {len(ground_truths)} ground truths, "
                 f"{'no' if extras is None else len(extras)} extras; lengths must match"
             )
-        extras = [dict(e or {}) for e in extras] if extras is not None else [{} for _ in range(n)]
+        # A record field named like an argument the call already passes would make every call a TypeError.
+        extras = [{k: v for k, v in (e or {}).items() if k not in _CALL_ARGUMENTS} for e in (extras or [{}] * n)]
         rewards, seconds = [0.0] * n, [0.0] * n
         counters = {"reward/errors": 0, "reward/timeouts": 0, "reward/invalid": 0}
         if self.num_workers == 0:

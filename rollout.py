@@ -483,7 +483,8 @@ def evaluate_datasets(model, tokenizer, datasets: dict[str, list[dict]], *, pool
             texts = tokenizer.batch_decode([row[:n] for row, n in zip(out.tolist(), lengths.tolist(), strict=True)],
                                            skip_special_tokens=True)
             truths = [r["answer"] for r in chunk for _ in range(num_samples)]
-            rewards, _ = pool.score(texts, truths)
+            extras = [r.get("extras") or {} for r in chunk for _ in range(num_samples)]
+            rewards, _ = pool.score(texts, truths, extras)
             if not score_truncated:
                 rewards = [0.0 if cut else x for x, cut in zip(rewards, truncated.tolist(), strict=True)]
             for j, r in enumerate(chunk):

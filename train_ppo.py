@@ -501,11 +501,13 @@ def rollout(model, tokenizer, records: list, args: Args, num_generations: int, s
     return exp, texts
 
 
-def score(pool: RewardPool, texts: list[str], answers: list[str], truncated: torch.Tensor, args: Args):
-    """Rewards (B,) with ORZ's rule: a truncated response scores 0 unless --score-truncated."""
+def score(pool: RewardPool, texts: list[str], answers: list[str], truncated: torch.Tensor, args: Args,
+          extras: list[dict] | None = None):
+    """Rewards (B,) with ORZ's rule: a truncated response scores 0 unless --score-truncated. `extras` are
+    the other fields of each response's record, passed to the reward function as keyword arguments."""
     from reward import format_reward
 
-    rewards, stats = pool.score(texts, answers)
+    rewards, stats = pool.score(texts, answers, extras)
     rewards = torch.tensor(rewards, dtype=torch.float32)
     if args.format_reward_weight:
         rewards += args.format_reward_weight * torch.tensor([format_reward(t) for t in texts])
@@ -589,7 +591,6 @@ def main(args: Args) -> dict:
     policy = AutoModelForCausalLM.from_pretrained(model_path, **load)
     stop_ids = prepare_for_sampling(tokenizer, policy)
     train_records, eval_records = load_data(args, tokenizer)
-    answers_by_id = {r["id"]: r["answer"] for r in train_records}
 
     critic = ValueModel.from_base(model_path, **load) if args.advantage == "gae" else None
     ref_load = {**load, "dtype": torch.bfloat16 if args.bf16 else torch.float32}  # never trained: bf16 is fine
@@ -666,8 +667,10 @@ def main(args: Args) -> dict:
 
         # ---- 3. Reward ---------------------------------------------------------------------------
         t = time.time()
-        answers = [answers_by_id[int(g)] for g in exp.group_ids]
-        rewards, reward_stats = score(pool, texts, answers, exp.truncated.cpu(), args)
+        drawn = [records[i // args.num_generations] for i in range(len(texts))]  # each row's record
+        answers = [r["answer"] for r in drawn]
+        rewards, reward_stats = score(pool, texts, answers, exp.truncated.cpu(), args,
+                                      [r.get("extras") or {} for r in drawn])
         repetitive = repetition_flags(exp.response_ids.cpu(), exp.response_mask.sum(dim=1).long().cpu(), texts)
         if args.zero_repetitive:  # a guard against drifting into repetition; ORZ's code only logs a repeat score
             rewards = zero_degenerate(rewards, repetitive)

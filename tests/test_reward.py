@@ -70,6 +70,9 @@ def odd_value(response, ground_truth, **extras):  # each way a value is no rewar
             "inf": math.inf, "nan": math.nan, "bool": True, "string": "1.0", "bytes": b"1", "list": [1.0],
             "complex": 1j, "float-fails": FloatFails(), "none": None}[response]
 
+def by_extra(response, ground_truth, **extras):  # a record's field decides; the truth adds 1 when it is "1"
+    return extras["level"] + (ground_truth == "1")
+
 def always_raises(response, ground_truth, **extras):
     raise KeyError("boom")
 
@@ -428,6 +431,17 @@ def test_in_process_pool_counts_and_rate_limits_warnings(bad_rewards_file, caplo
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert 1 <= len(warnings) <= 5
     assert "item 0" in warnings[0] and "KeyError" in warnings[0]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_extras_reach_the_reward_function(workers, bad_rewards_file):
+    """Each item's extras arrive as keyword arguments, in process and in workers; a record field named like
+    an argument the call fills (response, ground_truth) is left out instead of failing every call."""
+    extras = [{"level": 2}, {"level": 5, "ground_truth": "1", "response": "x"}, {"level": 0.5, "other": [1]}]
+    with RewardPool(f"{bad_rewards_file}:by_extra", num_workers=workers, timeout=5.0) as pool:
+        rewards, counters = pool.score(["a", "b", "c"], ["1", "0", "1"], extras)
+    assert rewards == [3.0, 5.0, 1.5]
+    assert sum(counters.values()) == 0
 
 
 ODD_VALUES = ["huge-int", "huge-fraction", "1e30", "-1e7", "inf", "nan", "bool", "string", "bytes", "list",

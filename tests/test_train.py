@@ -91,6 +91,40 @@ def test_ppo_script_runs_grpo_and_loads_the_policy(tmp_path, tiny_base):
     AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
 
 
+def write_jsonl(path, rows: list[dict]):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+WEIGHT_REWARD = """
+def by_weight(response, ground_truth, **extras):  # scores by a field of the record, not by the response
+    return extras["weight"]
+"""
+
+
+def test_custom_reward_receives_the_records_other_fields(tmp_path, tiny_base):
+    """`--reward file.py:fn` gets each response's record fields as keyword extras, in the worker processes,
+    in training and in evaluation: a reward that returns the record's `weight` field gives exactly the
+    weights (a missing extra would raise KeyError: errors, reward 0)."""
+    weights = [0.0, 0.25, 0.5, 1.0]
+    data = write_jsonl(tmp_path / "weighted.jsonl", [{"question": f"What is {i} + 1?", "answer": str(i + 1),
+                                                      "weight": w} for i, w in enumerate(weights)])
+    (tmp_path / "weight_reward.py").write_text(WEIGHT_REWARD)
+    out = tmp_path / "run"
+    result = train("train_grpo.py", out, "--dataset", str(data), "--eval-datasets", str(data),
+                   "--reward", f"{tmp_path / 'weight_reward.py'}:by_weight", "--reward-workers", "1",
+                   "--score-truncated", "--max-steps", "2", "--prompts-per-step", "4", "--num-generations", "4",
+                   "--max-new-tokens", "16", "--eval-every", "2", "--eval-num-samples", "2",
+                   "--samples-per-step", "16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = metrics(out)
+    assert [r["reward/errors"] for r in rows[:2]] == [0, 0]
+    assert [r["train/reward"] for r in rows[:2]] == [sum(weights) / 4] * 2  # each step draws each record once
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 32 and all(s["reward"] == weights[s["prompt_id"]] for s in samples)
+    assert rows[0]["eval/accuracy"] == rows[-1]["eval/accuracy"] == 0.25  # only weight 1.0 counts as correct
+
+
 def test_config_file_with_command_line_override(tmp_path):
     from train_grpo import Args
     from utils import parse_args
