@@ -363,7 +363,7 @@ def _question_text(value, where: str, name: str) -> str:
         raise DataError(f"{where}: question '{name}' is {_describe(value)}, expected a string")
     if not value.strip():
         raise DataError(f"{where}: question '{name}' is empty")
-    return value
+    return _valid_text(value, f"{where}: question '{name}'")
 
 
 def _answer_text(value, where: str, name: str) -> tuple[str, dict]:
@@ -382,7 +382,21 @@ def _answer_text(value, where: str, name: str) -> tuple[str, dict]:
         raise DataError(f"{where}: answer '{name}' is {_describe(value)}, expected a string or a number")
     if not value.strip():
         raise DataError(f"{where}: answer '{name}' is empty")
-    return value, extras
+    return _valid_text(value, f"{where}: answer '{name}'"), extras
+
+
+def _valid_text(text: str, what: str) -> str:
+    """`text` if it is valid Unicode; DataError for a lone surrogate (half of a broken \\u escape pair, which
+    JSON readers let through): no tokenizer takes it and no UTF-8 file can hold it, so it would stop
+    training later, when the prompt is tokenized or a sample holding it is written."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataError(
+            f"{what} has an invalid character {text[err.start]!r} at position {err.start} (a lone UTF-16 "
+            "surrogate, e.g. half of a broken \\u escape pair): fix or remove it"
+        ) from None
+    return text
 
 
 # ---------------------------------------------------------------- message helpers

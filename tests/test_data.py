@@ -368,6 +368,35 @@ def test_bad_field_values(tmp_path, row, expected):
     assert message.startswith(f"{path}: {expected}")
 
 
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [
+        ({"question": "What is 1\ud800?", "answer": "1"}, "record 1: question 'question' has an invalid "
+         "character '\\ud800' at position 9"),
+        ({"question": "q?", "answer": "1\udfff"}, "record 1: answer 'answer' has an invalid character '\\udfff'"),
+        ({"question": "q?", "ground_truth": {"value": "\ud83d"}}, "record 1: answer 'ground_truth' has an invalid"),
+        ({"prompt": [{"role": "user", "content": "x\ud800"}], "answer": "1"}, "record 1: question 'prompt' has an"),
+    ],
+)
+def test_lone_surrogates_in_question_or_answer_are_refused_at_load_time(tmp_path, row, expected):
+    """A broken \\u escape (half of a surrogate pair) is no text a tokenizer or a UTF-8 file takes: it is
+    refused when loading, with the record, not when training reaches it."""
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"question": "fine?", "answer": "1"}, row])
+    message = load_error(path)
+    assert message.startswith(f"{path}: {expected}"), message
+    message.encode("utf-8")  # the message itself prints anywhere
+
+
+def test_lone_surrogates_in_orz_pairs_and_extras(tmp_path):
+    pair = [{"from": "human", "value": "q\ud800"}, {"from": "assistant", "ground_truth": {"value": "1"}}]
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps([pair]))
+    assert load_error(path).startswith(f"{path}: record 0: question 'value' has an invalid character")
+    # other fields only reach a custom reward function, which may want them as they are
+    path = write_jsonl(tmp_path / "extras.jsonl", [{"question": "q?", "answer": "1", "note": "\ud800"}])
+    assert load_records(str(path))[0]["extras"] == {"note": "\ud800"}
+
+
 def test_nan_answer_from_parquet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

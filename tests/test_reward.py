@@ -437,9 +437,9 @@ def test_in_process_pool_counts_and_rate_limits_warnings(bad_rewards_file, caplo
 def test_extras_reach_the_reward_function(workers, bad_rewards_file):
     """Each item's extras arrive as keyword arguments, in process and in workers; a record field named like
     an argument the call fills (response, ground_truth) is left out instead of failing every call."""
-    extras = [{"level": 2}, {"level": 5, "ground_truth": "1", "response": "x"}, {"level": 0.5, "other": [1]}]
+    extras = [{"level": 2}, {"level": 5, "ground_truth": "1", "response": "x"}, {"level": 0.5, "note": "\udfff"}]
     with RewardPool(f"{bad_rewards_file}:by_extra", num_workers=workers, timeout=5.0) as pool:
-        rewards, counters = pool.score(["a", "b", "c"], ["1", "0", "1"], extras)
+        rewards, counters = pool.score(["a", "b\ud800", "c"], ["1", "0", "1"], extras)  # any str travels
     assert rewards == [3.0, 5.0, 1.5]
     assert sum(counters.values()) == 0
 

@@ -125,6 +125,50 @@ def test_custom_reward_receives_the_records_other_fields(tmp_path, tiny_base):
     assert rows[0]["eval/accuracy"] == rows[-1]["eval/accuracy"] == 0.25  # only weight 1.0 counts as correct
 
 
+@pytest.mark.parametrize("field", ["question", "answer"])
+def test_bad_text_in_the_data_stops_before_training_with_one_line(field, tmp_path):
+    """A lone surrogate (a broken \\u escape) in a question used to be a tokenizer traceback, in an answer a
+    crash part-way through training when a sample holding it was written."""
+    rows = [{"question": "What is 1 + 1?", "answer": "2"}, {"question": "What is 2 + 2?", "answer": "4"}]
+    rows[1][field] += "\ud800"
+    data = write_jsonl(tmp_path / "bad.jsonl", rows)
+    result = train("train_ppo.py", tmp_path / "run", "--dataset", str(data), "--max-steps", "2",
+                   "--prompts-per-step", "2", "--num-generations", "2", "--max-new-tokens", "8",
+                   "--eval-every", "0", "--reward-workers", "0", "--samples-per-step", "4")
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {data}: record 1: {field} '{field}' has an invalid character"), result.stderr[-2000:]
+
+
+def test_any_model_text_is_scored_and_written(tmp_path, tiny_base):
+    """Model output is arbitrary text: decoded random token ids, and what a decoder of another tokenizer
+    might give (a lone surrogate, NUL, a direction mark) are scored and written to samples.jsonl, which
+    escapes what UTF-8 cannot hold, so they read back unchanged; nothing raises."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from reward import RewardPool
+    from train_ppo import Args, score
+    from utils import JsonlWriter
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    ids = torch.randint(0, len(tokenizer), (16, 48), generator=torch.Generator().manual_seed(0))
+    odd = ["\\boxed{5}\ud800", "\udfff", "\x00<answer>\\boxed{5}</answer>", "\u202e\\boxed{5}", "\\boxed{\ud800}"]
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=False) + odd
+    n = len(texts)
+    with RewardPool("math", num_workers=0) as pool:
+        rewards, stats = score(pool, texts, ["5"] * n, torch.zeros(n, dtype=torch.bool), Args(),
+                               [{"note": t} for t in texts])
+    assert sum(stats.values()) == 0
+    assert rewards[-len(odd):].tolist() == [1.0, 0.0, 1.0, 1.0, 0.0]
+    writer = JsonlWriter(tmp_path / "samples.jsonl")
+    for text, r in zip(texts, rewards.tolist(), strict=True):
+        writer.write({"response": text, "reward": r, "nested": {"texts": [text]}})
+    writer.close()
+    back = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [b["response"] for b in back] == texts and [b["nested"]["texts"][0] for b in back] == texts
+
+
 def test_config_file_with_command_line_override(tmp_path):
     from train_grpo import Args
     from utils import parse_args
