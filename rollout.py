@@ -31,7 +31,7 @@ class Experience:
     response_ids: torch.Tensor  # (B, R) right-padded
     response_mask: torch.Tensor  # (B, R) float, 1 up to and including the first stop
     truncated: torch.Tensor  # (B,) bool: hit max_new_tokens without stopping
-    group_ids: torch.Tensor  # (B,) the dataset id of each row's prompt: groups are keyed by it
+    group_ids: torch.Tensor  # (B,) rows with the same id were sampled from the same draw of a prompt
     rewards: torch.Tensor | None = None  # (B,)
     old_logprobs: torch.Tensor | None = None  # (B, R)
     ref_logprobs: torch.Tensor | None = None  # (B, R)

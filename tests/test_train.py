@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 from conftest import ROOT
@@ -123,6 +124,35 @@ def test_custom_reward_receives_the_records_other_fields(tmp_path, tiny_base):
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 32 and all(s["reward"] == weights[s["prompt_id"]] for s in samples)
     assert rows[0]["eval/accuracy"] == rows[-1]["eval/accuracy"] == 0.25  # only weight 1.0 counts as correct
+
+
+LENGTH_REWARD = """
+def by_length(response, ground_truth, **extras):  # differs within a group, so each group's mean matters
+    return float(len(response))
+"""
+
+
+def test_each_draw_of_a_prompt_is_its_own_group(tmp_path, tiny_base):
+    """With fewer records than prompts per step, a step draws a record more than once: each draw's samples
+    are a group of their own (GRPO's baseline is that draw's mean, not the mean of every draw of the
+    record), samples keep the record's id, and the start of the run says so with the numbers."""
+    data = write_jsonl(tmp_path / "two.jsonl", [{"question": "What is 1 + 1?", "answer": "2"},
+                                                {"question": "What is 2 + 3?", "answer": "5"}])
+    (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)
+    out, reward_spec = tmp_path / "run", f"{tmp_path / 'length_reward.py'}:by_length"
+    result = train("train_grpo.py", out, "--dataset", str(data), "--reward", reward_spec,
+                   "--reward-workers", "0", "--score-truncated", "--no-scale-by-std", "--max-steps", "1",
+                   "--prompts-per-step", "4", "--num-generations", "4", "--max-new-tokens", "16",
+                   "--eval-every", "0", "--samples-per-step", "16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 training prompts, fewer than --prompts-per-step 4" in result.stdout
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 16 and sorted(Counter(s["prompt_id"] for s in samples).values()) == [8, 8]
+    for draw in range(4):  # rows are in draw order, num_generations per draw
+        group = samples[4 * draw:4 * draw + 4]
+        assert len({s["prompt_id"] for s in group}) == 1
+        mean = sum(s["reward"] for s in group) / 4
+        assert [s["advantage"] for s in group] == pytest.approx([s["reward"] - mean for s in group], abs=1e-4)
 
 
 @pytest.mark.parametrize("field", ["question", "answer"])
