@@ -855,16 +855,32 @@ def _absolute_spec(spec: str) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
+# Every rule this trainer is meant for gives rewards of order 1 (ORZ: 0 or 1), so a larger value is a bug
+# in the reward function, not a score, and it breaks training: the critic's squared error of a 1e30 reward
+# is inf in float32, and one such row swamps the whitened advantages of the whole batch. 1e6 leaves room
+# for any deliberate scale while keeping the value loss (1e12 at most) far inside float32's range.
+MAX_ABS_REWARD = 1e6
+
+
+def _is_boolean(value) -> bool:
+    """True for bool and numpy/torch booleans: they convert to 0/1, but mean a predicate was returned."""
+    return isinstance(value, bool) or "bool" in str(getattr(value, "dtype", ""))
+
+
 def _check_reward(value) -> tuple[str, float, str]:
-    """("ok", value, "") for a finite real number, else ("invalid", 0.0, what it was)."""
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__float__"):
-        return "invalid", 0.0, f"returned {type(value).__name__}"
+    """("ok", value, "") for a real number within +-MAX_ABS_REWARD, else ("invalid", 0.0, what it was).
+
+    Never raises: `float()` of a user's value may overflow (10**400) or fail in the value's own code.
+    """
+    kind = type(value).__name__
+    if isinstance(value, (str, bytes)) or _is_boolean(value) or not hasattr(value, "__float__"):
+        return "invalid", 0.0, f"returned {kind}, not a number (return a float)"
     try:
         number = float(value)
-    except (TypeError, ValueError) as e:
-        return "invalid", 0.0, f"returned {type(value).__name__} ({type(e).__name__})"
-    if not math.isfinite(number):
-        return "invalid", 0.0, f"returned {number}"
+    except Exception as e:  # OverflowError for 10**400; anything from a user class's __float__
+        return "invalid", 0.0, f"returned {kind} that float() refused ({type(e).__name__})"
+    if not math.isfinite(number) or abs(number) > MAX_ABS_REWARD:
+        return "invalid", 0.0, f"returned {number:g}, outside [-{MAX_ABS_REWARD:g}, {MAX_ABS_REWARD:g}]"
     return "ok", number, ""
 
 
@@ -875,11 +891,11 @@ def _score_one(
     try:
         with _deadline(soft_timeout):
             value = fn(response, ground_truth, **extras)
+            return _check_reward(value)  # inside the deadline: a user's __float__ may be slow too
     except _DeadlineExceeded:
         return "timeout", 0.0, "soft deadline"
     except Exception as e:  # a user's reward function may raise anything; it costs the sample, not the run
         return "error", 0.0, type(e).__name__
-    return _check_reward(value)
 
 
 def _worker_main(conn, reward_fn, soft_timeout: float) -> None:
@@ -956,6 +972,9 @@ class _RateLimitedWarnings:
             self.suppressed += 1
 
 
+_CALL_ARGUMENTS = ("response", "ground_truth")  # what `fn(response, ground_truth, **extras)` names
+
+
 class RewardPool:
     """Score (response, ground truth) pairs with a reward function in worker processes, with per-item timeouts.
 
@@ -963,7 +982,8 @@ class RewardPool:
     callable `fn(response, ground_truth, **extras) -> float`. Workers are 'spawn'ed (the trainer is a
     multi-threaded torch process, which must not fork), started once and reused across calls; a worker
     is killed and replaced only when an item overruns `timeout` seconds or the worker dies. An item that
-    raises, overruns, or returns a non-number, NaN or inf scores 0.0 and is counted and logged.
+    raises, overruns, or returns a non-number, a bool, NaN, inf or a value beyond +-MAX_ABS_REWARD scores 0.0
+    and is counted and logged.
 
     `num_workers=0` scores in the calling process: no processes, but then hard timeouts are NOT enforced
     (a soft SIGALRM deadline applies in the main thread, and math_reward's pre-screen always applies).
@@ -1039,6 +1059,9 @@ class RewardPool:
     ) -> tuple[list[float], dict[str, int]]:
         """Rewards for each (response, ground truth[, extras]) and counters of failed items.
 
+        `extras[i]` (e.g. a dataset record's other fields) are passed to the reward function as keyword
+        arguments, except keys named "response" or "ground_truth", which the call already fills.
+
         Returns (rewards, {"reward/errors": n, "reward/timeouts": n, "reward/invalid": n}).
         """
         if self._closed:
@@ -1049,7 +1072,8 @@ class RewardPool:
                 f"score: {n} responses, {len(ground_truths)} ground truths, "
                 f"{'no' if extras is None else len(extras)} extras; lengths must match"
             )
-        extras = [dict(e or {}) for e in extras] if extras is not None else [{} for _ in range(n)]
+        # A record field named like an argument the call already passes would make every call a TypeError.
+        extras = [{k: v for k, v in (e or {}).items() if k not in _CALL_ARGUMENTS} for e in (extras or [{}] * n)]
         rewards, seconds = [0.0] * n, [0.0] * n
         counters = {"reward/errors": 0, "reward/timeouts": 0, "reward/invalid": 0}
         if self.num_workers == 0:

@@ -31,7 +31,7 @@ class Experience:
     response_ids: torch.Tensor  # (B, R) right-padded
     response_mask: torch.Tensor  # (B, R) float, 1 up to and including the first stop
     truncated: torch.Tensor  # (B,) bool: hit max_new_tokens without stopping
-    group_ids: torch.Tensor  # (B,) the dataset id of each row's prompt: groups are keyed by it
+    group_ids: torch.Tensor  # (B,) rows with the same id were sampled from the same draw of a prompt
     rewards: torch.Tensor | None = None  # (B,)
     old_logprobs: torch.Tensor | None = None  # (B, R)
     ref_logprobs: torch.Tensor | None = None  # (B, R)
@@ -526,7 +526,8 @@ def evaluate_datasets(model, tokenizer, datasets: dict[str, list[dict]], *, pool
             if call >= len(mine):
                 continue
             truths = [r["answer"] for r in chunk for _ in range(num_samples)]
-            rewards, _ = pool.score(texts, truths)
+            extras = [r.get("extras") or {} for r in chunk for _ in range(num_samples)]
+            rewards, _ = pool.score(texts, truths, extras)
             if not score_truncated:
                 rewards = [0.0 if cut else x for x, cut in zip(rewards, truncated.tolist(), strict=True)]
             for j, r in enumerate(chunk):

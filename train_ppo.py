@@ -329,7 +329,9 @@ def answer_is_usable(answer: str) -> bool:
 
 def step_prompts(records: list, step: int, per_step: int, seed: int, rank: int, world: int) -> list:
     """This process's share of the prompts of `step`: a fresh permutation per epoch, a pure function of
-    (step, seed), so a resumed run sees the same prompts."""
+    (step, seed), so a resumed run sees the same prompts. A step may draw a record twice (a dataset
+    smaller than `per_step`, or a step across the end of an epoch); `rollout` makes each draw its own
+    group."""
     local = per_step // world
     chosen = []
     for g in range(step * per_step + rank * local, step * per_step + (rank + 1) * local):
@@ -477,7 +479,11 @@ def is_sharded(accelerator) -> bool:
 
 def rollout(model, tokenizer, records: list, args: Args, num_generations: int, stop_ids: list[int],
             seeds: list[int] | None = None, synced: bool = False) -> tuple[Experience, list[str]]:
-    """Generate `num_generations` responses per record; the experience batch (no rewards yet) and the texts."""
+    """Generate `num_generations` responses per record; the experience batch (no rewards yet) and the texts.
+
+    Each record's responses are one group, keyed by the record's place in `records` rather than its id: a
+    record drawn twice in a step gives two groups, each with its own baseline, as two distinct prompts
+    would."""
     prompt_ids, prompt_mask = left_pad([r["prompt_ids"] for r in records], tokenizer.pad_token_id)
     # refill cannot keep processes in lockstep, which sharded (FSDP) generation needs: plain generate there
     refill = args.generation == "refill" and not synced
@@ -497,15 +503,17 @@ def rollout(model, tokenizer, records: list, args: Args, num_generations: int, s
     exp = Experience(prompt_ids=prompt_ids.repeat_interleave(num_generations, 0),
                      prompt_mask=prompt_mask.repeat_interleave(num_generations, 0),
                      response_ids=response_ids, response_mask=mask, truncated=truncated,
-                     group_ids=torch.tensor([r["id"] for r in records]).repeat_interleave(num_generations))
+                     group_ids=torch.arange(len(records)).repeat_interleave(num_generations))
     return exp, texts
 
 
-def score(pool: RewardPool, texts: list[str], answers: list[str], truncated: torch.Tensor, args: Args):
-    """Rewards (B,) with ORZ's rule: a truncated response scores 0 unless --score-truncated."""
+def score(pool: RewardPool, texts: list[str], answers: list[str], truncated: torch.Tensor, args: Args,
+          extras: list[dict] | None = None):
+    """Rewards (B,) with ORZ's rule: a truncated response scores 0 unless --score-truncated. `extras` are
+    the other fields of each response's record, passed to the reward function as keyword arguments."""
     from reward import format_reward
 
-    rewards, stats = pool.score(texts, answers)
+    rewards, stats = pool.score(texts, answers, extras)
     rewards = torch.tensor(rewards, dtype=torch.float32)
     if args.format_reward_weight:
         rewards += args.format_reward_weight * torch.tensor([format_reward(t) for t in texts])
@@ -581,7 +589,6 @@ def main(args: Args) -> dict:
     policy = AutoModelForCausalLM.from_pretrained(model_path, **load)
     stop_ids = prepare_for_sampling(tokenizer, policy, log=accelerator.print)
     train_records, eval_records = load_data(args, tokenizer)
-    answers_by_id = {r["id"]: r["answer"] for r in train_records}
 
     critic = ValueModel.from_base(model_path, **load) if args.advantage == "gae" else None
     ref_load = {**load, "dtype": torch.bfloat16 if args.bf16 else torch.float32}  # never trained: bf16 is fine
@@ -636,6 +643,10 @@ def main(args: Args) -> dict:
     unwrapped = accelerator.unwrap_model(policy)
     accelerator.print(f"training {args.advantage} on {len(train_records)} prompts, {world} process(es), "
                       f"{args.max_steps} steps of {args.prompts_per_step} x {args.num_generations}")
+    if len(train_records) < args.prompts_per_step:
+        accelerator.print(f"note: {len(train_records)} training prompts, fewer than --prompts-per-step "
+                          f"{args.prompts_per_step}: each step draws some prompts more than once, and "
+                          f"each draw's {args.num_generations} samples are a group of their own")
 
     bar = tqdm(range(start_step, args.max_steps), disable=not accelerator.is_main_process, desc=args.advantage,
                initial=start_step, total=args.max_steps)
@@ -661,8 +672,10 @@ def main(args: Args) -> dict:
 
         # ---- 3. Reward ---------------------------------------------------------------------------
         t = time.time()
-        answers = [answers_by_id[int(g)] for g in exp.group_ids]
-        rewards, reward_stats = score(pool, texts, answers, exp.truncated.cpu(), args)
+        drawn = [records[i // args.num_generations] for i in range(len(texts))]  # each row's record
+        answers = [r["answer"] for r in drawn]
+        rewards, reward_stats = score(pool, texts, answers, exp.truncated.cpu(), args,
+                                      [r.get("extras") or {} for r in drawn])
         repetitive = repetition_flags(exp.response_ids.cpu(), exp.response_mask.sum(dim=1).long().cpu(), texts)
         if args.zero_repetitive:  # a guard against drifting into repetition; ORZ's code only logs a repeat score
             rewards = zero_degenerate(rewards, repetitive)
@@ -767,7 +780,7 @@ def main(args: Args) -> dict:
             sched.step()
         metrics["time/step"] = time.time() - t_step
         take = min(-(-args.samples_per_step // world), len(texts))  # each process's part of the sample
-        samples = gather_object([{"step": step, "prompt_id": int(exp.group_ids[i]),
+        samples = gather_object([{"step": step, "prompt_id": records[i // args.num_generations]["id"],
                                   "prompt": records[i // args.num_generations]["question"], "response": texts[i],
                                   "ground_truth": answers[i], "reward": exp.rewards[i].item(),
                                   "advantage": exp.advantages[i, int(lengths[i]) - 1].item()} for i in range(take)])

@@ -121,11 +121,18 @@ def parse_args(args_class, argv: list[str] | None = None):
 
 
 class JsonlWriter:
-    """Append-only JSON Lines file, flushed per line so a killed run keeps everything written so far."""
+    """Append-only JSON Lines file, flushed per line so a killed run keeps everything written so far.
+
+    Any str can be written: a lone surrogate (which UTF-8 cannot hold) goes out as its JSON escape `\\udXXX`,
+    so a line never fails to write and reads back to the same string (a high and a low surrogate side by
+    side read back as the one character they encode).
+    """
 
     def __init__(self, path: str | os.PathLike):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the run
+        # json.dumps puts non-ASCII characters only inside JSON strings, where backslashreplace's `\udXXX`
+        # is exactly the JSON escape of that code point.
+        self.file = open(path, "a", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115 - run-long
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -89,7 +89,8 @@ def load_records(
     split: the split of a dataset directory or name (slices such as "train[:100]" work for
         `load_dataset`, plain names for a saved DatasetDict); ignored for single files and a saved Dataset.
     question_field, answer_field: the field to read from flat records; by default the first present of
-        QUESTION_FIELDS / ANSWER_FIELDS. An answer may be a string, a number, or {"value": ...}.
+        QUESTION_FIELDS / ANSWER_FIELDS. An answer may be a string, a number, or {"value": ...}; a JSON
+        number answer keeps the text the file wrote ("1e30", "1.50").
     limit: keep only the first `limit` records (ids stay their index in the source).
 
     Returns a list of {"id", "question", "answer", "source", "extras"} dicts; "source" is `spec` as given.
@@ -196,10 +197,37 @@ def _read_file(path: Path, source: str, limit: int | None) -> list:
     return _parse_json(text, source, limit)
 
 
+class _JsonNumber(float):
+    """A JSON number with a fraction or an exponent, which also keeps the text the file wrote: as a float,
+    1e30 would become the integer 1000000000000000019884624838656 and 0.1000000000000000000001 lose digits."""
+
+    def __new__(cls, text: str):
+        number = super().__new__(cls, text)
+        number.text = text
+        return number
+
+
+def _plain(value):
+    """`value` with every _JsonNumber inside made a plain float (record fields other than the answer)."""
+    if isinstance(value, _JsonNumber):
+        return float(value)
+    if isinstance(value, dict):
+        return {key: _plain(v) for key, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _too_long_number(err: ValueError) -> str:
+    """The message for the one ValueError json raises besides a syntax error: an integer of more digits
+    than Python converts (sys.get_int_max_str_digits)."""
+    return f"{_first_line(err).split(':')[0]}: write this number as a string"
+
+
 def _parse_json(text: str, source: str, limit: int | None) -> list:
     """Parse a .json file: a list of records, one object, or (saved under the wrong name) JSON Lines."""
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_float=_JsonNumber)
     except json.JSONDecodeError as err:
         # A file whose first line is a complete JSON value but whose whole text is not is JSON Lines;
         # a broken JSON list fails on its first line ("[") and keeps the whole-file error position.
@@ -210,6 +238,8 @@ def _parse_json(text: str, source: str, limit: int | None) -> list:
             position = f"line {err.lineno} column {err.colno}"
             raise DataError(f"{source}: invalid JSON at {position}: {err.msg}") from None
         return _parse_json_lines(text, source, limit)
+    except ValueError as err:
+        raise DataError(f"{source}: {_too_long_number(err)}") from None
     if isinstance(data, dict):
         return [data]  # what a one-line JSON Lines file holds
     if not isinstance(data, list):
@@ -226,12 +256,15 @@ def _parse_json_lines(text: str, source: str, limit: int | None) -> list:
         if not line.strip():
             continue
         try:
-            items.append(json.loads(line))
+            items.append(json.loads(line, parse_float=_JsonNumber))
         except json.JSONDecodeError as err:
             raise DataError(
                 f"{source}: line {line_number} (record {len(items)}): invalid JSON at column {err.colno}: "
                 f"{err.msg}"
             ) from None
+        except ValueError as err:
+            where = f"{source}: line {line_number} (record {len(items)})"
+            raise DataError(f"{where}: {_too_long_number(err)}") from None
     return items
 
 
@@ -323,7 +356,7 @@ def _flat_record(item, source: str, index: int, question_field: str | None, answ
     a_name = _pick_field(item, answer_field, ANSWER_FIELDS, "answer", where)
     question = _question_text(item[q_name], where, q_name)
     answer, answer_extras = _answer_text(item[a_name], where, a_name)
-    extras = {key: value for key, value in item.items() if key not in (q_name, a_name)}
+    extras = {key: _plain(value) for key, value in item.items() if key not in (q_name, a_name)}
     extras.update(answer_extras)
     return {"id": index, "question": question, "answer": answer, "source": source, "extras": extras}
 
@@ -343,6 +376,12 @@ def _pick_field(item: dict, chosen: str | None, candidates: tuple, kind: str, wh
         # A `prompt` that is neither text nor a message list (e.g. token ids) is not a question.
         if value is not None and (name != "prompt" or isinstance(value, str) or _is_message_list(value)):
             return name
+    null = next((name for name in candidates if name in item and item[name] is None), None)
+    if null is not None:
+        raise DataError(
+            f"{where}: {kind} '{null}' is null (empty): fill it in or drop the record; {flag} NAME reads "
+            f"another field; the record has {fields}"
+        )
     hint = ""
     if kind == "answer" and "solution" in item:
         hint = " ('solution' is a worked solution, not a final answer: use it only on purpose)"
@@ -363,26 +402,51 @@ def _question_text(value, where: str, name: str) -> str:
         raise DataError(f"{where}: question '{name}' is {_describe(value)}, expected a string")
     if not value.strip():
         raise DataError(f"{where}: question '{name}' is empty")
-    return value
+    return _valid_text(value, f"{where}: question '{name}'")
 
 
 def _answer_text(value, where: str, name: str) -> tuple[str, dict]:
     """The answer as a non-empty string, plus the other keys of a {"value": ...} answer (e.g. pass_at_n)."""
     extras = {}
     if isinstance(value, dict) and "value" in value:
-        extras = {key: v for key, v in value.items() if key != "value"}
+        extras = {key: _plain(v) for key, v in value.items() if key != "value"}
         value = value["value"]
     # bool is an int subclass, but True is never a math answer: it means a column was misread.
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if isinstance(value, float) and not math.isfinite(value):
-            raise DataError(f"{where}: answer '{name}' is {value} (a missing value?)")
-        # Integral floats come from int columns that held a null somewhere (pandas); "3" not "3.0".
-        value = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+        value = _number_text(value, where, name)
     if not isinstance(value, str):
         raise DataError(f"{where}: answer '{name}' is {_describe(value)}, expected a string or a number")
     if not value.strip():
         raise DataError(f"{where}: answer '{name}' is empty")
-    return value, extras
+    return _valid_text(value, f"{where}: answer '{name}'"), extras
+
+
+def _number_text(value: int | float, where: str, name: str) -> str:
+    """A number answer as text, never with digits the source did not hold: a JSON number as the file wrote
+    it; a binary float (parquet, datasets) as the shortest text that reads back as the same float, or
+    without ".0" when integral and below 2**53, where every integer is exact (such floats come from int
+    columns that met a null in pandas)."""
+    if isinstance(value, _JsonNumber):
+        return value.text  # JSON 1e400 is a number too, though a float cannot hold it
+    if isinstance(value, int):
+        return str(value)
+    if not math.isfinite(value):
+        raise DataError(f"{where}: answer '{name}' is {value} (a missing value?)")
+    return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
+
+
+def _valid_text(text: str, what: str) -> str:
+    """`text` if it is valid Unicode; DataError for a lone surrogate (half of a broken \\u escape pair, which
+    JSON readers let through): no tokenizer takes it and no UTF-8 file can hold it, so it would stop
+    training later, when the prompt is tokenized or a sample holding it is written."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataError(
+            f"{what} has an invalid character {text[err.start]!r} at position {err.start} (a lone UTF-16 "
+            "surrogate, e.g. half of a broken \\u escape pair): fix or remove it"
+        ) from None
+    return text
 
 
 # ---------------------------------------------------------------- message helpers
@@ -403,7 +467,7 @@ def _describe(value) -> str:
         return f"a list of {len(value)} items"
     if value is None:
         return "null"
-    return f"a {type(value).__name__}"
+    return "a float" if isinstance(value, float) else f"a {type(value).__name__}"
 
 
 def _field_list(item: dict, at_most: int = 12) -> str:

@@ -368,6 +368,91 @@ def test_bad_field_values(tmp_path, row, expected):
     assert message.startswith(f"{path}: {expected}")
 
 
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [
+        ({"question": "What is 1\ud800?", "answer": "1"}, "record 1: question 'question' has an invalid "
+         "character '\\ud800' at position 9"),
+        ({"question": "q?", "answer": "1\udfff"}, "record 1: answer 'answer' has an invalid character '\\udfff'"),
+        ({"question": "q?", "ground_truth": {"value": "\ud83d"}}, "record 1: answer 'ground_truth' has an invalid"),
+        ({"prompt": [{"role": "user", "content": "x\ud800"}], "answer": "1"}, "record 1: question 'prompt' has an"),
+    ],
+)
+def test_lone_surrogates_in_question_or_answer_are_refused_at_load_time(tmp_path, row, expected):
+    """A broken \\u escape (half of a surrogate pair) is no text a tokenizer or a UTF-8 file takes: it is
+    refused when loading, with the record, not when training reaches it."""
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"question": "fine?", "answer": "1"}, row])
+    message = load_error(path)
+    assert message.startswith(f"{path}: {expected}"), message
+    message.encode("utf-8")  # the message itself prints anywhere
+
+
+def test_lone_surrogates_in_orz_pairs_and_extras(tmp_path):
+    pair = [{"from": "human", "value": "q\ud800"}, {"from": "assistant", "ground_truth": {"value": "1"}}]
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps([pair]))
+    assert load_error(path).startswith(f"{path}: record 0: question 'value' has an invalid character")
+    # other fields only reach a custom reward function, which may want them as they are
+    path = write_jsonl(tmp_path / "extras.jsonl", [{"question": "q?", "answer": "1", "note": "\ud800"}])
+    assert load_records(str(path))[0]["extras"] == {"note": "\ud800"}
+
+
+def test_json_number_answers_keep_their_literal_form(tmp_path):
+    """A number answer is the text the file wrote: 1e30 stays 1e30 (not the float's 31 digits, which never
+    match 10^{30}), digits beyond a float's precision are kept, none are invented. Other fields stay
+    numbers."""
+    from reward import math_reward
+
+    lines = ['{"question": "q?", "answer": 1e30, "weight": 0.5}', '{"question": "q?", "answer": 1.50}',
+             '{"question": "q?", "answer": 0.1000000000000000000001}', '{"question": "q?", "answer": 1e400}',
+             '{"question": "q?", "ground_truth": {"value": -2.5E-7, "pass_at_n": 0.25}}',
+             '{"question": "q?", "answer": 12345678901234567890}']
+    answers = ["1e30", "1.50", "0.1000000000000000000001", "1e400", "-2.5E-7", "12345678901234567890"]
+    for name, text in (("n.jsonl", "\n".join(lines)), ("n.json", "[" + ",".join(lines) + "]")):
+        path = tmp_path / name
+        path.write_text(text)
+        records = load_records(str(path))
+        assert [r["answer"] for r in records] == answers
+        assert records[0]["extras"] == {"weight": 0.5} and type(records[0]["extras"]["weight"]) is float
+        assert type(records[4]["extras"]["pass_at_n"]) is float
+    assert math_reward("\\boxed{10^{30}}", records[0]["answer"]) == 1.0
+    assert math_reward("\\boxed{1.5}", records[1]["answer"]) == 1.0
+    pair = tmp_path / "pair.json"
+    pair.write_text('[[{"from": "human", "value": "q?"}, '
+                    '{"from": "assistant", "ground_truth": {"value": 1e30}}]]')
+    assert load_records(str(pair))[0]["answer"] == "1e30"
+
+
+def test_binary_float_answers_are_written_without_invented_digits(tmp_path):
+    """Parquet floats have no literal: the shortest text that reads back as the same float."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from reward import math_reward
+
+    path = tmp_path / "floats.parquet"
+    pq.write_table(pa.table({"question": ["a?", "b?", "c?"], "answer": [1e30, 42.0, 0.1]}), path)
+    answers = [r["answer"] for r in load_records(str(path))]
+    assert answers == ["1e+30", "42", "0.1"]
+    assert math_reward("\\boxed{10^{30}}", answers[0]) == 1.0
+
+
+def test_huge_integer_literal_is_one_line(tmp_path):
+    path = tmp_path / "huge.jsonl"
+    path.write_text('{"question": "q?", "answer": "1"}\n{"question": "q?", "answer": ' + "9" * 5000 + "}\n")
+    assert load_error(path).startswith(f"{path}: line 2 (record 1): ")
+
+
+@pytest.mark.parametrize("field", ["question", "answer"])
+def test_null_field_is_named_as_null(tmp_path, field):
+    row = {"question": "q?", "answer": "1"}
+    row[field] = None
+    path = write_jsonl(tmp_path / "null.jsonl", [row])
+    message = load_error(path)
+    assert message.startswith(f"{path}: record 0: {field} '{field}' is null"), message
+    assert "no answer field" not in message and "no question field" not in message
+
+
 def test_nan_answer_from_parquet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -35,6 +35,7 @@ CASES = [json.loads(line) for line in CASES_FILE.read_text().splitlines() if lin
 # Reward functions that misbehave in every way a user's function can; loaded by path in the workers.
 BAD_REWARDS = """
 import math, os, signal, time
+from fractions import Fraction
 
 def by_response(response, ground_truth, **extras):
     if response == "raise":
@@ -54,9 +55,23 @@ def by_response(response, ground_truth, **extras):
         time.sleep(60)
     if response == "crash":
         os._exit(3)
-    if response == "pid":
-        return float(os.getpid())
+    if response == "pid":  # modulo: pids can exceed the largest valid reward (reward.MAX_ABS_REWARD)
+        return float(os.getpid() % 1_000_000)
     return float(len(response)) + extras.get("bonus", 0)
+
+class FloatFails:
+    def __float__(self):
+        raise RuntimeError("no float")
+
+def odd_value(response, ground_truth, **extras):  # each way a value is no reward; "ok:<x>" returns x
+    if response.startswith("ok:"):
+        return float(response[3:])
+    return {"huge-int": 10**400, "huge-fraction": Fraction(10**400), "1e30": 1e30, "-1e7": -1e7,
+            "inf": math.inf, "nan": math.nan, "bool": True, "string": "1.0", "bytes": b"1", "list": [1.0],
+            "complex": 1j, "float-fails": FloatFails(), "none": None}[response]
+
+def by_extra(response, ground_truth, **extras):  # a record's field decides; the truth adds 1 when it is "1"
+    return extras["level"] + (ground_truth == "1")
 
 def always_raises(response, ground_truth, **extras):
     raise KeyError("boom")
@@ -370,7 +385,7 @@ def test_pool_reuses_workers_across_calls(bad_pool):
     pids = bad_pool.worker_pids()
     rewards, _ = bad_pool.score(["pid"] * 8, [""] * 8)
     assert bad_pool.worker_pids() == pids
-    assert {int(r) for r in rewards} <= set(pids)
+    assert {int(r) for r in rewards} <= {pid % 1_000_000 for pid in pids}
     rewards, counters = bad_pool.score(["abc"] * 6, [""] * 6)
     assert rewards == [3.0] * 6 and sum(counters.values()) == 0
     assert bad_pool.worker_pids() == pids
@@ -416,6 +431,35 @@ def test_in_process_pool_counts_and_rate_limits_warnings(bad_rewards_file, caplo
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert 1 <= len(warnings) <= 5
     assert "item 0" in warnings[0] and "KeyError" in warnings[0]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_extras_reach_the_reward_function(workers, bad_rewards_file):
+    """Each item's extras arrive as keyword arguments, in process and in workers; a record field named like
+    an argument the call fills (response, ground_truth) is left out instead of failing every call."""
+    extras = [{"level": 2}, {"level": 5, "ground_truth": "1", "response": "x"}, {"level": 0.5, "note": "\udfff"}]
+    with RewardPool(f"{bad_rewards_file}:by_extra", num_workers=workers, timeout=5.0) as pool:
+        rewards, counters = pool.score(["a", "b\ud800", "c"], ["1", "0", "1"], extras)  # any str travels
+    assert rewards == [3.0, 5.0, 1.5]
+    assert sum(counters.values()) == 0
+
+
+ODD_VALUES = ["huge-int", "huge-fraction", "1e30", "-1e7", "inf", "nan", "bool", "string", "bytes", "list",
+              "complex", "float-fails", "none"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_absurd_reward_values_are_invalid_and_kill_nothing(workers, bad_rewards_file):
+    """Huge ints (float() overflows), 1e30 (squared, inf in float32), non-finite values, bools and
+    non-numbers all score 0 and are counted invalid; no exception in the check, no worker replaced."""
+    limit = reward.MAX_ABS_REWARD
+    good = ["ok:0.5", f"ok:{limit}", f"ok:{-limit}"]
+    with RewardPool(f"{bad_rewards_file}:odd_value", num_workers=workers, timeout=5.0) as pool:
+        pids = pool.worker_pids()
+        rewards, counters = pool.score(ODD_VALUES + good, [""] * (len(ODD_VALUES) + 3))
+        assert rewards == [0.0] * len(ODD_VALUES) + [0.5, limit, -limit]
+        assert counters == {"reward/errors": 0, "reward/timeouts": 0, "reward/invalid": len(ODD_VALUES)}
+        assert pool.worker_pids() == pids
 
 
 def test_in_process_pool_with_a_callable():

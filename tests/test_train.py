@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 from conftest import ROOT
@@ -89,6 +90,113 @@ def test_ppo_script_runs_grpo_and_loads_the_policy(tmp_path, tiny_base):
     assert "critic/value_loss" not in row and "policy/kl" in row
     assert not (tmp_path / "critic").exists()
     AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
+
+
+def write_jsonl(path, rows: list[dict]):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+WEIGHT_REWARD = """
+def by_weight(response, ground_truth, **extras):  # scores by a field of the record, not by the response
+    return extras["weight"]
+"""
+
+
+def test_custom_reward_receives_the_records_other_fields(tmp_path, tiny_base):
+    """`--reward file.py:fn` gets each response's record fields as keyword extras, in the worker processes,
+    in training and in evaluation: a reward that returns the record's `weight` field gives exactly the
+    weights (a missing extra would raise KeyError: errors, reward 0)."""
+    weights = [0.0, 0.25, 0.5, 1.0]
+    data = write_jsonl(tmp_path / "weighted.jsonl", [{"question": f"What is {i} + 1?", "answer": str(i + 1),
+                                                      "weight": w} for i, w in enumerate(weights)])
+    (tmp_path / "weight_reward.py").write_text(WEIGHT_REWARD)
+    out = tmp_path / "run"
+    result = train("train_grpo.py", out, "--dataset", str(data), "--eval-datasets", str(data),
+                   "--reward", f"{tmp_path / 'weight_reward.py'}:by_weight", "--reward-workers", "1",
+                   "--score-truncated", "--max-steps", "2", "--prompts-per-step", "4", "--num-generations", "4",
+                   "--max-new-tokens", "16", "--eval-every", "2", "--eval-num-samples", "2",
+                   "--samples-per-step", "16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = metrics(out)
+    assert [r["reward/errors"] for r in rows[:2]] == [0, 0]
+    assert [r["train/reward"] for r in rows[:2]] == [sum(weights) / 4] * 2  # each step draws each record once
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 32 and all(s["reward"] == weights[s["prompt_id"]] for s in samples)
+    assert rows[0]["eval/accuracy"] == rows[-1]["eval/accuracy"] == 0.25  # only weight 1.0 counts as correct
+
+
+LENGTH_REWARD = """
+def by_length(response, ground_truth, **extras):  # differs within a group, so each group's mean matters
+    return float(len(response))
+"""
+
+
+def test_each_draw_of_a_prompt_is_its_own_group(tmp_path, tiny_base):
+    """With fewer records than prompts per step, a step draws a record more than once: each draw's samples
+    are a group of their own (GRPO's baseline is that draw's mean, not the mean of every draw of the
+    record), samples keep the record's id, and the start of the run says so with the numbers."""
+    data = write_jsonl(tmp_path / "two.jsonl", [{"question": "What is 1 + 1?", "answer": "2"},
+                                                {"question": "What is 2 + 3?", "answer": "5"}])
+    (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)
+    out, reward_spec = tmp_path / "run", f"{tmp_path / 'length_reward.py'}:by_length"
+    result = train("train_grpo.py", out, "--dataset", str(data), "--reward", reward_spec,
+                   "--reward-workers", "0", "--score-truncated", "--no-scale-by-std", "--max-steps", "1",
+                   "--prompts-per-step", "4", "--num-generations", "4", "--max-new-tokens", "16",
+                   "--eval-every", "0", "--samples-per-step", "16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 training prompts, fewer than --prompts-per-step 4" in result.stdout
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 16 and sorted(Counter(s["prompt_id"] for s in samples).values()) == [8, 8]
+    for draw in range(4):  # rows are in draw order, num_generations per draw
+        group = samples[4 * draw:4 * draw + 4]
+        assert len({s["prompt_id"] for s in group}) == 1
+        mean = sum(s["reward"] for s in group) / 4
+        assert [s["advantage"] for s in group] == pytest.approx([s["reward"] - mean for s in group], abs=1e-4)
+
+
+@pytest.mark.parametrize("field", ["question", "answer"])
+def test_bad_text_in_the_data_stops_before_training_with_one_line(field, tmp_path):
+    """A lone surrogate (a broken \\u escape) in a question used to be a tokenizer traceback, in an answer a
+    crash part-way through training when a sample holding it was written."""
+    rows = [{"question": "What is 1 + 1?", "answer": "2"}, {"question": "What is 2 + 2?", "answer": "4"}]
+    rows[1][field] += "\ud800"
+    data = write_jsonl(tmp_path / "bad.jsonl", rows)
+    result = train("train_ppo.py", tmp_path / "run", "--dataset", str(data), "--max-steps", "2",
+                   "--prompts-per-step", "2", "--num-generations", "2", "--max-new-tokens", "8",
+                   "--eval-every", "0", "--reward-workers", "0", "--samples-per-step", "4")
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {data}: record 1: {field} '{field}' has an invalid character"), result.stderr[-2000:]
+
+
+def test_any_model_text_is_scored_and_written(tmp_path, tiny_base):
+    """Model output is arbitrary text: decoded random token ids, and what a decoder of another tokenizer
+    might give (a lone surrogate, NUL, a direction mark) are scored and written to samples.jsonl, which
+    escapes what UTF-8 cannot hold, so they read back unchanged; nothing raises."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from reward import RewardPool
+    from train_ppo import Args, score
+    from utils import JsonlWriter
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    ids = torch.randint(0, len(tokenizer), (16, 48), generator=torch.Generator().manual_seed(0))
+    odd = ["\\boxed{5}\ud800", "\udfff", "\x00<answer>\\boxed{5}</answer>", "\u202e\\boxed{5}", "\\boxed{\ud800}"]
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=False) + odd
+    n = len(texts)
+    with RewardPool("math", num_workers=0) as pool:
+        rewards, stats = score(pool, texts, ["5"] * n, torch.zeros(n, dtype=torch.bool), Args(),
+                               [{"note": t} for t in texts])
+    assert sum(stats.values()) == 0
+    assert rewards[-len(odd):].tolist() == [1.0, 0.0, 1.0, 1.0, 0.0]
+    writer = JsonlWriter(tmp_path / "samples.jsonl")
+    for text, r in zip(texts, rewards.tolist(), strict=True):
+        writer.write({"response": text, "reward": r, "nested": {"texts": [text]}})
+    writer.close()
+    back = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [b["response"] for b in back] == texts and [b["nested"]["texts"][0] for b in back] == texts
 
 
 def test_config_file_with_command_line_override(tmp_path):
