@@ -727,7 +727,8 @@ if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] != "eval":
         raise SystemExit("error: usage: python rollout.py eval --model PATH|HUB_ID|tiny --datasets math500,... "
                          "(python rollout.py eval --help for every option)")
-    eval_main(parse_args(EvalArgs, sys.argv[2:]))
+    eval_main(parse_args(EvalArgs, sys.argv[2:], prog="rollout.py eval",
+                         description="Evaluate a model on held-out math problems: avg@k, pass@k and maj@k."))
 
 
 class _RefillStop:

@@ -61,8 +61,9 @@ TOKEN_STATS = ("policy/clipfrac", "policy/approx_kl", "policy/ratio", "policy/en
 
 @dataclass
 class Args:
-    # model and data
-    model: str = field(default="tiny", metadata={"help": "hub id, local path, or 'tiny' (built-in, made offline)"})
+    """Arguments of a run. A field's "group" metadata starts a group of --help (it lasts until the next)."""
+
+    model: str = field(default="tiny", metadata={"group": "model and data", "help": "hub id, local path, or 'tiny' (built-in, made offline)"})
     dataset: str = field(default="synthetic", metadata={"help": "file (.json/.jsonl/.parquet), dataset dir or hub name, or 'synthetic'"})
     eval_datasets: str | None = field(default=None, metadata={"help": "comma-separated held-out sets (math500, aime2024, files, 'synthetic'); default: the synthetic test split when training on 'synthetic'"})
     question_field: str | None = field(default=None, metadata={"help": "field holding the question (default: auto)"})
@@ -73,8 +74,7 @@ class Args:
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub (off: it runs arbitrary code)"})
     output_dir: str = field(default="runs/ppo", metadata={"help": "where metrics, samples and the final model go"})
     seed: int = field(default=0, metadata={"help": "random seed"})
-    # rollout
-    advantage: Literal["gae", "grpo", "rloo"] = field(default="gae", metadata={"help": "gae (PPO critic), grpo (group mean/std), rloo (leave-one-out)"})
+    advantage: Literal["gae", "grpo", "rloo"] = field(default="gae", metadata={"group": "rollout", "help": "gae (PPO critic), grpo (group mean/std), rloo (leave-one-out)"})
     max_steps: int = field(default=60, metadata={"help": "RL steps (one rollout and its updates each)"})
     prompts_per_step: int = field(default=32, metadata={"help": "prompts per step, over all processes"})
     num_generations: int = field(default=8, metadata={"help": "samples per prompt"})
@@ -86,15 +86,13 @@ class Args:
     generation: Literal["generate", "refill"] = field(default="refill", metadata={"help": "refill: rows still running when most have stopped continue in a smaller call, so little decoding is spent on finished rows (rollout.generate_responses_refill; same sampling); generate: plain batched HF generate (also used under FSDP, and for models with linear-attention or convolution layers)"})
     refill_fraction: float = field(default=0.85, metadata={"help": "refill: end a call when at most this share of its rows is still running"})
     generation_batch_size: int = field(default=0, metadata={"help": "prompts per generate call (0: all of the process's prompts at once); each call is seeded from (seed, step, its first prompt's place), so with a size that divides every process's share, 1 and N processes sample the same tokens"})
-    # reward
-    reward: str = field(default="math", metadata={"help": "'math', module:function or path/file.py:function"})
+    reward: str = field(default="math", metadata={"group": "reward", "help": "'math', module:function or path/file.py:function"})
     score_truncated: bool = field(default=False, metadata={"help": "score truncated responses too (ORZ: they get 0)"})
     format_reward_weight: float = field(default=0.0, metadata={"help": "weight of the optional format reward"})
     zero_repetitive: bool = field(default=False, metadata={"help": "reward 0 for a response caught in a loop (rollout.repetition_flags); repetition is always logged as train/repetition"})
     reward_workers: int = field(default=2, metadata={"help": "reward worker processes per training process"})
     reward_timeout: float = field(default=5.0, metadata={"help": "seconds per item before it scores 0"})
-    # advantages and losses
-    gamma: float = field(default=1.0, metadata={"help": "GAE discount (ORZ: 1)"})
+    gamma: float = field(default=1.0, metadata={"group": "advantages and losses", "help": "GAE discount (ORZ: 1)"})
     lam: float = field(default=1.0, metadata={"help": "GAE lambda (ORZ: 1)"})
     whiten_advantages: bool = field(default=True, metadata={"help": "whiten advantages over all response tokens of the batch"})
     scale_by_std: bool = field(default=True, metadata={"help": "GRPO: divide by the group std (off: Dr. GRPO)"})
@@ -105,8 +103,7 @@ class Args:
     kl_coef: float = field(default=0.0, metadata={"help": "KL to the reference model (0: none loaded, as ORZ)"})
     kl_estimator: Literal["k3", "k1"] = field(default="k3", metadata={"help": "k3 in the loss (GRPO) or k1 in the reward (classic PPO)"})
     entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus (entropy is always logged)"})
-    # optimisation
-    lr: float = field(default=1e-4, metadata={"help": "policy learning rate (ORZ on real models: 1e-6)"})
+    lr: float = field(default=1e-4, metadata={"group": "optimisation", "help": "policy learning rate (ORZ on real models: 1e-6)"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps, then constant (ORZ: 50)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout"})
@@ -121,14 +118,12 @@ class Args:
     value_clip: float = field(default=0.2, metadata={"help": "clip of the value loss around old values (<= 0: plain loss)"})
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
-    # evaluation and logging
-    eval_every: int = field(default=20, metadata={"help": "evaluate every N steps (and at the start and end; 0: never)"})
+    eval_every: int = field(default=20, metadata={"group": "evaluation and logging", "help": "evaluate every N steps (and at the start and end; 0: never)"})
     eval_num_samples: int = field(default=4, metadata={"help": "samples per eval problem; accuracy is their mean (avg@k)"})
     eval_limit: int = field(default=64, metadata={"help": "eval problems (0: all)"})
     samples_per_step: int = field(default=4, metadata={"help": "responses written to samples.jsonl each step"})
     report_to: Literal["none", "tensorboard", "wandb"] = field(default="none", metadata={"help": "tracker, through accelerate"})
-    # checkpoints and faults
-    save_every: int = field(default=20, metadata={"help": "checkpoint every N steps into output_dir/checkpoints (0: never)"})
+    save_every: int = field(default=20, metadata={"group": "checkpoints and faults", "help": "checkpoint every N steps into output_dir/checkpoints (0: never)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "keep the last K checkpoints"})
     resume: bool = field(default=False, metadata={"help": "resume from the last checkpoint (also automatic when one exists, unless --overwrite)"})
     overwrite: bool = field(default=False, metadata={"help": "start afresh even if output_dir holds checkpoints"})
@@ -928,4 +923,4 @@ def update(accelerator, model, optimizer, scheduler, exp: Experience, args: Args
 
 
 if __name__ == "__main__":
-    main(parse_args(Args))
+    main(parse_args(Args, description=__doc__))

@@ -219,7 +219,7 @@ def test_launch_tiny_run(name, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL_DIR / f"{name}.yaml"),
            "--num_processes", str(processes), str(ROOT / "train_ppo.py"), "--max_steps", "1",
            "--prompts_per_step", str(2 * processes), "--num_generations", "2", "--micro_batch_size", "2",
-           "--critic_mini_batches", "1", "--eval_every", "0", "--bf16", "true", "--output_dir", str(tmp_path)]
+           "--critic_mini_batches", "1", "--eval_every", "0", "--bf16", "--output_dir", str(tmp_path)]
     if name == "fsdp":
         cmd[cmd.index("--config_file") + 2:cmd.index("--config_file") + 2] = ["--fsdp_transformer_layer_cls_to_wrap",
                                                                              "LlamaDecoderLayer"]  # the tiny model

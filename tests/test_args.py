@@ -1,0 +1,211 @@
+"""Arguments: the command line and config files (`utils.parse_args`), and the checks every run passes
+before any model loads (`train_ppo.check_args`). Every bad input ends in one line saying what to change.
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from train_ppo import Args
+from utils import parse_args
+
+
+def parse_error(capsys, argv: list[str], args_class=Args) -> str:
+    """The one line `parse_args` prints when it rejects `argv` (it exits with status 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(args_class, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: "), err
+    return err.strip()
+
+
+def run_script(*argv: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+# --------------------------------------------------------------------------------------------------
+# Config files: values are checked against the fields' types
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,key", [
+    ('stop_strings: "</answer>"\n', "stop_strings"),  # a string where a list is expected
+    ("stop_strings: [1, 2]\n", "stop_strings"),
+    ("lr: fast\n", "lr"),  # a string where a number is expected
+    ("max_steps: 2.5\n", "max_steps"),
+    ("model: 7\n", "model"),  # a number where a string is expected
+    ("bf16: 'yes please'\n", "bf16"),
+    ("advantage: gpro\n", "advantage"),
+    ("max-stepz: 7\n", "max-stepz"),  # unknown key
+])
+def test_config_values_of_the_wrong_type_are_one_line_naming_file_and_key(text, key, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    message = parse_error(capsys, ["--config", str(config)])
+    assert str(config) in message and key in message, message
+
+
+def test_config_unknown_key_suggests_the_closest(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("max_stepz: 7\n")
+    assert "did you mean max_steps?" in parse_error(capsys, ["--config", str(config)])
+
+
+@pytest.mark.parametrize("name,text", [
+    ("list.yaml", "- lr: 1\n- max_steps: 2\n"), ("scalar.yaml", "42\n"), ("text.json", '"lr"'),
+    ("list.json", "[1, 2]"),
+])
+def test_config_that_is_not_a_mapping_is_one_line(name, text, tmp_path, capsys):
+    config = tmp_path / name
+    config.write_text(text)
+    message = parse_error(capsys, ["--config", str(config)])
+    assert str(config) in message and "mapping" in message, message
+
+
+@pytest.mark.parametrize("name,text", [("broken.yaml", "lr: [1, 2\nmax_steps: 3\n"), ("broken.json", '{"lr": 1e-3,}')])
+def test_config_with_a_syntax_error_is_one_line(name, text, tmp_path, capsys):
+    config = tmp_path / name
+    config.write_text(text)
+    message = parse_error(capsys, ["--config", str(config)])
+    assert str(config) in message and "line" in message, message
+
+
+def test_config_values_keep_their_types_in_both_key_spellings(tmp_path):
+    config = tmp_path / "run.yaml"
+    # PyYAML reads 1e-6 (no dot) as a string: it is still a number for a float field
+    config.write_text("lr: 1e-6\ncritic-lr: 2\nmax-steps: 7\nstop_strings: ['</answer>']\nbf16: true\n"
+                      "eval_datasets: null\nadvantage: rloo\n")
+    args = parse_args(Args, ["--config", str(config)])
+    assert (args.lr, args.critic_lr, args.max_steps, args.stop_strings, args.bf16, args.eval_datasets,
+            args.advantage) == (1e-6, 2.0, 7, ["</answer>"], True, None, "rloo")
+    assert isinstance(args.critic_lr, float)
+    config.write_text(json.dumps({"max_steps": 3, "stop-strings": []}))
+    json_config = config.with_suffix(".json")
+    config.rename(json_config)
+    args = parse_args(Args, ["--config", str(json_config), "--max-steps", "4"])
+    assert (args.max_steps, args.stop_strings) == (4, [])
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line: kebab-case flags, no prefix matching, one line for an unknown flag
+# --------------------------------------------------------------------------------------------------
+
+def test_unknown_flag_is_one_line_with_the_closest_name(capsys):
+    message = parse_error(capsys, ["--max-stesp", "5"])
+    assert message == "error: unknown argument --max-stesp (did you mean --max-steps?)"
+    assert "did you mean --max-steps?" in parse_error(capsys, ["--max-stesp=5"])
+
+
+def test_no_prefix_matching(capsys):
+    message = parse_error(capsys, ["--max-step", "5"])
+    assert message == "error: unknown argument --max-step (did you mean --max-steps?)"
+    parse_error(capsys, ["--temp", "0.5"])
+
+
+def test_unknown_flag_in_the_real_script_is_one_line_without_traceback():
+    result = run_script("train_ppo.py", "--max-stesp", "5")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: unknown argument --max-stesp (did you mean --max-steps?)", result.stderr
+
+
+def test_flag_forms():
+    args = parse_args(Args, ["--max-steps", "3", "--no-whiten-advantages", "--bf16", "--stop-strings", "a", "b c",
+                             "--advantage", "rloo", "--lr", "-0.001"])
+    assert (args.max_steps, args.whiten_advantages, args.bf16, args.stop_strings, args.advantage, args.lr) == (
+        3, False, True, ["a", "b c"], "rloo", -0.001)
+    assert parse_args(Args, []) == Args()
+    assert parse_args(Args, ["--max_steps", "3", "--no_whiten_advantages"]).max_steps == 3  # old spelling
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--advantage", "gpro"], "--advantage"), (["--max-steps", "x"], "--max-steps"), (["--lr"], "--lr"),
+    (["--bf16", "true"], "--bf16"), (["--config"], "--config"),
+])
+def test_bad_values_are_one_line(argv, expected, capsys):
+    assert expected in parse_error(capsys, argv)
+
+
+# --------------------------------------------------------------------------------------------------
+# --help
+# --------------------------------------------------------------------------------------------------
+
+def help_text(capsys, args_class=Args, **kwargs) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(args_class, ["--help"], **kwargs)
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def option_blocks(text: str) -> dict[str, str]:
+    """Option name -> its help text, from an argparse help page."""
+    blocks, name = {}, None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if line.startswith("  -"):
+            name, _, rest = stripped.partition(" ")
+            name = name.rstrip(",")
+            first_word = rest.split("  ", 1)
+            blocks[name] = first_word[1].strip() if len(first_word) > 1 else ""
+        elif line.startswith("    ") and name:
+            blocks[name] += " " + stripped
+        else:
+            name = None
+    return blocks
+
+
+def test_help_is_grouped_kebab_case_with_one_default_per_option(capsys):
+    import train_ppo
+
+    text = help_text(capsys, description=train_ppo.__doc__)
+    lines = text.splitlines()
+    assert lines[0].startswith("usage: ") and len(lines[0]) <= 110
+    assert train_ppo.__doc__.splitlines()[0] in text  # the description line
+    for title in ("model and data:", "rollout:", "reward:", "advantages and losses:", "optimisation:",
+                  "evaluation and logging:", "checkpoints and faults:"):
+        assert title in lines, title
+    assert lines.index("model and data:") < lines.index("rollout:") < lines.index("checkpoints and faults:")
+    assert "--max_steps" not in text and "--max-steps N" in text
+    blocks = option_blocks(text)
+    fields = {f.name for f in dataclasses.fields(Args)}
+    assert {"--" + name.replace("_", "-") for name in fields} <= blocks.keys()
+    for name, block in blocks.items():
+        assert block.count("default") <= 1, (name, block)
+    assert blocks["--no-whiten-advantages"] != blocks["--whiten-advantages"]
+    assert "(default: on)" in blocks["--whiten-advantages"] and "(default: off)" in blocks["--bf16"]
+    assert "(default: 60)" in blocks["--max-steps"]
+    assert "{gae,grpo,rloo}" in text
+
+
+def test_help_of_a_config_shows_its_values(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("max_steps: 7\n")
+    with pytest.raises(SystemExit):
+        parse_args(Args, ["--config", str(config), "--help"])
+    assert "(default: 7)" in option_blocks(capsys.readouterr().out)["--max-steps"]
+
+
+def test_grpo_help_keeps_the_groups_and_its_own_defaults():
+    result = run_script("train_grpo.py", "--help")
+    assert result.returncode == 0, result.stderr
+    blocks = option_blocks(result.stdout)
+    assert "(default: grpo)" in blocks["--advantage"] and "(default: off)" in blocks["--whiten-advantages"]
+    lines = result.stdout.splitlines()
+    assert lines.index("model and data:") < lines.index("rollout:")
+    assert result.stdout.splitlines()[2].startswith("Train a base LM to reason with GRPO")
+
+
+def test_rollout_eval_help_shows_its_own_usage():
+    result = run_script("rollout.py", "eval", "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: rollout.py eval "), result.stdout[:200]
+    assert "--num-samples N" in result.stdout and "--num_samples" not in result.stdout
+    result = run_script("rollout.py", "eval", "--num-sample", "2")
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: unknown argument --num-sample (did you mean --num-samples?)"), result.stderr
