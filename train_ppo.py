@@ -25,7 +25,7 @@ Run it:
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -226,9 +226,6 @@ def check_args(args: Args, num_processes: int = 1) -> None:
         problems.append("--temperature must be > 0 for RL sampling")
     if min(args.max_steps, args.max_new_tokens, args.num_generations, args.prompts_per_step) < 1:
         problems.append("--max-steps, --max-new-tokens, --num-generations and --prompts-per-step must be >= 1")
-    if args.model != "tiny" and not Path(args.model).expanduser().exists() and (
-            args.model.startswith((".", "/", "~")) or args.model.count("/") > 1):
-        problems.append(f"--model {args.model}: no such path (and not a hub id)")
     for name, value in (("--lr", args.lr), ("--critic-lr", args.critic_lr), ("--reward-timeout", args.reward_timeout)):
         if not value > 0:
             problems.append(f"{name} must be > 0")
@@ -248,15 +245,109 @@ def check_args(args: Args, num_processes: int = 1) -> None:
     for name, spec in [("--dataset", args.dataset), *(("--eval-datasets", s) for s in (args.eval_datasets or "").split(","))]:
         if spec.strip().lower().endswith((".json", ".jsonl", ".parquet")) and not Path(spec.strip()).expanduser().is_file():
             problems.append(f"{name} {spec.strip()}: no such file")
-    try:
-        from reward import load_reward_fn
-
-        load_reward_fn(args.reward)
-    except ValueError as err:
-        problems.append(f"--reward: {err}")
+    for f in fields(args):  # NaN passes every comparison below, and inf most of them
+        value = getattr(args, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"--{f.name.replace('_', '-')} {value} must be a finite number")
+    # numpy takes seeds in [0, 2**32 - 1], and each process seeds with seed + its index
+    if not 0 <= args.seed <= 2**32 - max(num_processes, 1):
+        problems.append(f"--seed {args.seed} must be in [0, {2**32 - max(num_processes, 1)}] with {num_processes} process(es)")
+    if args.synthetic_difficulty < 1:
+        problems.append(f"--synthetic-difficulty {args.synthetic_difficulty} must be >= 1")
+    problems += model_problems(args.model)
+    problems += reward_problems(args.reward)
     problems += output_dir_problems(args.output_dir)
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
+
+
+def model_problems(model: str) -> list[str]:
+    """[] if `model` can be loaded as far as can be told without loading it: 'tiny', a directory with a
+    config.json, or a hub id whose config.json can be fetched (from the local cache when offline, as
+    HF_HUB_OFFLINE asks); else one message."""
+    if model == "tiny":
+        return []
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return [] if (path / "config.json").is_file() else [
+            f"--model {model}: no config.json in this directory (a model saved with save_pretrained has one)"]
+    if path.exists():
+        return [f"--model {model}: a file, not a model directory or hub id"]
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        return [f"--model {model}: no such path (and not a hub id)"]
+    return hub_model_problems(model)
+
+
+def hub_model_problems(model_id: str) -> list[str]:
+    """[] if the config.json of hub model `model_id` can be fetched (or is cached, when offline); else one
+    message saying why. Fetching it is what loading the model would do first."""
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+
+    verbosity = huggingface_hub.utils.logging.get_verbosity()
+    huggingface_hub.utils.logging.set_verbosity_error()  # its retries would each print a line
+    try:
+        huggingface_hub.hf_hub_download(model_id, "config.json")
+        return []
+    except errors.HFValidationError:
+        why = "no such path, and not a valid hub id"
+    except errors.GatedRepoError:
+        why = "a gated model: accept its terms on huggingface.co and log in (hf auth login)"
+    except errors.RepositoryNotFoundError:
+        why = "no such model on the Hugging Face hub (or it is private: log in with hf auth login)"
+    except errors.RemoteEntryNotFoundError:
+        why = "its hub repository has no config.json"
+    except errors.LocalEntryNotFoundError:
+        why = ("not in the local Hugging Face cache, and HF_HUB_OFFLINE is set (download it once online, or "
+               "unset HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else
+               "not in the local Hugging Face cache, and the hub cannot be reached")
+    except Exception as err:  # noqa: BLE001 - any other failure to resolve it is reported the same way
+        why = f"cannot fetch its config.json from the hub ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+    finally:
+        huggingface_hub.utils.logging.set_verbosity(verbosity)
+    return [f"--model {model_id}: {why}"]
+
+
+# Run in a child process by `reward_problems`: resolves the spec as this process would (same sys.path)
+# and prints the outcome as the last line of its output.
+_REWARD_CHECK = """
+import json, sys
+sys.path[:] = json.loads(sys.argv[1])
+from reward import load_reward_fn
+try:
+    load_reward_fn(sys.argv[2])
+    result = {}
+except ValueError as err:
+    result = {"error": str(err)}
+except BaseException as err:
+    result = {"error": f"reward spec {sys.argv[2]!r}: importing it raised {type(err).__name__}: {err}"}
+print()  # the result on a line of its own, whatever the module printed
+print(json.dumps(result))
+"""
+
+
+def reward_problems(spec: str, timeout: float = 120.0) -> list[str]:
+    """[] if the reward `spec` resolves to a function; else one message. A custom reward is imported in a
+    child process, so that a module that ends the process at import (os._exit, a crash) is reported with
+    its exit code instead of ending this one silently. (It is imported again where it is used.)"""
+    import subprocess
+    import sys
+
+    if spec == "math":
+        return []
+    try:
+        result = subprocess.run([sys.executable, "-c", _REWARD_CHECK, json.dumps(sys.path), spec],
+                                capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return [f"--reward: reward spec {spec!r}: importing it took more than {timeout:.0f} s"]
+    try:
+        error = json.loads(result.stdout.strip().splitlines()[-1]).get("error")
+    except (IndexError, ValueError, AttributeError):
+        how = f"signal {-result.returncode}" if result.returncode < 0 else f"exit code {result.returncode}"
+        last = result.stderr.strip().splitlines()[-1:] or [""]
+        error = (f"reward spec {spec!r}: importing it ended the process with {how}"
+                 + (f" ({last[0][:200]})" if last[0] else ""))
+    return [f"--reward: {error}"] if error else []
 
 
 def output_dir_problems(path: str) -> list[str]:
@@ -272,9 +363,10 @@ def output_dir_problems(path: str) -> list[str]:
     return []
 
 
-def load_data(args: Args, tokenizer):
-    """Train and eval records, each with `prompt_ids`; prompts over the limit are skipped and counted."""
-    from data.loading import DataError, format_prompt, load_records
+def read_data(args: Args) -> tuple[list, dict]:
+    """(train records, {eval set name: records}) as read from their files, before any tokenizer or model
+    is needed; a bad file stops the run with one line."""
+    from data.loading import DataError, load_records
     from data.synthetic import make_synthetic_records
 
     def load(spec: str, split: str):
@@ -287,6 +379,18 @@ def load_data(args: Args, tokenizer):
     try:
         train = load(args.dataset, "train")
         evals = {spec.partition(":")[0]: load("synthetic:test" if spec == "synthetic" else spec, "test") for spec in specs}
+    except DataError as err:
+        raise SystemExit(f"error: {err}") from None
+    return train, evals
+
+
+def load_data(args: Args, tokenizer, data: tuple[list, dict] | None = None):
+    """Train and eval records (`data` from `read_data`, read now if not given), each with `prompt_ids`;
+    prompts over the limit are skipped and counted."""
+    from data.loading import DataError, format_prompt
+
+    train, evals = read_data(args) if data is None else data
+    try:
         for records in (train, *evals.values()):
             for r in records:
                 r["prompt_ids"] = tokenizer(format_prompt(r["question"], args.prompt_template, tokenizer))["input_ids"]
@@ -551,7 +655,7 @@ def evaluate(model, tokenizer, datasets: dict[str, list], pool: RewardPool, args
 # --------------------------------------------------------------------------------------------------
 
 def main(args: Args) -> dict:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import gather_object, set_seed
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -559,11 +663,12 @@ def main(args: Args) -> dict:
     from data.synthetic import build_tiny_base
 
     # ---- 0. Setup: processes, models, data, reward workers, optimizers --------------------------------
+    check_args(args, PartialState().num_processes)
+    data = read_data(args)  # a bad data file stops the run here, before any model is built or loaded
     accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no",
                               log_with=None if args.report_to == "none" else args.report_to,
                               project_dir=args.output_dir)
     world, rank = accelerator.num_processes, accelerator.process_index
-    check_args(args, world)
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -581,9 +686,9 @@ def main(args: Args) -> dict:
     # updates of lr 1e-6 to rounding. Sharded setups (FSDP) keep fp32 masters the same way.
     load = dict(trust_remote_code=args.trust_remote_code, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
+    train_records, eval_records = load_data(args, tokenizer, data)  # prompts too long: before the model too
     policy = AutoModelForCausalLM.from_pretrained(model_path, **load)
     stop_ids = prepare_for_sampling(tokenizer, policy)
-    train_records, eval_records = load_data(args, tokenizer)
     answers_by_id = {r["id"]: r["answer"] for r in train_records}
 
     critic = ValueModel.from_base(model_path, **load) if args.advantage == "gae" else None

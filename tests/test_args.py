@@ -11,7 +11,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from train_ppo import Args
+from train_ppo import Args, check_args
 from utils import parse_args
 
 
@@ -209,3 +209,82 @@ def test_rollout_eval_help_shows_its_own_usage():
     result = run_script("rollout.py", "eval", "--num-sample", "2")
     assert result.returncode == 2 and result.stderr.strip() == (
         "error: unknown argument --num-sample (did you mean --num-samples?)"), result.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# check_args: what parsing cannot see, before any model loads
+# --------------------------------------------------------------------------------------------------
+
+def check_error(tmp_path, **changes) -> str:
+    args = dataclasses.replace(Args(output_dir=str(tmp_path / "out")), **changes)
+    with pytest.raises(SystemExit) as err:
+        check_args(args, 1)
+    message = str(err.value)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize("name,value", [
+    ("lr", float("inf")), ("critic_lr", float("inf")), ("max_grad_norm", float("nan")),
+    ("temperature", float("nan")), ("reward_timeout", float("inf")), ("kl_coef", float("nan")),
+    ("entropy_coef", float("nan")), ("value_clip", float("nan")), ("format_reward_weight", float("inf")),
+    ("seed", -1), ("seed", 2**32), ("synthetic_difficulty", 0),
+])
+def test_non_finite_and_out_of_range_values_are_rejected(name, value, tmp_path):
+    message = check_error(tmp_path, **{name: value})
+    assert "--" + name.replace("_", "-") in message, message
+
+
+def test_largest_seed_is_accepted(tmp_path):
+    check_args(Args(output_dir=str(tmp_path / "out"), seed=2**32 - 2), 2)
+    with pytest.raises(SystemExit, match="--seed"):
+        check_args(Args(output_dir=str(tmp_path / "out"), seed=2**32 - 1), 2)  # + the process index
+
+
+def test_model_directory_without_a_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert "config.json" in check_error(tmp_path, model=str(tmp_path / "empty"))
+    (tmp_path / "weights.bin").write_text("x")
+    assert "--model" in check_error(tmp_path, model=str(tmp_path / "weights.bin"))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    check_args(Args(output_dir=str(tmp_path / "out"), model=str(tmp_path / "model")), 1)
+
+
+def test_hub_id_that_cannot_be_resolved_offline_stops_before_any_model_loads(tmp_path):
+    result = run_script("train_ppo.py", "--model", "nobody-here/no-such-model-xyz", "--output-dir",
+                        str(tmp_path / "out"), env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --model nobody-here/no-such-model-xyz"), result.stderr
+    assert "HF_HUB_OFFLINE" in lines[0]
+
+
+def test_reward_module_that_exits_at_import_is_one_line(tmp_path):
+    (tmp_path / "exits.py").write_text("import os\nos._exit(9)\n\ndef score(response, ground_truth, **extras):\n"
+                                       "    return 1.0\n")
+    (tmp_path / "raises.py").write_text("raise SystemExit('bye')\n")
+    for name, expected in (("exits.py", "exit code 9"), ("raises.py", "bye")):
+        result = run_script("train_ppo.py", "--reward", f"{tmp_path / name}:score", "--output-dir",
+                            str(tmp_path / "out"))
+        assert result.returncode == 1, (name, result.returncode, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert lines[-1].startswith("error: --reward") and expected in lines[-1], result.stderr
+        assert name in lines[-1]
+    args = Args(output_dir=str(tmp_path / "out"), reward=f"{tmp_path / 'exits.py'}:score")
+    with pytest.raises(SystemExit, match="exit code 9"):
+        check_args(args, 1)  # in this very process: the import is tried elsewhere
+
+
+def test_data_file_errors_stop_the_run_before_any_model_loads(tmp_path):
+    model = tmp_path / "model"  # passes the --model check, but no tokenizer or weights could load from it
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?"}\n')
+    result = run_script("train_ppo.py", "--model", str(model), "--dataset", str(data), "--output-dir",
+                        str(tmp_path / "out"))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "bad.jsonl" in lines[-1], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr

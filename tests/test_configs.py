@@ -170,10 +170,14 @@ def recipe_launches(name: str) -> list[tuple[str, int]]:
 
 
 def with_local_paths(args, tmp_path):
-    """The recipe's arguments with the dataset (which users download) and the output dir in tmp_path."""
+    """The recipe's arguments with the dataset (which users download), the model (which check_args looks
+    up on the hub, out of reach of tests) and the output dir in tmp_path."""
     data = tmp_path / args.dataset
     data.write_text("[]")
-    return dataclasses.replace(args, dataset=str(data), output_dir=str(tmp_path / "out"))
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text("{}")
+    return dataclasses.replace(args, dataset=str(data), model=str(model), output_dir=str(tmp_path / "out"))
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
