@@ -122,7 +122,7 @@ class Args:
     eval_num_samples: int = field(default=4, metadata={"help": "samples per eval problem; accuracy is their mean (avg@k)"})
     eval_limit: int = field(default=64, metadata={"help": "eval problems (0: all)"})
     samples_per_step: int = field(default=4, metadata={"help": "responses written to samples.jsonl each step"})
-    report_to: Literal["none", "tensorboard", "wandb"] = field(default="none", metadata={"help": "tracker, through accelerate"})
+    report_to: Literal["none", "tensorboard", "wandb"] = field(default="none", metadata={"help": "also log metrics to TensorBoard (in OUTPUT_DIR/reasoner-zero) or Weights & Biases (project reasoner-zero)"})
     save_every: int = field(default=20, metadata={"group": "checkpoints and faults", "help": "checkpoint every N steps into output_dir/checkpoints (0: never)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "keep the last K checkpoints"})
     resume: bool = field(default=False, metadata={"help": "resume from the last checkpoint (also automatic when one exists, unless --overwrite)"})
@@ -256,6 +256,7 @@ def check_args(args: Args, num_processes: int = 1) -> None:
         problems.append(f"--synthetic-difficulty {args.synthetic_difficulty} must be >= 1")
     problems += model_problems(args.model)
     problems += reward_problems(args.reward)
+    problems += tracker_problems(args.report_to)
     problems += output_dir_problems(args.output_dir)
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
@@ -348,6 +349,17 @@ def reward_problems(spec: str, timeout: float = 120.0) -> list[str]:
         error = (f"reward spec {spec!r}: importing it ended the process with {how}"
                  + (f" ({last[0][:200]})" if last[0] else ""))
     return [f"--reward: {error}"] if error else []
+
+
+def tracker_problems(report_to: str) -> list[str]:
+    """[] if the --report-to tracker is installed (accelerate would only warn and log nowhere)."""
+    from accelerate import utils
+
+    available = {"none": lambda: True, "tensorboard": utils.is_tensorboard_available,
+                 "wandb": utils.is_wandb_available}[report_to]
+    if available():
+        return []
+    return [f"--report-to {report_to}: {report_to} is not installed (pip install {report_to}, or --report-to none)"]
 
 
 def output_dir_problems(path: str) -> list[str]:
@@ -663,7 +675,7 @@ def main(args: Args) -> dict:
     from data.synthetic import build_tiny_base
 
     # ---- 0. Setup: processes, models, data, reward workers, optimizers --------------------------------
-    check_args(args, PartialState().num_processes)
+    check_args(args, PartialState().num_processes)  # before the Accelerator, which only warns of a missing tracker
     data = read_data(args)  # a bad data file stops the run here, before any model is built or loaded
     accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no",
                               log_with=None if args.report_to == "none" else args.report_to,
@@ -897,6 +909,8 @@ def main(args: Args) -> dict:
         final.update(evaluate(unwrapped, tokenizer, eval_records, pool, args, stop_ids, accelerator, args.max_steps))
         if accelerator.is_main_process:
             metrics_file.write(final)
+        if args.report_to != "none":
+            accelerator.log(final, step=args.max_steps)
     accelerator.wait_for_everyone()
     save_kw = dict(is_main_process=accelerator.is_main_process, save_function=accelerator.save, safe_serialization=True)
     unwrapped.save_pretrained(out / "policy", state_dict=accelerator.get_state_dict(policy), **save_kw)
@@ -907,6 +921,8 @@ def main(args: Args) -> dict:
     pool.close()
     summary = {"base_accuracy": base_accuracy, "final_accuracy": final.get("eval/accuracy"), "steps": args.max_steps,
                "minutes": (time.time() - t_start) / 60, "output_dir": str(out)}
+    for tracker in accelerator.trackers:  # wandb marks the run finished (end_training would also end the
+        tracker.finish()                  # process group, which a notebook calling main again still needs)
     if accelerator.is_main_process:
         metrics_file.close()
         samples_file.close()

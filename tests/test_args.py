@@ -288,3 +288,34 @@ def test_data_file_errors_stop_the_run_before_any_model_loads(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and "bad.jsonl" in lines[-1], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Tracking (--report-to)
+# --------------------------------------------------------------------------------------------------
+
+def test_report_to_a_tracker_that_is_not_installed(tmp_path, monkeypatch):
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
+    message = check_error(tmp_path, report_to="wandb")
+    assert "--report-to wandb" in message and "pip install wandb" in message
+    monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: False)
+    assert "pip install tensorboard" in check_error(tmp_path, report_to="tensorboard")
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: True)
+    check_args(Args(output_dir=str(tmp_path / "out"), report_to="wandb"), 1)
+
+
+def test_tensorboard_gets_every_row_of_metrics_jsonl(tmp_path, tiny_base):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    result = run_script("train_grpo.py", "--max-steps", "2", "--prompts-per-step", "4", "--num-generations", "4",
+                        "--max-new-tokens", "16", "--eval-every", "1", "--eval-limit", "4", "--eval-num-samples", "1",
+                        "--reward-workers", "0", "--report-to", "tensorboard", "--output-dir", str(out), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(out / "reasoner-zero")).Reload()
+    logged = [e.step for e in events.Scalars("eval/accuracy")]
+    assert logged == [r["step"] for r in rows if "eval/accuracy" in r] == [0, 1, 2]  # the final eval too
+    assert [e.step for e in events.Scalars("train/reward")] == [0, 1]
