@@ -251,7 +251,8 @@ def check_args(args: Args, num_processes: int = 1) -> None:
             problems.append(f"--{f.name.replace('_', '-')} {value} must be a finite number")
     # numpy takes seeds in [0, 2**32 - 1], and each process seeds with seed + its index
     if not 0 <= args.seed <= 2**32 - max(num_processes, 1):
-        problems.append(f"--seed {args.seed} must be in [0, {2**32 - max(num_processes, 1)}] with {num_processes} process(es)")
+        problems.append(f"--seed {args.seed} must be in [0, {2**32 - max(num_processes, 1)}] "
+                        f"with {num_processes} process(es)")
     if args.synthetic_difficulty < 1:
         problems.append(f"--synthetic-difficulty {args.synthetic_difficulty} must be >= 1")
     problems += model_problems(args.model)
@@ -303,7 +304,8 @@ def hub_model_problems(model_id: str) -> list[str]:
                "unset HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else
                "not in the local Hugging Face cache, and the hub cannot be reached")
     except Exception as err:  # noqa: BLE001 - any other failure to resolve it is reported the same way
-        why = f"cannot fetch its config.json from the hub ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        first_line = (str(err).splitlines() or [""])[0][:200]
+        why = f"cannot fetch its config.json from the hub ({type(err).__name__}: {first_line})"
     finally:
         huggingface_hub.utils.logging.set_verbosity(verbosity)
     return [f"--model {model_id}: {why}"]
@@ -359,7 +361,8 @@ def tracker_problems(report_to: str) -> list[str]:
                  "wandb": utils.is_wandb_available}[report_to]
     if available():
         return []
-    return [f"--report-to {report_to}: {report_to} is not installed (pip install {report_to}, or --report-to none)"]
+    return [f"--report-to {report_to}: {report_to} is not installed "
+            f"(pip install {report_to}, or --report-to none)"]
 
 
 def output_dir_problems(path: str) -> list[str]:
@@ -667,7 +670,7 @@ def evaluate(model, tokenizer, datasets: dict[str, list], pool: RewardPool, args
 # --------------------------------------------------------------------------------------------------
 
 def main(args: Args) -> dict:
-    from accelerate import Accelerator, PartialState
+    from accelerate import Accelerator
     from accelerate.utils import gather_object, set_seed
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -675,12 +678,13 @@ def main(args: Args) -> dict:
     from data.synthetic import build_tiny_base
 
     # ---- 0. Setup: processes, models, data, reward workers, optimizers --------------------------------
-    check_args(args, PartialState().num_processes)  # before the Accelerator, which only warns of a missing tracker
-    data = read_data(args)  # a bad data file stops the run here, before any model is built or loaded
-    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no",
-                              log_with=None if args.report_to == "none" else args.report_to,
+    # A tracker that is not installed is check_args's one-line error; accelerate would warn about it first.
+    log_with = None if args.report_to == "none" or tracker_problems(args.report_to) else args.report_to
+    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no", log_with=log_with,
                               project_dir=args.output_dir)
     world, rank = accelerator.num_processes, accelerator.process_index
+    check_args(args, world)
+    data = read_data(args)  # a bad data file stops the run here, before any model is built or loaded
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -921,8 +925,9 @@ def main(args: Args) -> dict:
     pool.close()
     summary = {"base_accuracy": base_accuracy, "final_accuracy": final.get("eval/accuracy"), "steps": args.max_steps,
                "minutes": (time.time() - t_start) / 60, "output_dir": str(out)}
-    for tracker in accelerator.trackers:  # wandb marks the run finished (end_training would also end the
-        tracker.finish()                  # process group, which a notebook calling main again still needs)
+    # Marks a wandb run finished. Not end_training: it also ends the process group, which a notebook reuses.
+    for tracker in accelerator.trackers:
+        tracker.finish()
     if accelerator.is_main_process:
         metrics_file.close()
         samples_file.close()

@@ -154,7 +154,8 @@ def read_config(path: str, args_class) -> dict:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"--config {path}: cannot read it ({getattr(err, 'strerror', None) or err})") from None
+        why = getattr(err, "strerror", None) or err
+        raise ValueError(f"--config {path}: cannot read it ({why})") from None
     if Path(path).suffix.lower() in (".yaml", ".yml"):
         import yaml
 
@@ -163,7 +164,8 @@ def read_config(path: str, args_class) -> dict:
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ValueError(f"{path}: not valid YAML ({getattr(err, 'problem', None) or 'syntax error'}{where})") from None
+            problem = getattr(err, "problem", None) or "syntax error"
+            raise ValueError(f"{path}: not valid YAML ({problem}{where})") from None
     else:
         try:
             values = json.loads(text)
@@ -287,7 +289,8 @@ def parse_args(args_class, argv: list[str] | None = None, prog: str | None = Non
             close = difflib.get_close_matches(name, sorted(options), n=1)
             parser.error(f"unknown argument {name}" + (f" (did you mean {close[0]}?)" if close else ""))
         before = argv[argv.index(first) - 1] if argv.index(first) > 0 else ""
-        flags = {s for a in parser._actions if isinstance(a, argparse._StoreTrueAction) for s in a.option_strings}
+        flags = {s for a in parser._actions if isinstance(a, argparse._StoreTrueAction)
+                 for s in a.option_strings}
         hint = (f" ({before} takes no value: {before} turns it on, --no-{before[2:]} off)"
                 if before in flags else "")
         parser.error(f"unexpected value {first!r}{hint}")

@@ -69,7 +69,9 @@ def test_config_that_is_not_a_mapping_is_one_line(name, text, tmp_path, capsys):
     assert str(config) in message and "mapping" in message, message
 
 
-@pytest.mark.parametrize("name,text", [("broken.yaml", "lr: [1, 2\nmax_steps: 3\n"), ("broken.json", '{"lr": 1e-3,}')])
+@pytest.mark.parametrize("name,text", [
+    ("broken.yaml", "lr: [1, 2\nmax_steps: 3\n"), ("broken.json", '{"lr": 1e-3,}'),
+])
 def test_config_with_a_syntax_error_is_one_line(name, text, tmp_path, capsys):
     config = tmp_path / name
     config.write_text(text)
@@ -112,14 +114,15 @@ def test_no_prefix_matching(capsys):
 def test_unknown_flag_in_the_real_script_is_one_line_without_traceback():
     result = run_script("train_ppo.py", "--max-stesp", "5")
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: unknown argument --max-stesp (did you mean --max-steps?)", result.stderr
+    expected = "error: unknown argument --max-stesp (did you mean --max-steps?)"
+    assert result.stderr.strip() == expected, result.stderr
 
 
 def test_flag_forms():
-    args = parse_args(Args, ["--max-steps", "3", "--no-whiten-advantages", "--bf16", "--stop-strings", "a", "b c",
-                             "--advantage", "rloo", "--lr", "-0.001"])
-    assert (args.max_steps, args.whiten_advantages, args.bf16, args.stop_strings, args.advantage, args.lr) == (
-        3, False, True, ["a", "b c"], "rloo", -0.001)
+    args = parse_args(Args, ["--max-steps", "3", "--no-whiten-advantages", "--bf16", "--stop-strings", "a",
+                             "b c", "--advantage", "rloo", "--lr", "-0.001"])
+    got = (args.max_steps, args.whiten_advantages, args.bf16, args.stop_strings, args.advantage, args.lr)
+    assert got == (3, False, True, ["a", "b c"], "rloo", -0.001)
     assert parse_args(Args, []) == Args()
     assert parse_args(Args, ["--max_steps", "3", "--no_whiten_advantages"]).max_steps == 3  # old spelling
 
@@ -256,13 +259,14 @@ def test_hub_id_that_cannot_be_resolved_offline_stops_before_any_model_loads(tmp
                         str(tmp_path / "out"), env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --model nobody-here/no-such-model-xyz"), result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: --model nobody-here/no-such-model-xyz"), result.stderr
     assert "HF_HUB_OFFLINE" in lines[0]
 
 
 def test_reward_module_that_exits_at_import_is_one_line(tmp_path):
-    (tmp_path / "exits.py").write_text("import os\nos._exit(9)\n\ndef score(response, ground_truth, **extras):\n"
-                                       "    return 1.0\n")
+    (tmp_path / "exits.py").write_text("import os\nos._exit(9)\n\n"
+                                       "def score(response, ground_truth, **extras):\n    return 1.0\n")
     (tmp_path / "raises.py").write_text("raise SystemExit('bye')\n")
     for name, expected in (("exits.py", "exit code 9"), ("raises.py", "bye")):
         result = run_script("train_ppo.py", "--reward", f"{tmp_path / name}:score", "--output-dir",
@@ -310,9 +314,10 @@ def test_tensorboard_gets_every_row_of_metrics_jsonl(tmp_path, tiny_base):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    result = run_script("train_grpo.py", "--max-steps", "2", "--prompts-per-step", "4", "--num-generations", "4",
-                        "--max-new-tokens", "16", "--eval-every", "1", "--eval-limit", "4", "--eval-num-samples", "1",
-                        "--reward-workers", "0", "--report-to", "tensorboard", "--output-dir", str(out), timeout=600)
+    result = run_script("train_grpo.py", "--max-steps", "2", "--prompts-per-step", "4", "--num-generations",
+                        "4", "--max-new-tokens", "16", "--eval-every", "1", "--eval-limit", "4",
+                        "--eval-num-samples", "1", "--reward-workers", "0", "--report-to", "tensorboard",
+                        "--output-dir", str(out), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     events = EventAccumulator(str(out / "reasoner-zero")).Reload()
