@@ -137,7 +137,12 @@ def _config_value(value, tp):
     else:
         ok = isinstance(value, tp)
     if not ok:
-        got = f"the string {value!r}" if isinstance(value, str) else json.dumps(value, default=str)
+        if isinstance(value, str):
+            got = f"the string {value!r}"
+        elif isinstance(value, (bool, int, float, list, dict)):
+            got = json.dumps(value, default=str)  # as the file spells it: true, [1, 2]
+        else:
+            got = repr(value)  # e.g. a date, which YAML reads from 2024-01-01
         hint = f" (write [{value!r}])" if isinstance(value, str) and typing.get_origin(tp) is list else ""
         raise ValueError(f"expected {_type_name(tp)}, got {got}{hint}")
     return value
@@ -289,8 +294,8 @@ def parse_args(args_class, argv: list[str] | None = None, prog: str | None = Non
             close = difflib.get_close_matches(name, sorted(options), n=1)
             parser.error(f"unknown argument {name}" + (f" (did you mean {close[0]}?)" if close else ""))
         before = argv[argv.index(first) - 1] if argv.index(first) > 0 else ""
-        flags = {s for a in parser._actions if isinstance(a, argparse._StoreTrueAction)
-                 for s in a.option_strings}
+        flags = {"--" + name.replace("_", "-") for name, tp in typing.get_type_hints(args_class).items()
+                 if tp is bool}
         hint = (f" ({before} takes no value: {before} turns it on, --no-{before[2:]} off)"
                 if before in flags else "")
         parser.error(f"unexpected value {first!r}{hint}")
