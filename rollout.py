@@ -622,15 +622,23 @@ def eval_main(args: EvalArgs) -> dict:
 
     from data.synthetic import build_tiny_base
     from reward import RewardPool
-    from train_ppo import ORZ_STOP_STRINGS
+    from train_ppo import ORZ_STOP_STRINGS, model_problems
     from utils import JsonlWriter, seed_everything
 
+    values = {f.name.replace("_", "-"): getattr(args, f.name) for f in fields(args)}
+    problems = [f"--{name} {value} must be a finite number" for name, value in values.items()
+                if isinstance(value, float) and not math.isfinite(value)]
+    if not 0 <= args.seed <= 2**32 - 1:  # numpy's seed range
+        problems.append(f"--seed {args.seed} must be in [0, {2**32 - 1}]")
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
     if args.num_samples < 1 or args.max_new_tokens < 1 or args.batch_size < 1 or args.limit < 0:
         raise SystemExit("error: --num-samples, --max-new-tokens and --batch-size must be >= 1, --limit >= 0")
     if args.temperature < 0 or (args.temperature == 0 and args.num_samples > 1):
         raise SystemExit("error: --temperature must be >= 0, and 0 (greedy) needs --num-samples 1")
-    if args.model != "tiny" and args.model.startswith((".", "/", "~")) and not Path(args.model).expanduser().exists():
-        raise SystemExit(f"error: --model {args.model}: no such path")
+    problems = model_problems(args.model)
+    if problems:
+        raise SystemExit("error: " + problems[0])
     datasets = load_eval_datasets(args)
     seed_everything(args.seed)
     model_path = str(build_tiny_base()) if args.model == "tiny" else args.model
@@ -771,7 +779,8 @@ if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] != "eval":
         raise SystemExit("error: usage: python rollout.py eval --model PATH|HUB_ID|tiny --datasets math500,... "
                          "(python rollout.py eval --help for every option)")
-    eval_main(parse_args(EvalArgs, sys.argv[2:]))
+    eval_main(parse_args(EvalArgs, sys.argv[2:], prog="rollout.py eval",
+                         description="Evaluate a model on held-out math problems: avg@k, pass@k and maj@k."))
 
 
 class _RefillStop:

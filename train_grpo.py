@@ -31,4 +31,4 @@ class Args(PPOArgs):
 
 
 if __name__ == "__main__":
-    main(parse_args(Args))
+    main(parse_args(Args, description=__doc__))

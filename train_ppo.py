@@ -25,7 +25,7 @@ Run it:
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -61,8 +61,9 @@ TOKEN_STATS = ("policy/clipfrac", "policy/approx_kl", "policy/ratio", "policy/en
 
 @dataclass
 class Args:
-    # model and data
-    model: str = field(default="tiny", metadata={"help": "hub id, local path, or 'tiny' (built-in, made offline)"})
+    """Arguments of a run. A field's "group" metadata starts a group of --help (it lasts until the next)."""
+
+    model: str = field(default="tiny", metadata={"group": "model and data", "help": "hub id, local path, or 'tiny' (built-in, made offline)"})
     dataset: str = field(default="synthetic", metadata={"help": "file (.json/.jsonl/.parquet), dataset dir or hub name, or 'synthetic'"})
     eval_datasets: str | None = field(default=None, metadata={"help": "comma-separated held-out sets (math500, aime2024, files, 'synthetic'); default: the synthetic test split when training on 'synthetic'"})
     question_field: str | None = field(default=None, metadata={"help": "field holding the question (default: auto)"})
@@ -73,8 +74,7 @@ class Args:
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub (off: it runs arbitrary code)"})
     output_dir: str = field(default="runs/ppo", metadata={"help": "where metrics, samples and the final model go"})
     seed: int = field(default=0, metadata={"help": "random seed"})
-    # rollout
-    advantage: Literal["gae", "grpo", "rloo"] = field(default="gae", metadata={"help": "gae (PPO critic), grpo (group mean/std), rloo (leave-one-out)"})
+    advantage: Literal["gae", "grpo", "rloo"] = field(default="gae", metadata={"group": "rollout", "help": "gae (PPO critic), grpo (group mean/std), rloo (leave-one-out)"})
     max_steps: int = field(default=60, metadata={"help": "RL steps (one rollout and its updates each)"})
     prompts_per_step: int = field(default=32, metadata={"help": "prompts per step, over all processes"})
     num_generations: int = field(default=8, metadata={"help": "samples per prompt"})
@@ -86,15 +86,13 @@ class Args:
     generation: Literal["generate", "refill"] = field(default="refill", metadata={"help": "refill: rows still running when most have stopped continue in a smaller call, so little decoding is spent on finished rows (rollout.generate_responses_refill; same sampling); generate: plain batched HF generate (also used under FSDP, and for models with linear-attention or convolution layers)"})
     refill_fraction: float = field(default=0.85, metadata={"help": "refill: end a call when at most this share of its rows is still running"})
     generation_batch_size: int = field(default=0, metadata={"help": "prompts per generate call (0: all of the process's prompts at once); each call is seeded from (seed, step, its first prompt's place), so with a size that divides every process's share, 1 and N processes sample the same tokens"})
-    # reward
-    reward: str = field(default="math", metadata={"help": "'math', module:function or path/file.py:function"})
+    reward: str = field(default="math", metadata={"group": "reward", "help": "'math', module:function or path/file.py:function"})
     score_truncated: bool = field(default=False, metadata={"help": "score truncated responses too (ORZ: they get 0)"})
     format_reward_weight: float = field(default=0.0, metadata={"help": "weight of the optional format reward"})
     zero_repetitive: bool = field(default=False, metadata={"help": "reward 0 for a response caught in a loop (rollout.repetition_flags); repetition is always logged as train/repetition"})
     reward_workers: int = field(default=2, metadata={"help": "reward worker processes per training process"})
     reward_timeout: float = field(default=5.0, metadata={"help": "seconds per item before it scores 0"})
-    # advantages and losses
-    gamma: float = field(default=1.0, metadata={"help": "GAE discount (ORZ: 1)"})
+    gamma: float = field(default=1.0, metadata={"group": "advantages and losses", "help": "GAE discount (ORZ: 1)"})
     lam: float = field(default=1.0, metadata={"help": "GAE lambda (ORZ: 1)"})
     whiten_advantages: bool | None = field(default=None, metadata={"help": "whiten advantages over all response tokens of the batch (default: on for gae, as ORZ; off for grpo/rloo, whose groups with equal rewards then keep advantage 0)"})
     scale_by_std: bool = field(default=True, metadata={"help": "GRPO: divide by the group std (off: Dr. GRPO)"})
@@ -105,8 +103,7 @@ class Args:
     kl_coef: float = field(default=0.0, metadata={"help": "KL to the reference model (0: none loaded, as ORZ)"})
     kl_estimator: Literal["k3", "k1"] = field(default="k3", metadata={"help": "k3 in the loss (GRPO) or k1 in the reward (classic PPO)"})
     entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus (entropy is always logged)"})
-    # optimisation
-    lr: float = field(default=1e-4, metadata={"help": "policy learning rate (ORZ on real models: 1e-6)"})
+    lr: float = field(default=1e-4, metadata={"group": "optimisation", "help": "policy learning rate (ORZ on real models: 1e-6)"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up over this many RL steps with updates, then constant; policy and critic alike (ORZ: 50)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout"})
@@ -121,14 +118,12 @@ class Args:
     value_clip: float = field(default=0.2, metadata={"help": "clip of the value loss around old values (<= 0: plain loss)"})
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
-    # evaluation and logging
-    eval_every: int = field(default=20, metadata={"help": "evaluate every N steps (and at the start and end; 0: never)"})
+    eval_every: int = field(default=20, metadata={"group": "evaluation and logging", "help": "evaluate every N steps (and at the start and end; 0: never)"})
     eval_num_samples: int = field(default=4, metadata={"help": "samples per eval problem; accuracy is their mean (avg@k)"})
     eval_limit: int = field(default=64, metadata={"help": "eval problems (0: all)"})
     samples_per_step: int = field(default=4, metadata={"help": "responses written to samples.jsonl each step"})
-    report_to: Literal["none", "tensorboard", "wandb"] = field(default="none", metadata={"help": "tracker, through accelerate"})
-    # checkpoints and faults
-    save_every: int = field(default=20, metadata={"help": "checkpoint every N steps into output_dir/checkpoints (0: never)"})
+    report_to: Literal["none", "tensorboard", "wandb"] = field(default="none", metadata={"help": "also log metrics to TensorBoard (in OUTPUT_DIR/reasoner-zero) or Weights & Biases (project reasoner-zero)"})
+    save_every: int = field(default=20, metadata={"group": "checkpoints and faults", "help": "checkpoint every N steps into output_dir/checkpoints (0: never)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "keep the last K checkpoints"})
     resume: bool = field(default=False, metadata={"help": "resume from the last checkpoint (also automatic when one exists, unless --overwrite)"})
     overwrite: bool = field(default=False, metadata={"help": "start afresh even if output_dir holds checkpoints"})
@@ -231,9 +226,6 @@ def check_args(args: Args, num_processes: int = 1) -> None:
         problems.append("--temperature must be > 0 for RL sampling")
     if min(args.max_steps, args.max_new_tokens, args.num_generations, args.prompts_per_step) < 1:
         problems.append("--max-steps, --max-new-tokens, --num-generations and --prompts-per-step must be >= 1")
-    if args.model != "tiny" and not Path(args.model).expanduser().exists() and (
-            args.model.startswith((".", "/", "~")) or args.model.count("/") > 1):
-        problems.append(f"--model {args.model}: no such path (and not a hub id)")
     for name, value in (("--lr", args.lr), ("--critic-lr", args.critic_lr), ("--reward-timeout", args.reward_timeout)):
         if not value > 0:
             problems.append(f"{name} must be > 0")
@@ -253,15 +245,124 @@ def check_args(args: Args, num_processes: int = 1) -> None:
     for name, spec in [("--dataset", args.dataset), *(("--eval-datasets", s) for s in (args.eval_datasets or "").split(","))]:
         if spec.strip().lower().endswith((".json", ".jsonl", ".parquet")) and not Path(spec.strip()).expanduser().is_file():
             problems.append(f"{name} {spec.strip()}: no such file")
-    try:
-        from reward import load_reward_fn
-
-        load_reward_fn(args.reward)
-    except ValueError as err:
-        problems.append(f"--reward: {err}")
+    for f in fields(args):  # NaN passes every comparison below, and inf most of them
+        value = getattr(args, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"--{f.name.replace('_', '-')} {value} must be a finite number")
+    # numpy takes seeds in [0, 2**32 - 1], and each process seeds with seed + its index
+    if not 0 <= args.seed <= 2**32 - max(num_processes, 1):
+        problems.append(f"--seed {args.seed} must be in [0, {2**32 - max(num_processes, 1)}] "
+                        f"with {num_processes} process(es)")
+    if args.synthetic_difficulty < 1:
+        problems.append(f"--synthetic-difficulty {args.synthetic_difficulty} must be >= 1")
+    problems += model_problems(args.model)
+    problems += reward_problems(args.reward)
+    problems += tracker_problems(args.report_to)
     problems += output_dir_problems(args.output_dir)
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
+
+
+def model_problems(model: str) -> list[str]:
+    """[] if `model` can be loaded as far as can be told without loading it: 'tiny', a directory with a
+    config.json, or a hub id whose config.json can be fetched (from the local cache when offline, as
+    HF_HUB_OFFLINE asks); else one message."""
+    if model == "tiny":
+        return []
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return [] if (path / "config.json").is_file() else [
+            f"--model {model}: no config.json in this directory (a model saved with save_pretrained has one)"]
+    if path.exists():
+        return [f"--model {model}: a file, not a model directory or hub id"]
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        return [f"--model {model}: no such path (and not a hub id)"]
+    return hub_model_problems(model)
+
+
+def hub_model_problems(model_id: str) -> list[str]:
+    """[] if the config.json of hub model `model_id` can be fetched (or is cached, when offline); else one
+    message saying why. Fetching it is what loading the model would do first."""
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+
+    verbosity = huggingface_hub.utils.logging.get_verbosity()
+    huggingface_hub.utils.logging.set_verbosity_error()  # its retries would each print a line
+    try:
+        huggingface_hub.hf_hub_download(model_id, "config.json")
+        return []
+    except errors.HFValidationError:
+        why = "no such path, and not a valid hub id"
+    except errors.GatedRepoError:
+        why = "a gated model: accept its terms on huggingface.co and log in (hf auth login)"
+    except errors.RepositoryNotFoundError:
+        why = "no such model on the Hugging Face hub (or it is private: log in with hf auth login)"
+    except errors.RemoteEntryNotFoundError:
+        why = "its hub repository has no config.json"
+    except errors.LocalEntryNotFoundError:
+        why = ("not in the local Hugging Face cache, and HF_HUB_OFFLINE is set (download it once online, or "
+               "unset HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else
+               "not in the local Hugging Face cache, and the hub cannot be reached")
+    except Exception as err:  # noqa: BLE001 - any other failure to resolve it is reported the same way
+        first_line = (str(err).splitlines() or [""])[0][:200]
+        why = f"cannot fetch its config.json from the hub ({type(err).__name__}: {first_line})"
+    finally:
+        huggingface_hub.utils.logging.set_verbosity(verbosity)
+    return [f"--model {model_id}: {why}"]
+
+
+# Run in a child process by `reward_problems`: resolves the spec as this process would (same sys.path)
+# and prints the outcome as the last line of its output.
+_REWARD_CHECK = """
+import json, sys
+sys.path[:] = json.loads(sys.argv[1])
+from reward import load_reward_fn
+try:
+    load_reward_fn(sys.argv[2])
+    result = {}
+except ValueError as err:
+    result = {"error": str(err)}
+except BaseException as err:
+    result = {"error": f"reward spec {sys.argv[2]!r}: importing it raised {type(err).__name__}: {err}"}
+print()  # the result on a line of its own, whatever the module printed
+print(json.dumps(result))
+"""
+
+
+def reward_problems(spec: str, timeout: float = 120.0) -> list[str]:
+    """[] if the reward `spec` resolves to a function; else one message. A custom reward is imported in a
+    child process, so that a module that ends the process at import (os._exit, a crash) is reported with
+    its exit code instead of ending this one silently. (It is imported again where it is used.)"""
+    import subprocess
+    import sys
+
+    if spec == "math":
+        return []
+    try:
+        result = subprocess.run([sys.executable, "-c", _REWARD_CHECK, json.dumps(sys.path), spec],
+                                capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return [f"--reward: reward spec {spec!r}: importing it took more than {timeout:.0f} s"]
+    try:
+        error = json.loads(result.stdout.strip().splitlines()[-1]).get("error")
+    except (IndexError, ValueError, AttributeError):
+        how = f"signal {-result.returncode}" if result.returncode < 0 else f"exit code {result.returncode}"
+        last = result.stderr.strip().splitlines()[-1:] or [""]
+        error = (f"reward spec {spec!r}: importing it ended the process with {how}"
+                 + (f" ({last[0][:200]})" if last[0] else ""))
+    return [f"--reward: {error}"] if error else []
+
+
+def tracker_problems(report_to: str) -> list[str]:
+    """[] if the --report-to tracker is installed (accelerate would only warn and log nowhere)."""
+    from accelerate import utils
+
+    available = {"none": lambda: True, "tensorboard": utils.is_tensorboard_available,
+                 "wandb": utils.is_wandb_available}[report_to]
+    if available():
+        return []
+    return [f"--report-to {report_to}: {report_to} is not installed "
+            f"(pip install {report_to}, or --report-to none)"]
 
 
 def output_dir_problems(path: str) -> list[str]:
@@ -277,9 +378,10 @@ def output_dir_problems(path: str) -> list[str]:
     return []
 
 
-def load_data(args: Args, tokenizer):
-    """Train and eval records, each with `prompt_ids`; prompts over the limit are skipped and counted."""
-    from data.loading import DataError, format_prompt, load_records
+def read_data(args: Args) -> tuple[list, dict]:
+    """(train records, {eval set name: records}) as read from their files, before any tokenizer or model
+    is needed; a bad file stops the run with one line."""
+    from data.loading import DataError, load_records
     from data.synthetic import make_synthetic_records
 
     def load(spec: str, split: str):
@@ -292,6 +394,18 @@ def load_data(args: Args, tokenizer):
     try:
         train = load(args.dataset, "train")
         evals = {spec.partition(":")[0]: load("synthetic:test" if spec == "synthetic" else spec, "test") for spec in specs}
+    except DataError as err:
+        raise SystemExit(f"error: {err}") from None
+    return train, evals
+
+
+def load_data(args: Args, tokenizer, data: tuple[list, dict] | None = None):
+    """Train and eval records (`data` from `read_data`, read now if not given), each with `prompt_ids`;
+    prompts over the limit are skipped and counted."""
+    from data.loading import DataError, format_prompt
+
+    train, evals = read_data(args) if data is None else data
+    try:
         for records in (train, *evals.values()):
             for r in records:
                 r["prompt_ids"] = tokenizer(format_prompt(r["question"], args.prompt_template, tokenizer))["input_ids"]
@@ -564,11 +678,13 @@ def main(args: Args) -> dict:
     # ---- 0. Setup: processes, models, data, reward workers, optimizers --------------------------------
     if args.whiten_advantages is None:  # resolved once, so that config.json records what trains
         args = replace(args, whiten_advantages=args.advantage == "gae")
-    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no",
-                              log_with=None if args.report_to == "none" else args.report_to,
+    # A tracker that is not installed is check_args's one-line error; accelerate would warn about it first.
+    log_with = None if args.report_to == "none" or tracker_problems(args.report_to) else args.report_to
+    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no", log_with=log_with,
                               project_dir=args.output_dir)
     world, rank = accelerator.num_processes, accelerator.process_index
     check_args(args, world)
+    data = read_data(args)  # a bad data file stops the run here, before any model is built or loaded
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -586,9 +702,9 @@ def main(args: Args) -> dict:
     # updates of lr 1e-6 to rounding. Sharded setups (FSDP) keep fp32 masters the same way.
     load = dict(trust_remote_code=args.trust_remote_code, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
+    train_records, eval_records = load_data(args, tokenizer, data)  # prompts too long: before the model too
     policy = AutoModelForCausalLM.from_pretrained(model_path, **load)
     stop_ids = prepare_for_sampling(tokenizer, policy, log=accelerator.print)
-    train_records, eval_records = load_data(args, tokenizer)
 
     critic = ValueModel.from_base(model_path, **load) if args.advantage == "gae" else None
     ref_load = {**load, "dtype": torch.bfloat16 if args.bf16 else torch.float32}  # never trained: bf16 is fine
@@ -812,6 +928,8 @@ def main(args: Args) -> dict:
         final.update(evaluate(unwrapped, tokenizer, eval_records, pool, args, stop_ids, accelerator, args.max_steps))
         if accelerator.is_main_process:
             metrics_file.write(final)
+        if args.report_to != "none":
+            accelerator.log(final, step=args.max_steps)
     accelerator.wait_for_everyone()
     # the saved policy keeps the checkpoint's own generation settings for whoever uses it next
     unwrapped.generation_config = getattr(unwrapped, "reasoner_zero_original_generation_config",
@@ -825,6 +943,9 @@ def main(args: Args) -> dict:
     pool.close()
     summary = {"base_accuracy": base_accuracy, "final_accuracy": final.get("eval/accuracy"), "steps": args.max_steps,
                "minutes": (time.time() - t_start) / 60, "output_dir": str(out)}
+    # Marks a wandb run finished. Not end_training: it also ends the process group, which a notebook reuses.
+    for tracker in accelerator.trackers:
+        tracker.finish()
     if accelerator.is_main_process:
         metrics_file.close()
         samples_file.close()
@@ -947,4 +1068,4 @@ def update(accelerator, model, optimizer, exp: Experience, args: Args, role: str
 
 
 if __name__ == "__main__":
-    main(parse_args(Args))
+    main(parse_args(Args, description=__doc__))

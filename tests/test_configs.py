@@ -170,10 +170,14 @@ def recipe_launches(name: str) -> list[tuple[str, int]]:
 
 
 def with_local_paths(args, tmp_path):
-    """The recipe's arguments with the dataset (which users download) and the output dir in tmp_path."""
+    """The recipe's arguments with the dataset (which users download), the model (which check_args looks
+    up on the hub, out of reach of tests) and the output dir in tmp_path."""
     data = tmp_path / args.dataset
     data.write_text("[]")
-    return dataclasses.replace(args, dataset=str(data), output_dir=str(tmp_path / "out"))
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text("{}")
+    return dataclasses.replace(args, dataset=str(data), model=str(model), output_dir=str(tmp_path / "out"))
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -219,7 +223,7 @@ def test_launch_tiny_run(name, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL_DIR / f"{name}.yaml"),
            "--num_processes", str(processes), str(ROOT / "train_ppo.py"), "--max_steps", "1",
            "--prompts_per_step", str(2 * processes), "--num_generations", "2", "--micro_batch_size", "2",
-           "--critic_mini_batches", "1", "--eval_every", "0", "--bf16", "true", "--output_dir", str(tmp_path)]
+           "--critic_mini_batches", "1", "--eval_every", "0", "--bf16", "--output_dir", str(tmp_path)]
     if name == "fsdp":
         cmd[cmd.index("--config_file") + 2:cmd.index("--config_file") + 2] = ["--fsdp_transformer_layer_cls_to_wrap",
                                                                              "LlamaDecoderLayer"]  # the tiny model

@@ -86,12 +86,21 @@ def test_aggregate_eval_bad_input():
     (dict(datasets="/no/such/file.jsonl"), "no such file"),
     (dict(datasets=" , "), "--datasets is empty"),
     (dict(model="./no/such/model"), "no such path"),
+    (dict(temperature=float("nan")), "--temperature nan must be a finite number"),
+    (dict(reward_timeout=float("inf")), "--reward-timeout inf"),
+    (dict(seed=-1), "--seed"),
 ])
 def test_eval_bad_arguments(changes, message, tmp_path):
     # All of these fail before any model loads.
     with pytest.raises(SystemExit, match=message) as err:
         eval_main(EvalArgs(output_dir=str(tmp_path), **changes))
     assert str(err.value).startswith("error: ") and "\n" not in str(err.value)
+
+
+def test_eval_model_directory_without_a_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no config.json"):
+        eval_main(EvalArgs(model=str(tmp_path / "empty"), output_dir=str(tmp_path / "out")))
 
 
 def test_eval_command_writes_results(tiny_base, tmp_path):

@@ -98,13 +98,17 @@ def test_binary_and_wrong_format_files(tmp_path):
 BAD_ARGS = {
     "prompts_per_step": [0, 3], "num_generations": [0], "num_mini_batches": [0, 3, 5],
     "critic_mini_batches": [0, 7], "micro_batch_size": [0, -1], "clip_low": [-0.1, 1.0, 2.0],
-    "clip_high": [-0.5], "temperature": [0.0, -1.0], "max_steps": [0, -3], "max_new_tokens": [0],
-    "lr": [0.0, -1e-6], "critic_lr": [0.0], "top_p": [0.0, 1.5], "top_k": [-1], "gamma": [-0.1, 1.5],
-    "lam": [2.0], "kl_coef": [-0.1], "max_grad_norm": [0.0], "eval_num_samples": [0], "keep_checkpoints": [0],
+    "clip_high": [-0.5], "max_steps": [0, -3], "max_new_tokens": [0], "critic_lr": [0.0], "top_p": [0.0, 1.5],
+    "top_k": [-1], "gamma": [-0.1, 1.5], "lam": [2.0], "eval_num_samples": [0], "keep_checkpoints": [0],
     "save_every": [-1], "reward": ["nope", "no_such_module:f", "./missing.py:f", "reward:NOPE"],
     "model": ["./no/such/dir", "/abs/missing", "a/b/c"], "dataset": ["missing.json", "gone.parquet"],
-    "eval_datasets": ["math500,absent.jsonl"], "reward_timeout": [0.0], "max_prompt_tokens": [0],
+    "eval_datasets": ["math500,absent.jsonl"], "max_prompt_tokens": [0],
     "max_tokens_per_microbatch": [-5], "max_padding": [0.0, -0.1, 1.5],
+    # NaN passes every comparison and inf most: each is caught on its own
+    "max_grad_norm": [0.0, float("nan")], "temperature": [0.0, -1.0, float("nan")],
+    "lr": [0.0, -1e-6, float("inf")],
+    "reward_timeout": [0.0, float("inf")], "kl_coef": [-0.1, float("nan")], "entropy_coef": [float("nan")],
+    "seed": [-1, 2**32], "synthetic_difficulty": [0],
 }
 
 
