@@ -7,6 +7,7 @@
     python benchmark.py decode [--quick]  # decode work wasted on finished rows: plain generate vs alternatives
     python benchmark.py scaling [--quick] # step time as samples per step and response length grow 1x, 2x, 4x
     python benchmark.py ablate [--seeds 3 --jobs 1]  # gae vs grpo x KL off/on on the built-in task: table + figure
+    python benchmark.py load [--quick]    # the default GRPO run alone vs beside a second one: the slowdown
 
 `critic` runs the real training loop (`train_ppo.main`) for `gae` and `grpo` in one process, on the same
 model, prompts, group size and lengths, alternating the two, and reports the median step time of each,
@@ -526,9 +527,55 @@ def scaling_benchmark(quick: bool) -> None:
               f"{statistics.median(r['time/update'] for r in rows):>7.2f}")
 
 
+# --------------------------------------------------------------------------------------------------
+# load: how much a second CPU-heavy process slows a run down (two runs sharing the machine's cores).
+# --------------------------------------------------------------------------------------------------
+
+LOAD_SETTINGS = {  # name -> environment on top of the caller's; the trainer's own choice first
+    "as shipped": {},
+    "OpenMP spinning (old)": {"OMP_WAIT_POLICY": "ACTIVE"},
+}
+
+
+def load_run(out: Path, steps: int, env: dict) -> subprocess.Popen:
+    cmd = [sys.executable, str(Path(__file__).parent / "train_grpo.py"), "--max-steps", str(steps),
+           "--eval-every", "0", "--samples-per-step", "0", "--save-every", "0", "--output-dir", str(out),
+           "--overwrite"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env})
+
+
+def step_seconds(out: Path) -> float:
+    """Median step time of a finished run, its first step (one-off costs) left out."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(r["time/step"] for r in rows[1:] if "time/step" in r)
+
+
+def load_benchmark(quick: bool) -> None:
+    """The default GRPO run (eval off) alone, then two copies at once, for each setting of LOAD_SETTINGS.
+    The slowdown is the median step time beside the other run over the median step time alone: with
+    2 cores shared by two runs that each use both, about 2 is the fair share."""
+    from data.synthetic import build_tiny_base
+
+    build_tiny_base()
+    steps = 6 if quick else 12
+    tmp = Path(tempfile.mkdtemp(prefix="bench-load-"))
+    print(f"{'setting':<24} {'alone s/step':>12} {'beside another':>15} {'slowdown':>9}")
+    for name, env in LOAD_SETTINGS.items():
+        tag = "".join(c for c in name if c.isalnum())
+        alone = load_run(tmp / f"{tag}-alone", steps, env)
+        if alone.wait():
+            raise SystemExit(f"error: {name}: the run alone failed")
+        pair = [load_run(tmp / f"{tag}-pair{i}", steps, env) for i in range(2)]
+        if any(p.wait() for p in pair):
+            raise SystemExit(f"error: {name}: a run of the pair failed")
+        t_alone = step_seconds(tmp / f"{tag}-alone")
+        t_pair = statistics.mean(step_seconds(tmp / f"{tag}-pair{i}") for i in range(2))
+        print(f"{name:<24} {t_alone:>12.2f} {t_pair:>15.2f} {t_pair / t_alone:>8.1f}x")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["critic", "trl", "decode", "scaling", "ablate", "worker"], help="which benchmark "
+    parser.add_argument("which", choices=["critic", "trl", "decode", "scaling", "ablate", "load", "worker"], help="which benchmark "
                         "('worker' is internal: one training run in this process, for `trl`)")
     parser.add_argument("--quick", action="store_true", help="fewer steps and repetitions")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every run (trl, decode)")
@@ -548,6 +595,8 @@ def main(argv: list[str] | None = None) -> None:
         decode_benchmark(args.quick, args.threads)
     elif args.which == "scaling":
         scaling_benchmark(args.quick)
+    elif args.which == "load":
+        load_benchmark(args.quick)
     elif args.which == "ablate":
         ablation_benchmark(Path(args.out), args.seeds, args.jobs, args.extra.split())
     else:

@@ -181,7 +181,8 @@ def test_help_is_grouped_kebab_case_with_one_default_per_option(capsys):
     for name, block in blocks.items():
         assert block.count("default") <= 1, (name, block)
     assert blocks["--no-whiten-advantages"] != blocks["--whiten-advantages"]
-    assert "(default: on)" in blocks["--whiten-advantages"] and "(default: off)" in blocks["--bf16"]
+    assert "(default: on)" in blocks["--scale-by-std"] and "(default: off)" in blocks["--bf16"]
+    assert "(default: on for gae" in blocks["--whiten-advantages"]  # decided by --advantage
     assert "(default: 60)" in blocks["--max-steps"]
     assert "{gae,grpo,rloo}" in text
 
@@ -198,7 +199,7 @@ def test_grpo_help_keeps_the_groups_and_its_own_defaults():
     result = run_script("train_grpo.py", "--help")
     assert result.returncode == 0, result.stderr
     blocks = option_blocks(result.stdout)
-    assert "(default: grpo)" in blocks["--advantage"] and "(default: off)" in blocks["--whiten-advantages"]
+    assert "(default: grpo)" in blocks["--advantage"] and "off for grpo" in blocks["--whiten-advantages"]
     lines = result.stdout.splitlines()
     assert lines.index("model and data:") < lines.index("rollout:")
     assert result.stdout.splitlines()[2].startswith("Train a base LM to reason with GRPO")
