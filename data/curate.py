@@ -60,7 +60,8 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    # a lone surrogate (which UTF-8 cannot hold) goes out as its JSON escape, as utils.JsonlWriter does
+    with open(tmp, "w", encoding="utf-8", errors="backslashreplace") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
     os.replace(tmp, path)

@@ -208,3 +208,13 @@ def test_command_line_error_exit(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert result.stderr.strip() == "error: unknown eval set 'nope': use math500, aime2024, or a file that exists"
+
+
+def test_write_jsonl_writes_any_text(tmp_path):
+    import json
+
+    from data.curate import write_jsonl
+
+    rows = [{"question": "1 + 1", "note": "broken \ud800 escape", "answer": "2"}]
+    write_jsonl(tmp_path / "out.jsonl", rows)
+    assert [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()] == rows
