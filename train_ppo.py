@@ -371,20 +371,66 @@ def clip_gradients(accelerator, model, max_norm: float) -> float:
 
 
 CHECKPOINT_PREFIX = "step-"
+MANIFEST = "manifest.json"  # in each checkpoint: its files' sizes and sha256, written last
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint under `root`: a `step-N` directory (complete ones only ever appear
-    under that name, by an atomic rename of a finished temporary directory)."""
-    done = [p for p in root.glob(CHECKPOINT_PREFIX + "*") if (p / "trainer_state.json").is_file()]
-    return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint directory `path` cannot be trusted, or None if it is intact: its manifest (written
+    last, before the directory got its name) lists every file with its size and sha256, each file matches,
+    and trainer_state.json holds the step of the directory's name, the schedulers and the arguments."""
+    try:
+        files = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
+        entries = {name: (int(e["size"]), str(e["sha256"])) for name, e in files.items()}
+    except FileNotFoundError:
+        return f"no {MANIFEST} (an incomplete write, or a checkpoint of an older version)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{MANIFEST} is unreadable"
+    for name, (size, sha256) in entries.items():
+        file = path / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            return f"{MANIFEST} names a file outside the checkpoint ({name})"
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
+        if file_sha256(file) != sha256:
+            return f"{name} does not match its sha256 in the manifest"
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        ok = (state["step"] == int(path.name[len(CHECKPOINT_PREFIX):]) and "schedulers" in state
+              and isinstance(state["args"], dict))
+    except (OSError, ValueError, KeyError, TypeError):
+        ok = False
+    return None if ok else "trainer_state.json lacks the step of its name, the schedulers or the arguments"
+
+
+def latest_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
+    """The newest intact checkpoint under `root` (a `step-N` directory that `checkpoint_problem` accepts),
+    and one line for each newer one skipped, saying why."""
+    found = [(int(p.name[len(CHECKPOINT_PREFIX):]), p) for p in root.glob(CHECKPOINT_PREFIX + "*")
+             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    skipped = []
+    for _, path in sorted(found, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, skipped
+        skipped.append(f"skipped checkpoint {path}: {problem}")
+    return None, skipped
 
 
 def save_checkpoint(accelerator, root: Path, state: dict, keep: int) -> Path:
     """Everything needed to continue at `state["step"]`: models, optimizers, every process's RNG states
     (accelerate's `save_state`: weights as safetensors, the rest read back with torch's weights-only
-    loader) and `state` as JSON (with the schedulers: nothing is unpickled on resume). Written to a temporary
-    directory, fsynced, then renamed, so a kill at any instant leaves the previous checkpoint whole."""
+    loader), `state` as JSON (with the schedulers: nothing is unpickled on resume) and, last, a manifest of
+    every file's size and sha256. Written to a temporary directory, fsynced, then renamed, so a kill at any
+    instant leaves the previous checkpoint whole."""
     import os
     import shutil
 
@@ -398,6 +444,10 @@ def save_checkpoint(accelerator, root: Path, state: dict, keep: int) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps(state))
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+                    for p in files}
+        (tmp / MANIFEST).write_text(json.dumps({"files": manifest}, indent=1))
         for path in [*tmp.rglob("*"), tmp]:
             fd = os.open(path, os.O_RDONLY)
             try:
@@ -416,16 +466,17 @@ def save_checkpoint(accelerator, root: Path, state: dict, keep: int) -> Path:
     return final
 
 
-def read_jsonl_before(path: Path, step: int) -> list[dict]:
-    """The records of a JSONL file with "step" < `step`; a torn last line (killed mid-write) is dropped."""
+def read_jsonl_before(path: Path, step: float) -> list[dict]:
+    """The records of a JSONL file with "step" < `step`. Lines a kill tore (also inside a multi-byte
+    character) or that hold no record are dropped."""
     rows = []
     if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if row.get("step", step) < step:
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] < step:
                 rows.append(row)
     return rows
 
@@ -612,11 +663,13 @@ def main(args: Args) -> dict:
     schedulers = [sched] + ([critic_sched] if critic is not None else [])  # saved as JSON in the checkpoint
     pool = RewardPool(args.reward, num_workers=args.reward_workers, timeout=args.reward_timeout)
 
-    # ---- Resume: the last complete checkpoint, if any (and not --overwrite) -----------------------------
+    # ---- Resume: the newest intact checkpoint, if any (and not --overwrite) -----------------------------
     ckpt_root, start_step, base_accuracy, nonfinite = out / "checkpoints", 0, None, 0
-    ckpt = None if args.overwrite else latest_checkpoint(ckpt_root)
+    ckpt, skipped = (None, []) if args.overwrite else latest_checkpoint(ckpt_root)
+    for line in skipped:  # damaged newer checkpoints: say which and why
+        accelerator.print(f"warning: {line}")
     if args.resume and ckpt is None:
-        raise SystemExit(f"error: --resume: no complete checkpoint in {ckpt_root}")
+        raise SystemExit(f"error: --resume: no usable checkpoint in {ckpt_root}")
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
         state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -782,6 +835,7 @@ def main(args: Args) -> dict:
         signalled = sum_all(float(stop.signal is not None)).item() > 0
         if (args.save_every and (step + 1) % args.save_every == 0) or signalled or nonfinite >= args.max_nonfinite_updates:
             saved = save_checkpoint(accelerator, ckpt_root, {"step": step + 1, "base_accuracy": base_accuracy,
+                                                             "args": asdict(args),
                                                              "schedulers": [s.state_dict() for s in schedulers]},
                                     args.keep_checkpoints)
             if signalled:

@@ -29,9 +29,10 @@ def env(**extra) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
 
 
-def run(out, advantage: str, **extra) -> subprocess.CompletedProcess:
-    return subprocess.run(command(out, advantage), cwd=ROOT, env=env(**extra), capture_output=True, text=True,
-                          timeout=600)
+def run(out, advantage: str, *args: str, **extra) -> subprocess.CompletedProcess:
+    """The run with `args` added to COMMON (later flags win) and `extra` in its environment."""
+    return subprocess.run(command(out, advantage) + list(args), cwd=ROOT, env=env(**extra),
+                          capture_output=True, text=True, timeout=600)
 
 
 def metric_lines(out) -> list[dict]:
@@ -149,3 +150,49 @@ def test_nan_updates_in_a_row_stop_with_a_checkpoint(tmp_path):
     assert last.startswith("error: step 3: 3 updates in a row had a NaN") and "step-000004" in last
     state = load_file(tmp_path / "checkpoints" / "step-000004" / "model.safetensors")
     assert all(v.isfinite().all() for v in state.values())
+
+
+def checkpoint_steps(out) -> list[int]:
+    return sorted(int(p.name.removeprefix("step-")) for p in (out / "checkpoints").glob("step-*"))
+
+
+DAMAGE = {
+    "truncated-weights": lambda ckpt: os.truncate(ckpt / "model.safetensors",
+                                                  (ckpt / "model.safetensors").stat().st_size // 2),
+    "missing-state": lambda ckpt: (ckpt / "trainer_state.json").unlink(),
+    "garbled-state": lambda ckpt: (ckpt / "trainer_state.json").write_text('{"step": 3, "sched'),
+}
+
+
+@pytest.mark.parametrize("damage", ["none", *DAMAGE])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(damage, tmp_path, reference):
+    """A finished 3-step run, continued to 5 steps (its newest checkpoint damaged or not), ends exactly where
+    an uninterrupted 5-step run ends; a damaged checkpoint is skipped with one line saying why."""
+    out = tmp_path / damage
+    result = run(out, "grpo", "--max-steps", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    if damage != "none":
+        DAMAGE[damage](out / "checkpoints" / "step-000003")
+    result = run(out, "grpo")
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = [line for line in result.stdout.splitlines() if "resuming from" in line]
+    assert len(resumed) == 1 and ("step-000003" if damage == "none" else "step-000002") in resumed[0], resumed
+    skipped = [line for line in (result.stdout + result.stderr).splitlines() if "skipped checkpoint" in line]
+    assert len(skipped) == (damage != "none"), skipped
+    if skipped:
+        assert "step-000003" in skipped[0], skipped
+    assert_same_run(out, reference["grpo"], "grpo")
+    assert checkpoint_steps(out) == [4, 5]
+
+def test_reading_back_the_logs_of_a_killed_run_keeps_whole_records_before_the_step(tmp_path):
+    """A kill can tear the last line of samples.jsonl inside a multi-byte character; a garbled line may hold
+    JSON that is not a record. Neither stops the resume."""
+    from train_ppo import read_jsonl_before
+
+    path = tmp_path / "samples.jsonl"
+    records = [{"step": 0, "response": "é"}, {"step": 1}, {"step": 2}]
+    torn = json.dumps({"step": 2, "response": "ééé"}, ensure_ascii=False).encode()[:-3]  # ends mid-character
+    text = "\n".join([json.dumps(records[0], ensure_ascii=False), json.dumps(records[1]), "[1, 2]", "7",
+                      json.dumps(records[2])]) + "\n"
+    path.write_bytes(text.encode() + torn)
+    assert read_jsonl_before(path, 2) == records[:2]
