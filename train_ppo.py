@@ -372,6 +372,27 @@ def clip_gradients(accelerator, model, max_norm: float) -> float:
 
 CHECKPOINT_PREFIX = "step-"
 MANIFEST = "manifest.json"  # in each checkpoint: its files' sizes and sha256, written last
+LOCK_FILE = ".lock"  # in the output directory: flocked by the run that uses it, holds its pid
+# What a run writes in its output directory; --overwrite removes these and nothing else (the lock file and
+# the user's own files stay). "reasoner-zero" is tensorboard's directory (the project name of init_trackers).
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples.jsonl", "policy", "critic", "summary.json",
+               "config.json", "reasoner-zero")
+# The arguments that may differ between a checkpoint and the run resuming from it; all others shape
+# training and must match. Free: the length of the run (max_steps: after warm-up the learning rate is
+# constant, so a longer run continues the same schedule) and its bookkeeping (eval_every, save_every,
+# keep_checkpoints, samples_per_step, report_to, max_nonfinite_updates, resume, overwrite, output_dir: a
+# moved directory); resources that do not change the objective: reward_workers, gradient_checkpointing,
+# and how a batch is split (micro_batch_size, max_tokens_per_microbatch, max_padding: float round-off
+# only) or generated (generation, refill_fraction, generation_batch_size: other draws from the same
+# distribution). Not free, on purpose: eval_limit, eval_num_samples and eval_datasets define what
+# eval/accuracy measures, so changing them mid-run would make one curve (and the summary's base -> final)
+# compare two different measures; reward_timeout decides which rewards are 0.
+RESUMABLE_ARGS = frozenset({
+    "max_steps", "eval_every", "save_every", "keep_checkpoints", "samples_per_step", "report_to",
+    "max_nonfinite_updates", "resume", "overwrite", "output_dir", "reward_workers", "gradient_checkpointing",
+    "micro_batch_size", "max_tokens_per_microbatch", "max_padding", "generation", "refill_fraction",
+    "generation_batch_size"})
+_HELD_LOCKS: list[int] = []  # file descriptors of the output-directory locks this process holds
 
 
 def file_sha256(path: Path) -> str:
@@ -423,6 +444,173 @@ def latest_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
             return path, skipped
         skipped.append(f"skipped checkpoint {path}: {problem}")
     return None, skipped
+
+
+def arg_differences(saved: dict, args: Args) -> list[str]:
+    """`--flag saved -> now` for each argument outside RESUMABLE_ARGS whose value in `args` differs from
+    `saved` (the arguments a checkpoint or config.json recorded); an argument `saved` lacks counts as
+    its default. Example: saved lr 1e-4, now 5e-4 -> ["--lr 0.0001 -> 0.0005"]."""
+    import dataclasses
+
+    def show(value) -> str:
+        return value if isinstance(value, str) else json.dumps(value)
+
+    now = json.loads(json.dumps(asdict(args)))  # compared as saved: through JSON
+    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(args)}
+    return [f"--{name.replace('_', '-')} {show(saved.get(name, defaults[name]))} -> {show(value)}"
+            for name, value in now.items()
+            if name not in RESUMABLE_ARGS and saved.get(name, defaults[name]) != value]
+
+
+def lock_output_dir(out: Path) -> None:
+    """Lock `out` for this process until `main` ends (flock on out/.lock, which records the holder's pid
+    and host). The kernel drops a flock when its process ends, however it ends, so a killed run leaves no
+    lock behind; the file stays (removing it would let two runs lock different files). Raises SystemExit
+    naming the holder if another run has the lock."""
+    import fcntl
+    import os
+    import socket
+
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+        os.close(fd)
+        who = f"pid {holder[0]} on {holder[1]}" if len(holder) >= 2 else "a process that has just started"
+        raise SystemExit(f"error: --output-dir {out} is in use by another run ({who}); wait for it to end, "
+                         "or choose another --output-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    _HELD_LOCKS.append(fd)
+
+
+def releases_output_locks(fn):
+    """Decorator: the output-directory locks taken during `fn` are released when it returns or raises, so
+    that a notebook can call `main` again (a process that ends releases them anyway)."""
+    import functools
+    import os
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        held = len(_HELD_LOCKS)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            while len(_HELD_LOCKS) > held:
+                os.close(_HELD_LOCKS.pop())
+    return wrapper
+
+
+def plan_output_dir(args: Args, out: Path) -> dict:
+    """How this run starts in `out`, decided before any model loads: {"checkpoint": the one to resume from
+    or None, "clean": remove RUN_OUTPUTS first, "continue_finished": a finished run continued to a larger
+    --max-steps, "notes": lines to print}. A directory is reused only for the same run: resuming needs the
+    checkpoint's training arguments (`arg_differences`), and without a usable checkpoint only the leftovers
+    of this run killed before its first checkpoint are replaced. Everything else (a finished run, a run of
+    other arguments, a run whose checkpoints are all damaged or that saved none) is refused with one line,
+    unless --overwrite."""
+    ways_out = "start afresh there with --overwrite, or choose another --output-dir"
+    if args.overwrite and args.resume:
+        raise SystemExit("error: --overwrite (start afresh) and --resume contradict each other; choose one")
+    present = [name for name in RUN_OUTPUTS if (out / name).exists() and not (
+        (out / name).is_dir() and not any((out / name).iterdir()))]
+    if args.overwrite:
+        return {"checkpoint": None, "clean": bool(present), "continue_finished": False, "notes": []}
+    ckpt, skipped = latest_checkpoint(out / "checkpoints")
+    why = f" ({'; '.join(skipped)})" if skipped else ""
+    finished = (out / "summary.json").exists()
+    try:
+        finished_steps = json.loads((out / "summary.json").read_text())["steps"] if finished else None
+    except (OSError, ValueError, KeyError, TypeError):
+        finished_steps = None
+    if ckpt is None:
+        if args.resume:
+            raise SystemExit(f"error: --resume: no usable checkpoint in {out / 'checkpoints'}{why}")
+        if finished:
+            raise SystemExit(f"error: {out} holds a finished run (summary.json) and no usable checkpoint to "
+                             f"continue it from{why}; {ways_out}")
+        if present and not killed_before_first_checkpoint(out, args, skipped):
+            raise SystemExit(f"error: {out} holds a run ({', '.join(present)}) but no usable checkpoint to "
+                             f"resume from{why}; {ways_out}")
+        return {"checkpoint": None, "clean": bool(present), "continue_finished": False, "notes": skipped}
+    state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    diffs = arg_differences(state["args"], args)
+    if diffs:
+        raise SystemExit(f"error: {out} holds a run with other training arguments ({'; '.join(diffs)}); "
+                         f"resume it with the same ones, {ways_out}")
+    if state["step"] > args.max_steps:
+        raise SystemExit(f"error: --max-steps {args.max_steps} is below the step of the checkpoint to resume "
+                         f"from ({ckpt}); raise it, {ways_out}")
+    if finished and finished_steps is None:
+        raise SystemExit(f"error: {out} holds a finished run (summary.json, unreadable); {ways_out}")
+    if finished and args.max_steps <= finished_steps:
+        raise SystemExit(f"error: {out} holds a finished run ({finished_steps} steps); to train it further "
+                         f"from {ckpt}, raise --max-steps above {finished_steps}; or {ways_out}")
+    return {"checkpoint": str(ckpt), "clean": False, "continue_finished": finished, "notes": skipped}
+
+
+def killed_before_first_checkpoint(out: Path, args: Args, skipped: list[str]) -> bool:
+    """Whether `out` holds only what a run of these training arguments writes before its first checkpoint
+    (it was killed early): its config.json agrees with `args`, no checkpoint (even a damaged one) nor final
+    output exists, and every logged step precedes the first checkpoint. Starting again loses nothing more."""
+    try:
+        saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
+        first_checkpoint = int(saved["save_every"])
+        logged = read_jsonl_before(out / "metrics.jsonl", math.inf)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return (not skipped and not arg_differences(saved, args) and first_checkpoint > 0
+            and not any((out / name).exists() for name in ("policy", "critic", "summary.json"))
+            and all(row["step"] < first_checkpoint for row in logged))
+
+
+def claim_output_dir(accelerator, args: Args) -> dict:
+    """Lock the output directory and decide how to start in it (`plan_output_dir`), on the main process
+    before any model loads; every process gets the decision, and all stop together on a refusal."""
+    from accelerate.utils import broadcast_object_list
+
+    decision = [None]
+    if accelerator.is_main_process:
+        out = Path(args.output_dir)
+        try:
+            lock_output_dir(out)
+            decision[0] = plan_output_dir(args, out)
+        except SystemExit as err:
+            decision[0] = {"error": str(err.code)}
+        except OSError as err:
+            decision[0] = {"error": f"error: --output-dir {out}: {err}"}
+    broadcast_object_list(decision)
+    if "error" in decision[0]:
+        raise SystemExit(decision[0]["error"] if accelerator.is_main_process else 1)
+    for note in decision[0]["notes"]:
+        accelerator.print(f"warning: {note}")
+    return decision[0]
+
+
+def prepare_output_dir(out: Path, plan: dict, args: Args) -> None:
+    """Carry out `plan_output_dir`'s plan (main process, once the models have loaded): remove the outputs of
+    the previous run for a fresh start, the summary of a finished run that is continued, and partial
+    checkpoints of a killed write; then record this run's arguments in config.json."""
+    import os
+    import shutil
+
+    if plan["clean"]:
+        for name in RUN_OUTPUTS:
+            path = out / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+    if plan["continue_finished"]:  # no longer finished: a killed continuation must read as a plain resume
+        (out / "summary.json").unlink(missing_ok=True)
+    for tmp in (out / "checkpoints").glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    tmp = out / ".config.json.tmp"
+    tmp.write_text(json.dumps(asdict(args), indent=2))
+    os.replace(tmp, out / "config.json")
 
 
 def save_checkpoint(accelerator, root: Path, state: dict, keep: int) -> Path:
@@ -606,6 +794,7 @@ def evaluate(model, tokenizer, datasets: dict[str, list], pool: RewardPool, args
 # The training loop.
 # --------------------------------------------------------------------------------------------------
 
+@releases_output_locks
 def main(args: Args) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import gather_object, set_seed
@@ -627,9 +816,7 @@ def main(args: Args) -> dict:
                          "accumulation are not wired in); launch with configs/accelerate/fsdp.yaml to shard instead")
     set_seed(args.seed, device_specific=True)  # each process samples differently
     out = Path(args.output_dir)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(args), indent=2))
+    start = claim_output_dir(accelerator, args)  # locked for this run; refusals come before any model loads
     t_start = time.time()
     with accelerator.main_process_first():
         model_path = str(build_tiny_base(log=accelerator.print)) if args.model == "tiny" else args.model
@@ -663,13 +850,12 @@ def main(args: Args) -> dict:
     schedulers = [sched] + ([critic_sched] if critic is not None else [])  # saved as JSON in the checkpoint
     pool = RewardPool(args.reward, num_workers=args.reward_workers, timeout=args.reward_timeout)
 
-    # ---- Resume: the newest intact checkpoint, if any (and not --overwrite) -----------------------------
+    # ---- Resume from the newest intact checkpoint of this run, or start clean (see `plan_output_dir`) ----
     ckpt_root, start_step, base_accuracy, nonfinite = out / "checkpoints", 0, None, 0
-    ckpt, skipped = (None, []) if args.overwrite else latest_checkpoint(ckpt_root)
-    for line in skipped:  # damaged newer checkpoints: say which and why
-        accelerator.print(f"warning: {line}")
-    if args.resume and ckpt is None:
-        raise SystemExit(f"error: --resume: no usable checkpoint in {ckpt_root}")
+    if accelerator.is_main_process:
+        prepare_output_dir(out, start, args)
+    accelerator.wait_for_everyone()
+    ckpt = Path(start["checkpoint"]) if start["checkpoint"] else None
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
         state = json.loads((ckpt / "trainer_state.json").read_text())

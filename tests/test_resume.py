@@ -94,9 +94,13 @@ def check_kill_and_resume(tmp_path, reference, advantage: str, when: str, seed: 
     out = tmp_path / f"{advantage}-{when}-{seed}"
     point = killed_run(out, advantage, when, random.Random(seed))
     had_checkpoint = bool(list((out / "checkpoints").glob("step-*")))
-    result = run(out, advantage)  # the same command: resumes on its own
-    assert result.returncode == 0, (point, result.stderr[-3000:])
-    assert ("resuming from" in result.stdout) == had_checkpoint
+    finished = (out / "summary.json").exists()  # killed after its last write, while exiting
+    result = run(out, advantage)  # the same command: resumes on its own, or refuses to redo a finished run
+    if finished:
+        assert result.returncode != 0 and "holds a finished run" in result.stderr, (point, result.stderr[-3000:])
+    else:
+        assert result.returncode == 0, (point, result.stderr[-3000:])
+        assert ("resuming from" in result.stdout) == had_checkpoint
     assert not list((out / "checkpoints").glob(".tmp-*"))
     assert len(list((out / "checkpoints").glob("step-*"))) <= 2  # --keep-checkpoints
     assert_same_run(out, reference[advantage], advantage)
