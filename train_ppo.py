@@ -618,19 +618,45 @@ def save_checkpoint(accelerator, root: Path, state: dict, keep: int) -> Path:
     (accelerate's `save_state`: weights as safetensors, the rest read back with torch's weights-only
     loader), `state` as JSON (with the schedulers: nothing is unpickled on resume) and, last, a manifest of
     every file's size and sha256. Written to a temporary directory, fsynced, then renamed, so a kill at any
-    instant leaves the previous checkpoint whole."""
+    instant leaves the previous checkpoint whole. A failed write (a full disk) removes the temporary
+    directory and stops every process with one line; the previous checkpoints are untouched."""
     import os
     import shutil
 
+    from accelerate.utils import gather_object
+    from safetensors import SafetensorError
+
     final = root / f"{CHECKPOINT_PREFIX}{state['step']:06d}"
     tmp = root / f".tmp-{final.name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    # torch.save reports a failed write as a RuntimeError
+    write_errors = (OSError, RuntimeError, SafetensorError)
+
+    def attempt(write) -> None:  # run `write`; then every process knows whether any write failed
+        try:
+            write()
+            problem = None
+        except write_errors as err:
+            problem = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+        problems = [p for p in gather_object([problem]) if p]
+        if problems and not accelerator.is_main_process:
+            raise SystemExit(1)  # the main process says why
+        if problems:
+            shutil.rmtree(tmp, ignore_errors=True)
+            older = sorted(p.name for p in root.glob(CHECKPOINT_PREFIX + "*") if p != final)
+            last = f"the last checkpoint, {older[-1]}, is untouched" if older else "there is no earlier one"
+            free = shutil.disk_usage(next(p for p in (root, *root.parents) if p.exists())).free / 2**30
+            raise SystemExit(f"error: writing checkpoint {final} failed ({problems[0]}; {free:.1f} GiB "
+                             f"free there): the partial copy is removed and {last}; free some space and run "
+                             "the same command again to resume")
+
+    def prepare() -> None:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+
+    def finish() -> None:
+        if not accelerator.is_main_process:
+            return
         (tmp / "trainer_state.json").write_text(json.dumps(state))
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
@@ -647,6 +673,11 @@ def save_checkpoint(accelerator, root: Path, state: dict, keep: int) -> Path:
         fd = os.open(root, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
+
+    attempt(prepare)
+    attempt(lambda: accelerator.save_state(str(tmp), safe_serialization=True))
+    attempt(finish)
+    if accelerator.is_main_process:
         done = sorted((p for p in root.glob(CHECKPOINT_PREFIX + "*") if p != final), key=lambda p: p.name)
         for old in done[:max(len(done) - keep + 1, 0)]:
             shutil.rmtree(old, ignore_errors=True)

@@ -6,6 +6,7 @@ with the same command ends exactly where an uninterrupted run ends: the same met
 import json
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -160,6 +161,10 @@ def checkpoint_steps(out) -> list[int]:
     return sorted(int(p.name.removeprefix("step-")) for p in (out / "checkpoints").glob("step-*"))
 
 
+def save_state_of(path) -> dict:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
 DAMAGE = {
     "truncated-weights": lambda ckpt: os.truncate(ckpt / "model.safetensors",
                                                   (ckpt / "model.safetensors").stat().st_size // 2),
@@ -187,6 +192,33 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(damage,
         assert "step-000003" in skipped[0], skipped
     assert_same_run(out, reference["grpo"], "grpo")
     assert checkpoint_steps(out) == [4, 5]
+
+
+@pytest.mark.parametrize("fails", ["weights", "optimizer"])
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_good_one(fails, tmp_path, reference):
+    """A real write failure: the run continues under a file-size limit (RLIMIT_FSIZE, so a write past it
+    fails with EFBIG as on a full disk) that the checkpoint's weights or its optimizer state exceed."""
+    out = tmp_path / fails
+    assert run(out, "grpo", "--max-steps", "2").returncode == 0
+    good = save_state_of(out / "checkpoints")
+    sizes = {p.name: p.stat().st_size for p in (out / "checkpoints" / "step-000002").iterdir()}
+    limit = sizes["model.safetensors"] // 2 if fails == "weights" else sizes["optimizer.bin"] - 1
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    result = subprocess.run(command(out, "grpo") + ["--max-steps", "4"], cwd=ROOT, env=env(),
+                            capture_output=True, text=True, timeout=600, preexec_fn=limit_file_size)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "step-000003" in last and "step-000002" in last, last
+    assert not list((out / "checkpoints").glob(".tmp-*")), "the partial checkpoint was left behind"
+    assert save_state_of(out / "checkpoints") == good, "the last good checkpoints changed"
+    result = run(out, "grpo")  # with space again, the same command resumes from the last good checkpoint
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step-000002" in result.stdout
+    assert_same_run(out, reference["grpo"], "grpo")
+
 
 def test_reading_back_the_logs_of_a_killed_run_keeps_whole_records_before_the_step(tmp_path):
     """A kill can tear the last line of samples.jsonl inside a multi-byte character; a garbled line may hold
