@@ -613,6 +613,27 @@ def prepare_output_dir(out: Path, plan: dict, args: Args) -> None:
     os.replace(tmp, out / "config.json")
 
 
+def parameters_finite(*models) -> bool:
+    """Whether every parameter of `models` (this process's shards; None entries ignored) is finite."""
+    return all(bool(torch.isfinite(p).all()) for m in models if m is not None for p in m.parameters())
+
+
+def nonfinite_stop_message(step: int, count: int, last_saved: Path | None) -> str:
+    """The error of a run stopped after `count` non-finite updates in a row ending at `step`. Nothing is
+    saved then (the finite update just before the streak may already have wrecked the weights); the
+    message names the newest checkpoint, which predates the streak since none is written during one."""
+    first = step - count + 1
+    if last_saved is None:
+        where = "no checkpoint was saved before they began"
+    else:
+        after = int(last_saved.name[len(CHECKPOINT_PREFIX):]) - 1
+        where = (f"the last checkpoint saved before they began is {last_saved}, the state after step {after}"
+                 + (" (whose update came just before the first failure: check it before resuming)"
+                    if after == first - 1 else ""))
+    return (f"error: step {step}: {count} updates in a row had a NaN or infinite loss or gradient and were "
+            f"skipped (steps {first}-{step}); stopping without saving this state; {where}")
+
+
 def save_checkpoint(accelerator, root: Path, state: dict, keep: int) -> Path:
     """Everything needed to continue at `state["step"]`: models, optimizers, every process's RNG states
     (accelerate's `save_state`: weights as safetensors, the rest read back with torch's weights-only
@@ -886,7 +907,7 @@ def main(args: Args) -> dict:
     if accelerator.is_main_process:
         prepare_output_dir(out, start, args)
     accelerator.wait_for_everyone()
-    ckpt = Path(start["checkpoint"]) if start["checkpoint"] else None
+    ckpt = last_saved = Path(start["checkpoint"]) if start["checkpoint"] else None
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
         state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -1048,19 +1069,26 @@ def main(args: Args) -> dict:
             accelerator.log(metrics, step=step)
 
         # ---- 8. Checkpoint, and stop when asked or when updates keep failing -----------------------
+        # No checkpoint during a streak of non-finite updates, nor of non-finite weights: the update before
+        # a streak may already have wrecked the weights, and a checkpoint would then replace good ones.
         nonfinite = nonfinite + 1 if metrics.get("train/nonfinite_updates", 0) > 0 else 0
         signalled = sum_all(float(stop.signal is not None)).item() > 0
-        if (args.save_every and (step + 1) % args.save_every == 0) or signalled or nonfinite >= args.max_nonfinite_updates:
-            saved = save_checkpoint(accelerator, ckpt_root, {"step": step + 1, "base_accuracy": base_accuracy,
-                                                             "args": asdict(args),
-                                                             "schedulers": [s.state_dict() for s in schedulers]},
-                                    args.keep_checkpoints)
+        if nonfinite >= args.max_nonfinite_updates:
+            raise SystemExit(nonfinite_stop_message(step, nonfinite, last_saved))
+        if (args.save_every and (step + 1) % args.save_every == 0) or signalled:
+            finite = sum_all(float(parameters_finite(policy, critic))).item() == world
+            if nonfinite or not finite:
+                why = "the last update was not finite" if nonfinite else "the weights are not finite"
+                accelerator.print(f"warning: step {step}: no checkpoint written ({why}); the last one is "
+                                  f"{last_saved or 'none'}")
+            else:
+                last_saved = save_checkpoint(accelerator, ckpt_root, {
+                    "step": step + 1, "base_accuracy": base_accuracy, "args": asdict(args),
+                    "schedulers": [s.state_dict() for s in schedulers]}, args.keep_checkpoints)
             if signalled:
-                raise SystemExit(f"stopped by signal {stop.signal} after step {step}: checkpoint in {saved}; "
-                                 "run the same command again to resume")
-            if nonfinite >= args.max_nonfinite_updates:
-                raise SystemExit(f"error: step {step}: {nonfinite} updates in a row had a NaN or infinite loss or "
-                                 f"gradient and were skipped; stopping with the last good state in {saved}")
+                raise SystemExit(f"stopped by signal {stop.signal} after step {step}: "
+                                 + (f"last checkpoint {last_saved}; run the same command again to resume"
+                                    if last_saved else "no checkpoint to resume from"))
 
     # ---- 9. Final evaluation and save --------------------------------------------------------------
     final = {"step": args.max_steps}

@@ -148,17 +148,41 @@ def test_nan_updates_are_skipped_and_counted(tmp_path):
     assert all(v.isfinite().all() for v in policy.values())
 
 
-def test_nan_updates_in_a_row_stop_with_a_checkpoint(tmp_path):
-    result = run(tmp_path, "grpo", REASONER_ZERO_NAN_STEPS="1,2,3")
-    assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: step 3: 3 updates in a row had a NaN") and "step-000004" in last
-    state = load_file(tmp_path / "checkpoints" / "step-000004" / "model.safetensors")
-    assert all(v.isfinite().all() for v in state.values())
-
-
 def checkpoint_steps(out) -> list[int]:
     return sorted(int(p.name.removeprefix("step-")) for p in (out / "checkpoints").glob("step-*"))
+
+
+@pytest.mark.parametrize("nan_steps,saved_before", [("1,2,3", 1), ("0,1,2", None)])
+def test_nan_updates_in_a_row_stop_without_saving_and_name_the_last_checkpoint(nan_steps, saved_before,
+                                                                                tmp_path):
+    result = run(tmp_path, "grpo", REASONER_ZERO_NAN_STEPS=nan_steps)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    stop = int(nan_steps.split(",")[-1])
+    assert last.startswith(f"error: step {stop}: 3 updates in a row had a NaN"), last
+    if saved_before is None:
+        assert "no checkpoint was saved before" in last and not checkpoint_steps(tmp_path), last
+    else:
+        assert checkpoint_steps(tmp_path) == [saved_before]  # none written during the failures
+        assert f"step-{saved_before:06d}" in last, last
+        state = load_file(tmp_path / "checkpoints" / f"step-{saved_before:06d}" / "model.safetensors")
+        assert all(v.isfinite().all() for v in state.values())
+
+
+def test_a_destroying_learning_rate_saves_nothing_after_the_failures_began(tmp_path):
+    """--lr 1e6: the first update is finite but wrecks the weights, every later one is NaN. The stop must
+    not save that state again, and must name the last checkpoint written before the failures."""
+    result = run(tmp_path, "grpo", "--lr", "1e6")
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    rows = metric_lines(tmp_path)
+    failing = [r["train/nonfinite_updates"] > 0 for r in rows]
+    assert failing[-3:] == [True, True, True], failing
+    first = len(failing) - failing[::-1].index(False)  # the streak's first step (0 if every step failed)
+    assert last.startswith(f"error: step {rows[-1]['step']}: "), last
+    assert max(checkpoint_steps(tmp_path), default=0) <= first  # nothing saved once the streak began
+    if checkpoint_steps(tmp_path):
+        assert f"step-{max(checkpoint_steps(tmp_path)):06d}" in last, last
 
 
 def save_state_of(path) -> dict:
