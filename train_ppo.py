@@ -487,33 +487,318 @@ def clip_gradients(accelerator, model, max_norm: float) -> float:
 
 
 CHECKPOINT_PREFIX = "step-"
+MANIFEST = "manifest.json"  # in each checkpoint: its files' sizes and sha256, written last
+LOCK_FILE = ".lock"  # in the output directory: flocked by the run that uses it, holds its pid
+# What a run writes in its output directory; --overwrite removes these and nothing else (the lock file and
+# the user's own files stay). "reasoner-zero" is tensorboard's directory (the project name of init_trackers).
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples.jsonl", "policy", "critic", "summary.json",
+               "config.json", "reasoner-zero")
+# The arguments that may differ between a checkpoint and the run resuming from it; all others shape
+# training and must match. Free: the length of the run (max_steps: after warm-up the learning rate is
+# constant, so a longer run continues the same schedule) and its bookkeeping (eval_every, save_every,
+# keep_checkpoints, samples_per_step, report_to, max_nonfinite_updates, resume, overwrite, output_dir: a
+# moved directory); resources that do not change the objective: reward_workers, gradient_checkpointing,
+# and how a batch is split (micro_batch_size, max_tokens_per_microbatch, max_padding: float round-off
+# only) or generated (generation, refill_fraction, generation_batch_size: other draws from the same
+# distribution). Not free, on purpose: eval_limit, eval_num_samples and eval_datasets define what
+# eval/accuracy measures, so changing them mid-run would make one curve (and the summary's base -> final)
+# compare two different measures; reward_timeout decides which rewards are 0.
+RESUMABLE_ARGS = frozenset({
+    "max_steps", "eval_every", "save_every", "keep_checkpoints", "samples_per_step", "report_to",
+    "max_nonfinite_updates", "resume", "overwrite", "output_dir", "reward_workers", "gradient_checkpointing",
+    "micro_batch_size", "max_tokens_per_microbatch", "max_padding", "generation", "refill_fraction",
+    "generation_batch_size"})
+_HELD_LOCKS: list[int] = []  # file descriptors of the output-directory locks this process holds
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint under `root`: a `step-N` directory (complete ones only ever appear
-    under that name, by an atomic rename of a finished temporary directory)."""
-    done = [p for p in root.glob(CHECKPOINT_PREFIX + "*") if (p / "trainer_state.json").is_file()]
-    return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint directory `path` cannot be trusted, or None if it is intact: its manifest (written
+    last, before the directory got its name) lists every file with its size and sha256, each file matches,
+    and trainer_state.json holds the step of the directory's name, the schedulers and the arguments."""
+    try:
+        files = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
+        entries = {name: (int(e["size"]), str(e["sha256"])) for name, e in files.items()}
+    except FileNotFoundError:
+        return f"no {MANIFEST} (an incomplete write, or a checkpoint of an older version)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{MANIFEST} is unreadable"
+    for name, (size, sha256) in entries.items():
+        file = path / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            return f"{MANIFEST} names a file outside the checkpoint ({name})"
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
+        if file_sha256(file) != sha256:
+            return f"{name} does not match its sha256 in the manifest"
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        ok = (state["step"] == int(path.name[len(CHECKPOINT_PREFIX):]) and "schedulers" in state
+              and isinstance(state["args"], dict))
+    except (OSError, ValueError, KeyError, TypeError):
+        ok = False
+    return None if ok else "trainer_state.json lacks the step of its name, the schedulers or the arguments"
+
+
+def latest_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
+    """The newest intact checkpoint under `root` (a `step-N` directory that `checkpoint_problem` accepts),
+    and one line for each newer one skipped, saying why."""
+    found = [(int(p.name[len(CHECKPOINT_PREFIX):]), p) for p in root.glob(CHECKPOINT_PREFIX + "*")
+             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    skipped = []
+    for _, path in sorted(found, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, skipped
+        skipped.append(f"skipped checkpoint {path}: {problem}")
+    return None, skipped
+
+
+def arg_differences(saved: dict, args: Args) -> list[str]:
+    """`--flag saved -> now` for each argument outside RESUMABLE_ARGS whose value in `args` differs from
+    `saved` (the arguments a checkpoint or config.json recorded); an argument `saved` lacks counts as
+    its default. Example: saved lr 1e-4, now 5e-4 -> ["--lr 0.0001 -> 0.0005"]."""
+    import dataclasses
+
+    def show(value) -> str:
+        return value if isinstance(value, str) else json.dumps(value)
+
+    now = json.loads(json.dumps(asdict(args)))  # compared as saved: through JSON
+    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(args)}
+    return [f"--{name.replace('_', '-')} {show(saved.get(name, defaults[name]))} -> {show(value)}"
+            for name, value in now.items()
+            if name not in RESUMABLE_ARGS and saved.get(name, defaults[name]) != value]
+
+
+def lock_output_dir(out: Path) -> None:
+    """Lock `out` for this process until `main` ends (flock on out/.lock, which records the holder's pid
+    and host). The kernel drops a flock when its process ends, however it ends, so a killed run leaves no
+    lock behind; the file stays (removing it would let two runs lock different files). Raises SystemExit
+    naming the holder if another run has the lock."""
+    import fcntl
+    import os
+    import socket
+
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+        os.close(fd)
+        who = f"pid {holder[0]} on {holder[1]}" if len(holder) >= 2 else "a process that has just started"
+        raise SystemExit(f"error: --output-dir {out} is in use by another run ({who}); wait for it to end, "
+                         "or choose another --output-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    _HELD_LOCKS.append(fd)
+
+
+def releases_output_locks(fn):
+    """Decorator: the output-directory locks taken during `fn` are released when it returns or raises, so
+    that a notebook can call `main` again (a process that ends releases them anyway)."""
+    import functools
+    import os
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        held = len(_HELD_LOCKS)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            while len(_HELD_LOCKS) > held:
+                os.close(_HELD_LOCKS.pop())
+    return wrapper
+
+
+def plan_output_dir(args: Args, out: Path) -> dict:
+    """How this run starts in `out`, decided before any model loads: {"checkpoint": the one to resume from
+    or None, "clean": remove RUN_OUTPUTS first, "continue_finished": a finished run continued to a larger
+    --max-steps, "notes": lines to print}. A directory is reused only for the same run: resuming needs the
+    checkpoint's training arguments (`arg_differences`), and without a usable checkpoint only the leftovers
+    of this run killed before its first checkpoint are replaced. Everything else (a finished run, a run of
+    other arguments, a run whose checkpoints are all damaged or that saved none) is refused with one line,
+    unless --overwrite."""
+    ways_out = "start afresh there with --overwrite, or choose another --output-dir"
+    if args.overwrite and args.resume:
+        raise SystemExit("error: --overwrite (start afresh) and --resume contradict each other; choose one")
+    present = [name for name in RUN_OUTPUTS if (out / name).exists() and not (
+        (out / name).is_dir() and not any((out / name).iterdir()))]
+    if args.overwrite:
+        return {"checkpoint": None, "clean": bool(present), "continue_finished": False, "notes": []}
+    ckpt, skipped = latest_checkpoint(out / "checkpoints")
+    why = f" ({'; '.join(skipped)})" if skipped else ""
+    finished = (out / "summary.json").exists()
+    try:
+        finished_steps = json.loads((out / "summary.json").read_text())["steps"] if finished else None
+    except (OSError, ValueError, KeyError, TypeError):
+        finished_steps = None
+    if ckpt is None:
+        if args.resume:
+            raise SystemExit(f"error: --resume: no usable checkpoint in {out / 'checkpoints'}{why}")
+        if finished:
+            raise SystemExit(f"error: {out} holds a finished run (summary.json) and no usable checkpoint to "
+                             f"continue it from{why}; {ways_out}")
+        if present and not killed_before_first_checkpoint(out, args, skipped):
+            raise SystemExit(f"error: {out} holds a run ({', '.join(present)}) but no usable checkpoint to "
+                             f"resume from{why}; {ways_out}")
+        return {"checkpoint": None, "clean": bool(present), "continue_finished": False, "notes": skipped}
+    state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    diffs = arg_differences(state["args"], args)
+    if diffs:
+        raise SystemExit(f"error: {out} holds a run with other training arguments ({'; '.join(diffs)}); "
+                         f"resume it with the same ones, {ways_out}")
+    if state["step"] > args.max_steps:
+        raise SystemExit(f"error: --max-steps {args.max_steps} is below the step of the checkpoint to resume "
+                         f"from ({ckpt}); raise it, {ways_out}")
+    if finished and finished_steps is None:
+        raise SystemExit(f"error: {out} holds a finished run (summary.json, unreadable); {ways_out}")
+    if finished and args.max_steps <= finished_steps:
+        raise SystemExit(f"error: {out} holds a finished run ({finished_steps} steps); to train it further "
+                         f"from {ckpt}, raise --max-steps above {finished_steps}; or {ways_out}")
+    return {"checkpoint": str(ckpt), "clean": False, "continue_finished": finished, "notes": skipped}
+
+
+def killed_before_first_checkpoint(out: Path, args: Args, skipped: list[str]) -> bool:
+    """Whether `out` holds only what a run of these training arguments writes before its first checkpoint
+    (it was killed early): its config.json agrees with `args`, no checkpoint (even a damaged one) nor final
+    output exists, and every logged step precedes the first checkpoint. Starting again loses nothing more."""
+    try:
+        saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
+        first_checkpoint = int(saved["save_every"])
+        logged = read_jsonl_before(out / "metrics.jsonl", math.inf)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return (not skipped and not arg_differences(saved, args) and first_checkpoint > 0
+            and not any((out / name).exists() for name in ("policy", "critic", "summary.json"))
+            and all(row["step"] < first_checkpoint for row in logged))
+
+
+def claim_output_dir(accelerator, args: Args) -> dict:
+    """Lock the output directory and decide how to start in it (`plan_output_dir`), on the main process
+    before any model loads; every process gets the decision, and all stop together on a refusal."""
+    from accelerate.utils import broadcast_object_list
+
+    decision = [None]
+    if accelerator.is_main_process:
+        out = Path(args.output_dir)
+        try:
+            lock_output_dir(out)
+            decision[0] = plan_output_dir(args, out)
+        except SystemExit as err:
+            decision[0] = {"error": str(err.code)}
+        except OSError as err:
+            decision[0] = {"error": f"error: --output-dir {out}: {err}"}
+    broadcast_object_list(decision)
+    if "error" in decision[0]:
+        raise SystemExit(decision[0]["error"] if accelerator.is_main_process else 1)
+    for note in decision[0]["notes"]:
+        accelerator.print(f"warning: {note}")
+    return decision[0]
+
+
+def prepare_output_dir(out: Path, plan: dict, args: Args) -> None:
+    """Carry out `plan_output_dir`'s plan (main process, once the models have loaded): remove the outputs of
+    the previous run for a fresh start, the summary of a finished run that is continued, and partial
+    checkpoints of a killed write; then record this run's arguments in config.json."""
+    import os
+    import shutil
+
+    if plan["clean"]:
+        for name in RUN_OUTPUTS:
+            path = out / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+    if plan["continue_finished"]:  # no longer finished: a killed continuation must read as a plain resume
+        (out / "summary.json").unlink(missing_ok=True)
+    for tmp in (out / "checkpoints").glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    tmp = out / ".config.json.tmp"
+    tmp.write_text(json.dumps(asdict(args), indent=2))
+    os.replace(tmp, out / "config.json")
+
+
+def parameters_finite(*models) -> bool:
+    """Whether every parameter of `models` (this process's shards; None entries ignored) is finite."""
+    return all(bool(torch.isfinite(p).all()) for m in models if m is not None for p in m.parameters())
+
+
+def nonfinite_stop_message(step: int, count: int, last_saved: Path | None) -> str:
+    """The error of a run stopped after `count` non-finite updates in a row ending at `step`. Nothing is
+    saved then (the finite update just before the streak may already have wrecked the weights); the
+    message names the newest checkpoint, which predates the streak since none is written during one."""
+    first = step - count + 1
+    if last_saved is None:
+        where = "no checkpoint was saved before they began"
+    else:
+        after = int(last_saved.name[len(CHECKPOINT_PREFIX):]) - 1
+        where = (f"the last checkpoint saved before they began is {last_saved}, the state after step {after}"
+                 + (" (whose update came just before the first failure: check it before resuming)"
+                    if after == first - 1 else ""))
+    return (f"error: step {step}: {count} updates in a row had a NaN or infinite loss or gradient and were "
+            f"skipped (steps {first}-{step}); stopping without saving this state; {where}")
 
 
 def save_checkpoint(accelerator, root: Path, state: dict, keep: int) -> Path:
     """Everything needed to continue at `state["step"]`: models, optimizers, every process's RNG states
     (accelerate's `save_state`: weights as safetensors, the rest read back with torch's weights-only
-    loader) and `state` as JSON (with the schedulers: nothing is unpickled on resume). Written to a temporary
-    directory, fsynced, then renamed, so a kill at any instant leaves the previous checkpoint whole."""
+    loader), `state` as JSON (with the schedulers: nothing is unpickled on resume) and, last, a manifest of
+    every file's size and sha256. Written to a temporary directory, fsynced, then renamed, so a kill at any
+    instant leaves the previous checkpoint whole. A failed write (a full disk) removes the temporary
+    directory and stops every process with one line; the previous checkpoints are untouched."""
     import os
     import shutil
 
+    from accelerate.utils import gather_object
+    from safetensors import SafetensorError
+
     final = root / f"{CHECKPOINT_PREFIX}{state['step']:06d}"
     tmp = root / f".tmp-{final.name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    # torch.save reports a failed write as a RuntimeError
+    write_errors = (OSError, RuntimeError, SafetensorError)
+
+    def attempt(write) -> None:  # run `write`; then every process knows whether any write failed
+        try:
+            write()
+            problem = None
+        except write_errors as err:
+            problem = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+        problems = [p for p in gather_object([problem]) if p]
+        if problems and not accelerator.is_main_process:
+            raise SystemExit(1)  # the main process says why
+        if problems:
+            shutil.rmtree(tmp, ignore_errors=True)
+            older = sorted(p.name for p in root.glob(CHECKPOINT_PREFIX + "*") if p != final)
+            last = f"the last checkpoint, {older[-1]}, is untouched" if older else "there is no earlier one"
+            free = shutil.disk_usage(next(p for p in (root, *root.parents) if p.exists())).free / 2**30
+            raise SystemExit(f"error: writing checkpoint {final} failed ({problems[0]}; {free:.1f} GiB "
+                             f"free there): the partial copy is removed and {last}; free some space and run "
+                             "the same command again to resume")
+
+    def prepare() -> None:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+
+    def finish() -> None:
+        if not accelerator.is_main_process:
+            return
         (tmp / "trainer_state.json").write_text(json.dumps(state))
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+                    for p in files}
+        (tmp / MANIFEST).write_text(json.dumps({"files": manifest}, indent=1))
         for path in [*tmp.rglob("*"), tmp]:
             fd = os.open(path, os.O_RDONLY)
             try:
@@ -525,6 +810,11 @@ def save_checkpoint(accelerator, root: Path, state: dict, keep: int) -> Path:
         fd = os.open(root, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
+
+    attempt(prepare)
+    attempt(lambda: accelerator.save_state(str(tmp), safe_serialization=True))
+    attempt(finish)
+    if accelerator.is_main_process:
         done = sorted((p for p in root.glob(CHECKPOINT_PREFIX + "*") if p != final), key=lambda p: p.name)
         for old in done[:max(len(done) - keep + 1, 0)]:
             shutil.rmtree(old, ignore_errors=True)
@@ -532,16 +822,17 @@ def save_checkpoint(accelerator, root: Path, state: dict, keep: int) -> Path:
     return final
 
 
-def read_jsonl_before(path: Path, step: int) -> list[dict]:
-    """The records of a JSONL file with "step" < `step`; a torn last line (killed mid-write) is dropped."""
+def read_jsonl_before(path: Path, step: float) -> list[dict]:
+    """The records of a JSONL file with "step" < `step`. Lines a kill tore (also inside a multi-byte
+    character) or that hold no record are dropped."""
     rows = []
     if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if row.get("step", step) < step:
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] < step:
                 rows.append(row)
     return rows
 
@@ -667,6 +958,7 @@ def evaluate(model, tokenizer, datasets: dict[str, list], pool: RewardPool, args
 # The training loop.
 # --------------------------------------------------------------------------------------------------
 
+@releases_output_locks
 def main(args: Args) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import gather_object, set_seed
@@ -692,9 +984,7 @@ def main(args: Args) -> dict:
                          "accumulation are not wired in); launch with configs/accelerate/fsdp.yaml to shard instead")
     set_seed(args.seed, device_specific=True)  # each process samples differently
     out = Path(args.output_dir)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(args), indent=2))
+    start = claim_output_dir(accelerator, args)  # locked for this run; refusals come before any model loads
     t_start = time.time()
     with accelerator.main_process_first():
         model_path = str(build_tiny_base(log=accelerator.print)) if args.model == "tiny" else args.model
@@ -730,11 +1020,12 @@ def main(args: Args) -> dict:
     schedulers = [sched] + ([critic_sched] if critic is not None else [])  # saved as JSON in the checkpoint
     pool = RewardPool(args.reward, num_workers=args.reward_workers, timeout=args.reward_timeout)
 
-    # ---- Resume: the last complete checkpoint, if any (and not --overwrite) -----------------------------
+    # ---- Resume from the newest intact checkpoint of this run, or start clean (see `plan_output_dir`) ----
     ckpt_root, start_step, base_accuracy, nonfinite = out / "checkpoints", 0, None, 0
-    ckpt = None if args.overwrite else latest_checkpoint(ckpt_root)
-    if args.resume and ckpt is None:
-        raise SystemExit(f"error: --resume: no complete checkpoint in {ckpt_root}")
+    if accelerator.is_main_process:
+        prepare_output_dir(out, start, args)
+    accelerator.wait_for_everyone()
+    ckpt = last_saved = Path(start["checkpoint"]) if start["checkpoint"] else None
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
         state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -909,18 +1200,26 @@ def main(args: Args) -> dict:
             accelerator.log(metrics, step=step)
 
         # ---- 8. Checkpoint, and stop when asked or when updates keep failing -----------------------
+        # No checkpoint during a streak of non-finite updates, nor of non-finite weights: the update before
+        # a streak may already have wrecked the weights, and a checkpoint would then replace good ones.
         nonfinite = nonfinite + 1 if metrics.get("train/nonfinite_updates", 0) > 0 else 0
         signalled = sum_all(float(stop.signal is not None)).item() > 0
-        if (args.save_every and (step + 1) % args.save_every == 0) or signalled or nonfinite >= args.max_nonfinite_updates:
-            saved = save_checkpoint(accelerator, ckpt_root, {"step": step + 1, "base_accuracy": base_accuracy,
-                                                             "schedulers": [s.state_dict() for s in schedulers]},
-                                    args.keep_checkpoints)
+        if nonfinite >= args.max_nonfinite_updates:
+            raise SystemExit(nonfinite_stop_message(step, nonfinite, last_saved))
+        if (args.save_every and (step + 1) % args.save_every == 0) or signalled:
+            finite = sum_all(float(parameters_finite(policy, critic))).item() == world
+            if nonfinite or not finite:
+                why = "the last update was not finite" if nonfinite else "the weights are not finite"
+                accelerator.print(f"warning: step {step}: no checkpoint written ({why}); the last one is "
+                                  f"{last_saved or 'none'}")
+            else:
+                last_saved = save_checkpoint(accelerator, ckpt_root, {
+                    "step": step + 1, "base_accuracy": base_accuracy, "args": asdict(args),
+                    "schedulers": [s.state_dict() for s in schedulers]}, args.keep_checkpoints)
             if signalled:
-                raise SystemExit(f"stopped by signal {stop.signal} after step {step}: checkpoint in {saved}; "
-                                 "run the same command again to resume")
-            if nonfinite >= args.max_nonfinite_updates:
-                raise SystemExit(f"error: step {step}: {nonfinite} updates in a row had a NaN or infinite loss or "
-                                 f"gradient and were skipped; stopping with the last good state in {saved}")
+                raise SystemExit(f"stopped by signal {stop.signal} after step {step}: "
+                                 + (f"last checkpoint {last_saved}; run the same command again to resume"
+                                    if last_saved else "no checkpoint to resume from"))
 
     # ---- 9. Final evaluation and save --------------------------------------------------------------
     final = {"step": args.max_steps}

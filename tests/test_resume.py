@@ -6,6 +6,7 @@ with the same command ends exactly where an uninterrupted run ends: the same met
 import json
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -29,9 +30,10 @@ def env(**extra) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
 
 
-def run(out, advantage: str, **extra) -> subprocess.CompletedProcess:
-    return subprocess.run(command(out, advantage), cwd=ROOT, env=env(**extra), capture_output=True, text=True,
-                          timeout=600)
+def run(out, advantage: str, *args: str, **extra) -> subprocess.CompletedProcess:
+    """The run with `args` added to COMMON (later flags win) and `extra` in its environment."""
+    return subprocess.run(command(out, advantage) + list(args), cwd=ROOT, env=env(**extra),
+                          capture_output=True, text=True, timeout=600)
 
 
 def metric_lines(out) -> list[dict]:
@@ -93,9 +95,13 @@ def check_kill_and_resume(tmp_path, reference, advantage: str, when: str, seed: 
     out = tmp_path / f"{advantage}-{when}-{seed}"
     point = killed_run(out, advantage, when, random.Random(seed))
     had_checkpoint = bool(list((out / "checkpoints").glob("step-*")))
-    result = run(out, advantage)  # the same command: resumes on its own
-    assert result.returncode == 0, (point, result.stderr[-3000:])
-    assert ("resuming from" in result.stdout) == had_checkpoint
+    finished = (out / "summary.json").exists()  # killed after its last write, while exiting
+    result = run(out, advantage)  # the same command: resumes on its own, or refuses to redo a finished run
+    if finished:
+        assert result.returncode != 0 and "holds a finished run" in result.stderr, (point, result.stderr[-3000:])
+    else:
+        assert result.returncode == 0, (point, result.stderr[-3000:])
+        assert ("resuming from" in result.stdout) == had_checkpoint
     assert not list((out / "checkpoints").glob(".tmp-*"))
     assert len(list((out / "checkpoints").glob("step-*"))) <= 2  # --keep-checkpoints
     assert_same_run(out, reference[advantage], advantage)
@@ -142,10 +148,111 @@ def test_nan_updates_are_skipped_and_counted(tmp_path):
     assert all(v.isfinite().all() for v in policy.values())
 
 
-def test_nan_updates_in_a_row_stop_with_a_checkpoint(tmp_path):
-    result = run(tmp_path, "grpo", REASONER_ZERO_NAN_STEPS="1,2,3")
+def checkpoint_steps(out) -> list[int]:
+    return sorted(int(p.name.removeprefix("step-")) for p in (out / "checkpoints").glob("step-*"))
+
+
+@pytest.mark.parametrize("nan_steps,saved_before", [("1,2,3", 1), ("0,1,2", None)])
+def test_nan_updates_in_a_row_stop_without_saving_and_name_the_last_checkpoint(nan_steps, saved_before,
+                                                                                tmp_path):
+    result = run(tmp_path, "grpo", REASONER_ZERO_NAN_STEPS=nan_steps)
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: step 3: 3 updates in a row had a NaN") and "step-000004" in last
-    state = load_file(tmp_path / "checkpoints" / "step-000004" / "model.safetensors")
-    assert all(v.isfinite().all() for v in state.values())
+    stop = int(nan_steps.split(",")[-1])
+    assert last.startswith(f"error: step {stop}: 3 updates in a row had a NaN"), last
+    if saved_before is None:
+        assert "no checkpoint was saved before" in last and not checkpoint_steps(tmp_path), last
+    else:
+        assert checkpoint_steps(tmp_path) == [saved_before]  # none written during the failures
+        assert f"step-{saved_before:06d}" in last, last
+        state = load_file(tmp_path / "checkpoints" / f"step-{saved_before:06d}" / "model.safetensors")
+        assert all(v.isfinite().all() for v in state.values())
+
+
+def test_a_destroying_learning_rate_saves_nothing_after_the_failures_began(tmp_path):
+    """--lr 1e6: the first update is finite but wrecks the weights, every later one is NaN. The stop must
+    not save that state again, and must name the last checkpoint written before the failures."""
+    result = run(tmp_path, "grpo", "--lr", "1e6")
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    rows = metric_lines(tmp_path)
+    failing = [r["train/nonfinite_updates"] > 0 for r in rows]
+    assert failing[-3:] == [True, True, True], failing
+    first = len(failing) - failing[::-1].index(False)  # the streak's first step (0 if every step failed)
+    assert last.startswith(f"error: step {rows[-1]['step']}: "), last
+    assert max(checkpoint_steps(tmp_path), default=0) <= first  # nothing saved once the streak began
+    if checkpoint_steps(tmp_path):
+        assert f"step-{max(checkpoint_steps(tmp_path)):06d}" in last, last
+
+
+def save_state_of(path) -> dict:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+DAMAGE = {
+    "truncated-weights": lambda ckpt: os.truncate(ckpt / "model.safetensors",
+                                                  (ckpt / "model.safetensors").stat().st_size // 2),
+    "missing-state": lambda ckpt: (ckpt / "trainer_state.json").unlink(),
+    "garbled-state": lambda ckpt: (ckpt / "trainer_state.json").write_text('{"step": 3, "sched'),
+}
+
+
+@pytest.mark.parametrize("damage", ["none", *DAMAGE])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(damage, tmp_path, reference):
+    """A finished 3-step run, continued to 5 steps (its newest checkpoint damaged or not), ends exactly where
+    an uninterrupted 5-step run ends; a damaged checkpoint is skipped with one line saying why."""
+    out = tmp_path / damage
+    result = run(out, "grpo", "--max-steps", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    if damage != "none":
+        DAMAGE[damage](out / "checkpoints" / "step-000003")
+    result = run(out, "grpo")
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = [line for line in result.stdout.splitlines() if "resuming from" in line]
+    assert len(resumed) == 1 and ("step-000003" if damage == "none" else "step-000002") in resumed[0], resumed
+    skipped = [line for line in (result.stdout + result.stderr).splitlines() if "skipped checkpoint" in line]
+    assert len(skipped) == (damage != "none"), skipped
+    if skipped:
+        assert "step-000003" in skipped[0], skipped
+    assert_same_run(out, reference["grpo"], "grpo")
+    assert checkpoint_steps(out) == [4, 5]
+
+
+@pytest.mark.parametrize("fails", ["weights", "optimizer"])
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_good_one(fails, tmp_path, reference):
+    """A real write failure: the run continues under a file-size limit (RLIMIT_FSIZE, so a write past it
+    fails with EFBIG as on a full disk) that the checkpoint's weights or its optimizer state exceed."""
+    out = tmp_path / fails
+    assert run(out, "grpo", "--max-steps", "2").returncode == 0
+    good = save_state_of(out / "checkpoints")
+    sizes = {p.name: p.stat().st_size for p in (out / "checkpoints" / "step-000002").iterdir()}
+    limit = sizes["model.safetensors"] // 2 if fails == "weights" else sizes["optimizer.bin"] - 1
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    result = subprocess.run(command(out, "grpo") + ["--max-steps", "4"], cwd=ROOT, env=env(),
+                            capture_output=True, text=True, timeout=600, preexec_fn=limit_file_size)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "step-000003" in last and "step-000002" in last, last
+    assert not list((out / "checkpoints").glob(".tmp-*")), "the partial checkpoint was left behind"
+    assert save_state_of(out / "checkpoints") == good, "the last good checkpoints changed"
+    result = run(out, "grpo")  # with space again, the same command resumes from the last good checkpoint
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step-000002" in result.stdout
+    assert_same_run(out, reference["grpo"], "grpo")
+
+
+def test_reading_back_the_logs_of_a_killed_run_keeps_whole_records_before_the_step(tmp_path):
+    """A kill can tear the last line of samples.jsonl inside a multi-byte character; a garbled line may hold
+    JSON that is not a record. Neither stops the resume."""
+    from train_ppo import read_jsonl_before
+
+    path = tmp_path / "samples.jsonl"
+    records = [{"step": 0, "response": "é"}, {"step": 1}, {"step": 2}]
+    torn = json.dumps({"step": 2, "response": "ééé"}, ensure_ascii=False).encode()[:-3]  # ends mid-character
+    text = "\n".join([json.dumps(records[0], ensure_ascii=False), json.dumps(records[1]), "[1, 2]", "7",
+                      json.dumps(records[2])]) + "\n"
+    path.write_bytes(text.encode() + torn)
+    assert read_jsonl_before(path, 2) == records[:2]
