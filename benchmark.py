@@ -7,7 +7,7 @@
     python benchmark.py decode [--quick]  # decode work wasted on finished rows: plain generate vs alternatives
     python benchmark.py scaling [--quick] # step time as samples per step and response length grow 1x, 2x, 4x
     python benchmark.py ablate [--seeds 3 --jobs 1]  # gae vs grpo x KL off/on on the built-in task: table + figure
-    python benchmark.py load [--quick]    # the default GRPO run alone vs beside a second one: the slowdown
+    python benchmark.py load [--quick]    # the default GRPO run alone vs beside a second copy: OpenMP settings
 
 `critic` runs the real training loop (`train_ppo.main`) for `gae` and `grpo` in one process, on the same
 model, prompts, group size and lengths, alternating the two, and reports the median step time of each,
@@ -532,8 +532,10 @@ def scaling_benchmark(quick: bool) -> None:
 # --------------------------------------------------------------------------------------------------
 
 LOAD_SETTINGS = {  # name -> environment on top of the caller's; the trainer's own choice first
-    "as shipped": {},
-    "OpenMP spinning (old)": {"OMP_WAIT_POLICY": "ACTIVE"},
+    "as shipped (spin 1000)": {},
+    "libgomp default (300000)": {"GOMP_SPINCOUNT": "300000"},
+    "passive (spin 0)": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "1 thread per run": {"OMP_NUM_THREADS": "1"},
 }
 
 

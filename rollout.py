@@ -11,7 +11,13 @@ Layout of a batch row:  [pad pad p0 p1 ... p_{P-1} | r0 r1 ... r_k pad pad]
 """
 
 import math
+import os
 from dataclasses import dataclass, field, fields
+
+# `python rollout.py eval` is an entry point too: the OpenMP spin setting of train_ppo.py (see there), before
+# torch loads.
+if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = "1000"
 
 import torch
 import torch.nn.functional as F

@@ -24,13 +24,23 @@ Run it:
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Literal
 
-import torch
+# Set before torch loads its OpenMP runtime (libgomp), which reads it once. An idle OpenMP thread spins up to
+# 300,000 times before it sleeps: alone on the machine that saves a wake-up per parallel region, but beside
+# another CPU-heavy process on the same cores each run's threads spin while the thread they wait for is
+# descheduled, and the default GRPO run took 4x (once 20x) as long per step instead of about 2x. With 1000
+# spins it takes 2x beside another run and about 8% longer alone (`python benchmark.py load`).
+# Setting GOMP_SPINCOUNT or OMP_WAIT_POLICY yourself overrides this.
+if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = "1000"
+
+import torch  # noqa: E402 - after the OpenMP setting above
 
 from critic import ValueModel, compute_gae_advantages, compute_value_loss, explained_variance, forward_values
 from reward import RewardPool
@@ -1048,6 +1058,8 @@ def main(args: Args) -> dict:
     rows = args.prompts_per_step // world * args.num_generations  # rollout rows per process
     sum_all = lambda x: accelerator.reduce(torch.as_tensor(x, dtype=torch.float32, device=accelerator.device), "sum")  # noqa: E731
     unwrapped = accelerator.unwrap_model(policy)
+    accelerator.print(f"threads per process: {torch.get_num_threads()} (OMP_NUM_THREADS), OpenMP spin count "
+                      f"{os.environ.get('GOMP_SPINCOUNT', 'from OMP_WAIT_POLICY')} (GOMP_SPINCOUNT)")
     accelerator.print(f"training {args.advantage} on {len(train_records)} prompts, {world} process(es), "
                       f"{args.max_steps} steps of {args.prompts_per_step} x {args.num_generations}")
     if len(train_records) < args.prompts_per_step:

@@ -326,3 +326,28 @@ def test_warmup_counts_rl_steps_and_lr_is_the_one_used(tmp_path, tiny_base):
     rows = metrics(tmp_path)
     assert [r["lr"] for r in rows] == pytest.approx([1e-4 * k / 4 for k in (1, 2, 3)])
     assert [r["critic/lr"] for r in rows] == pytest.approx([2e-4 * k / 4 for k in (1, 2, 3)])
+
+
+WATCH_TORCH_IMPORT = """
+import importlib.abc, os, sys
+class Watch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch":
+            print("at torch import:", os.environ.get("GOMP_SPINCOUNT"), os.environ.get("OMP_WAIT_POLICY"))
+sys.meta_path.insert(0, Watch())
+import {module}
+"""
+
+
+@pytest.mark.parametrize("module", ["train_ppo", "train_grpo", "rollout"])
+@pytest.mark.parametrize("env,expected", [({}, "1000 None"), ({"GOMP_SPINCOUNT": "77"}, "77 None"),
+                                          ({"OMP_WAIT_POLICY": "PASSIVE"}, "None PASSIVE")])
+def test_openmp_spin_count_is_set_before_torch_loads(module, env, expected):
+    """A run beside another CPU-heavy process must not lose most of its time to OpenMP threads spinning
+    (benchmark.py load): the entry points set a short spin count before torch loads libgomp, which reads
+    it once, unless the user chose one."""
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    result = subprocess.run([sys.executable, "-c", WATCH_TORCH_IMPORT.format(module=module)], cwd=ROOT,
+                            env={**base, **env}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines()[0] == f"at torch import: {expected}"
