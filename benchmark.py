@@ -543,7 +543,9 @@ def load_run(out: Path, steps: int, env: dict) -> subprocess.Popen:
     cmd = [sys.executable, str(Path(__file__).parent / "train_grpo.py"), "--max-steps", str(steps),
            "--eval-every", "0", "--samples-per-step", "0", "--save-every", "0", "--output-dir", str(out),
            "--overwrite"]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env})
+    # the caller's own OpenMP settings would override or mix with the setting under test
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**base, **env})
 
 
 def step_seconds(out: Path) -> float:

@@ -862,18 +862,14 @@ def _absolute_spec(spec: str) -> str:
 MAX_ABS_REWARD = 1e6
 
 
-def _is_boolean(value) -> bool:
-    """True for bool and numpy/torch booleans: they convert to 0/1, but mean a predicate was returned."""
-    return isinstance(value, bool) or "bool" in str(getattr(value, "dtype", ""))
-
-
 def _check_reward(value) -> tuple[str, float, str]:
-    """("ok", value, "") for a real number within +-MAX_ABS_REWARD, else ("invalid", 0.0, what it was).
+    """("ok", value, "") for a real number within +-MAX_ABS_REWARD (a bool is 0 or 1: a reward written as
+    `answer == truth` is a fair one), else ("invalid", 0.0, what it was).
 
     Never raises: `float()` of a user's value may overflow (10**400) or fail in the value's own code.
     """
     kind = type(value).__name__
-    if isinstance(value, (str, bytes)) or _is_boolean(value) or not hasattr(value, "__float__"):
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__float__"):
         return "invalid", 0.0, f"returned {kind}, not a number (return a float)"
     try:
         number = float(value)

@@ -97,7 +97,8 @@ def neutral_generation_config(model) -> list[str]:
                      if k not in NEUTRAL_GENERATION_FIELDS and v != defaults.get(k) and not k.startswith("_"))
     clean = GenerationConfig(**{k: getattr(original, k) for k in NEUTRAL_GENERATION_FIELDS
                                 if getattr(original, k, None) is not None and k != "transformers_version"})
-    model.reasoner_zero_original_generation_config = original
+    if not hasattr(model, "reasoner_zero_original_generation_config"):  # a second call must keep the first's
+        model.reasoner_zero_original_generation_config = original
     model.generation_config = clean
     return changed
 
@@ -670,7 +671,9 @@ def eval_main(args: EvalArgs) -> dict:
     writer.close()
     results = {"model": args.model, "args": asdict(args), "metrics": result["metrics"],
                "per_problem": result["per_problem"]}
-    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    # a lone surrogate in model text (which UTF-8 cannot hold) is written as its JSON escape
+    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False),
+                                        encoding="utf-8", errors="backslashreplace")
     print(format_eval_table(result["metrics"]))
     print(f"wrote {out / 'results.json'} and {out / 'completions.jsonl'}")
     return result["metrics"]

@@ -35,8 +35,9 @@ from typing import Literal
 # 300,000 times before it sleeps: alone on the machine that saves a wake-up per parallel region, but beside
 # another CPU-heavy process on the same cores each run's threads spin while the thread they wait for is
 # descheduled, and the default GRPO run took 4x (once 20x) as long per step instead of about 2x. With 1000
-# spins it takes 2x beside another run and about 8% longer alone (`python benchmark.py load`).
+# spins it takes 2x beside another run, and alone as long as before, within noise (`python benchmark.py load`).
 # Setting GOMP_SPINCOUNT or OMP_WAIT_POLICY yourself overrides this.
+OPENMP_SETTING_APPLIED = "torch" not in __import__("sys").modules  # imported first (a notebook): too late
 if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
     os.environ["GOMP_SPINCOUNT"] = "1000"
 
@@ -136,7 +137,7 @@ class Args:
     save_every: int = field(default=20, metadata={"group": "checkpoints and faults", "help": "checkpoint every N steps into output_dir/checkpoints (0: never)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "keep the last K checkpoints"})
     resume: bool = field(default=False, metadata={"help": "resume from the last checkpoint (also automatic when one exists, unless --overwrite)"})
-    overwrite: bool = field(default=False, metadata={"help": "start afresh even if output_dir holds checkpoints"})
+    overwrite: bool = field(default=False, metadata={"help": "start afresh: delete the previous run's outputs in output_dir (checkpoints, logs, models)"})
     max_nonfinite_updates: int = field(default=3, metadata={"help": "stop after this many updates in a row with a NaN/inf loss or gradient (each one is skipped)"})
 
 
@@ -355,6 +356,8 @@ def reward_problems(spec: str, timeout: float = 120.0) -> list[str]:
         return [f"--reward: reward spec {spec!r}: importing it took more than {timeout:.0f} s"]
     try:
         error = json.loads(result.stdout.strip().splitlines()[-1]).get("error")
+        if result.returncode != 0:  # it printed its verdict, then died (an exit hook, a crash at shutdown)
+            raise ValueError
     except (IndexError, ValueError, AttributeError):
         how = f"signal {-result.returncode}" if result.returncode < 0 else f"exit code {result.returncode}"
         last = result.stderr.strip().splitlines()[-1:] or [""]
@@ -497,7 +500,7 @@ def clip_gradients(accelerator, model, max_norm: float) -> float:
 
 
 CHECKPOINT_PREFIX = "step-"
-MANIFEST = "manifest.json"  # in each checkpoint: its files' sizes and sha256, written last
+MANIFEST = "manifest.json"  # in each checkpoint: its files' sizes and xxh3-128 hashes, written last
 LOCK_FILE = ".lock"  # in the output directory: flocked by the run that uses it, holds its pid
 # What a run writes in its output directory; --overwrite removes these and nothing else (the lock file and
 # the user's own files stay). "reasoner-zero" is tensorboard's directory (the project name of init_trackers).
@@ -521,25 +524,30 @@ RESUMABLE_ARGS = frozenset({
 _HELD_LOCKS: list[int] = []  # file descriptors of the output-directory locks this process holds
 
 
-def file_sha256(path: Path) -> str:
-    import hashlib
+def file_hash(path: Path) -> str:
+    """xxh3-128 of a file's bytes: it catches torn or altered files as well as sha256 (no adversary here) at
+    several GB/s, so that checking the tens of GB of a 7B run's checkpoint is bound by the disk."""
+    import xxhash
 
+    digest = xxhash.xxh3_128()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def checkpoint_problem(path: Path) -> str | None:
     """Why the checkpoint directory `path` cannot be trusted, or None if it is intact: its manifest (written
-    last, before the directory got its name) lists every file with its size and sha256, each file matches,
+    last, before the directory got its name) lists every file with its size and hash, each file matches,
     and trainer_state.json holds the step of the directory's name, the schedulers and the arguments."""
     try:
         files = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
-        entries = {name: (int(e["size"]), str(e["sha256"])) for name, e in files.items()}
+        entries = {name: (int(e["size"]), str(e["xxh3_128"])) for name, e in files.items()}
     except FileNotFoundError:
         return f"no {MANIFEST} (an incomplete write, or a checkpoint of an older version)"
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return f"{MANIFEST} is unreadable"
-    for name, (size, sha256) in entries.items():
+    for name, (size, digest) in entries.items():
         file = path / name
         if Path(name).is_absolute() or ".." in Path(name).parts:
             return f"{MANIFEST} names a file outside the checkpoint ({name})"
@@ -547,8 +555,8 @@ def checkpoint_problem(path: Path) -> str | None:
             return f"{name} is missing"
         if file.stat().st_size != size:
             return f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
-        if file_sha256(file) != sha256:
-            return f"{name} does not match its sha256 in the manifest"
+        if file_hash(file) != digest:
+            return f"{name} does not match its hash in the manifest"
     try:
         state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
         ok = (state["step"] == int(path.name[len(CHECKPOINT_PREFIX):]) and "schedulers" in state
@@ -594,8 +602,8 @@ def lock_output_dir(out: Path) -> None:
     and host). The kernel drops a flock when its process ends, however it ends, so a killed run leaves no
     lock behind; the file stays (removing it would let two runs lock different files). Raises SystemExit
     naming the holder if another run has the lock."""
+    import errno
     import fcntl
-    import os
     import socket
 
     out.mkdir(parents=True, exist_ok=True)
@@ -608,6 +616,13 @@ def lock_output_dir(out: Path) -> None:
         who = f"pid {holder[0]} on {holder[1]}" if len(holder) >= 2 else "a process that has just started"
         raise SystemExit(f"error: --output-dir {out} is in use by another run ({who}); wait for it to end, "
                          "or choose another --output-dir") from None
+    except OSError as err:  # file systems without flock (Lustre mounted noflock, some NFS): run unlocked
+        if err.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):
+            raise
+        os.close(fd)
+        print(f"warning: --output-dir {out}: its file system cannot lock files ({err.strerror}); nothing stops "
+              "a second run from using it at the same time")
+        return
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
     _HELD_LOCKS.append(fd)
@@ -643,7 +658,11 @@ def plan_output_dir(args: Args, out: Path) -> dict:
         raise SystemExit("error: --overwrite (start afresh) and --resume contradict each other; choose one")
     present = [name for name in RUN_OUTPUTS if (out / name).exists() and not (
         (out / name).is_dir() and not any((out / name).iterdir()))]
+    saved = read_run_config(out)
     if args.overwrite:
+        if (out / "config.json").exists() and saved is None:  # e.g. a model directory: not ours to clean
+            raise SystemExit(f"error: --overwrite: {out} holds a config.json that is not a run's; choose "
+                             "another --output-dir")
         return {"checkpoint": None, "clean": bool(present), "continue_finished": False, "notes": []}
     ckpt, skipped = latest_checkpoint(out / "checkpoints")
     why = f" ({'; '.join(skipped)})" if skipped else ""
@@ -659,8 +678,10 @@ def plan_output_dir(args: Args, out: Path) -> dict:
             raise SystemExit(f"error: {out} holds a finished run (summary.json) and no usable checkpoint to "
                              f"continue it from{why}; {ways_out}")
         if present and not killed_before_first_checkpoint(out, args, skipped):
-            raise SystemExit(f"error: {out} holds a run ({', '.join(present)}) but no usable checkpoint to "
-                             f"resume from{why}; {ways_out}")
+            diffs = arg_differences(saved, args) if saved is not None else []
+            other = f", of other training arguments ({'; '.join(diffs)})," if diffs else ""
+            raise SystemExit(f"error: {out} holds a run ({', '.join(present)}){other} but no usable checkpoint "
+                             f"to resume from{why}; {ways_out}")
         return {"checkpoint": None, "clean": bool(present), "continue_finished": False, "notes": skipped}
     state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
     diffs = arg_differences(state["args"], args)
@@ -678,6 +699,16 @@ def plan_output_dir(args: Args, out: Path) -> dict:
     return {"checkpoint": str(ckpt), "clean": False, "continue_finished": finished, "notes": skipped}
 
 
+def read_run_config(out: Path) -> dict | None:
+    """The arguments recorded in out/config.json if it is a run's (it names an advantage estimator and a
+    step count), else None (missing, unreadable, or another tool's config.json, such as a model's)."""
+    try:
+        saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) and {"advantage", "max_steps"} <= saved.keys() else None
+
+
 def killed_before_first_checkpoint(out: Path, args: Args, skipped: list[str]) -> bool:
     """Whether `out` holds only what a run of these training arguments writes before its first checkpoint
     (it was killed early): its config.json agrees with `args`, no checkpoint (even a damaged one) nor final
@@ -691,6 +722,25 @@ def killed_before_first_checkpoint(out: Path, args: Args, skipped: list[str]) ->
     return (not skipped and not arg_differences(saved, args) and first_checkpoint > 0
             and not any((out / name).exists() for name in ("policy", "critic", "summary.json"))
             and all(row["step"] < first_checkpoint for row in logged))
+
+
+def main_process_decides(accelerator, fn, *args) -> None:
+    """Run `fn(*args)` on the main process only; its one-line error (SystemExit) or an OSError stops every
+    process together, printed once. For checks that may not agree between processes (the hub, a reward
+    module's import) and for file operations done once, which the others must not wait on forever."""
+    from accelerate.utils import broadcast_object_list
+
+    error = [None]
+    if accelerator.is_main_process:
+        try:
+            fn(*args)
+        except SystemExit as err:
+            error[0] = str(err.code)
+        except OSError as err:
+            error[0] = f"error: {err}"
+    broadcast_object_list(error)
+    if error[0] is not None:
+        raise SystemExit(error[0] if accelerator.is_main_process else 1)
 
 
 def claim_output_dir(accelerator, args: Args) -> dict:
@@ -764,7 +814,7 @@ def save_checkpoint(accelerator, root: Path, state: dict, keep: int) -> Path:
     """Everything needed to continue at `state["step"]`: models, optimizers, every process's RNG states
     (accelerate's `save_state`: weights as safetensors, the rest read back with torch's weights-only
     loader), `state` as JSON (with the schedulers: nothing is unpickled on resume) and, last, a manifest of
-    every file's size and sha256. Written to a temporary directory, fsynced, then renamed, so a kill at any
+    every file's size and hash. Written to a temporary directory, fsynced, then renamed, so a kill at any
     instant leaves the previous checkpoint whole. A failed write (a full disk) removes the temporary
     directory and stops every process with one line; the previous checkpoints are untouched."""
     import os
@@ -806,7 +856,7 @@ def save_checkpoint(accelerator, root: Path, state: dict, keep: int) -> Path:
             return
         (tmp / "trainer_state.json").write_text(json.dumps(state))
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        manifest = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+        manifest = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "xxh3_128": file_hash(p)}
                     for p in files}
         (tmp / MANIFEST).write_text(json.dumps({"files": manifest}, indent=1))
         for path in [*tmp.rglob("*"), tmp]:
@@ -985,7 +1035,7 @@ def main(args: Args) -> dict:
     accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no", log_with=log_with,
                               project_dir=args.output_dir)
     world, rank = accelerator.num_processes, accelerator.process_index
-    check_args(args, world)
+    main_process_decides(accelerator, check_args, args, world)  # hub and import checks: once, for all
     data = read_data(args)  # a bad data file stops the run here, before any model is built or loaded
     from accelerate.utils import DistributedType
 
@@ -1032,9 +1082,7 @@ def main(args: Args) -> dict:
 
     # ---- Resume from the newest intact checkpoint of this run, or start clean (see `plan_output_dir`) ----
     ckpt_root, start_step, base_accuracy, nonfinite = out / "checkpoints", 0, None, 0
-    if accelerator.is_main_process:
-        prepare_output_dir(out, start, args)
-    accelerator.wait_for_everyone()
+    main_process_decides(accelerator, prepare_output_dir, out, start, args)
     ckpt = last_saved = Path(start["checkpoint"]) if start["checkpoint"] else None
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
@@ -1058,8 +1106,10 @@ def main(args: Args) -> dict:
     rows = args.prompts_per_step // world * args.num_generations  # rollout rows per process
     sum_all = lambda x: accelerator.reduce(torch.as_tensor(x, dtype=torch.float32, device=accelerator.device), "sum")  # noqa: E731
     unwrapped = accelerator.unwrap_model(policy)
+    spin = os.environ.get("GOMP_SPINCOUNT", "from OMP_WAIT_POLICY")
     accelerator.print(f"threads per process: {torch.get_num_threads()} (OMP_NUM_THREADS), OpenMP spin count "
-                      f"{os.environ.get('GOMP_SPINCOUNT', 'from OMP_WAIT_POLICY')} (GOMP_SPINCOUNT)")
+                      + (f"{spin} (GOMP_SPINCOUNT)" if OPENMP_SETTING_APPLIED else
+                         "libgomp's own: torch was imported before train_ppo (set GOMP_SPINCOUNT before that)"))
     accelerator.print(f"training {args.advantage} on {len(train_records)} prompts, {world} process(es), "
                       f"{args.max_steps} steps of {args.prompts_per_step} x {args.num_generations}")
     if len(train_records) < args.prompts_per_step:
@@ -1171,8 +1221,11 @@ def main(args: Args) -> dict:
         # ---- 6. Update the policy ------------------------------------------------------------------
         t = time.time()
         if step >= args.critic_warmup_steps or critic is None:
-            update_stats.update(update(accelerator, policy, opt, exp, args, "policy",
-                                       args.ppo_epochs, args.num_mini_batches, step))
+            policy_stats = update(accelerator, policy, opt, exp, args, "policy", args.ppo_epochs,
+                                  args.num_mini_batches, step)
+            # both roles report skipped updates under one key: count the critic's and the policy's
+            policy_stats["train/nonfinite_updates"] += update_stats.get("train/nonfinite_updates", [])
+            update_stats.update(policy_stats)
         metrics["time/update"] = time.time() - t
 
         # ---- 7. Log ------------------------------------------------------------------------------
@@ -1254,9 +1307,6 @@ def main(args: Args) -> dict:
     pool.close()
     summary = {"base_accuracy": base_accuracy, "final_accuracy": final.get("eval/accuracy"), "steps": args.max_steps,
                "minutes": (time.time() - t_start) / 60, "output_dir": str(out)}
-    # Marks a wandb run finished. Not end_training: it also ends the process group, which a notebook reuses.
-    for tracker in accelerator.trackers:
-        tracker.finish()
     if accelerator.is_main_process:
         metrics_file.close()
         samples_file.close()

@@ -315,7 +315,7 @@ def parse_args(args_class, argv: list[str] | None = None, prog: str | None = Non
             parser.error(f"unknown argument {name}" + (f" (did you mean {close[0]}?)" if close else ""))
         before = argv[argv.index(first) - 1] if argv.index(first) > 0 else ""
         flags = {"--" + name.replace("_", "-") for name, tp in typing.get_type_hints(args_class).items()
-                 if tp is bool}
+                 if _base_type(tp)[0] is bool}
         hint = (f" ({before} takes no value: {before} turns it on, --no-{before[2:]} off)"
                 if before in flags else "")
         parser.error(f"unexpected value {first!r}{hint}")

@@ -330,6 +330,8 @@ def default_report_path(dataset: str) -> Path:
     (data/train.jsonl -> data/train.contamination.json; a dataset directory d -> d.contamination.json).
     A dataset that is not a local path has no such place: SystemExit with one line."""
     path = Path(dataset).expanduser()
+    if dataset.lower().endswith((".json", ".jsonl", ".parquet")) and not path.exists():
+        raise SystemExit(f"error: --dataset {dataset}: no such file")
     if dataset.startswith("synthetic") or not path.exists():  # the built-in task, as load_dataset reads it
         raise SystemExit(f"error: --dataset {dataset} is not a local file, so there is no place beside it "
                          "for the report: give --report FILE.json")

@@ -130,6 +130,7 @@ def test_flag_forms():
 @pytest.mark.parametrize("argv,expected", [
     (["--advantage", "gpro"], "--advantage"), (["--max-steps", "x"], "--max-steps"), (["--lr"], "--lr"),
     (["--bf16", "true"], "--bf16"), (["--config"], "--config"),
+    (["--max-steps", "3", "--whiten-advantages", "true"], "--whiten-advantages takes no value"),
 ])
 def test_bad_values_are_one_line(argv, expected, capsys):
     assert expected in parse_error(capsys, argv)

@@ -135,3 +135,33 @@ def test_the_lock_is_released_when_main_returns_or_raises(tmp_path, tiny_base):
         main(args)
     args.overwrite = True
     assert main(args)["steps"] == 1
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_runs(tmp_path, tiny_base):
+    """`--output-dir some_model --overwrite` must not delete a model's config.json (or anything else)."""
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 8}))
+    (out / "metrics.jsonl").write_text('{"loss": 1}\n')
+    before = snapshot(out)
+    line = refusal(run(out, "--overwrite"))
+    assert "not a run's" in line
+    assert snapshot(out) == before
+
+
+def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    import train_ppo
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    lock = train_ppo.releases_output_locks(train_ppo.lock_output_dir)  # held only during the call
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    lock(tmp_path / "run")
+    assert "cannot lock files" in capsys.readouterr().out
+    monkeypatch.undo()
+    lock(tmp_path / "run")
+    assert "cannot lock files" not in capsys.readouterr().out

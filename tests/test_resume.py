@@ -256,3 +256,12 @@ def test_reading_back_the_logs_of_a_killed_run_keeps_whole_records_before_the_st
                       json.dumps(records[2])]) + "\n"
     path.write_bytes(text.encode() + torn)
     assert read_jsonl_before(path, 2) == records[:2]
+
+
+def test_nan_updates_of_the_critic_are_counted_too(tmp_path):
+    """Step 1's losses are NaN for both roles: 2 critic and 1 policy optimizer steps are skipped and all
+    three are counted (the policy's count must not replace the critic's)."""
+    result = run(tmp_path, "gae", REASONER_ZERO_NAN_STEPS="1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = metric_lines(tmp_path)
+    assert [r["train/nonfinite_updates"] for r in rows if "train/nonfinite_updates" in r] == [0, 3, 0, 0, 0]

@@ -66,8 +66,10 @@ class FloatFails:
 def odd_value(response, ground_truth, **extras):  # each way a value is no reward; "ok:<x>" returns x
     if response.startswith("ok:"):
         return float(response[3:])
+    if response == "true":  # a reward written as `answer == truth`
+        return True
     return {"huge-int": 10**400, "huge-fraction": Fraction(10**400), "1e30": 1e30, "-1e7": -1e7,
-            "inf": math.inf, "nan": math.nan, "bool": True, "string": "1.0", "bytes": b"1", "list": [1.0],
+            "inf": math.inf, "nan": math.nan, "string": "1.0", "bytes": b"1", "list": [1.0],
             "complex": 1j, "float-fails": FloatFails(), "none": None}[response]
 
 def by_extra(response, ground_truth, **extras):  # a record's field decides; the truth adds 1 when it is "1"
@@ -444,20 +446,20 @@ def test_extras_reach_the_reward_function(workers, bad_rewards_file):
     assert sum(counters.values()) == 0
 
 
-ODD_VALUES = ["huge-int", "huge-fraction", "1e30", "-1e7", "inf", "nan", "bool", "string", "bytes", "list",
+ODD_VALUES = ["huge-int", "huge-fraction", "1e30", "-1e7", "inf", "nan", "string", "bytes", "list",
               "complex", "float-fails", "none"]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_absurd_reward_values_are_invalid_and_kill_nothing(workers, bad_rewards_file):
-    """Huge ints (float() overflows), 1e30 (squared, inf in float32), non-finite values, bools and
-    non-numbers all score 0 and are counted invalid; no exception in the check, no worker replaced."""
+    """Huge ints (float() overflows), 1e30 (squared, inf in float32), non-finite values and non-numbers
+    all score 0 and are counted invalid; no exception in the check, no worker replaced."""
     limit = reward.MAX_ABS_REWARD
-    good = ["ok:0.5", f"ok:{limit}", f"ok:{-limit}"]
+    good = ["ok:0.5", f"ok:{limit}", f"ok:{-limit}", "true"]
     with RewardPool(f"{bad_rewards_file}:odd_value", num_workers=workers, timeout=5.0) as pool:
         pids = pool.worker_pids()
-        rewards, counters = pool.score(ODD_VALUES + good, [""] * (len(ODD_VALUES) + 3))
-        assert rewards == [0.0] * len(ODD_VALUES) + [0.5, limit, -limit]
+        rewards, counters = pool.score(ODD_VALUES + good, [""] * (len(ODD_VALUES) + len(good)))
+        assert rewards == [0.0] * len(ODD_VALUES) + [0.5, limit, -limit, 1.0]  # a bool is 0 or 1
         assert counters == {"reward/errors": 0, "reward/timeouts": 0, "reward/invalid": len(ODD_VALUES)}
         assert pool.worker_pids() == pids
 
