@@ -93,8 +93,9 @@ def neutral_generation_config(model) -> list[str]:
 
     original = model.generation_config
     defaults = GenerationConfig().to_dict()
-    changed = sorted(k for k, v in original.to_diff_dict().items()
-                     if k not in NEUTRAL_GENERATION_FIELDS and v != defaults.get(k) and not k.startswith("_"))
+    changed = sorted(k for k, v in original.to_diff_dict().items()  # False where the default is None: not set
+                     if k not in NEUTRAL_GENERATION_FIELDS and v != defaults.get(k) and not k.startswith("_")
+                     and (v or defaults.get(k)))
     clean = GenerationConfig(**{k: getattr(original, k) for k in NEUTRAL_GENERATION_FIELDS
                                 if getattr(original, k, None) is not None and k != "transformers_version"})
     if not hasattr(model, "reasoner_zero_original_generation_config"):  # a second call must keep the first's

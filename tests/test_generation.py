@@ -277,3 +277,11 @@ def test_sampling_ignores_the_checkpoints_generation_settings(tiny_base, tmp_pat
                    top_p=1.0, top_k=0, stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id)
     freq = torch.bincount(out[:, 0], minlength=len(probs)).float() / len(out)
     assert 0.5 * (freq - probs).abs().sum() < 0.05  # total variation; a banned top token would give > 0.2
+
+
+def test_a_plain_checkpoint_has_no_generation_settings_to_report(tiny_base):
+    from transformers import AutoModelForCausalLM
+
+    from rollout import neutral_generation_config
+
+    assert neutral_generation_config(AutoModelForCausalLM.from_pretrained(tiny_base)) == []
