@@ -163,7 +163,7 @@ def extract_answer(text: str) -> str | None:
     return _unbox(boxes[-1][2]) or None
 
 
-def _final_answer(text: str) -> str | None:
+def final_answer(text: str) -> str | None:
     """Like `extract_answer`, but reads adjacent boxes joined by "and"/"or"/commas as one list answer."""
     if not isinstance(text, str):
         return None
@@ -198,7 +198,7 @@ def _last_boxed_string(text: str) -> str | None:
     return text[boxes[-1][0] : boxes[-1][1]]
 
 
-def _ground_truth_answer(ground_truth) -> str | None:
+def ground_truth_answer(ground_truth) -> str | None:
     """The answer inside a dataset's ground truth: a plain string, `$...$`-wrapped, or already boxed."""
     if isinstance(ground_truth, bool) or not isinstance(ground_truth, (str, int, float)):
         return None
@@ -767,7 +767,7 @@ def math_reward(response: str, ground_truth: str, **extras) -> float:
     malformed input scores 0.0. `extras` (dataset fields) are accepted and ignored.
     """
     del extras  # the trainer passes dataset fields to every reward function; this one needs none
-    pred, truth = _final_answer(response), _ground_truth_answer(ground_truth)
+    pred, truth = final_answer(response), ground_truth_answer(ground_truth)
     if pred is None or truth is None:
         return 0.0
     if pred == truth:
@@ -1311,13 +1311,13 @@ def main(args: Args) -> int:
     print("items scoring 0 (index | extracted answer | ground truth):")
     for i, r in enumerate(rewards):
         if r <= 0:
-            answer = _final_answer(records[i]["response"])
+            answer = final_answer(records[i]["response"])
             print(f"  {i:5d} | {_one_line(answer)} | {_one_line(records[i]['ground_truth'])}")
     if labelled and args.baseline:
         print("disagreements with expected (index | expected | judge | baseline | answer | truth):")
         for i in labelled:
             if any((rs[i] > 0) != bool(records[i]["expected"]) for _, rs, _ in runs):
-                answer = _final_answer(records[i]["response"])
+                answer = final_answer(records[i]["response"])
                 print(
                     f"  {i:5d} | {records[i]['expected']} | {rewards[i]:.0f} | {runs[1][1][i]:.0f} | "
                     f"{_one_line(answer, 40)} | {_one_line(records[i]['ground_truth'], 40)}"

@@ -13,6 +13,7 @@ Layout of a batch row:  [pad pad p0 p1 ... p_{P-1} | r0 r1 ... r_k pad pad]
 import math
 import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 # `python rollout.py eval` is an entry point too: the OpenMP spin setting of train_ppo.py (see there), before
 # torch loads.
@@ -118,6 +119,54 @@ def prepare_for_sampling(tokenizer, model, log=print) -> list[int]:
             f"{', '.join(overridden)}")
     eos = model.generation_config.eos_token_id
     return sorted({tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])} - {None})
+
+
+def model_problems(model: str) -> list[str]:
+    """[] if `model` can be loaded as far as can be told without loading it: 'tiny', a directory with a
+    config.json, or a hub id whose config.json can be fetched (from the local cache when offline, as
+    HF_HUB_OFFLINE asks); else one message."""
+    if model == "tiny":
+        return []
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return [] if (path / "config.json").is_file() else [
+            f"--model {model}: no config.json in this directory (a model saved with save_pretrained has one)"]
+    if path.exists():
+        return [f"--model {model}: a file, not a model directory or hub id"]
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        return [f"--model {model}: no such path (and not a hub id)"]
+    return hub_model_problems(model)
+
+
+def hub_model_problems(model_id: str) -> list[str]:
+    """[] if the config.json of hub model `model_id` can be fetched (or is cached, when offline); else one
+    message saying why. Fetching it is what loading the model would do first."""
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+
+    verbosity = huggingface_hub.utils.logging.get_verbosity()
+    huggingface_hub.utils.logging.set_verbosity_error()  # its retries would each print a line
+    try:
+        huggingface_hub.hf_hub_download(model_id, "config.json")
+        return []
+    except errors.HFValidationError:
+        why = "no such path, and not a valid hub id"
+    except errors.GatedRepoError:
+        why = "a gated model: accept its terms on huggingface.co and log in (hf auth login)"
+    except errors.RepositoryNotFoundError:
+        why = "no such model on the Hugging Face hub (or it is private: log in with hf auth login)"
+    except errors.RemoteEntryNotFoundError:
+        why = "its hub repository has no config.json"
+    except errors.LocalEntryNotFoundError:
+        why = ("not in the local Hugging Face cache, and HF_HUB_OFFLINE is set (download it once online, or "
+               "unset HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else
+               "not in the local Hugging Face cache, and the hub cannot be reached")
+    except Exception as err:  # noqa: BLE001 - any other failure to resolve it is reported the same way
+        first_line = (str(err).splitlines() or [""])[0][:200]
+        why = f"cannot fetch its config.json from the hub ({type(err).__name__}: {first_line})"
+    finally:
+        huggingface_hub.utils.logging.set_verbosity(verbosity)
+    return [f"--model {model_id}: {why}"]
 
 
 def plan_micro_batches(lengths: torch.Tensor, max_rows: int, max_tokens: int = 0,
@@ -505,7 +554,7 @@ def evaluate_datasets(model, tokenizer, datasets: dict[str, list[dict]], *, pool
     from tqdm.auto import tqdm
 
     from data.loading import format_prompt
-    from reward import _final_answer  # what math_reward compares: the last box, or a list of joined boxes
+    from reward import final_answer  # what math_reward compares: the last box, or a list of joined boxes
     from utils import left_pad
 
     if num_samples < 1 or batch_size < 1:
@@ -540,7 +589,7 @@ def evaluate_datasets(model, tokenizer, datasets: dict[str, list[dict]], *, pool
                 rewards = [0.0 if cut else x for x, cut in zip(rewards, truncated.tolist(), strict=True)]
             for j, r in enumerate(chunk):
                 rows = range(j * num_samples, (j + 1) * num_samples)
-                answers = [_final_answer(texts[i]) for i in rows]
+                answers = [final_answer(texts[i]) for i in rows]
                 votes = [None if truncated[i] else a for i, a in zip(rows, answers, strict=True)]
                 majority = majority_answer(votes)
                 maj_correct = majority is not None and rewards[rows[votes.index(majority)]] >= 1.0
@@ -624,13 +673,12 @@ def eval_main(args: EvalArgs) -> dict:
     completions.jsonl to --output-dir. Returns the metrics."""
     import json
     from dataclasses import asdict
-    from pathlib import Path
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from data.loading import ORZ_STOP_STRINGS
     from data.synthetic import build_tiny_base
     from reward import RewardPool
-    from train_ppo import ORZ_STOP_STRINGS, model_problems
     from utils import JsonlWriter, seed_everything
 
     values = {f.name.replace("_", "-"): getattr(args, f.name) for f in fields(args)}

@@ -44,6 +44,7 @@ if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
 import torch  # noqa: E402 - after the OpenMP setting above
 
 from critic import ValueModel, compute_gae_advantages, compute_value_loss, explained_variance, forward_values
+from data.loading import ORZ_STOP_STRINGS
 from reward import RewardPool
 from rollout import (
     Experience,
@@ -54,6 +55,7 @@ from rollout import (
     forward_logprobs,
     generate_responses,
     generate_responses_refill,
+    model_problems,
     plan_micro_batches,
     prepare_for_sampling,
     repetition_flags,
@@ -63,7 +65,6 @@ from rollout import (
 )
 from utils import JsonlWriter, disable_dropout, left_pad, masked_mean, masked_whiten, parse_args
 
-ORZ_STOP_STRINGS = ["User:", "Human:", "Assistant:", "</answer>"]  # ORZ's stops, kept in the output
 SUMMED_STATS = ("loss/policy", "critic/value_loss", "policy/kl")  # shares of one batch loss, not means
 # Token means, computed per micro-batch and weighted by its share of the mini-batch's tokens (all processes),
 # so that they too are summed: then they do not depend on how the batch is split.
@@ -274,54 +275,6 @@ def check_args(args: Args, num_processes: int = 1) -> None:
         raise SystemExit("error: " + "; ".join(problems))
 
 
-def model_problems(model: str) -> list[str]:
-    """[] if `model` can be loaded as far as can be told without loading it: 'tiny', a directory with a
-    config.json, or a hub id whose config.json can be fetched (from the local cache when offline, as
-    HF_HUB_OFFLINE asks); else one message."""
-    if model == "tiny":
-        return []
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return [] if (path / "config.json").is_file() else [
-            f"--model {model}: no config.json in this directory (a model saved with save_pretrained has one)"]
-    if path.exists():
-        return [f"--model {model}: a file, not a model directory or hub id"]
-    if model.startswith((".", "/", "~")) or model.count("/") > 1:
-        return [f"--model {model}: no such path (and not a hub id)"]
-    return hub_model_problems(model)
-
-
-def hub_model_problems(model_id: str) -> list[str]:
-    """[] if the config.json of hub model `model_id` can be fetched (or is cached, when offline); else one
-    message saying why. Fetching it is what loading the model would do first."""
-    import huggingface_hub
-    from huggingface_hub import constants, errors
-
-    verbosity = huggingface_hub.utils.logging.get_verbosity()
-    huggingface_hub.utils.logging.set_verbosity_error()  # its retries would each print a line
-    try:
-        huggingface_hub.hf_hub_download(model_id, "config.json")
-        return []
-    except errors.HFValidationError:
-        why = "no such path, and not a valid hub id"
-    except errors.GatedRepoError:
-        why = "a gated model: accept its terms on huggingface.co and log in (hf auth login)"
-    except errors.RepositoryNotFoundError:
-        why = "no such model on the Hugging Face hub (or it is private: log in with hf auth login)"
-    except errors.RemoteEntryNotFoundError:
-        why = "its hub repository has no config.json"
-    except errors.LocalEntryNotFoundError:
-        why = ("not in the local Hugging Face cache, and HF_HUB_OFFLINE is set (download it once online, or "
-               "unset HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else
-               "not in the local Hugging Face cache, and the hub cannot be reached")
-    except Exception as err:  # noqa: BLE001 - any other failure to resolve it is reported the same way
-        first_line = (str(err).splitlines() or [""])[0][:200]
-        why = f"cannot fetch its config.json from the hub ({type(err).__name__}: {first_line})"
-    finally:
-        huggingface_hub.utils.logging.set_verbosity(verbosity)
-    return [f"--model {model_id}: {why}"]
-
-
 # Run in a child process by `reward_problems`: resolves the spec as this process would (same sys.path)
 # and prints the outcome as the last line of its output.
 _REWARD_CHECK = """
@@ -443,7 +396,7 @@ def load_data(args: Args, tokenizer, data: tuple[list, dict] | None = None):
 
 def answer_is_usable(answer: str) -> bool:
     """False for a ground truth no response could match: empty, or with unbalanced braces."""
-    from reward import _ground_truth_answer
+    from reward import ground_truth_answer
 
     text = answer.replace("\\{", "").replace("\\}", "")
     depth = 0
@@ -451,7 +404,7 @@ def answer_is_usable(answer: str) -> bool:
         depth += (ch == "{") - (ch == "}")
         if depth < 0:
             return False
-    return depth == 0 and _ground_truth_answer(answer) is not None
+    return depth == 0 and ground_truth_answer(answer) is not None
 
 
 def step_prompts(records: list, step: int, per_step: int, seed: int, rank: int, world: int) -> list:

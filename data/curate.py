@@ -153,9 +153,9 @@ def _sample_pending(pending: list[dict], args, progress_path: Path, initial: int
     line per record after each batch. Each batch is seeded from (--seed, its first record's id)."""
     from tqdm.auto import tqdm
 
+    from data.loading import ORZ_STOP_STRINGS
     from reward import RewardPool
     from rollout import evaluate_datasets
-    from train_ppo import ORZ_STOP_STRINGS
     from utils import JsonlWriter
 
     model, tokenizer, stop_ids = _load_sampler(args.model, args.trust_remote_code)

@@ -56,6 +56,9 @@ ORZ_TEMPLATE = (
     + ORZ_INSTRUCTION
     + "\nThis is the problem:\n{question}\nAssistant: <think>"
 )
+# ORZ's stop strings: generation ends at the first of them, which stays in the response (the template
+# asks for the answer inside <answer> tags; the others stop a base model that starts a new turn).
+ORZ_STOP_STRINGS = ["User:", "Human:", "Assistant:", "</answer>"]
 PROMPT_TEMPLATES = ("orz", "chat", "raw")
 
 

@@ -125,7 +125,8 @@ def test_fsdp_config_builds_the_fsdp2_plugin(monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipe_loads_with_orz_values(name):
-    from train_ppo import ORZ_STOP_STRINGS, Args
+    from data.loading import ORZ_STOP_STRINGS
+    from train_ppo import Args
     from utils import parse_args
 
     args = parse_args(Args, ["--config", str(RECIPE_DIR / f"{name}.yaml")])  # unknown keys are an error

@@ -190,11 +190,11 @@ def test_extract_answer_returns_none_without_a_complete_final_answer(text):
 
 
 def test_adjacent_boxes_form_a_list_but_distant_boxes_do_not():
-    assert reward._final_answer("roots $\\boxed{2}$ and $\\boxed{3}$") == "2, 3"
-    assert reward._final_answer("$\\boxed{2}$ \\text{ or } $\\boxed{3}$") == "2, 3"
-    assert reward._final_answer("first \\boxed{2}. Checking again, the answer is \\boxed{3}") == "3"
-    assert reward._final_answer("\\boxed{2}\n\n\\boxed{3}") == "3"
-    assert reward._final_answer("\\boxed{3}, \\boxed{3}") == "3"
+    assert reward.final_answer("roots $\\boxed{2}$ and $\\boxed{3}$") == "2, 3"
+    assert reward.final_answer("$\\boxed{2}$ \\text{ or } $\\boxed{3}$") == "2, 3"
+    assert reward.final_answer("first \\boxed{2}. Checking again, the answer is \\boxed{3}") == "3"
+    assert reward.final_answer("\\boxed{2}\n\n\\boxed{3}") == "3"
+    assert reward.final_answer("\\boxed{3}, \\boxed{3}") == "3"
 
 
 # ----------------------------------------------------------------------------------------------------
