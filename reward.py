@@ -809,6 +809,11 @@ def load_reward_fn(spec: str) -> Callable[..., float]:
     Raises ValueError with one line naming the spec if it cannot be resolved to a callable.
     """
     if spec == "math":
+        try:  # math_reward needs them for every answer that is not a plain number: fail now, not per answer
+            import latex2sympy2_extended  # noqa: F401
+            import math_verify  # noqa: F401
+        except ImportError as e:
+            raise ValueError(f"reward 'math' needs math-verify ({e}): pip install 'math-verify[antlr4_13_2]'") from e
         return math_reward
     if not isinstance(spec, str) or ":" not in spec:
         raise ValueError(

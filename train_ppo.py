@@ -301,6 +301,12 @@ def reward_problems(spec: str, timeout: float = 120.0) -> list[str]:
     import sys
 
     if spec == "math":
+        from reward import load_reward_fn
+
+        try:
+            load_reward_fn(spec)
+        except ValueError as err:
+            return [f"--reward: {err}"]
         return []
     try:
         result = subprocess.run([sys.executable, "-c", _REWARD_CHECK, json.dumps(sys.path), spec],

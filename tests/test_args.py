@@ -326,3 +326,14 @@ def test_tensorboard_gets_every_row_of_metrics_jsonl(tmp_path, tiny_base):
     logged = [e.step for e in events.Scalars("eval/accuracy")]
     assert logged == [r["step"] for r in rows if "eval/accuracy" in r] == [0, 1, 2]  # the final eval too
     assert [e.step for e in events.Scalars("train/reward")] == [0, 1]
+
+
+def test_math_reward_without_math_verify_is_one_line_before_any_model_loads(tmp_path):
+    """Without math-verify every answer that is not a plain number would score 0: stop at the start."""
+    code = ("import sys; sys.modules['math_verify'] = None; import train_ppo; "
+            f"train_ppo.main(train_ppo.Args(output_dir={str(tmp_path / 'run')!r}))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "math-verify" in last and "pip install" in last, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
