@@ -6,8 +6,8 @@ mean/std and RLOO's leave-one-out). Tensors are named as in veRL/TRL: `logprobs`
 
 Layout of a batch row:  [pad pad p0 p1 ... p_{P-1} | r0 r1 ... r_k pad pad]
   prompts are left-padded to P (generation needs the last prompt token at the same column everywhere),
-  responses right-padded to R. The logit at column t predicts token t+1 (RECIPE pitfall 2), so response
-  log-probs come from columns P-1 .. P+R-2.
+  responses right-padded to R. The logit at column t predicts token t+1, so response log-probs come from
+  columns P-1 .. P+R-2.
 """
 
 import math
@@ -25,7 +25,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingW
 
 from utils import position_ids_from_mask
 
-LOGIT_CHUNK = 16  # rows per chunk of the full-vocabulary log-softmax (RECIPE pitfall 11)
+LOGIT_CHUNK = 16  # rows per chunk of the full-vocabulary log-softmax: fp32 logits of all rows at once would not fit
 
 
 @dataclass
@@ -239,7 +239,7 @@ def generate_responses(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
     """Sample `num_generations` responses per prompt; returns (B * G, R) ids, rows grouped by prompt.
 
     Generates in eval mode with the KV cache on: with gradient checkpointing in train mode HF drops the
-    cache and re-runs the prefix at every token (RECIPE pitfall 12). `batch_size` caps prompts per call.
+    cache and re-runs the prefix at every token. `batch_size` caps prompts per call.
     `seeds`, one per call, reseeds torch before it: a call's samples then depend only on its seed and its
     prompts (left padding shared by all of its prompts is cut first), not on what else this process or
     other processes generate, so that runs on 1 or N processes and resumed runs sample the same tokens.
@@ -277,7 +277,7 @@ def stop_positions(response_ids: torch.Tensor, stop_token_ids: list[int],
     """Length of each response up to and including its first stop, and whether it was truncated.
 
     A stop is a stop token id or the token that completes a stop string (kept in the output, as ORZ
-    does). The mask is never derived from `== pad_id`, because pad may equal EOS (RECIPE pitfall 4).
+    does). The mask is never derived from `== pad_id`: pad may equal EOS, and the EOS would be masked out.
     Returns lengths (B,) long and truncated (B,) bool.
     """
     B, R = response_ids.shape
@@ -310,7 +310,7 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
     """Per-token log-prob of `tokens` under softmax(logits / T), in fp32 and in row chunks.
 
     Dividing by the sampling temperature makes these the log-probs of the distribution that was
-    sampled (RECIPE pitfall 1). logits (B, R, V), tokens (B, R) -> (B, R), and entropy (B, R) if asked.
+    sampled. logits (B, R, V), tokens (B, R) -> (B, R), and entropy (B, R) if asked.
     The entropy carries a gradient only with `entropy_grad`: otherwise autograd would keep one more
     (B, R, V) tensor alive until the backward pass, as much memory as the logits, just to log a number.
     """
@@ -329,8 +329,9 @@ def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
                      temperature: float, with_entropy: bool = False, entropy_grad: bool = False):
     """Log-probs (and entropy) of the last `response_len` tokens of each row under `model`.
 
-    Positions are computed from the mask exactly as `generate` computes them (RECIPE pitfall 3), and only
-    the logits of response positions are materialised (`logits_to_keep`). (B, P+R) -> (B, R).
+    Positions are computed from the mask exactly as `generate` computes them (a plain forward would count
+    the left padding as positions), and only the logits of response positions are materialised
+    (`logits_to_keep`). (B, P+R) -> (B, R).
     """
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
                    position_ids=position_ids_from_mask(attention_mask),

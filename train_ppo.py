@@ -150,9 +150,9 @@ def loss_weights(response_mask: torch.Tensor, mode: str, num_sequences: int, num
     """Per-token weights (B, R) that make `sum(per_token_loss * weights)` the chosen average.
 
     `num_sequences` and `num_tokens` count the whole optimizer batch over all processes, so the loss of a
-    micro-batch is its exact share and gradient accumulation does not change the objective (RECIPE
-    pitfall 7). Modes: "token-mean" (DAPO, arXiv:2503.14476v1, eq. 12), "seq-mean-token-mean" (GRPO as
-    written, arXiv:2402.03300v3 eq. 3), "seq-mean-token-sum-norm" (Dr. GRPO's constant normaliser
+    micro-batch is its exact share and gradient accumulation does not change the objective. Modes:
+    "token-mean" (DAPO, arXiv:2503.14476v1, eq. 12), "seq-mean-token-mean" (GRPO as written,
+    arXiv:2402.03300v3 eq. 3), "seq-mean-token-sum-norm" (Dr. GRPO's constant normaliser
     B * max_new_tokens, arXiv:2503.20783v1 sec. 3.2). Example: masks [1,1,0],[1,0,0] in token-mean ->
     [1/3,1/3,0],[1/3,0,0]; in seq-mean-token-mean -> [1/4,1/4,0],[1/2,0,0].
     """
@@ -172,7 +172,7 @@ def compute_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, adva
     """PPO's clipped surrogate, with separate lower and upper clip ranges, aggregated by `loss_weights`.
 
     arXiv:1707.06347v2 eq. 7; clip-higher from DAPO (arXiv:2503.14476v1, sec. 3.1). The log-ratio is
-    clamped to +-20 before exp so one bad token cannot overflow (RECIPE pitfall 9). All (B, R).
+    clamped to +-20 before exp so one bad token cannot overflow. All (B, R).
     Example: logratio log(1.5), advantage 1, clip 0.2 -> ratio 1.5, loss per token -min(1.5, 1.2) = -1.2.
     """
     log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
@@ -191,7 +191,7 @@ def compute_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, adva
 def compute_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
     """Per-token estimate of KL(policy || reference) from sampled tokens (Schulman, "Approximating KL
     divergence", 2020). k1 = log p - log q; k3 = q/p - 1 - log(q/p) >= 0, unbiased in value but not in
-    gradient (RECIPE pitfall 13); both clamped. (B, R) -> (B, R). Example: log p = 0, log q = -1 ->
+    gradient; both clamped. (B, R) -> (B, R). Example: log p = 0, log q = -1 ->
     k1 = 1, k3 = e^-1 + 1 - 1 = 0.368.
     """
     log_ratio = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
@@ -203,7 +203,8 @@ def compute_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
 
 
 def outcome_token_rewards(rewards: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Place each sequence's reward on its last valid response token (RECIPE pitfall 6). (B,) -> (B, R)."""
+    """Place each sequence's reward on its last valid response token, the one whose next state is terminal
+    (value 0), not one slot after it. (B,) -> (B, R)."""
     last = (response_mask.sum(dim=1).long() - 1).clamp(min=0)
     token_rewards = torch.zeros_like(response_mask, dtype=rewards.dtype)
     token_rewards[torch.arange(len(rewards)), last] = rewards
@@ -1157,7 +1158,7 @@ def main(args: Args) -> dict:
         lengths = mask.sum(dim=1)
         needs_old = args.ppo_epochs * args.num_mini_batches > 1 or (args.kl_coef > 0 and args.kl_estimator == "k1")
         micro = plan(exp, args, accelerator)
-        if needs_old:  # otherwise one update on one batch: old = logprobs.detach() is exact (pitfall 9)
+        if needs_old:  # otherwise one update on one batch: old = logprobs.detach() is exact (ratio 1)
             policy.eval()
             exp.old_logprobs = batched_logprobs(policy, exp, args.temperature, micro)
             policy.train()
