@@ -117,7 +117,8 @@ def prepare_for_sampling(tokenizer, model, log=print) -> list[int]:
         log(f"sampling from softmax(logits / temperature) only: ignoring the checkpoint's generation settings "
             f"{', '.join(overridden)}")
     eos = model.generation_config.eos_token_id
-    return sorted({tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])} - {None})
+    return sorted({tokenizer.eos_token_id,
+                   *(eos if isinstance(eos, list) else [eos] if eos is not None else [])} - {None})
 
 
 def plan_micro_batches(lengths: torch.Tensor, max_rows: int, max_tokens: int = 0,
@@ -305,8 +306,8 @@ def response_mask_from_lengths(lengths: torch.Tensor, width: int) -> torch.Tenso
     return (torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]).float()
 
 
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
-                         with_entropy: bool = False, entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool = False,
+                         entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-prob of `tokens` under softmax(logits / T), in fp32 and in row chunks.
 
     Dividing by the sampling temperature makes these the log-probs of the distribution that was
@@ -527,8 +528,8 @@ def evaluate_datasets(model, tokenizer, datasets: dict[str, list[dict]], *, pool
             prompts = [r["prompt_ids"] if "prompt_ids" in r else
                        tokenizer(format_prompt(r["question"], prompt_template, tokenizer))["input_ids"] for r in chunk]
             ids, mask = left_pad(prompts, tokenizer.pad_token_id)
-            out = generate_responses(model, ids, mask, num_generations=num_samples, seeds=[seed * 1_000_003 + d * 100_003 + start],
-                                     **generate_kwargs)
+            out = generate_responses(model, ids, mask, num_generations=num_samples,
+                                     seeds=[seed * 1_000_003 + d * 100_003 + start], **generate_kwargs)
             lengths, truncated = stop_positions(out, stop_ids, stop_strings, tokenizer)
             texts = tokenizer.batch_decode([row[:n] for row, n in zip(out.tolist(), lengths.tolist(), strict=True)],
                                            skip_special_tokens=True)
@@ -545,7 +546,8 @@ def evaluate_datasets(model, tokenizer, datasets: dict[str, list[dict]], *, pool
                 votes = [None if truncated[i] else a for i, a in zip(rows, answers, strict=True)]
                 majority = majority_answer(votes)
                 maj_correct = majority is not None and rewards[rows[votes.index(majority)]] >= 1.0
-                per_problem[name].append({"id": r["id"], "n": num_samples, "correct": sum(rewards[i] >= 1.0 for i in rows),
+                per_problem[name].append({"id": r["id"], "n": num_samples,
+                                          "correct": sum(rewards[i] >= 1.0 for i in rows),
                                           "maj_correct": int(maj_correct), "majority": majority})
                 completions += [{"dataset": name, "id": r["id"], "question": r["question"], "ground_truth": r["answer"],
                                  "sample": s, "response": texts[i], "answer": answers[s], "reward": rewards[i],
@@ -564,16 +566,19 @@ class EvalArgs:
     """Arguments of `python rollout.py eval` (parsed by utils.parse_args, like train_ppo.Args)."""
 
     model: str = field(default="tiny", metadata={"help": "hub id, local path, or 'tiny' (the built-in model)"})
-    datasets: str = field(default="math500", metadata={"help": "comma-separated: math500, aime2024, synthetic, or any file/dir/hub dataset data/loading.py reads"})
+    datasets: str = field(default="math500", metadata={
+        "help": "comma-separated: math500, aime2024, synthetic, or any file/dir/hub dataset data/loading.py reads"})
     split: str = field(default="test", metadata={"help": "split of a dataset directory or hub dataset"})
     question_field: str | None = field(default=None, metadata={"help": "field holding the question (default: auto)"})
     answer_field: str | None = field(default=None, metadata={"help": "field holding the final answer (default: auto)"})
     prompt_template: str = field(default="orz", metadata={"help": "'orz', 'chat', 'raw', or a string with {question}"})
     num_samples: int = field(default=4, metadata={"help": "samples per problem (k of avg@k, pass@k, maj@k)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (0: greedy, needs --num-samples 1)"})
+    temperature: float = field(default=1.0, metadata={
+        "help": "sampling temperature (0: greedy, needs --num-samples 1)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
     top_k: int = field(default=0, metadata={"help": "top-k sampling (0: off)"})
-    max_new_tokens: int = field(default=32, metadata={"help": "response length limit; longer responses are truncated and score 0"})
+    max_new_tokens: int = field(default=32, metadata={
+        "help": "response length limit; longer responses are truncated and score 0"})
     limit: int = field(default=0, metadata={"help": "first N problems of each dataset (0: all)"})
     batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
     synthetic_difficulty: int = field(default=1, metadata={"help": "difficulty of the built-in task's test split"})
@@ -615,7 +620,8 @@ def format_eval_table(metrics: dict) -> str:
     cols = [f"avg@{k}", f"pass@{k}", f"maj@{k}"]
     width = max(12, *(len(name) for name in metrics))
     lines = [f"{'dataset':<{width}} {'problems':>8} " + " ".join(f"{c:>8}" for c in cols)]
-    lines += [f"{name:<{width}} {m['problems']:>8} " + " ".join(f"{m[c]:>8.3f}" for c in cols) for name, m in metrics.items()]
+    lines += [f"{name:<{width}} {m['problems']:>8} " + " ".join(f"{m[c]:>8.3f}" for c in cols)
+              for name, m in metrics.items()]
     return "\n".join(lines)
 
 
@@ -750,8 +756,8 @@ def repetition_flags(response_ids, lengths=None, texts: list[str] | None = None,
     ..." (16+ copies), "= 5 = 5 = 5 ..." (4+ copies over 16+ tokens) and text cycling through the same
     paragraphs are flagged. Normal math text compresses to ~0.4-0.6; a 160-character paragraph written 5 times
     comes to 0.17 (4 times: 0.20, not flagged), a 700-character solution written 3 times to 0.19; a paragraph
-    up to max_span tokens long that loops to the end is caught by the tail test from 4 copies. Cheap enough for every step: O(max_span^2) tensor work per response, plus one zlib call
-    per long text.
+    up to max_span tokens long that loops to the end is caught by the tail test from 4 copies. Cheap enough
+    for every step: O(max_span^2) tensor work per response, plus one zlib call per long text.
 
     response_ids: (B, R) right-padded ids with `lengths` (B,) (e.g. exp.response_ids and
     exp.response_mask.sum(1)), or a list of token id lists. texts: the decoded responses, same order.

@@ -242,7 +242,8 @@ def test_stop_strings_natural_tokenization(tokenizer):
     lengths, truncated = stop_positions(torch.tensor([ids]), [tokenizer.eos_token_id],
                                         stop_strings=["</answer>"], tokenizer=tokenizer)
     assert lengths.tolist() == [expected] and truncated.tolist() == [False]
-    assert tokenizer.decode(ids[:expected]).endswith("</answer>") or "</answer>" not in tokenizer.decode(ids[:expected - 1])
+    assert (tokenizer.decode(ids[:expected]).endswith("</answer>")
+            or "</answer>" not in tokenizer.decode(ids[:expected - 1]))
 
 
 # ---------------------------------------------------------------------------------------------
