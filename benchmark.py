@@ -97,7 +97,8 @@ def critic_benchmark(quick: bool, only: str = "", reps: int = 0) -> None:
             for adv in ("grpo", "gae"):
                 rows[adv] += run(model, adv, steps, tmp / f"{name}-{adv}-{rep}", **kw)
         results[name] = rows
-    print(f"\n{'setting':<10} {'estimator':<9} {'step s':>7} {'resp len':>8} " + " ".join(f"{p[5:]:>9}" for p in PHASES))
+    print(f"\n{'setting':<10} {'estimator':<9} {'step s':>7} {'resp len':>8} "
+          + " ".join(f"{p[5:]:>9}" for p in PHASES))
     for name, rows in results.items():
         med = {adv: statistics.median(r["time/step"] for r in rs) for adv, rs in rows.items()}
         for adv, rs in rows.items():
@@ -376,8 +377,8 @@ def decode_benchmark(quick: bool, threads: int) -> None:
                 print(f"  {layers}x{width} rep {rep} {name:<14} {res[name]['time'][-1]:6.2f} s, wasted "
                       f"{res[name]['waste'][-1]:.0%}", flush=True)
         table.append(((layers, width), res))
-    print(f"\ndecode: {prompts_n} prompts x {G} samples, up to {max_new} new tokens, EOS only, torch threads {threads}; "
-          f"medians of {reps} rollouts (target: wasted <= 15% and faster than plain)")
+    print(f"\ndecode: {prompts_n} prompts x {G} samples, up to {max_new} new tokens, EOS only, "
+          f"torch threads {threads}; medians of {reps} rollouts (target: wasted <= 15% and faster than plain)")
     print(f"{'model':<7} {'method':<14} {'wasted':>7} {'time s':>7} {'vs plain':>8}  lengths p10/p50/p90, truncated")
     for (layers, width), res in table:
         base_t = statistics.median(res["plain"]["time"]) if res["plain"]["time"] else float("nan")
@@ -389,7 +390,8 @@ def decode_benchmark(quick: bool, threads: int) -> None:
             q = torch.quantile(lens, torch.tensor([0.1, 0.5, 0.9])).tolist()
             med_t = statistics.median(r["time"])
             print(f"{layers}x{width:<5} {name:<14} {statistics.median(r['waste']):>7.0%} {med_t:>7.2f} "
-                  f"{med_t / base_t:>8.2f}  {q[0]:.0f}/{q[1]:.0f}/{q[2]:.0f}, {float((lens >= max_new).float().mean()):.0%}")
+                  f"{med_t / base_t:>8.2f}  {q[0]:.0f}/{q[1]:.0f}/{q[2]:.0f}, "
+                  f"{float((lens >= max_new).float().mean()):.0%}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -478,8 +480,10 @@ def ablation_benchmark(out: Path, seeds: int, jobs: int, extra: list[str]) -> No
         spread = statistics.stdev(finals) if len(finals) > 1 else 0.0
         to90 = f"{statistics.mean(reached):.0f} ({len(reached)}/{len(results)} reached)" if reached else "not reached"
         print(f"| {advantage} | {kl:g} | {len(results)} | {statistics.mean(finals):.1%} +- {spread:.1%} | {to90} | "
-              f"{statistics.mean(r['minutes'] for r in results):.1f} | {statistics.mean(r['critic_share'] for r in results):.0%} | "
-              f"{statistics.mean(r['length_first'] for r in results):.1f} -> {statistics.mean(r['length_last'] for r in results):.1f} | "
+              f"{statistics.mean(r['minutes'] for r in results):.1f} | "
+              f"{statistics.mean(r['critic_share'] for r in results):.0%} | "
+              f"{statistics.mean(r['length_first'] for r in results):.1f} -> "
+              f"{statistics.mean(r['length_last'] for r in results):.1f} | "
               f"{statistics.mean(r['repetition'] for r in results):.1%} |")
 
     import matplotlib
@@ -579,8 +583,8 @@ def load_benchmark(quick: bool) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["critic", "trl", "decode", "scaling", "ablate", "load", "worker"], help="which benchmark "
-                        "('worker' is internal: one training run in this process, for `trl`)")
+    parser.add_argument("which", choices=["critic", "trl", "decode", "scaling", "ablate", "load", "worker"],
+                        help="which benchmark ('worker' is internal: one training run in this process, for `trl`)")
     parser.add_argument("--quick", action="store_true", help="fewer steps and repetitions")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every run (trl, decode)")
     parser.add_argument("--spec", default="", help="worker only: the run as JSON")
@@ -589,7 +593,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="ablate: runs at a time")
     parser.add_argument("--only", default="", help="critic: these settings only, e.g. gen-bound")
     parser.add_argument("--reps", type=int, default=0, help="critic: runs per estimator and setting (default 2)")
-    parser.add_argument("--extra", default="", help="ablate: more train_ppo.py arguments for every run, e.g. '--max-steps 40'")
+    parser.add_argument("--extra", default="",
+                        help="ablate: more train_ppo.py arguments for every run, e.g. '--max-steps 40'")
     args = parser.parse_args(argv)
     if args.which == "critic":
         critic_benchmark(args.quick, args.only, args.reps)

@@ -70,7 +70,7 @@ class ValueModel(nn.Module):
 
 def forward_values(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int):
     """V(s_t) for each response token t: the value read at the state before it (the same shift as the
-    log-probs, RECIPE pitfall 2). (B, P+R) -> (B, R)."""
+    log-probs: the output at column t belongs to token t+1). (B, P+R) -> (B, R)."""
     return critic(input_ids, attention_mask, values_to_keep=response_len + 1)[:, :-1]
 
 
@@ -80,8 +80,8 @@ def compute_gae_advantages(rewards: torch.Tensor, values: torch.Tensor, response
 
     Schulman et al., arXiv:1506.02438v6, eq. 16: A_t = sum_l (gamma lam)^l delta_{t+l}, with
     delta_t = r_t + gamma V_{t+1} - V_t. `rewards` (B, R) are per-token (the outcome sits on the last
-    valid token); past the last valid token the value is 0 (terminal), as veRL and OpenRLHF do (RECIPE
-    pitfall 6). Masked positions have no effect and come back as 0. returns = advantages + values.
+    valid token); past the last valid token the value is 0 (terminal), as veRL and OpenRLHF do. Masked
+    positions have no effect and come back as 0. returns = advantages + values.
     With gamma = lam = 1 (ORZ) this is A_t = sum of rewards from t on - V_t. Example: one response of 3
     tokens, reward 1 at the end, values [0.2, 0.5, 0.9] -> advantages [0.8, 0.5, 0.1], returns [1, 1, 1].
     """

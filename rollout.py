@@ -6,8 +6,8 @@ mean/std and RLOO's leave-one-out). Tensors are named as in veRL/TRL: `logprobs`
 
 Layout of a batch row:  [pad pad p0 p1 ... p_{P-1} | r0 r1 ... r_k pad pad]
   prompts are left-padded to P (generation needs the last prompt token at the same column everywhere),
-  responses right-padded to R. The logit at column t predicts token t+1 (RECIPE pitfall 2), so response
-  log-probs come from columns P-1 .. P+R-2.
+  responses right-padded to R. The logit at column t predicts token t+1, so response log-probs come from
+  columns P-1 .. P+R-2.
 """
 
 import math
@@ -26,7 +26,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingW
 
 from utils import position_ids_from_mask
 
-LOGIT_CHUNK = 16  # rows per chunk of the full-vocabulary log-softmax (RECIPE pitfall 11)
+LOGIT_CHUNK = 16  # rows per chunk of the full-vocabulary log-softmax: fp32 logits of all rows at once would not fit
 
 
 @dataclass
@@ -118,7 +118,8 @@ def prepare_for_sampling(tokenizer, model, log=print) -> list[int]:
         log(f"sampling from softmax(logits / temperature) only: ignoring the checkpoint's generation settings "
             f"{', '.join(overridden)}")
     eos = model.generation_config.eos_token_id
-    return sorted({tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])} - {None})
+    return sorted({tokenizer.eos_token_id,
+                   *(eos if isinstance(eos, list) else [eos] if eos is not None else [])} - {None})
 
 
 def model_problems(model: str) -> list[str]:
@@ -288,7 +289,7 @@ def generate_responses(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
     """Sample `num_generations` responses per prompt; returns (B * G, R) ids, rows grouped by prompt.
 
     Generates in eval mode with the KV cache on: with gradient checkpointing in train mode HF drops the
-    cache and re-runs the prefix at every token (RECIPE pitfall 12). `batch_size` caps prompts per call.
+    cache and re-runs the prefix at every token. `batch_size` caps prompts per call.
     `seeds`, one per call, reseeds torch before it: a call's samples then depend only on its seed and its
     prompts (left padding shared by all of its prompts is cut first), not on what else this process or
     other processes generate, so that runs on 1 or N processes and resumed runs sample the same tokens.
@@ -326,7 +327,7 @@ def stop_positions(response_ids: torch.Tensor, stop_token_ids: list[int],
     """Length of each response up to and including its first stop, and whether it was truncated.
 
     A stop is a stop token id or the token that completes a stop string (kept in the output, as ORZ
-    does). The mask is never derived from `== pad_id`, because pad may equal EOS (RECIPE pitfall 4).
+    does). The mask is never derived from `== pad_id`: pad may equal EOS, and the EOS would be masked out.
     Returns lengths (B,) long and truncated (B,) bool.
     """
     B, R = response_ids.shape
@@ -354,12 +355,12 @@ def response_mask_from_lengths(lengths: torch.Tensor, width: int) -> torch.Tenso
     return (torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]).float()
 
 
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
-                         with_entropy: bool = False, entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool = False,
+                         entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-prob of `tokens` under softmax(logits / T), in fp32 and in row chunks.
 
     Dividing by the sampling temperature makes these the log-probs of the distribution that was
-    sampled (RECIPE pitfall 1). logits (B, R, V), tokens (B, R) -> (B, R), and entropy (B, R) if asked.
+    sampled. logits (B, R, V), tokens (B, R) -> (B, R), and entropy (B, R) if asked.
     The entropy carries a gradient only with `entropy_grad`: otherwise autograd would keep one more
     (B, R, V) tensor alive until the backward pass, as much memory as the logits, just to log a number.
     """
@@ -378,8 +379,9 @@ def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
                      temperature: float, with_entropy: bool = False, entropy_grad: bool = False):
     """Log-probs (and entropy) of the last `response_len` tokens of each row under `model`.
 
-    Positions are computed from the mask exactly as `generate` computes them (RECIPE pitfall 3), and only
-    the logits of response positions are materialised (`logits_to_keep`). (B, P+R) -> (B, R).
+    Positions are computed from the mask exactly as `generate` computes them (a plain forward would count
+    the left padding as positions), and only the logits of response positions are materialised
+    (`logits_to_keep`). (B, P+R) -> (B, R).
     """
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
                    position_ids=position_ids_from_mask(attention_mask),
@@ -575,8 +577,8 @@ def evaluate_datasets(model, tokenizer, datasets: dict[str, list[dict]], *, pool
             prompts = [r["prompt_ids"] if "prompt_ids" in r else
                        tokenizer(format_prompt(r["question"], prompt_template, tokenizer))["input_ids"] for r in chunk]
             ids, mask = left_pad(prompts, tokenizer.pad_token_id)
-            out = generate_responses(model, ids, mask, num_generations=num_samples, seeds=[seed * 1_000_003 + d * 100_003 + start],
-                                     **generate_kwargs)
+            out = generate_responses(model, ids, mask, num_generations=num_samples,
+                                     seeds=[seed * 1_000_003 + d * 100_003 + start], **generate_kwargs)
             lengths, truncated = stop_positions(out, stop_ids, stop_strings, tokenizer)
             texts = tokenizer.batch_decode([row[:n] for row, n in zip(out.tolist(), lengths.tolist(), strict=True)],
                                            skip_special_tokens=True)
@@ -593,7 +595,8 @@ def evaluate_datasets(model, tokenizer, datasets: dict[str, list[dict]], *, pool
                 votes = [None if truncated[i] else a for i, a in zip(rows, answers, strict=True)]
                 majority = majority_answer(votes)
                 maj_correct = majority is not None and rewards[rows[votes.index(majority)]] >= 1.0
-                per_problem[name].append({"id": r["id"], "n": num_samples, "correct": sum(rewards[i] >= 1.0 for i in rows),
+                per_problem[name].append({"id": r["id"], "n": num_samples,
+                                          "correct": sum(rewards[i] >= 1.0 for i in rows),
                                           "maj_correct": int(maj_correct), "majority": majority})
                 completions += [{"dataset": name, "id": r["id"], "question": r["question"], "ground_truth": r["answer"],
                                  "sample": s, "response": texts[i], "answer": answers[s], "reward": rewards[i],
@@ -612,16 +615,19 @@ class EvalArgs:
     """Arguments of `python rollout.py eval` (parsed by utils.parse_args, like train_ppo.Args)."""
 
     model: str = field(default="tiny", metadata={"help": "hub id, local path, or 'tiny' (the built-in model)"})
-    datasets: str = field(default="math500", metadata={"help": "comma-separated: math500, aime2024, synthetic, or any file/dir/hub dataset data/loading.py reads"})
+    datasets: str = field(default="math500", metadata={
+        "help": "comma-separated: math500, aime2024, synthetic, or any file/dir/hub dataset data/loading.py reads"})
     split: str = field(default="test", metadata={"help": "split of a dataset directory or hub dataset"})
     question_field: str | None = field(default=None, metadata={"help": "field holding the question (default: auto)"})
     answer_field: str | None = field(default=None, metadata={"help": "field holding the final answer (default: auto)"})
     prompt_template: str = field(default="orz", metadata={"help": "'orz', 'chat', 'raw', or a string with {question}"})
     num_samples: int = field(default=4, metadata={"help": "samples per problem (k of avg@k, pass@k, maj@k)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (0: greedy, needs --num-samples 1)"})
+    temperature: float = field(default=1.0, metadata={
+        "help": "sampling temperature (0: greedy, needs --num-samples 1)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
     top_k: int = field(default=0, metadata={"help": "top-k sampling (0: off)"})
-    max_new_tokens: int = field(default=32, metadata={"help": "response length limit; longer responses are truncated and score 0"})
+    max_new_tokens: int = field(default=32, metadata={
+        "help": "response length limit; longer responses are truncated and score 0"})
     limit: int = field(default=0, metadata={"help": "first N problems of each dataset (0: all)"})
     batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
     synthetic_difficulty: int = field(default=1, metadata={"help": "difficulty of the built-in task's test split"})
@@ -663,7 +669,8 @@ def format_eval_table(metrics: dict) -> str:
     cols = [f"avg@{k}", f"pass@{k}", f"maj@{k}"]
     width = max(12, *(len(name) for name in metrics))
     lines = [f"{'dataset':<{width}} {'problems':>8} " + " ".join(f"{c:>8}" for c in cols)]
-    lines += [f"{name:<{width}} {m['problems']:>8} " + " ".join(f"{m[c]:>8.3f}" for c in cols) for name, m in metrics.items()]
+    lines += [f"{name:<{width}} {m['problems']:>8} " + " ".join(f"{m[c]:>8.3f}" for c in cols)
+              for name, m in metrics.items()]
     return "\n".join(lines)
 
 
@@ -797,8 +804,8 @@ def repetition_flags(response_ids, lengths=None, texts: list[str] | None = None,
     ..." (16+ copies), "= 5 = 5 = 5 ..." (4+ copies over 16+ tokens) and text cycling through the same
     paragraphs are flagged. Normal math text compresses to ~0.4-0.6; a 160-character paragraph written 5 times
     comes to 0.17 (4 times: 0.20, not flagged), a 700-character solution written 3 times to 0.19; a paragraph
-    up to max_span tokens long that loops to the end is caught by the tail test from 4 copies. Cheap enough for every step: O(max_span^2) tensor work per response, plus one zlib call
-    per long text.
+    up to max_span tokens long that loops to the end is caught by the tail test from 4 copies. Cheap enough
+    for every step: O(max_span^2) tensor work per response, plus one zlib call per long text.
 
     response_ids: (B, R) right-padded ids with `lengths` (B,) (e.g. exp.response_ids and
     exp.response_mask.sum(1)), or a list of token id lists. texts: the decoded responses, same order.

@@ -26,7 +26,8 @@ from utils import parse_args
 
 @dataclass
 class Args(PPOArgs):
-    advantage: Literal["gae", "grpo", "rloo"] = field(default="grpo", metadata={"help": "gae (PPO critic), grpo (group mean/std), rloo (leave-one-out)"})
+    advantage: Literal["gae", "grpo", "rloo"] = field(default="grpo", metadata={
+        "help": "gae (PPO critic), grpo (group mean/std), rloo (leave-one-out)"})
     output_dir: str = field(default="runs/grpo", metadata={"help": "where metrics, samples and the final model go"})
 
 

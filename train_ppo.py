@@ -68,78 +68,121 @@ from utils import JsonlWriter, disable_dropout, left_pad, masked_mean, masked_wh
 SUMMED_STATS = ("loss/policy", "critic/value_loss", "policy/kl")  # shares of one batch loss, not means
 # Token means, computed per micro-batch and weighted by its share of the mini-batch's tokens (all processes),
 # so that they too are summed: then they do not depend on how the batch is split.
-TOKEN_STATS = ("policy/clipfrac", "policy/approx_kl", "policy/ratio", "policy/entropy", "critic/clipfrac", "critic/values")
+TOKEN_STATS = ("policy/clipfrac", "policy/approx_kl", "policy/ratio", "policy/entropy",
+               "critic/clipfrac", "critic/values")
 
 
 @dataclass
 class Args:
     """Arguments of a run. A field's "group" metadata starts a group of --help (it lasts until the next)."""
 
-    model: str = field(default="tiny", metadata={"group": "model and data", "help": "hub id, local path, or 'tiny' (built-in, made offline)"})
-    dataset: str = field(default="synthetic", metadata={"help": "file (.json/.jsonl/.parquet), dataset dir or hub name, or 'synthetic'"})
-    eval_datasets: str | None = field(default=None, metadata={"help": "comma-separated held-out sets (math500, aime2024, files, 'synthetic'); default: the synthetic test split when training on 'synthetic'"})
+    model: str = field(default="tiny", metadata={
+        "group": "model and data", "help": "hub id, local path, or 'tiny' (built-in, made offline)"})
+    dataset: str = field(default="synthetic", metadata={
+        "help": "file (.json/.jsonl/.parquet), dataset dir or hub name, or 'synthetic'"})
+    eval_datasets: str | None = field(default=None, metadata={
+        "help": "comma-separated held-out sets (math500, aime2024, files, 'synthetic'); default: the synthetic test "
+                "split when training on 'synthetic'"})
     question_field: str | None = field(default=None, metadata={"help": "field holding the question (default: auto)"})
     answer_field: str | None = field(default=None, metadata={"help": "field holding the final answer (default: auto)"})
-    prompt_template: str = field(default="orz", metadata={"help": "'orz' (ORZ's plain-text template), 'chat', 'raw', or a string with {question}"})
+    prompt_template: str = field(default="orz", metadata={
+        "help": "'orz' (ORZ's plain-text template), 'chat', 'raw', or a string with {question}"})
     synthetic_difficulty: int = field(default=1, metadata={"help": "difficulty of the built-in task (1: a+b under 20)"})
     max_prompt_tokens: int = field(default=512, metadata={"help": "longer prompts are skipped (counted and logged)"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub (off: it runs arbitrary code)"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "allow model code from the hub (off: it runs arbitrary code)"})
     output_dir: str = field(default="runs/ppo", metadata={"help": "where metrics, samples and the final model go"})
     seed: int = field(default=0, metadata={"help": "random seed"})
-    advantage: Literal["gae", "grpo", "rloo"] = field(default="gae", metadata={"group": "rollout", "help": "gae (PPO critic), grpo (group mean/std), rloo (leave-one-out)"})
+    advantage: Literal["gae", "grpo", "rloo"] = field(default="gae", metadata={
+        "group": "rollout", "help": "gae (PPO critic), grpo (group mean/std), rloo (leave-one-out)"})
     max_steps: int = field(default=60, metadata={"help": "RL steps (one rollout and its updates each)"})
     prompts_per_step: int = field(default=32, metadata={"help": "prompts per step, over all processes"})
     num_generations: int = field(default=8, metadata={"help": "samples per prompt"})
     max_new_tokens: int = field(default=32, metadata={"help": "response length limit; longer responses are truncated"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (also divides the training logits)"})
+    temperature: float = field(default=1.0, metadata={
+        "help": "sampling temperature (also divides the training logits)"})
     top_p: float = field(default=1.0, metadata={"help": "keep 1.0 for training: log-probs do not replay truncation"})
     top_k: int = field(default=0, metadata={"help": "keep 0 for training: log-probs do not replay truncation"})
-    stop_strings: list[str] = field(default_factory=lambda: list(ORZ_STOP_STRINGS), metadata={"help": "strings that end a response (kept in it)"})
-    generation: Literal["generate", "refill"] = field(default="refill", metadata={"help": "refill: rows still running when most have stopped continue in a smaller call, so little decoding is spent on finished rows (rollout.generate_responses_refill; same sampling); generate: plain batched HF generate (also used under FSDP, and for models with linear-attention or convolution layers)"})
-    refill_fraction: float = field(default=0.85, metadata={"help": "refill: end a call when at most this share of its rows is still running"})
-    generation_batch_size: int = field(default=0, metadata={"help": "prompts per generate call (0: all of the process's prompts at once); each call is seeded from (seed, step, its first prompt's place), so with a size that divides every process's share, 1 and N processes sample the same tokens"})
-    reward: str = field(default="math", metadata={"group": "reward", "help": "'math', module:function or path/file.py:function"})
+    stop_strings: list[str] = field(default_factory=lambda: list(ORZ_STOP_STRINGS), metadata={
+        "help": "strings that end a response (kept in it)"})
+    generation: Literal["generate", "refill"] = field(default="refill", metadata={
+        "help": "refill: rows still running when most have stopped continue in a smaller call, so little decoding "
+                "is spent on finished rows (rollout.generate_responses_refill; same sampling); generate: plain batched "
+                "HF generate (also used under FSDP, and for models with linear-attention or convolution layers)"})
+    refill_fraction: float = field(default=0.85, metadata={
+        "help": "refill: end a call when at most this share of its rows is still running"})
+    generation_batch_size: int = field(default=0, metadata={
+        "help": "prompts per generate call (0: all of the process's prompts at once); each call is seeded from "
+                "(seed, step, its first prompt's place), so with a size that divides every process's share, 1 and N "
+                "processes sample the same tokens"})
+    reward: str = field(default="math", metadata={
+        "group": "reward", "help": "'math', module:function or path/file.py:function"})
     score_truncated: bool = field(default=False, metadata={"help": "score truncated responses too (ORZ: they get 0)"})
     format_reward_weight: float = field(default=0.0, metadata={"help": "weight of the optional format reward"})
-    zero_repetitive: bool = field(default=False, metadata={"help": "reward 0 for a response caught in a loop (rollout.repetition_flags); repetition is always logged as train/repetition"})
+    zero_repetitive: bool = field(default=False, metadata={
+        "help": "reward 0 for a response caught in a loop (rollout.repetition_flags); repetition is always logged "
+                "as train/repetition"})
     reward_workers: int = field(default=2, metadata={"help": "reward worker processes per training process"})
     reward_timeout: float = field(default=5.0, metadata={"help": "seconds per item before it scores 0"})
     gamma: float = field(default=1.0, metadata={"group": "advantages and losses", "help": "GAE discount (ORZ: 1)"})
     lam: float = field(default=1.0, metadata={"help": "GAE lambda (ORZ: 1)"})
-    whiten_advantages: bool | None = field(default=None, metadata={"help": "whiten advantages over all response tokens of the batch (default: on for gae, as ORZ; off for grpo/rloo, whose groups with equal rewards then keep advantage 0)"})
+    whiten_advantages: bool | None = field(default=None, metadata={
+        "help": "whiten advantages over all response tokens of the batch (default: on for gae, as ORZ; off for "
+                "grpo/rloo, whose groups with equal rewards then keep advantage 0)"})
     scale_by_std: bool = field(default=True, metadata={"help": "GRPO: divide by the group std (off: Dr. GRPO)"})
-    drop_equal_groups: bool = field(default=False, metadata={"help": "leave groups whose rewards are all equal out of the update"})
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = field(default="token-mean", metadata={"help": "token-mean over the batch, mean of per-sequence means, or Dr. GRPO's constant normaliser"})
+    drop_equal_groups: bool = field(default=False, metadata={
+        "help": "leave groups whose rewards are all equal out of the update"})
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = field(
+        default="token-mean", metadata={"help": "token-mean over the batch, mean of per-sequence means, or "
+                                                "Dr. GRPO's constant normaliser"})
     clip_low: float = field(default=0.2, metadata={"help": "ratio clip below: 1 - clip_low"})
-    clip_high: float = field(default=0.2, metadata={"help": "ratio clip above: 1 + clip_high (DAPO's clip-higher: 0.28)"})
+    clip_high: float = field(default=0.2, metadata={
+        "help": "ratio clip above: 1 + clip_high (DAPO's clip-higher: 0.28)"})
     kl_coef: float = field(default=0.0, metadata={"help": "KL to the reference model (0: none loaded, as ORZ)"})
-    kl_estimator: Literal["k3", "k1"] = field(default="k3", metadata={"help": "k3 in the loss (GRPO) or k1 in the reward (classic PPO)"})
+    kl_estimator: Literal["k3", "k1"] = field(default="k3", metadata={
+        "help": "k3 in the loss (GRPO) or k1 in the reward (classic PPO)"})
     entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus (entropy is always logged)"})
-    lr: float = field(default=1e-4, metadata={"group": "optimisation", "help": "policy learning rate (ORZ on real models: 1e-6)"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up over this many RL steps with updates, then constant; policy and critic alike (ORZ: 50)"})
+    lr: float = field(default=1e-4, metadata={
+        "group": "optimisation", "help": "policy learning rate (ORZ on real models: 1e-6)"})
+    warmup_steps: int = field(default=0, metadata={
+        "help": "linear warm-up over this many RL steps with updates, then constant; policy and critic alike "
+                "(ORZ: 50)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout"})
     num_mini_batches: int = field(default=1, metadata={"help": "policy optimizer steps per epoch (ORZ: 1)"})
-    micro_batch_size: int = field(default=64, metadata={"help": "at most this many rows per forward/backward pass (rows are sorted by length first)"})
-    max_tokens_per_microbatch: int = field(default=0, metadata={"help": "and at most this many padded tokens (rows x (longest prompt + longest response)) per pass (0: no token limit)"})
-    max_padding: float = field(default=0.1, metadata={"help": "and a new micro-batch starts where padding would exceed this share of its tokens (1: no limit)"})
+    micro_batch_size: int = field(default=64, metadata={
+        "help": "at most this many rows per forward/backward pass (rows are sorted by length first)"})
+    max_tokens_per_microbatch: int = field(default=0, metadata={
+        "help": "and at most this many padded tokens (rows x (longest prompt + longest response)) per pass "
+                "(0: no token limit)"})
+    max_padding: float = field(default=0.1, metadata={
+        "help": "and a new micro-batch starts where padding would exceed this share of its tokens (1: no limit)"})
     critic_lr: float = field(default=5e-4, metadata={"help": "critic learning rate (ORZ: 5e-6)"})
     critic_epochs: int = field(default=1, metadata={"help": "critic passes over each rollout"})
     critic_mini_batches: int = field(default=2, metadata={"help": "critic optimizer steps per epoch (ORZ: 12)"})
     critic_warmup_steps: int = field(default=0, metadata={"help": "train only the critic for the first N steps"})
-    value_clip: float = field(default=0.2, metadata={"help": "clip of the value loss around old values (<= 0: plain loss)"})
+    value_clip: float = field(default=0.2, metadata={
+        "help": "clip of the value loss around old values (<= 0: plain loss)"})
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
-    eval_every: int = field(default=20, metadata={"group": "evaluation and logging", "help": "evaluate every N steps (and at the start and end; 0: never)"})
-    eval_num_samples: int = field(default=4, metadata={"help": "samples per eval problem; accuracy is their mean (avg@k)"})
+    eval_every: int = field(default=20, metadata={
+        "group": "evaluation and logging", "help": "evaluate every N steps (and at the start and end; 0: never)"})
+    eval_num_samples: int = field(default=4, metadata={
+        "help": "samples per eval problem; accuracy is their mean (avg@k)"})
     eval_limit: int = field(default=64, metadata={"help": "eval problems (0: all)"})
     samples_per_step: int = field(default=4, metadata={"help": "responses written to samples.jsonl each step"})
-    report_to: Literal["none", "tensorboard", "wandb"] = field(default="none", metadata={"help": "also log metrics to TensorBoard (in OUTPUT_DIR/reasoner-zero) or Weights & Biases (project reasoner-zero)"})
-    save_every: int = field(default=20, metadata={"group": "checkpoints and faults", "help": "checkpoint every N steps into output_dir/checkpoints (0: never)"})
+    report_to: Literal["none", "tensorboard", "wandb"] = field(default="none", metadata={
+        "help": "also log metrics to TensorBoard (in OUTPUT_DIR/reasoner-zero) or Weights & Biases "
+                "(project reasoner-zero)"})
+    save_every: int = field(default=20, metadata={
+        "group": "checkpoints and faults", "help": "checkpoint every N steps into output_dir/checkpoints (0: never)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "keep the last K checkpoints"})
-    resume: bool = field(default=False, metadata={"help": "resume from the last checkpoint (also automatic when one exists, unless --overwrite)"})
-    overwrite: bool = field(default=False, metadata={"help": "start afresh: delete the previous run's outputs in output_dir (checkpoints, logs, models)"})
-    max_nonfinite_updates: int = field(default=3, metadata={"help": "stop after this many updates in a row with a NaN/inf loss or gradient (each one is skipped)"})
+    resume: bool = field(default=False, metadata={
+        "help": "resume from the last checkpoint (also automatic when one exists, unless --overwrite)"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "start afresh: delete the previous run's outputs in output_dir (checkpoints, logs, models)"})
+    max_nonfinite_updates: int = field(default=3, metadata={
+        "help": "stop after this many updates in a row with a NaN/inf loss or gradient (each one is skipped)"})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,9 +194,9 @@ def loss_weights(response_mask: torch.Tensor, mode: str, num_sequences: int, num
     """Per-token weights (B, R) that make `sum(per_token_loss * weights)` the chosen average.
 
     `num_sequences` and `num_tokens` count the whole optimizer batch over all processes, so the loss of a
-    micro-batch is its exact share and gradient accumulation does not change the objective (RECIPE
-    pitfall 7). Modes: "token-mean" (DAPO, arXiv:2503.14476v1, eq. 12), "seq-mean-token-mean" (GRPO as
-    written, arXiv:2402.03300v3 eq. 3), "seq-mean-token-sum-norm" (Dr. GRPO's constant normaliser
+    micro-batch is its exact share and gradient accumulation does not change the objective. Modes:
+    "token-mean" (DAPO, arXiv:2503.14476v1, eq. 12), "seq-mean-token-mean" (GRPO as written,
+    arXiv:2402.03300v3 eq. 3), "seq-mean-token-sum-norm" (Dr. GRPO's constant normaliser
     B * max_new_tokens, arXiv:2503.20783v1 sec. 3.2). Example: masks [1,1,0],[1,0,0] in token-mean ->
     [1/3,1/3,0],[1/3,0,0]; in seq-mean-token-mean -> [1/4,1/4,0],[1/2,0,0].
     """
@@ -173,7 +216,7 @@ def compute_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, adva
     """PPO's clipped surrogate, with separate lower and upper clip ranges, aggregated by `loss_weights`.
 
     arXiv:1707.06347v2 eq. 7; clip-higher from DAPO (arXiv:2503.14476v1, sec. 3.1). The log-ratio is
-    clamped to +-20 before exp so one bad token cannot overflow (RECIPE pitfall 9). All (B, R).
+    clamped to +-20 before exp so one bad token cannot overflow. All (B, R).
     Example: logratio log(1.5), advantage 1, clip 0.2 -> ratio 1.5, loss per token -min(1.5, 1.2) = -1.2.
     """
     log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
@@ -192,7 +235,7 @@ def compute_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, adva
 def compute_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
     """Per-token estimate of KL(policy || reference) from sampled tokens (Schulman, "Approximating KL
     divergence", 2020). k1 = log p - log q; k3 = q/p - 1 - log(q/p) >= 0, unbiased in value but not in
-    gradient (RECIPE pitfall 13); both clamped. (B, R) -> (B, R). Example: log p = 0, log q = -1 ->
+    gradient; both clamped. (B, R) -> (B, R). Example: log p = 0, log q = -1 ->
     k1 = 1, k3 = e^-1 + 1 - 1 = 0.368.
     """
     log_ratio = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
@@ -204,7 +247,8 @@ def compute_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
 
 
 def outcome_token_rewards(rewards: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Place each sequence's reward on its last valid response token (RECIPE pitfall 6). (B,) -> (B, R)."""
+    """Place each sequence's reward on its last valid response token, the one whose next state is terminal
+    (value 0), not one slot after it. (B,) -> (B, R)."""
     last = (response_mask.sum(dim=1).long() - 1).clamp(min=0)
     token_rewards = torch.zeros_like(response_mask, dtype=rewards.dtype)
     token_rewards[torch.arange(len(rewards)), last] = rewards
@@ -254,8 +298,10 @@ def check_args(args: Args, num_processes: int = 1) -> None:
     if min(args.eval_every, args.save_every, args.eval_limit, args.generation_batch_size, args.samples_per_step,
            args.warmup_steps, args.critic_warmup_steps, args.reward_workers) < 0:
         problems.append("counts (--eval-every, --save-every, --eval-limit, --generation-batch-size, ...) must be >= 0")
-    for name, spec in [("--dataset", args.dataset), *(("--eval-datasets", s) for s in (args.eval_datasets or "").split(","))]:
-        if spec.strip().lower().endswith((".json", ".jsonl", ".parquet")) and not Path(spec.strip()).expanduser().is_file():
+    for name, spec in [("--dataset", args.dataset),
+                       *(("--eval-datasets", s) for s in (args.eval_datasets or "").split(","))]:
+        if (spec.strip().lower().endswith((".json", ".jsonl", ".parquet"))
+                and not Path(spec.strip()).expanduser().is_file()):
             problems.append(f"{name} {spec.strip()}: no such file")
     for f in fields(args):  # NaN passes every comparison below, and inf most of them
         value = getattr(args, f.name)
@@ -362,10 +408,12 @@ def read_data(args: Args) -> tuple[list, dict]:
                                           seed=args.seed, difficulty=args.synthetic_difficulty)
         return load_records(spec, split=split, question_field=args.question_field, answer_field=args.answer_field)
 
-    specs = [s.strip() for s in (args.eval_datasets or ("synthetic" if args.dataset == "synthetic" else "")).split(",") if s.strip()]
+    specs = [s.strip() for s in (args.eval_datasets or ("synthetic" if args.dataset == "synthetic" else "")).split(",")
+             if s.strip()]
     try:
         train = load(args.dataset, "train")
-        evals = {spec.partition(":")[0]: load("synthetic:test" if spec == "synthetic" else spec, "test") for spec in specs}
+        evals = {spec.partition(":")[0]: load("synthetic:test" if spec == "synthetic" else spec, "test")
+                 for spec in specs}
     except DataError as err:
         raise SystemExit(f"error: {err}") from None
     return train, evals
@@ -391,9 +439,11 @@ def load_data(args: Args, tokenizer, data: tuple[list, dict] | None = None):
     kept = [r for r in train if len(r["prompt_ids"]) <= args.max_prompt_tokens]
     if len(kept) < len(train):
         print(f"warning: skipped {len(train) - len(kept)} of {len(train)} training prompts longer than "
-              f"--max-prompt-tokens {args.max_prompt_tokens} (first: record {next(r['id'] for r in train if r not in kept)})")
+              f"--max-prompt-tokens {args.max_prompt_tokens} "
+              f"(first: record {next(r['id'] for r in train if r not in kept)})")
     if not kept:
-        raise SystemExit(f"error: {args.dataset}: no training prompt fits in --max-prompt-tokens {args.max_prompt_tokens}")
+        raise SystemExit(f"error: {args.dataset}: no training prompt fits in "
+                         f"--max-prompt-tokens {args.max_prompt_tokens}")
     for name, records in evals.items():
         records = [r for r in records if len(r["prompt_ids"]) <= args.max_prompt_tokens]
         evals[name] = records[:args.eval_limit] if args.eval_limit else records
@@ -911,7 +961,8 @@ def rollout(model, tokenizer, records: list, args: Args, num_generations: int, s
     prompt_ids, prompt_mask = left_pad([r["prompt_ids"] for r in records], tokenizer.pad_token_id)
     # refill cannot keep processes in lockstep, which sharded (FSDP) generation needs: plain generate there
     refill = args.generation == "refill" and not synced
-    generate = partial(generate_responses_refill, refill_fraction=args.refill_fraction) if refill else generate_responses
+    generate = (partial(generate_responses_refill, refill_fraction=args.refill_fraction) if refill
+                else generate_responses)
     response_ids = generate(
         model, prompt_ids, prompt_mask, num_generations=num_generations, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -1017,7 +1068,8 @@ def main(args: Args) -> dict:
 
     critic = ValueModel.from_base(model_path, **load) if args.advantage == "gae" else None
     ref_load = {**load, "dtype": torch.bfloat16 if args.bf16 else torch.float32}  # never trained: bf16 is fine
-    ref = AutoModelForCausalLM.from_pretrained(model_path, **ref_load).eval().requires_grad_(False) if args.kl_coef > 0 else None
+    ref = (AutoModelForCausalLM.from_pretrained(model_path, **ref_load).eval().requires_grad_(False)
+           if args.kl_coef > 0 else None)
     for name, m in (("policy", policy), ("critic", critic)):
         if m is not None and disable_dropout(m):  # the update must score the model that sampled
             accelerator.print(f"dropout set to 0 in the {name} for training")
@@ -1091,7 +1143,8 @@ def main(args: Args) -> dict:
         # ---- 2. Rollout: this process's prompts, num_generations samples each --------------------
         t = time.time()
         records = step_prompts(train_records, step, args.prompts_per_step, args.seed, rank, world)
-        seeds = call_seeds(args.seed, step, rank * len(records), len(records), args.generation_batch_size or len(records))
+        seeds = call_seeds(args.seed, step, rank * len(records), len(records),
+                           args.generation_batch_size or len(records))
         with accelerator.autocast():
             exp, texts = rollout(unwrapped, tokenizer, records, args, args.num_generations, stop_ids, seeds,
                                  is_sharded(accelerator))
@@ -1116,7 +1169,7 @@ def main(args: Args) -> dict:
         lengths = mask.sum(dim=1)
         needs_old = args.ppo_epochs * args.num_mini_batches > 1 or (args.kl_coef > 0 and args.kl_estimator == "k1")
         micro = plan(exp, args, accelerator)
-        if needs_old:  # otherwise one update on one batch: old = logprobs.detach() is exact (pitfall 9)
+        if needs_old:  # otherwise one update on one batch: old = logprobs.detach() is exact (ratio 1)
             policy.eval()
             exp.old_logprobs = batched_logprobs(policy, exp, args.temperature, micro)
             policy.train()
@@ -1133,7 +1186,8 @@ def main(args: Args) -> dict:
         if critic is not None:
             # The rows of the critic's first mini-batch get their values from that update's own forward
             # pass (before any step, so they are the rollout's values): only the other rows need a pass here.
-            first = (local_rows(mini_batch_parts(rows * world, args.critic_mini_batches, args.seed, step)[0], rank, rows)
+            first = (local_rows(mini_batch_parts(rows * world, args.critic_mini_batches, args.seed, step)[0],
+                                rank, rows)
                      if fused else mask.new_zeros(0, dtype=torch.long))
             rest = torch.ones(len(mask), dtype=torch.bool, device=mask.device)
             rest[first] = False
@@ -1219,7 +1273,8 @@ def main(args: Args) -> dict:
             for sample in samples[:args.samples_per_step]:
                 samples_file.write(sample)
             metrics_file.write(metrics)
-            bar.set_postfix(reward=f"{metrics['train/reward']:.2f}", **({"acc": f"{metrics['eval/accuracy']:.2f}"} if "eval/accuracy" in metrics else {}))
+            bar.set_postfix(reward=f"{metrics['train/reward']:.2f}",
+                            **({"acc": f"{metrics['eval/accuracy']:.2f}"} if "eval/accuracy" in metrics else {}))
         if args.report_to != "none":
             accelerator.log(metrics, step=step)
 
@@ -1260,7 +1315,8 @@ def main(args: Args) -> dict:
     save_kw = dict(is_main_process=accelerator.is_main_process, save_function=accelerator.save, safe_serialization=True)
     unwrapped.save_pretrained(out / "policy", state_dict=accelerator.get_state_dict(policy), **save_kw)
     if critic is not None:
-        accelerator.unwrap_model(critic).save_pretrained(str(out / "critic"), state_dict=accelerator.get_state_dict(critic), **save_kw)
+        accelerator.unwrap_model(critic).save_pretrained(
+            str(out / "critic"), state_dict=accelerator.get_state_dict(critic), **save_kw)
     if accelerator.is_main_process:
         tokenizer.save_pretrained(out / "policy")
     pool.close()

@@ -354,7 +354,8 @@ class JsonlWriter:
 # key that is an accuracy: eval/accuracy and eval/<dataset>/avg@k, pass@k, maj@k.
 PLOT_PANELS = [
     ("train reward", ["train/reward"]),
-    ("eval accuracy", lambda key: key.startswith("eval/") and any(s in key for s in ("accuracy", "avg@", "pass@", "maj@"))),
+    ("eval accuracy",
+     lambda key: key.startswith("eval/") and any(s in key for s in ("accuracy", "avg@", "pass@", "maj@"))),
     ("response length", ["train/response_length"]),
     ("entropy", ["policy/entropy"]),
     ("clip fraction", ["policy/clipfrac"]),
@@ -434,7 +435,8 @@ def figure_of_runs(run_dirs: list[str]):
         raise SystemExit("error: plot needs at least one run directory")
     names = [Path(d).resolve().name or str(d) for d in run_dirs]
     # Labelled by directory name; two runs with the same name (a/ppo, b/ppo) keep the path given.
-    runs = {(name if names.count(name) == 1 else str(d)): read_metrics(d) for name, d in zip(names, run_dirs, strict=True)}
+    runs = {(name if names.count(name) == 1 else str(d)): read_metrics(d)
+            for name, d in zip(names, run_dirs, strict=True)}
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     if len(runs) > len(cycle):  # more runs than the default cycle: spread them over a colour map
         cycle = [matplotlib.colormaps["turbo"](i / (len(runs) - 1)) for i in range(len(runs))]

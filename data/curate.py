@@ -168,10 +168,10 @@ def _sample_pending(pending: list[dict], args, progress_path: Path, initial: int
         for start in range(0, len(pending), args.batch_size):
             chunk = pending[start:start + args.batch_size]
             try:
-                result = evaluate_datasets(model, tokenizer, {"curate": chunk}, pool=pool, generate_kwargs=generate_kwargs,
-                                           num_samples=args.num_samples, batch_size=len(chunk),
-                                           seed=args.seed * 100_003 + chunk[0]["id"], prompt_template=args.prompt_template,
-                                           progress=False)
+                result = evaluate_datasets(model, tokenizer, {"curate": chunk}, pool=pool,
+                                           generate_kwargs=generate_kwargs, num_samples=args.num_samples,
+                                           batch_size=len(chunk), seed=args.seed * 100_003 + chunk[0]["id"],
+                                           prompt_template=args.prompt_template, progress=False)
             except ValueError as err:  # e.g. DataError from a prompt template
                 raise SystemExit(f"error: {err}") from None
             cut = Counter(c["id"] for c in result["completions"] if c["truncated"])
@@ -228,8 +228,8 @@ def difficulty(args) -> list[dict]:
             for r, p in zip(records, rates, strict=True) if args.min_pass - eps <= p <= args.max_pass + eps]
     write_jsonl(args.output, kept)
     never, always = sum(p == 0 for p in rates), sum(p == 1 for p in rates)
-    print(f"pass rate: mean {sum(rates) / len(rates):.3f}; never solved {never}, sometimes {len(rates) - never - always}, "
-          f"always {always}")
+    print(f"pass rate: mean {sum(rates) / len(rates):.3f}; never solved {never}, "
+          f"sometimes {len(rates) - never - always}, always {always}")
     print(f"kept {len(kept)} of {len(records)} prompts with pass rate in [{args.min_pass:g}, {args.max_pass:g}]: "
           f"wrote {args.output}")
     return kept

@@ -274,7 +274,8 @@ def test_mini_batch_parts_cover_each_row_once_per_epoch(mini_batches, world):
     assert len(parts) == 2 * mini_batches
     for epoch in (parts[:mini_batches], parts[mini_batches:]):
         assert sorted(torch.cat(epoch).tolist()) == list(range(rows * world))
-    assert all(torch.equal(a, b) for a, b in zip(parts, mini_batch_parts(rows * world, mini_batches, 3, 5, 2), strict=True))
+    assert all(torch.equal(a, b)
+               for a, b in zip(parts, mini_batch_parts(rows * world, mini_batches, 3, 5, 2), strict=True))
     # the first part is the same whether one or several epochs are drawn (train_ppo.main relies on it)
     assert torch.equal(parts[0], mini_batch_parts(rows * world, mini_batches, 3, 5)[0])
     first = parts[0]

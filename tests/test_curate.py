@@ -191,7 +191,8 @@ def test_contamination_report_defaults_to_next_to_its_input(tmp_path, monkeypatc
      "unknown eval set 'gsm8k'"),
     (["contamination", "--dataset", "synthetic", "--drop"], "--drop and --output go together"),
     (["difficulty", "--dataset", "synthetic", "--output", "{tmp}/o.jsonl", "--max-pass", "2"], "--max-pass"),
-    (["difficulty", "--dataset", "synthetic", "--output", "{tmp}/o.jsonl", "--model", "./nope"], "./nope: no such path"),
+    (["difficulty", "--dataset", "synthetic", "--output", "{tmp}/o.jsonl", "--model", "./nope"],
+     "./nope: no such path"),
 ])
 def test_bad_input_is_one_line(tmp_path, argv, message):
     (tmp_path / "empty.jsonl").write_text("")

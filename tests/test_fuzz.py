@@ -85,8 +85,8 @@ def test_malformed_data_files_give_records_or_one_line_errors(base, suffix, tmp_
 
 
 def test_binary_and_wrong_format_files(tmp_path):
-    cases = {"garbage.parquet": b"PAR1 not really", "binary.json": bytes(range(256)), "latin1.jsonl": "é".encode("latin-1"),
-             "notes.txt": b"hello"}
+    cases = {"garbage.parquet": b"PAR1 not really", "binary.json": bytes(range(256)),
+             "latin1.jsonl": "é".encode("latin-1"), "notes.txt": b"hello"}
     for name, content in cases.items():
         path = tmp_path / name
         path.write_bytes(content)

@@ -22,7 +22,8 @@ def setup(tiny_base, tmp_path_factory):
     model = AutoModelForCausalLM.from_pretrained(path)
     from data.loading import format_prompt
 
-    questions = ("What is 1 + 2?", "Tom has 12 apples and gets 7 more. How many apples does Tom have now?", "Compute 3 - 1.")
+    questions = ("What is 1 + 2?", "Tom has 12 apples and gets 7 more. How many apples does Tom have now?",
+                 "Compute 3 - 1.")
     prompts = [tokenizer(format_prompt(q, "orz", tokenizer))["input_ids"] for q in questions]
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)
     eos = model.generation_config.eos_token_id
@@ -193,7 +194,8 @@ def test_refill_stop_ignores_a_late_check_after_ending_the_call():
 
     stop = _RefillStop(keep=2, stop_token_ids=[1])
     prefix = torch.zeros(4, 2, dtype=torch.long)
-    assert stop(torch.cat([prefix, torch.tensor([[1], [5], [6], [7]])], 1), None).tolist() == [True, False, False, False]
+    assert stop(torch.cat([prefix, torch.tensor([[1], [5], [6], [7]])], 1), None).tolist() == [
+        True, False, False, False]
     assert stop(torch.cat([prefix, torch.tensor([[1, 1], [5, 1], [6, 6], [7, 7]])], 1), None).all()  # 2 left: end
     assert stop(torch.cat([prefix, torch.tensor([[1, 1, 1], [5, 1, 1], [6, 6, 1], [7, 7, 1]])], 1), None).all()
     assert stop.finished.tolist() == [True, True, False, False]

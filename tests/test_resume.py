@@ -54,7 +54,8 @@ def killed_run(out, advantage: str, when: str, rng: random.Random) -> str:
     deadline = time.time() + 300
     try:
         while time.time() < deadline and proc.poll() is None:
-            if when == "checkpoint-write" and len(metric_lines(out)) >= target and list((out / "checkpoints").glob(".tmp-*")):
+            if (when == "checkpoint-write" and len(metric_lines(out)) >= target
+                    and list((out / "checkpoints").glob(".tmp-*"))):
                 break
             if when == "random" and len(metric_lines(out)) >= target:
                 time.sleep(delay)

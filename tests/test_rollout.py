@@ -122,7 +122,7 @@ def test_entropy_gradient_only_when_asked():
 
 def test_forward_without_position_ids_would_not_match():
     # RoPE (Llama) depends only on relative positions, so a constant left-padding offset cancels there;
-    # GPT-2's absolute position embeddings make the left-padding pitfall visible.
+    # GPT-2's absolute position embeddings make wrong positions under left padding visible.
     model = tiny_lm("gpt2")
     prompt_ids, prompt_mask, response, logits = sample(model)
     lengths, _ = stop_positions(response, [EOS])
@@ -180,7 +180,7 @@ def test_stop_positions_token_ids():
 
 
 def test_stop_positions_pad_equals_eos():
-    # pad == EOS (pitfall 4): the padding after the stop is EOS too; the first EOS ends the response
+    # pad == EOS: the padding after the stop is EOS too; the first EOS ends the response
     ids = torch.tensor([[5, 7, EOS, EOS, EOS], [5, 7, 8, 9, 10], [EOS, EOS, EOS, EOS, EOS]])
     lengths, truncated = stop_positions(ids, [EOS])
     assert lengths.tolist() == [3, 5, 1]
@@ -242,7 +242,8 @@ def test_stop_strings_natural_tokenization(tokenizer):
     lengths, truncated = stop_positions(torch.tensor([ids]), [tokenizer.eos_token_id],
                                         stop_strings=["</answer>"], tokenizer=tokenizer)
     assert lengths.tolist() == [expected] and truncated.tolist() == [False]
-    assert tokenizer.decode(ids[:expected]).endswith("</answer>") or "</answer>" not in tokenizer.decode(ids[:expected - 1])
+    assert (tokenizer.decode(ids[:expected]).endswith("</answer>")
+            or "</answer>" not in tokenizer.decode(ids[:expected - 1]))
 
 
 # ---------------------------------------------------------------------------------------------

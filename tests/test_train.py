@@ -167,7 +167,8 @@ def test_bad_text_in_the_data_stops_before_training_with_one_line(field, tmp_pat
                    "--eval-every", "0", "--reward-workers", "0", "--samples-per-step", "4")
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: {data}: record 1: {field} '{field}' has an invalid character"), result.stderr[-2000:]
+    assert last.startswith(f"error: {data}: record 1: {field} '{field}' has an invalid character"), \
+        result.stderr[-2000:]
 
 
 def test_any_model_text_is_scored_and_written(tmp_path, tiny_base):
