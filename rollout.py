@@ -640,10 +640,9 @@ class EvalArgs:
 
 
 def load_eval_datasets(args: EvalArgs) -> dict[str, list[dict]]:
-    """name -> records for each of `args.datasets`, as train_ppo.load_data loads them: "synthetic" is the
-    built-in task's held-out split (512 problems), anything else goes to data.loading.load_records."""
-    from data.loading import DataError, load_records
-    from data.synthetic import make_synthetic_records
+    """name -> records for each of `args.datasets`, read by data.loading.load_dataset as training reads
+    them ("synthetic" is the built-in task's --split, by default the 512 held-out problems)."""
+    from data.loading import DataError, load_dataset
 
     names = [s.strip() for s in args.datasets.split(",") if s.strip()]
     if not names:
@@ -651,12 +650,8 @@ def load_eval_datasets(args: EvalArgs) -> dict[str, list[dict]]:
     out = {}
     for spec in names:
         try:
-            if spec.startswith("synthetic"):
-                records = make_synthetic_records(spec.partition(":")[2] or "test", n=512, seed=args.seed,
-                                                 difficulty=args.synthetic_difficulty)
-            else:
-                records = load_records(spec, split=args.split, question_field=args.question_field,
-                                       answer_field=args.answer_field)
+            records = load_dataset(spec, args.split, seed=args.seed, difficulty=args.synthetic_difficulty,
+                                   question_field=args.question_field, answer_field=args.answer_field)
         except (DataError, ValueError) as err:
             raise SystemExit(f"error: {err}") from None
         out[spec] = records[:args.limit] if args.limit else records

@@ -399,21 +399,15 @@ def output_dir_problems(path: str) -> list[str]:
 def read_data(args: Args) -> tuple[list, dict]:
     """(train records, {eval set name: records}) as read from their files, before any tokenizer or model
     is needed; a bad file stops the run with one line."""
-    from data.loading import DataError, load_records
-    from data.synthetic import make_synthetic_records
+    from data.loading import DataError, load_dataset
 
-    def load(spec: str, split: str):
-        if spec.startswith("synthetic"):
-            return make_synthetic_records(spec.partition(":")[2] or split, n=4096 if split == "train" else 512,
-                                          seed=args.seed, difficulty=args.synthetic_difficulty)
-        return load_records(spec, split=split, question_field=args.question_field, answer_field=args.answer_field)
-
+    load = partial(load_dataset, seed=args.seed, difficulty=args.synthetic_difficulty,
+                   question_field=args.question_field, answer_field=args.answer_field)
     specs = [s.strip() for s in (args.eval_datasets or ("synthetic" if args.dataset == "synthetic" else "")).split(",")
              if s.strip()]
     try:
         train = load(args.dataset, "train")
-        evals = {spec.partition(":")[0]: load("synthetic:test" if spec == "synthetic" else spec, "test")
-                 for spec in specs}
+        evals = {spec.partition(":")[0]: load(spec, "test") for spec in specs}
     except DataError as err:
         raise SystemExit(f"error: {err}") from None
     return train, evals

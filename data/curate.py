@@ -22,24 +22,19 @@ import unicodedata
 from collections import Counter
 from pathlib import Path
 
-from data.loading import DataError, list_eval_sets, load_records
+from data.loading import DataError, is_synthetic, list_eval_sets
 
 # ---------------------------------------------------------------- loading and writing records
 
 
 def load_dataset(spec: str, args) -> list[dict]:
-    """Records of `spec` as train_ppo.load_data reads them: "synthetic" (or "synthetic:test") is the built-in
-    task (4096 train problems, or the 512-problem held-out split), anything else goes to load_records."""
-    from data.synthetic import make_synthetic_records
+    """Records of `spec` as training reads them (data.loading.load_dataset: "synthetic" is the built-in
+    task's --split), the first --limit of them; a bad spec or file is one line."""
+    from data.loading import load_dataset as load
 
     try:
-        if spec.startswith("synthetic"):
-            split = spec.partition(":")[2] or "train"
-            records = make_synthetic_records(split, n=4096 if split == "train" else 512, seed=args.seed,
-                                             difficulty=args.synthetic_difficulty)
-        else:
-            records = load_records(spec, split=args.split, question_field=args.question_field,
-                                   answer_field=args.answer_field)
+        records = load(spec, args.split, seed=args.seed, difficulty=args.synthetic_difficulty,
+                       question_field=args.question_field, answer_field=args.answer_field)
     except (DataError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     return records[:args.limit] if args.limit else records
@@ -276,7 +271,7 @@ def load_eval_sets(spec: str, args) -> dict[str, list[dict]]:
     shipped = list_eval_sets()
     out = {}
     for name in names:
-        if name not in shipped and not name.startswith("synthetic") and not Path(name).expanduser().exists():
+        if name not in shipped and not is_synthetic(name) and not Path(name).expanduser().exists():
             raise SystemExit(f"error: unknown eval set {name!r}: use {', '.join(shipped)}, or a file that exists")
         spec = "synthetic:test" if name == "synthetic" else name  # the built-in task's held-out split
         out[name] = load_dataset(spec, argparse.Namespace(**{**vars(args), "question_field": None,
@@ -332,7 +327,7 @@ def default_report_path(dataset: str) -> Path:
     path = Path(dataset).expanduser()
     if dataset.lower().endswith((".json", ".jsonl", ".parquet")) and not path.exists():
         raise SystemExit(f"error: --dataset {dataset}: no such file")
-    if dataset.startswith("synthetic") or not path.exists():  # the built-in task, as load_dataset reads it
+    if is_synthetic(dataset) or not path.exists():
         raise SystemExit(f"error: --dataset {dataset} is not a local file, so there is no place beside it "
                          "for the report: give --report FILE.json")
     return path.with_name((path.stem if path.is_file() else path.name) + ".contamination.json")

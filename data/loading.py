@@ -78,6 +78,30 @@ def list_eval_sets() -> dict[str, Path]:
     return {name: EVAL_DIR / filename for name, filename in EVAL_FILES.items()}
 
 
+SYNTHETIC_SIZES = {"train": 4096, "test": 512}  # problems of the built-in task's splits
+
+
+def is_synthetic(spec: str) -> bool:
+    """Whether a dataset spec names the built-in task ("synthetic" or "synthetic:SPLIT"), not a file."""
+    return spec == "synthetic" or spec.startswith("synthetic:")
+
+
+def load_dataset(spec: str, split: str, *, seed: int = 0, difficulty: int = 1, question_field: str | None = None,
+                 answer_field: str | None = None) -> list[dict]:
+    """Records of a dataset spec, as training, evaluation and curation read it: "synthetic" is the built-in
+    task's `split` and "synthetic:SPLIT" names the split (train: 4096 problems, test: the 512 held out),
+    seeded by `seed`; anything else (a file, a dataset directory, a hub name, math500, ...) goes to
+    `load_records` with `split`. Raises DataError (one line) for a bad spec or file."""
+    if is_synthetic(spec):
+        from data.synthetic import make_synthetic_records
+
+        which = spec.partition(":")[2] or split
+        if which not in SYNTHETIC_SIZES:
+            raise DataError(f"{spec}: the built-in task has the splits {', '.join(SYNTHETIC_SIZES)}, not {which!r}")
+        return make_synthetic_records(which, n=SYNTHETIC_SIZES[which], seed=seed, difficulty=difficulty)
+    return load_records(spec, split=split, question_field=question_field, answer_field=answer_field)
+
+
 def load_records(
     spec: str,
     split: str = "train",

@@ -573,3 +573,36 @@ def test_template_errors():
         format_prompt("q?", template="qwen")
     with pytest.raises(DataError, match="system prompt needs template 'chat'"):
         format_prompt("q?", template="orz", system_prompt="S")
+
+
+def test_a_file_whose_name_starts_with_synthetic_is_read_as_a_file(tmp_path, monkeypatch):
+    """'synthetic' and 'synthetic:SPLIT' name the built-in task; `synthetic_extra.jsonl` is a file, in
+    training, evaluation and curation alike (they share one loader)."""
+    import argparse
+
+    from data.curate import load_dataset
+    from data.synthetic import make_synthetic_records
+    from rollout import EvalArgs, load_eval_datasets
+    from train_ppo import Args, read_data
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "synthetic_extra.jsonl").write_text('{"question": "1 + 1", "answer": "2"}\n')
+    train, _ = read_data(Args(dataset="synthetic_extra.jsonl", eval_datasets="synthetic_extra.jsonl"))
+    assert [r["answer"] for r in train] == ["2"]
+    evals = load_eval_datasets(EvalArgs(datasets="synthetic_extra.jsonl,synthetic"))
+    assert [r["answer"] for r in evals["synthetic_extra.jsonl"]] == ["2"]
+    assert evals["synthetic"] == make_synthetic_records("test", 512)  # the held-out split
+    curate_args = argparse.Namespace(split="train", seed=0, synthetic_difficulty=1, question_field=None,
+                                     answer_field=None, limit=0)
+    assert [r["answer"] for r in load_dataset("synthetic_extra.jsonl", curate_args)] == ["2"]
+
+
+def test_one_loader_for_the_built_in_task_or_a_file():
+    from data.loading import DataError, load_dataset
+    from data.synthetic import make_synthetic_records
+
+    assert load_dataset("synthetic", "train", seed=3) == make_synthetic_records("train", 4096, seed=3)
+    assert load_dataset("synthetic:test", "train", seed=3) == make_synthetic_records("test", 512, seed=3)
+    assert load_dataset("synthetic", "test") == make_synthetic_records("test", 512)
+    with pytest.raises(DataError, match="synthetic:dev"):
+        load_dataset("synthetic:dev", "train")
