@@ -579,11 +579,11 @@ def evaluate_datasets(model, tokenizer, datasets: dict[str, list[dict]], *, pool
             ids, mask = left_pad(prompts, tokenizer.pad_token_id)
             out = generate_responses(model, ids, mask, num_generations=num_samples,
                                      seeds=[seed * 1_000_003 + d * 100_003 + start], **generate_kwargs)
+            if call >= len(mine):
+                continue
             lengths, truncated = stop_positions(out, stop_ids, stop_strings, tokenizer)
             texts = tokenizer.batch_decode([row[:n] for row, n in zip(out.tolist(), lengths.tolist(), strict=True)],
                                            skip_special_tokens=True)
-            if call >= len(mine):
-                continue
             truths = [r["answer"] for r in chunk for _ in range(num_samples)]
             extras = [r.get("extras") or {} for r in chunk for _ in range(num_samples)]
             rewards, _ = pool.score(texts, truths, extras)
@@ -681,13 +681,9 @@ def eval_main(args: EvalArgs) -> dict:
     from data.loading import ORZ_STOP_STRINGS
     from data.synthetic import build_tiny_base
     from reward import RewardPool
-    from utils import JsonlWriter, seed_everything
+    from utils import JsonlWriter, number_problems, seed_everything
 
-    values = {f.name.replace("_", "-"): getattr(args, f.name) for f in fields(args)}
-    problems = [f"--{name} {value} must be a finite number" for name, value in values.items()
-                if isinstance(value, float) and not math.isfinite(value)]
-    if not 0 <= args.seed <= 2**32 - 1:  # numpy's seed range
-        problems.append(f"--seed {args.seed} must be in [0, {2**32 - 1}]")
+    problems = number_problems(args)
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
     if args.num_samples < 1 or args.max_new_tokens < 1 or args.batch_size < 1 or args.limit < 0:

@@ -63,7 +63,7 @@ from rollout import (
     stop_positions,
     zero_degenerate,
 )
-from utils import JsonlWriter, disable_dropout, left_pad, masked_mean, masked_whiten, parse_args
+from utils import JsonlWriter, disable_dropout, left_pad, masked_mean, masked_whiten, number_problems, parse_args
 
 SUMMED_STATS = ("loss/policy", "critic/value_loss", "policy/kl")  # shares of one batch loss, not means
 # Token means, computed per micro-batch and weighted by its share of the mini-batch's tokens (all processes),
@@ -303,14 +303,7 @@ def check_args(args: Args, num_processes: int = 1) -> None:
         if (spec.strip().lower().endswith((".json", ".jsonl", ".parquet"))
                 and not Path(spec.strip()).expanduser().is_file()):
             problems.append(f"{name} {spec.strip()}: no such file")
-    for f in fields(args):  # NaN passes every comparison below, and inf most of them
-        value = getattr(args, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            problems.append(f"--{f.name.replace('_', '-')} {value} must be a finite number")
-    # numpy takes seeds in [0, 2**32 - 1], and each process seeds with seed + its index
-    if not 0 <= args.seed <= 2**32 - max(num_processes, 1):
-        problems.append(f"--seed {args.seed} must be in [0, {2**32 - max(num_processes, 1)}] "
-                        f"with {num_processes} process(es)")
+    problems += number_problems(args, num_processes)  # NaN passes every comparison above, inf most of them
     if args.synthetic_difficulty < 1:
         problems.append(f"--synthetic-difficulty {args.synthetic_difficulty} must be >= 1")
     problems += model_problems(args.model)
@@ -587,14 +580,13 @@ def arg_differences(saved: dict, args: Args) -> list[str]:
     """`--flag saved -> now` for each argument outside RESUMABLE_ARGS whose value in `args` differs from
     `saved` (the arguments a checkpoint or config.json recorded); an argument `saved` lacks counts as
     its default. Example: saved lr 1e-4, now 5e-4 -> ["--lr 0.0001 -> 0.0005"]."""
-    import dataclasses
+    from dataclasses import MISSING
 
     def show(value) -> str:
         return value if isinstance(value, str) else json.dumps(value)
 
     now = json.loads(json.dumps(asdict(args)))  # compared as saved: through JSON
-    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(args)}
+    defaults = {f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(args)}
     return [f"--{name.replace('_', '-')} {show(saved.get(name, defaults[name]))} -> {show(value)}"
             for name, value in now.items()
             if name not in RESUMABLE_ARGS and saved.get(name, defaults[name]) != value]
@@ -635,7 +627,6 @@ def releases_output_locks(fn):
     """Decorator: the output-directory locks taken during `fn` are released when it returns or raises, so
     that a notebook can call `main` again (a process that ends releases them anyway)."""
     import functools
-    import os
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -680,7 +671,7 @@ def plan_output_dir(args: Args, out: Path) -> dict:
         if finished:
             raise SystemExit(f"error: {out} holds a finished run (summary.json) and no usable checkpoint to "
                              f"continue it from{why}; {ways_out}")
-        if present and not killed_before_first_checkpoint(out, args, skipped):
+        if present and not killed_before_first_checkpoint(out, args, skipped, saved):
             diffs = arg_differences(saved, args) if saved is not None else []
             other = f", of other training arguments ({'; '.join(diffs)})," if diffs else ""
             raise SystemExit(f"error: {out} holds a run ({', '.join(present)}){other} but no usable checkpoint "
@@ -712,12 +703,14 @@ def read_run_config(out: Path) -> dict | None:
     return saved if isinstance(saved, dict) and {"advantage", "max_steps"} <= saved.keys() else None
 
 
-def killed_before_first_checkpoint(out: Path, args: Args, skipped: list[str]) -> bool:
+def killed_before_first_checkpoint(out: Path, args: Args, skipped: list[str], saved: dict | None) -> bool:
     """Whether `out` holds only what a run of these training arguments writes before its first checkpoint
-    (it was killed early): its config.json agrees with `args`, no checkpoint (even a damaged one) nor final
-    output exists, and every logged step precedes the first checkpoint. Starting again loses nothing more."""
+    (it was killed early): its config.json (`saved`, from `read_run_config`) agrees with `args`, no checkpoint
+    (even a damaged one) nor final output exists, and every logged step precedes the first checkpoint.
+    Starting again loses nothing more."""
+    if saved is None:
+        return False
     try:
-        saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
         first_checkpoint = int(saved["save_every"])
         logged = read_jsonl_before(out / "metrics.jsonl", math.inf)
     except (OSError, ValueError, KeyError, TypeError):
@@ -727,53 +720,47 @@ def killed_before_first_checkpoint(out: Path, args: Args, skipped: list[str]) ->
             and all(row["step"] < first_checkpoint for row in logged))
 
 
-def main_process_decides(accelerator, fn, *args) -> None:
-    """Run `fn(*args)` on the main process only; its one-line error (SystemExit) or an OSError stops every
-    process together, printed once. For checks that may not agree between processes (the hub, a reward
-    module's import) and for file operations done once, which the others must not wait on forever."""
+def main_process_decides(accelerator, fn, *args, what: str = "error"):
+    """`fn(*args)` run on the main process only, its result sent to every process; its one-line error
+    (SystemExit) or an OSError (prefixed with `what`) stops every process together, printed once. For checks
+    that may not agree between processes (the hub, a reward module's import) and for file operations done
+    once, which the others must not wait on forever."""
     from accelerate.utils import broadcast_object_list
 
-    error = [None]
+    outcome = [None]  # (result, error)
     if accelerator.is_main_process:
         try:
-            fn(*args)
+            outcome[0] = (fn(*args), None)
         except SystemExit as err:
-            error[0] = str(err.code)
+            outcome[0] = (None, str(err.code))
         except OSError as err:
-            error[0] = f"error: {err}"
-    broadcast_object_list(error)
-    if error[0] is not None:
-        raise SystemExit(error[0] if accelerator.is_main_process else 1)
+            outcome[0] = (None, f"{what}: {err}")
+    broadcast_object_list(outcome)
+    result, error = outcome[0]
+    if error is not None:
+        raise SystemExit(error if accelerator.is_main_process else 1)
+    return result
 
 
 def claim_output_dir(accelerator, args: Args) -> dict:
     """Lock the output directory and decide how to start in it (`plan_output_dir`), on the main process
     before any model loads; every process gets the decision, and all stop together on a refusal."""
-    from accelerate.utils import broadcast_object_list
+    out = Path(args.output_dir)
 
-    decision = [None]
-    if accelerator.is_main_process:
-        out = Path(args.output_dir)
-        try:
-            lock_output_dir(out)
-            decision[0] = plan_output_dir(args, out)
-        except SystemExit as err:
-            decision[0] = {"error": str(err.code)}
-        except OSError as err:
-            decision[0] = {"error": f"error: --output-dir {out}: {err}"}
-    broadcast_object_list(decision)
-    if "error" in decision[0]:
-        raise SystemExit(decision[0]["error"] if accelerator.is_main_process else 1)
-    for note in decision[0]["notes"]:
+    def lock_and_plan() -> dict:
+        lock_output_dir(out)
+        return plan_output_dir(args, out)
+
+    decision = main_process_decides(accelerator, lock_and_plan, what=f"error: --output-dir {out}")
+    for note in decision["notes"]:
         accelerator.print(f"warning: {note}")
-    return decision[0]
+    return decision
 
 
 def prepare_output_dir(out: Path, plan: dict, args: Args) -> None:
     """Carry out `plan_output_dir`'s plan (main process, once the models have loaded): remove the outputs of
     the previous run for a fresh start, the summary of a finished run that is continued, and partial
     checkpoints of a killed write; then record this run's arguments in config.json."""
-    import os
     import shutil
 
     if plan["clean"]:
@@ -820,7 +807,6 @@ def save_checkpoint(accelerator, root: Path, state: dict, keep: int) -> Path:
     every file's size and hash. Written to a temporary directory, fsynced, then renamed, so a kill at any
     instant leaves the previous checkpoint whole. A failed write (a full disk) removes the temporary
     directory and stops every process with one line; the previous checkpoints are untouched."""
-    import os
     import shutil
 
     from accelerate.utils import gather_object
@@ -1227,7 +1213,8 @@ def main(args: Args) -> dict:
 
         # ---- 6. Update the policy ------------------------------------------------------------------
         t = time.time()
-        if step >= args.critic_warmup_steps or critic is None:
+        policy_trains = critic is None or step >= args.critic_warmup_steps  # a critic may warm up first
+        if policy_trains:
             policy_stats = update(accelerator, policy, opt, exp, args, "policy", args.ppo_epochs,
                                   args.num_mini_batches, step)
             # both roles report skipped updates under one key: count the critic's and the policy's
@@ -1255,12 +1242,12 @@ def main(args: Args) -> dict:
         if critic is not None:
             metrics["critic/lr"] = critic_sched.get_last_lr()[0]
             critic_sched.step()
-        if step >= args.critic_warmup_steps or critic is None:
+        if policy_trains:
             sched.step()
         metrics["time/step"] = time.time() - t_step
         take = min(-(-args.samples_per_step // world), len(texts))  # each process's part of the sample
-        samples = gather_object([{"step": step, "prompt_id": records[i // args.num_generations]["id"],
-                                  "prompt": records[i // args.num_generations]["question"], "response": texts[i],
+        samples = gather_object([{"step": step, "prompt_id": drawn[i]["id"],
+                                  "prompt": drawn[i]["question"], "response": texts[i],
                                   "ground_truth": answers[i], "reward": exp.rewards[i].item(),
                                   "advantage": exp.advantages[i, int(lengths[i]) - 1].item()} for i in range(take)])
         if accelerator.is_main_process:

@@ -91,6 +91,20 @@ def disable_dropout(model: torch.nn.Module) -> int:
     return changed
 
 
+def number_problems(args, num_processes: int = 1) -> list[str]:
+    """One message for each float field of the dataclass `args` that is NaN or infinite (NaN passes every
+    range check, and inf most of them), and for a `seed` outside numpy's [0, 2**32 - 1] once each process
+    adds its index; [] if there is none."""
+    problems = [f"--{f.name.replace('_', '-')} {getattr(args, f.name)} must be a finite number"
+                for f in dataclasses.fields(args)
+                if isinstance(getattr(args, f.name), float) and not math.isfinite(getattr(args, f.name))]
+    highest = 2**32 - max(num_processes, 1)
+    if hasattr(args, "seed") and not 0 <= args.seed <= highest:
+        problems.append(f"--seed {args.seed} must be in [0, {highest}]"
+                        + (f" with {num_processes} processes" if num_processes > 1 else ""))
+    return problems
+
+
 class _ArgumentParser(argparse.ArgumentParser):
     """argparse with its errors as one line, `error: ...`, and exit status 2 (no usage block)."""
 
