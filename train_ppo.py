@@ -26,7 +26,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -43,7 +43,25 @@ if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
 
 import torch  # noqa: E402 - after the OpenMP setting above
 
-from critic import ValueModel, compute_gae_advantages, compute_value_loss, explained_variance, forward_values
+from checkpoint import (
+    StopRequest,
+    claim_output_dir,
+    nonfinite_stop_message,
+    open_logs,
+    parameters_finite,
+    prepare_output_dir,
+    releases_output_locks,
+    resume,
+    save_checkpoint,
+)
+from critic import (
+    ValueModel,
+    batched_values,
+    compute_gae_advantages,
+    compute_value_loss,
+    explained_variance,
+    forward_values,
+)
 from data.loading import ORZ_STOP_STRINGS
 from reward import RewardPool
 from rollout import (
@@ -63,7 +81,16 @@ from rollout import (
     stop_positions,
     zero_degenerate,
 )
-from utils import JsonlWriter, disable_dropout, left_pad, masked_mean, masked_whiten, number_problems, parse_args
+from utils import (
+    disable_dropout,
+    left_pad,
+    main_process_decides,
+    masked_mean,
+    masked_whiten,
+    number_problems,
+    parse_args,
+    timer,
+)
 
 SUMMED_STATS = ("loss/policy", "critic/value_loss", "policy/kl")  # shares of one batch loss, not means
 # Token means, computed per micro-batch and weighted by its share of the mini-batch's tokens (all processes),
@@ -495,415 +522,6 @@ def clip_gradients(accelerator, model, max_norm: float) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
-CHECKPOINT_PREFIX = "step-"
-MANIFEST = "manifest.json"  # in each checkpoint: its files' sizes and xxh3-128 hashes, written last
-LOCK_FILE = ".lock"  # in the output directory: flocked by the run that uses it, holds its pid
-# What a run writes in its output directory; --overwrite removes these and nothing else (the lock file and
-# the user's own files stay). "reasoner-zero" is tensorboard's directory (the project name of init_trackers).
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples.jsonl", "policy", "critic", "summary.json",
-               "config.json", "reasoner-zero")
-# The arguments that may differ between a checkpoint and the run resuming from it; all others shape
-# training and must match. Free: the length of the run (max_steps: after warm-up the learning rate is
-# constant, so a longer run continues the same schedule) and its bookkeeping (eval_every, save_every,
-# keep_checkpoints, samples_per_step, report_to, max_nonfinite_updates, resume, overwrite, output_dir: a
-# moved directory); resources that do not change the objective: reward_workers, gradient_checkpointing,
-# and how a batch is split (micro_batch_size, max_tokens_per_microbatch, max_padding: float round-off
-# only) or generated (generation, refill_fraction, generation_batch_size: other draws from the same
-# distribution). Not free, on purpose: eval_limit, eval_num_samples and eval_datasets define what
-# eval/accuracy measures, so changing them mid-run would make one curve (and the summary's base -> final)
-# compare two different measures; reward_timeout decides which rewards are 0.
-RESUMABLE_ARGS = frozenset({
-    "max_steps", "eval_every", "save_every", "keep_checkpoints", "samples_per_step", "report_to",
-    "max_nonfinite_updates", "resume", "overwrite", "output_dir", "reward_workers", "gradient_checkpointing",
-    "micro_batch_size", "max_tokens_per_microbatch", "max_padding", "generation", "refill_fraction",
-    "generation_batch_size"})
-_HELD_LOCKS: list[int] = []  # file descriptors of the output-directory locks this process holds
-
-
-def file_hash(path: Path) -> str:
-    """xxh3-128 of a file's bytes: it catches torn or altered files as well as sha256 (no adversary here) at
-    several GB/s, so that checking the tens of GB of a 7B run's checkpoint is bound by the disk."""
-    import xxhash
-
-    digest = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def checkpoint_problem(path: Path) -> str | None:
-    """Why the checkpoint directory `path` cannot be trusted, or None if it is intact: its manifest (written
-    last, before the directory got its name) lists every file with its size and hash, each file matches,
-    and trainer_state.json holds the step of the directory's name, the schedulers and the arguments."""
-    try:
-        files = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
-        entries = {name: (int(e["size"]), str(e["xxh3_128"])) for name, e in files.items()}
-    except FileNotFoundError:
-        return f"no {MANIFEST} (an incomplete write, or a checkpoint of an older version)"
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return f"{MANIFEST} is unreadable"
-    for name, (size, digest) in entries.items():
-        file = path / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            return f"{MANIFEST} names a file outside the checkpoint ({name})"
-        if not file.is_file():
-            return f"{name} is missing"
-        if file.stat().st_size != size:
-            return f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
-        if file_hash(file) != digest:
-            return f"{name} does not match its hash in the manifest"
-    try:
-        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-        ok = (state["step"] == int(path.name[len(CHECKPOINT_PREFIX):]) and "schedulers" in state
-              and isinstance(state["args"], dict))
-    except (OSError, ValueError, KeyError, TypeError):
-        ok = False
-    return None if ok else "trainer_state.json lacks the step of its name, the schedulers or the arguments"
-
-
-def latest_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
-    """The newest intact checkpoint under `root` (a `step-N` directory that `checkpoint_problem` accepts),
-    and one line for each newer one skipped, saying why."""
-    found = [(int(p.name[len(CHECKPOINT_PREFIX):]), p) for p in root.glob(CHECKPOINT_PREFIX + "*")
-             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    skipped = []
-    for _, path in sorted(found, reverse=True):
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return path, skipped
-        skipped.append(f"skipped checkpoint {path}: {problem}")
-    return None, skipped
-
-
-def arg_differences(saved: dict, args: Args) -> list[str]:
-    """`--flag saved -> now` for each argument outside RESUMABLE_ARGS whose value in `args` differs from
-    `saved` (the arguments a checkpoint or config.json recorded); an argument `saved` lacks counts as
-    its default. Example: saved lr 1e-4, now 5e-4 -> ["--lr 0.0001 -> 0.0005"]."""
-    from dataclasses import MISSING
-
-    def show(value) -> str:
-        return value if isinstance(value, str) else json.dumps(value)
-
-    now = json.loads(json.dumps(asdict(args)))  # compared as saved: through JSON
-    defaults = {f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(args)}
-    return [f"--{name.replace('_', '-')} {show(saved.get(name, defaults[name]))} -> {show(value)}"
-            for name, value in now.items()
-            if name not in RESUMABLE_ARGS and saved.get(name, defaults[name]) != value]
-
-
-def lock_output_dir(out: Path) -> None:
-    """Lock `out` for this process until `main` ends (flock on out/.lock, which records the holder's pid
-    and host). The kernel drops a flock when its process ends, however it ends, so a killed run leaves no
-    lock behind; the file stays (removing it would let two runs lock different files). Raises SystemExit
-    naming the holder if another run has the lock."""
-    import errno
-    import fcntl
-    import socket
-
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").split()
-        os.close(fd)
-        who = f"pid {holder[0]} on {holder[1]}" if len(holder) >= 2 else "a process that has just started"
-        raise SystemExit(f"error: --output-dir {out} is in use by another run ({who}); wait for it to end, "
-                         "or choose another --output-dir") from None
-    except OSError as err:  # file systems without flock (Lustre mounted noflock, some NFS): run unlocked
-        if err.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):
-            raise
-        os.close(fd)
-        print(f"warning: --output-dir {out}: its file system cannot lock files ({err.strerror}); nothing stops "
-              "a second run from using it at the same time")
-        return
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-    _HELD_LOCKS.append(fd)
-
-
-def releases_output_locks(fn):
-    """Decorator: the output-directory locks taken during `fn` are released when it returns or raises, so
-    that a notebook can call `main` again (a process that ends releases them anyway)."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        held = len(_HELD_LOCKS)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            while len(_HELD_LOCKS) > held:
-                os.close(_HELD_LOCKS.pop())
-    return wrapper
-
-
-def plan_output_dir(args: Args, out: Path) -> dict:
-    """How this run starts in `out`, decided before any model loads: {"checkpoint": the one to resume from
-    or None, "clean": remove RUN_OUTPUTS first, "continue_finished": a finished run continued to a larger
-    --max-steps, "notes": lines to print}. A directory is reused only for the same run: resuming needs the
-    checkpoint's training arguments (`arg_differences`), and without a usable checkpoint only the leftovers
-    of this run killed before its first checkpoint are replaced. Everything else (a finished run, a run of
-    other arguments, a run whose checkpoints are all damaged or that saved none) is refused with one line,
-    unless --overwrite."""
-    ways_out = "start afresh there with --overwrite, or choose another --output-dir"
-    if args.overwrite and args.resume:
-        raise SystemExit("error: --overwrite (start afresh) and --resume contradict each other; choose one")
-    present = [name for name in RUN_OUTPUTS if (out / name).exists() and not (
-        (out / name).is_dir() and not any((out / name).iterdir()))]
-    saved = read_run_config(out)
-    if args.overwrite:
-        if (out / "config.json").exists() and saved is None:  # e.g. a model directory: not ours to clean
-            raise SystemExit(f"error: --overwrite: {out} holds a config.json that is not a run's; choose "
-                             "another --output-dir")
-        return {"checkpoint": None, "clean": bool(present), "continue_finished": False, "notes": []}
-    ckpt, skipped = latest_checkpoint(out / "checkpoints")
-    why = f" ({'; '.join(skipped)})" if skipped else ""
-    finished = (out / "summary.json").exists()
-    try:
-        finished_steps = json.loads((out / "summary.json").read_text())["steps"] if finished else None
-    except (OSError, ValueError, KeyError, TypeError):
-        finished_steps = None
-    if ckpt is None:
-        if args.resume:
-            raise SystemExit(f"error: --resume: no usable checkpoint in {out / 'checkpoints'}{why}")
-        if finished:
-            raise SystemExit(f"error: {out} holds a finished run (summary.json) and no usable checkpoint to "
-                             f"continue it from{why}; {ways_out}")
-        if present and not killed_before_first_checkpoint(out, args, skipped, saved):
-            diffs = arg_differences(saved, args) if saved is not None else []
-            other = f", of other training arguments ({'; '.join(diffs)})," if diffs else ""
-            raise SystemExit(f"error: {out} holds a run ({', '.join(present)}){other} but no usable checkpoint "
-                             f"to resume from{why}; {ways_out}")
-        return {"checkpoint": None, "clean": bool(present), "continue_finished": False, "notes": skipped}
-    state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
-    diffs = arg_differences(state["args"], args)
-    if diffs:
-        raise SystemExit(f"error: {out} holds a run with other training arguments ({'; '.join(diffs)}); "
-                         f"resume it with the same ones, {ways_out}")
-    if state["step"] > args.max_steps:
-        raise SystemExit(f"error: --max-steps {args.max_steps} is below the step of the checkpoint to resume "
-                         f"from ({ckpt}); raise it, {ways_out}")
-    if finished and finished_steps is None:
-        raise SystemExit(f"error: {out} holds a finished run (summary.json, unreadable); {ways_out}")
-    if finished and args.max_steps <= finished_steps:
-        raise SystemExit(f"error: {out} holds a finished run ({finished_steps} steps); to train it further "
-                         f"from {ckpt}, raise --max-steps above {finished_steps}; or {ways_out}")
-    return {"checkpoint": str(ckpt), "clean": False, "continue_finished": finished, "notes": skipped}
-
-
-def read_run_config(out: Path) -> dict | None:
-    """The arguments recorded in out/config.json if it is a run's (it names an advantage estimator and a
-    step count), else None (missing, unreadable, or another tool's config.json, such as a model's)."""
-    try:
-        saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return saved if isinstance(saved, dict) and {"advantage", "max_steps"} <= saved.keys() else None
-
-
-def killed_before_first_checkpoint(out: Path, args: Args, skipped: list[str], saved: dict | None) -> bool:
-    """Whether `out` holds only what a run of these training arguments writes before its first checkpoint
-    (it was killed early): its config.json (`saved`, from `read_run_config`) agrees with `args`, no checkpoint
-    (even a damaged one) nor final output exists, and every logged step precedes the first checkpoint.
-    Starting again loses nothing more."""
-    if saved is None:
-        return False
-    try:
-        first_checkpoint = int(saved["save_every"])
-        logged = read_jsonl_before(out / "metrics.jsonl", math.inf)
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return (not skipped and not arg_differences(saved, args) and first_checkpoint > 0
-            and not any((out / name).exists() for name in ("policy", "critic", "summary.json"))
-            and all(row["step"] < first_checkpoint for row in logged))
-
-
-def main_process_decides(accelerator, fn, *args, what: str = "error"):
-    """`fn(*args)` run on the main process only, its result sent to every process; its one-line error
-    (SystemExit) or an OSError (prefixed with `what`) stops every process together, printed once. For checks
-    that may not agree between processes (the hub, a reward module's import) and for file operations done
-    once, which the others must not wait on forever."""
-    from accelerate.utils import broadcast_object_list
-
-    outcome = [None]  # (result, error)
-    if accelerator.is_main_process:
-        try:
-            outcome[0] = (fn(*args), None)
-        except SystemExit as err:
-            outcome[0] = (None, str(err.code))
-        except OSError as err:
-            outcome[0] = (None, f"{what}: {err}")
-    broadcast_object_list(outcome)
-    result, error = outcome[0]
-    if error is not None:
-        raise SystemExit(error if accelerator.is_main_process else 1)
-    return result
-
-
-def claim_output_dir(accelerator, args: Args) -> dict:
-    """Lock the output directory and decide how to start in it (`plan_output_dir`), on the main process
-    before any model loads; every process gets the decision, and all stop together on a refusal."""
-    out = Path(args.output_dir)
-
-    def lock_and_plan() -> dict:
-        lock_output_dir(out)
-        return plan_output_dir(args, out)
-
-    decision = main_process_decides(accelerator, lock_and_plan, what=f"error: --output-dir {out}")
-    for note in decision["notes"]:
-        accelerator.print(f"warning: {note}")
-    return decision
-
-
-def prepare_output_dir(out: Path, plan: dict, args: Args) -> None:
-    """Carry out `plan_output_dir`'s plan (main process, once the models have loaded): remove the outputs of
-    the previous run for a fresh start, the summary of a finished run that is continued, and partial
-    checkpoints of a killed write; then record this run's arguments in config.json."""
-    import shutil
-
-    if plan["clean"]:
-        for name in RUN_OUTPUTS:
-            path = out / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
-    if plan["continue_finished"]:  # no longer finished: a killed continuation must read as a plain resume
-        (out / "summary.json").unlink(missing_ok=True)
-    for tmp in (out / "checkpoints").glob(".tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-    tmp = out / ".config.json.tmp"
-    tmp.write_text(json.dumps(asdict(args), indent=2))
-    os.replace(tmp, out / "config.json")
-
-
-def parameters_finite(*models) -> bool:
-    """Whether every parameter of `models` (this process's shards; None entries ignored) is finite."""
-    return all(bool(torch.isfinite(p).all()) for m in models if m is not None for p in m.parameters())
-
-
-def nonfinite_stop_message(step: int, count: int, last_saved: Path | None) -> str:
-    """The error of a run stopped after `count` non-finite updates in a row ending at `step`. Nothing is
-    saved then (the finite update just before the streak may already have wrecked the weights); the
-    message names the newest checkpoint, which predates the streak since none is written during one."""
-    first = step - count + 1
-    if last_saved is None:
-        where = "no checkpoint was saved before they began"
-    else:
-        after = int(last_saved.name[len(CHECKPOINT_PREFIX):]) - 1
-        where = (f"the last checkpoint saved before they began is {last_saved}, the state after step {after}"
-                 + (" (whose update came just before the first failure: check it before resuming)"
-                    if after == first - 1 else ""))
-    return (f"error: step {step}: {count} updates in a row had a NaN or infinite loss or gradient and were "
-            f"skipped (steps {first}-{step}); stopping without saving this state; {where}")
-
-
-def save_checkpoint(accelerator, root: Path, state: dict, keep: int) -> Path:
-    """Everything needed to continue at `state["step"]`: models, optimizers, every process's RNG states
-    (accelerate's `save_state`: weights as safetensors, the rest read back with torch's weights-only
-    loader), `state` as JSON (with the schedulers: nothing is unpickled on resume) and, last, a manifest of
-    every file's size and hash. Written to a temporary directory, fsynced, then renamed, so a kill at any
-    instant leaves the previous checkpoint whole. A failed write (a full disk) removes the temporary
-    directory and stops every process with one line; the previous checkpoints are untouched."""
-    import shutil
-
-    from accelerate.utils import gather_object
-    from safetensors import SafetensorError
-
-    final = root / f"{CHECKPOINT_PREFIX}{state['step']:06d}"
-    tmp = root / f".tmp-{final.name}"
-    # torch.save reports a failed write as a RuntimeError
-    write_errors = (OSError, RuntimeError, SafetensorError)
-
-    def attempt(write) -> None:  # run `write`; then every process knows whether any write failed
-        try:
-            write()
-            problem = None
-        except write_errors as err:
-            problem = " ".join(f"{type(err).__name__}: {err}".split())[:300]
-        problems = [p for p in gather_object([problem]) if p]
-        if problems and not accelerator.is_main_process:
-            raise SystemExit(1)  # the main process says why
-        if problems:
-            shutil.rmtree(tmp, ignore_errors=True)
-            older = sorted(p.name for p in root.glob(CHECKPOINT_PREFIX + "*") if p != final)
-            last = f"the last checkpoint, {older[-1]}, is untouched" if older else "there is no earlier one"
-            free = shutil.disk_usage(next(p for p in (root, *root.parents) if p.exists())).free / 2**30
-            raise SystemExit(f"error: writing checkpoint {final} failed ({problems[0]}; {free:.1f} GiB "
-                             f"free there): the partial copy is removed and {last}; free some space and run "
-                             "the same command again to resume")
-
-    def prepare() -> None:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-
-    def finish() -> None:
-        if not accelerator.is_main_process:
-            return
-        (tmp / "trainer_state.json").write_text(json.dumps(state))
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        manifest = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "xxh3_128": file_hash(p)}
-                    for p in files}
-        (tmp / MANIFEST).write_text(json.dumps({"files": manifest}, indent=1))
-        for path in [*tmp.rglob("*"), tmp]:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        fd = os.open(root, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-
-    attempt(prepare)
-    attempt(lambda: accelerator.save_state(str(tmp), safe_serialization=True))
-    attempt(finish)
-    if accelerator.is_main_process:
-        done = sorted((p for p in root.glob(CHECKPOINT_PREFIX + "*") if p != final), key=lambda p: p.name)
-        for old in done[:max(len(done) - keep + 1, 0)]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def read_jsonl_before(path: Path, step: float) -> list[dict]:
-    """The records of a JSONL file with "step" < `step`. Lines a kill tore (also inside a multi-byte
-    character) or that hold no record are dropped."""
-    rows = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] < step:
-                rows.append(row)
-    return rows
-
-
-class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the step and exits."""
-
-    def __init__(self):
-        import signal
-        import threading
-
-        self.signal = None
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, self.handle)
-
-    def handle(self, signum, frame):
-        if self.signal is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signal = signum
-
-
 def injected_nan_steps() -> set[int]:
     """Fault injection for tests: REASONER_ZERO_NAN_STEPS="3,4" makes the losses of those steps NaN."""
     import os
@@ -931,23 +549,28 @@ def is_sharded(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def rollout(model, tokenizer, records: list, args: Args, num_generations: int, stop_ids: list[int],
-            seeds: list[int] | None = None, synced: bool = False) -> tuple[Experience, list[str]]:
-    """Generate `num_generations` responses per record; the experience batch (no rewards yet) and the texts.
+def rollout(run: "Run", records: list, step: int) -> tuple[Experience, list[str]]:
+    """--num-generations responses per record, sampled by the policy: the experience batch (no rewards yet,
+    on the training device) and the texts. Each generate call is seeded by `call_seeds`.
 
     Each record's responses are one group, keyed by the record's place in `records` rather than its id: a
     record drawn twice in a step gives two groups, each with its own baseline, as two distinct prompts
     would."""
+    args, tokenizer, stop_ids, accelerator = run.args, run.tokenizer, run.stop_ids, run.accelerator
+    num_generations, synced = args.num_generations, is_sharded(accelerator)
+    first = accelerator.process_index * len(records)  # this process's first prompt among all processes'
+    seeds = call_seeds(args.seed, step, first, len(records), args.generation_batch_size or len(records))
     prompt_ids, prompt_mask = left_pad([r["prompt_ids"] for r in records], tokenizer.pad_token_id)
     # refill cannot keep processes in lockstep, which sharded (FSDP) generation needs: plain generate there
     refill = args.generation == "refill" and not synced
     generate = (partial(generate_responses_refill, refill_fraction=args.refill_fraction) if refill
                 else generate_responses)
-    response_ids = generate(
-        model, prompt_ids, prompt_mask, num_generations=num_generations, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id, stop_strings=args.stop_strings,
-        tokenizer=tokenizer, batch_size=args.generation_batch_size or None, seeds=seeds, synced_gpus=synced)
+    with accelerator.autocast():
+        response_ids = generate(
+            accelerator.unwrap_model(run.policy), prompt_ids, prompt_mask, num_generations=num_generations,
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id, stop_strings=args.stop_strings,
+            tokenizer=tokenizer, batch_size=args.generation_batch_size or None, seeds=seeds, synced_gpus=synced)
     lengths, truncated = stop_positions(response_ids, stop_ids, args.stop_strings, tokenizer)
     width = int(lengths.max())
     response_ids = response_ids[:, :width]
@@ -959,7 +582,8 @@ def rollout(model, tokenizer, records: list, args: Args, num_generations: int, s
                      prompt_mask=prompt_mask.repeat_interleave(num_generations, 0),
                      response_ids=response_ids, response_mask=mask, truncated=truncated,
                      group_ids=torch.arange(len(records)).repeat_interleave(num_generations))
-    return exp, texts
+    on_device = {k: (v.to(accelerator.device) if torch.is_tensor(v) else v) for k, v in vars(exp).items()}
+    return Experience(**on_device), texts
 
 
 def score(pool: RewardPool, texts: list[str], answers: list[str], truncated: torch.Tensor, args: Args,
@@ -977,8 +601,7 @@ def score(pool: RewardPool, texts: list[str], answers: list[str], truncated: tor
     return rewards, stats
 
 
-def evaluate(model, tokenizer, datasets: dict[str, list], pool: RewardPool, args: Args, stop_ids: list[int],
-             accelerator, step: int) -> dict:
+def evaluate(run: "Run", step: int) -> dict:
     """avg@k, pass@k and maj@k on each held-out set, as `python rollout.py eval` computes them; each process
     samples its share of the batches (the same batches and seeds whatever the process count) and the
     per-problem counts are gathered. `eval/accuracy` is the avg@k over all sets pooled."""
@@ -986,16 +609,18 @@ def evaluate(model, tokenizer, datasets: dict[str, list], pool: RewardPool, args
 
     from rollout import aggregate_eval, evaluate_datasets
 
+    args, tokenizer, stop_ids, accelerator = run.args, run.tokenizer, run.stop_ids, run.accelerator
     generate_kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            top_k=args.top_k, stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id,
                            stop_strings=args.stop_strings, tokenizer=tokenizer, synced_gpus=is_sharded(accelerator))
     with accelerator.autocast():
-        result = evaluate_datasets(model, tokenizer, datasets, pool=pool, generate_kwargs=generate_kwargs,
+        result = evaluate_datasets(accelerator.unwrap_model(run.policy), tokenizer, run.eval_records, pool=run.pool,
+                                   generate_kwargs=generate_kwargs,
                                    num_samples=args.eval_num_samples, batch_size=args.prompts_per_step,
                                    seed=args.seed * 1_000 + step + 1, score_truncated=args.score_truncated,
                                    progress=False, rank=accelerator.process_index, world=accelerator.num_processes)
     metrics, pooled = {}, []
-    for name in datasets:
+    for name in run.eval_records:
         rows = gather_object(result["per_problem"][name])
         agg = aggregate_eval(rows)
         metrics.update({f"eval/{name}/{k}": v for k, v in agg.items() if "@" in k})
@@ -1005,30 +630,128 @@ def evaluate(model, tokenizer, datasets: dict[str, list], pool: RewardPool, args
 
 
 # --------------------------------------------------------------------------------------------------
-# The training loop.
+# The training loop: `setup` builds what it uses, `main` runs it, `finish` evaluates and saves.
 # --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """What `setup` builds for the loop. `optimizers` and `schedulers` are keyed by role ("policy",
+    "critic"); `logs` holds metrics.jsonl and samples.jsonl on the main process (empty elsewhere)."""
+
+    args: Args
+    accelerator: object
+    tokenizer: object
+    policy: torch.nn.Module
+    critic: torch.nn.Module | None
+    ref: torch.nn.Module | None
+    optimizers: dict
+    schedulers: dict
+    pool: RewardPool
+    train_records: list
+    eval_records: dict
+    stop_ids: list[int]
+    out: Path
+    start_step: int
+    base_accuracy: float | None
+    checkpoint: Path | None
+    logs: dict
+    t_start: float
+
 
 @releases_output_locks
 def main(args: Args) -> dict:
-    from accelerate import Accelerator
-    from accelerate.utils import gather_object, set_seed
+    run = setup(args)  # processes, checks, data, output directory, models, optimizers, reward workers, resume
     from tqdm.auto import tqdm
+
+    args, accelerator, critic = run.args, run.accelerator, run.critic
+    world, rank = accelerator.num_processes, accelerator.process_index
+    sum_all = partial(reduce_sum, accelerator)
+    stop, nonfinite = StopRequest(), 0
+    bar = tqdm(range(run.start_step, args.max_steps), desc=args.advantage, initial=run.start_step,
+               total=args.max_steps, disable=not accelerator.is_main_process)
+    for step in bar:
+        metrics, t_step = {"step": step}, time.time()
+        # ---- 1. Evaluate: at the start and every --eval-every steps (the end is in `finish`) ----------------
+        if args.eval_every and run.eval_records and step % args.eval_every == 0:
+            with timer(metrics, "eval"):
+                metrics.update(evaluate(run, step))
+            run.base_accuracy = metrics["eval/accuracy"] if run.base_accuracy is None else run.base_accuracy
+        # ---- 2. Rollout: this process's share of the step's prompts, --num-generations samples each --------
+        with timer(metrics, "generate"):
+            records = step_prompts(run.train_records, step, args.prompts_per_step, args.seed, rank, world)
+            exp, texts = rollout(run, records, step)
+        # ---- 3. Reward: one number per response -----------------------------------------------------------
+        with timer(metrics, "reward"):
+            drawn = [records[i // args.num_generations] for i in range(len(texts))]  # each row's record
+            exp.rewards, reward_stats, repetitive = score_rollout(run, exp, texts, drawn)
+        # ---- 4. Log-probs of the rollout: the sampling policy's (old) and the reference model's -------------
+        with timer(metrics, "logprobs"):
+            micro = plan(exp, args, accelerator)
+            exp.old_logprobs, exp.ref_logprobs = rollout_logprobs(run, exp, micro)
+            metrics["perf/padding"] = padding_fraction(exp, micro)
+        # ---- 5. Values of every response token (PPO's critic) ----------------------------------------------
+        with timer(metrics, "critic"):
+            exp.values = batched_values(critic, exp, micro) if critic is not None else None
+        # ---- 6. Advantages, once: GAE over the values, or each group's baseline ----------------------------
+        equal = equal_reward_groups(exp.rewards, exp.group_ids)
+        lengths = exp.response_mask.sum(dim=1)
+        if args.drop_equal_groups and critic is None:  # a group of equal rewards has no signal: left out
+            exp.response_mask = exp.response_mask * (~equal)[:, None]
+        exp.advantages, exp.returns = compute_advantages(exp, args, sum_all)
+        # ---- 7. Update the critic first (ORZ), then 8. the policy (once the critic has warmed up) -----------
+        stats: dict[str, list] = {}
+        with timer(metrics, "critic"):
+            if critic is not None:
+                stats = update(run, exp, "critic", step)
+                metrics["critic/explained_var"] = explained_variance(exp.values, exp.returns, exp.response_mask)
+        policy_trains = critic is None or step >= args.critic_warmup_steps
+        with timer(metrics, "update"):
+            if policy_trains:
+                for k, v in update(run, exp, "policy", step).items():
+                    stats[k] = stats.get(k, []) + v  # train/nonfinite_updates: the critic's and the policy's
+        # ---- 9. Log, then advance the learning-rate schedules (once per RL step of updates) -------------------
+        metrics.update(step_metrics(accelerator, exp, lengths, equal, repetitive, reward_stats, stats))
+        metrics["lr"] = run.schedulers["policy"].get_last_lr()[0]  # the rates this step's updates used
+        if critic is not None:
+            metrics["critic/lr"] = run.schedulers["critic"].get_last_lr()[0]
+            run.schedulers["critic"].step()
+        if policy_trains:
+            run.schedulers["policy"].step()
+        metrics["time/step"] = time.time() - t_step
+        write_logs(run, step, metrics, exp, texts, drawn, lengths, bar)
+        # ---- 10. Checkpoint; stop when asked, or when updates keep failing ------------------------------------
+        nonfinite = nonfinite + 1 if metrics["train/nonfinite_updates"] > 0 else 0
+        signalled = sum_all(float(stop.signal is not None)).item() > 0
+        if nonfinite >= args.max_nonfinite_updates:
+            raise SystemExit(nonfinite_stop_message(step, nonfinite, run.checkpoint))
+        if (args.save_every and (step + 1) % args.save_every == 0) or signalled:
+            run.checkpoint = checkpoint(run, step, nonfinite)
+        if signalled:
+            raise SystemExit(f"stopped by signal {stop.signal} after step {step}: "
+                             + (f"last checkpoint {run.checkpoint}; run the same command again to resume"
+                                if run.checkpoint else "no checkpoint to resume from"))
+    return finish(run)
+
+
+def setup(args: Args) -> Run:
+    """Build what the loop uses: the processes (accelerate), the checked arguments, the data, the claimed
+    output directory (refusals come before any model loads), the tokenizer and models, their optimizers,
+    the reward workers, and the state of the checkpoint to resume from."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, set_seed
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from data.synthetic import build_tiny_base
 
-    # ---- 0. Setup: processes, models, data, reward workers, optimizers --------------------------------
     if args.whiten_advantages is None:  # resolved once, so that config.json records what trains
         args = replace(args, whiten_advantages=args.advantage == "gae")
     # A tracker that is not installed is check_args's one-line error; accelerate would warn about it first.
     log_with = None if args.report_to == "none" or tracker_problems(args.report_to) else args.report_to
     accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no", log_with=log_with,
                               project_dir=args.output_dir)
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     main_process_decides(accelerator, check_args, args, world)  # hub and import checks: once, for all
     data = read_data(args)  # a bad data file stops the run here, before any model is built or loaded
-    from accelerate.utils import DistributedType
-
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise SystemExit("error: DeepSpeed is not supported yet (one engine per model and its own gradient "
                          "accumulation are not wired in); launch with configs/accelerate/fsdp.yaml to shard instead")
@@ -1045,58 +768,32 @@ def main(args: Args) -> dict:
     train_records, eval_records = load_data(args, tokenizer, data)  # prompts too long: before the model too
     policy = AutoModelForCausalLM.from_pretrained(model_path, **load)
     stop_ids = prepare_for_sampling(tokenizer, policy, log=accelerator.print)
-
     critic = ValueModel.from_base(model_path, **load) if args.advantage == "gae" else None
     ref_load = {**load, "dtype": torch.bfloat16 if args.bf16 else torch.float32}  # never trained: bf16 is fine
     ref = (AutoModelForCausalLM.from_pretrained(model_path, **ref_load).eval().requires_grad_(False)
            if args.kl_coef > 0 else None)
-    for name, m in (("policy", policy), ("critic", critic)):
-        if m is not None and disable_dropout(m):  # the update must score the model that sampled
-            accelerator.print(f"dropout set to 0 in the {name} for training")
-    if args.gradient_checkpointing:
-        for m in (policy, critic):
-            if m is not None:
-                m.gradient_checkpointing_enable()
-    adam = dict(betas=(0.9, 0.95), weight_decay=0.0)  # ORZ's AdamW settings
-    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, **adam)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_constant(args.warmup_steps))
-    policy, opt = accelerator.prepare(policy, opt)
+    optimizers, schedulers = {}, {}
+    for role, model, lr in (("policy", policy, args.lr), ("critic", critic, args.critic_lr)):
+        if model is None:
+            continue
+        if disable_dropout(model):  # the update must score the model that sampled
+            accelerator.print(f"dropout set to 0 in the {role} for training")
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        optimizers[role] = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)  # ORZ's
+        schedulers[role] = torch.optim.lr_scheduler.LambdaLR(optimizers[role], warmup_constant(args.warmup_steps))
+    policy, optimizers["policy"] = accelerator.prepare(policy, optimizers["policy"])
     if critic is not None:
-        critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, **adam)
-        critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, warmup_constant(args.warmup_steps))
-        critic, critic_opt = accelerator.prepare(critic, critic_opt)
+        critic, optimizers["critic"] = accelerator.prepare(critic, optimizers["critic"])
     if ref is not None:
         ref = accelerator.prepare_model(ref, evaluation_mode=True)
-    fused = critic is not None and critic_fusable(accelerator.unwrap_model(critic))  # see `update`
-    schedulers = [sched] + ([critic_sched] if critic is not None else [])  # saved as JSON in the checkpoint
     pool = RewardPool(args.reward, num_workers=args.reward_workers, timeout=args.reward_timeout)
 
-    # ---- Resume from the newest intact checkpoint of this run, or start clean (see `plan_output_dir`) ----
-    ckpt_root, start_step, base_accuracy, nonfinite = out / "checkpoints", 0, None, 0
     main_process_decides(accelerator, prepare_output_dir, out, start, args)
-    ckpt = last_saved = Path(start["checkpoint"]) if start["checkpoint"] else None
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        start_step, base_accuracy = state["step"], state["base_accuracy"]
-        for scheduler, saved in zip(schedulers, state["schedulers"], strict=True):
-            scheduler.load_state_dict(saved)
-        accelerator.print(f"resuming from {ckpt} at step {start_step} (--overwrite starts afresh)")
-    kept = {name: read_jsonl_before(out / name, start_step) for name in ("metrics.jsonl", "samples.jsonl")}
-    accelerator.wait_for_everyone()
-    metrics_file = JsonlWriter(out / "metrics.jsonl") if accelerator.is_main_process else None
-    samples_file = JsonlWriter(out / "samples.jsonl") if accelerator.is_main_process else None
-    if accelerator.is_main_process:  # drop what a killed run wrote after its last checkpoint
-        for f, name in ((metrics_file, "metrics.jsonl"), (samples_file, "samples.jsonl")):
-            f.file.truncate(0)
-            for row in kept[name]:
-                f.write(row)
-    stop = StopRequest()
+    state = resume(accelerator, start["checkpoint"], list(schedulers.values()))
+    logs = open_logs(accelerator, out, state["step"])
     if args.report_to != "none":
         accelerator.init_trackers("reasoner-zero", config={k: str(v) for k, v in asdict(args).items()})
-    rows = args.prompts_per_step // world * args.num_generations  # rollout rows per process
-    sum_all = lambda x: accelerator.reduce(torch.as_tensor(x, dtype=torch.float32, device=accelerator.device), "sum")  # noqa: E731
-    unwrapped = accelerator.unwrap_model(policy)
     spin = os.environ.get("GOMP_SPINCOUNT", "from OMP_WAIT_POLICY")
     accelerator.print(f"threads per process: {torch.get_num_threads()} (OMP_NUM_THREADS), OpenMP spin count "
                       + (f"{spin} (GOMP_SPINCOUNT)" if OPENMP_SETTING_APPLIED else
@@ -1107,213 +804,165 @@ def main(args: Args) -> dict:
         accelerator.print(f"note: {len(train_records)} training prompts, fewer than --prompts-per-step "
                           f"{args.prompts_per_step}: each step draws some prompts more than once, and "
                           f"each draw's {args.num_generations} samples are a group of their own")
+    return Run(args=args, accelerator=accelerator, tokenizer=tokenizer, policy=policy, critic=critic, ref=ref,
+               optimizers=optimizers, schedulers=schedulers, pool=pool, train_records=train_records,
+               eval_records=eval_records, stop_ids=stop_ids, out=out, start_step=state["step"],
+               base_accuracy=state["base_accuracy"], checkpoint=start["checkpoint"], logs=logs, t_start=t_start)
 
-    bar = tqdm(range(start_step, args.max_steps), disable=not accelerator.is_main_process, desc=args.advantage,
-               initial=start_step, total=args.max_steps)
-    for step in bar:
-        t_step = time.time()
-        metrics = {"step": step}
-        # ---- 1. Evaluate (at the start, every eval_every steps; the end is after the loop) ----------
-        if args.eval_every and eval_records and step % args.eval_every == 0:
-            t = time.time()
-            metrics.update(evaluate(unwrapped, tokenizer, eval_records, pool, args, stop_ids, accelerator, step))
-            base_accuracy = metrics["eval/accuracy"] if base_accuracy is None else base_accuracy
-            metrics["time/eval"] = time.time() - t
 
-        # ---- 2. Rollout: this process's prompts, num_generations samples each --------------------
-        t = time.time()
-        records = step_prompts(train_records, step, args.prompts_per_step, args.seed, rank, world)
-        seeds = call_seeds(args.seed, step, rank * len(records), len(records),
-                           args.generation_batch_size or len(records))
-        with accelerator.autocast():
-            exp, texts = rollout(unwrapped, tokenizer, records, args, args.num_generations, stop_ids, seeds,
-                                 is_sharded(accelerator))
-        exp = Experience(**{k: (v.to(accelerator.device) if torch.is_tensor(v) else v) for k, v in vars(exp).items()})
-        metrics["time/generate"] = time.time() - t
+def reduce_sum(accelerator, x) -> torch.Tensor:
+    """The sum of `x` (a number or a tensor) over all processes, as a float32 tensor."""
+    return accelerator.reduce(torch.as_tensor(x, dtype=torch.float32, device=accelerator.device), "sum")
 
-        # ---- 3. Reward ---------------------------------------------------------------------------
-        t = time.time()
-        drawn = [records[i // args.num_generations] for i in range(len(texts))]  # each row's record
-        answers = [r["answer"] for r in drawn]
-        rewards, reward_stats = score(pool, texts, answers, exp.truncated.cpu(), args,
-                                      [r.get("extras") or {} for r in drawn])
-        repetitive = repetition_flags(exp.response_ids.cpu(), exp.response_mask.sum(dim=1).long().cpu(), texts)
-        if args.zero_repetitive:  # a guard against drifting into repetition; ORZ's code only logs a repeat score
-            rewards = zero_degenerate(rewards, repetitive)
-        exp.rewards = rewards.to(accelerator.device)
-        metrics["time/reward"] = time.time() - t
 
-        # ---- 4. Log-probs and values of the rollout ----------------------------------------------
-        t = time.time()
-        mask = exp.response_mask
-        lengths = mask.sum(dim=1)
-        needs_old = args.ppo_epochs * args.num_mini_batches > 1 or (args.kl_coef > 0 and args.kl_estimator == "k1")
-        micro = plan(exp, args, accelerator)
-        if needs_old:  # otherwise one update on one batch: old = logprobs.detach() is exact (ratio 1)
-            policy.eval()
-            exp.old_logprobs = batched_logprobs(policy, exp, args.temperature, micro)
-            policy.train()
-        if ref is not None:
-            exp.ref_logprobs = batched_logprobs(ref, exp, args.temperature, micro)
-        metrics["perf/padding"] = padding_fraction(exp, micro)
-        metrics["time/logprobs"] = time.time() - t
-        t = time.time()
-        seq_rewards = exp.rewards
-        if args.kl_coef > 0 and args.kl_estimator == "k1":  # classic PPO: KL as a per-token penalty in the reward
-            kl_penalty = args.kl_coef * compute_kl(exp.old_logprobs, exp.ref_logprobs, "k1") * mask
-        else:
-            kl_penalty = torch.zeros_like(mask)
-        if critic is not None:
-            # The rows of the critic's first mini-batch get their values from that update's own forward
-            # pass (before any step, so they are the rollout's values): only the other rows need a pass here.
-            first = (local_rows(mini_batch_parts(rows * world, args.critic_mini_batches, args.seed, step)[0],
-                                rank, rows)
-                     if fused else mask.new_zeros(0, dtype=torch.long))
-            rest = torch.ones(len(mask), dtype=torch.bool, device=mask.device)
-            rest[first] = False
-            rest = rest.nonzero().squeeze(1)
-            exp.values = torch.zeros_like(mask)
-            with torch.no_grad():
-                critic.eval()
-                rest_exp = exp.select(rest)
-                for idx in plan(rest_exp, args, accelerator):
-                    # a process may have no rows outside the first mini-batch: its empty micro-batches run
-                    # row 0 of the whole batch, so that every process runs the same passes
-                    mb = (rest_exp.select(idx) if len(idx) else exp.select(idx.new_zeros(1))).trim()
-                    values = forward_values(critic, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1])
-                    if len(idx):
-                        exp.values[rest[idx], :values.shape[1]] = values.float()
-                exp.values *= mask
-                critic.train()
-            token_rewards = outcome_token_rewards(seq_rewards, mask) - kl_penalty
-            # the first mini-batch's rows are filled in by the critic update (see `update`)
-            exp.advantages, exp.returns = compute_gae_advantages(token_rewards, exp.values, mask, args.gamma, args.lam)
+def score_rollout(run: Run, exp: Experience, texts: list[str], drawn: list[dict]):
+    """Rewards (B,) of a rollout on the training device (`score`, then 0 for a response caught in a loop
+    when --zero-repetitive), the reward pool's stats, and the repetition flags (B,), which are always logged."""
+    args = run.args
+    rewards, stats = score(run.pool, texts, [r["answer"] for r in drawn], exp.truncated.cpu(), args,
+                           [r.get("extras") or {} for r in drawn])
+    repetitive = repetition_flags(exp.response_ids.cpu(), exp.response_mask.sum(dim=1).long().cpu(), texts)
+    if args.zero_repetitive:  # a guard against drifting into repetition; ORZ's code only logs a repeat score
+        rewards = zero_degenerate(rewards, repetitive)
+    return rewards.to(run.accelerator.device), stats, repetitive.to(run.accelerator.device)
 
-        # ---- 5. Update the critic first (ORZ), then advantages for the policy --------------------------
-        update_stats: dict[str, list] = {}
-        if critic is not None:
-            critic_stats = update(accelerator, critic, critic_opt, exp, args, "critic",
-                                  args.critic_epochs, args.critic_mini_batches, step,
-                                  token_rewards=token_rewards if fused else None)
-            update_stats.update(critic_stats)
-            metrics["critic/explained_var"] = explained_variance(exp.values, exp.returns, mask)
-            metrics["time/critic"] = time.time() - t
-        else:
-            seq_rewards = seq_rewards - kl_penalty.sum(dim=1)
-            if args.advantage == "grpo":
-                adv = compute_grpo_advantages(seq_rewards, exp.group_ids, args.scale_by_std)
-            else:
-                adv = compute_rloo_advantages(seq_rewards, exp.group_ids)
-            exp.advantages = adv[:, None] * mask
-        equal = equal_reward_groups(exp.rewards, exp.group_ids)
-        if args.drop_equal_groups and args.advantage != "gae":
-            exp.response_mask = mask = mask * (~equal)[:, None]
-        if args.whiten_advantages:
-            exp.advantages = masked_whiten(exp.advantages, mask, reduce=sum_all)
 
-        # ---- 6. Update the policy ------------------------------------------------------------------
-        t = time.time()
-        policy_trains = critic is None or step >= args.critic_warmup_steps  # a critic may warm up first
-        if policy_trains:
-            policy_stats = update(accelerator, policy, opt, exp, args, "policy", args.ppo_epochs,
-                                  args.num_mini_batches, step)
-            # both roles report skipped updates under one key: count the critic's and the policy's
-            policy_stats["train/nonfinite_updates"] += update_stats.get("train/nonfinite_updates", [])
-            update_stats.update(policy_stats)
-        metrics["time/update"] = time.time() - t
+def rollout_logprobs(run: Run, exp: Experience, micro: list[torch.Tensor]):
+    """(old, ref): the sampling policy's log-probs of the rollout when the update needs them (several
+    optimizer steps per rollout, or the k1 KL in the reward; with one update on one batch the update's own
+    log-probs, detached, are exactly the old ones), and the reference model's when a KL is on. (B, R) or None."""
+    args, old, ref = run.args, None, None
+    if args.ppo_epochs * args.num_mini_batches > 1 or (args.kl_coef > 0 and args.kl_estimator == "k1"):
+        run.policy.eval()
+        old = batched_logprobs(run.policy, exp, args.temperature, micro)
+        run.policy.train()
+    if run.ref is not None:
+        ref = batched_logprobs(run.ref, exp, args.temperature, micro)
+    return old, ref
 
-        # ---- 7. Log ------------------------------------------------------------------------------
-        totals = sum_all(torch.stack([exp.rewards.sum(), lengths.sum().float(), exp.truncated.float().sum(),
-                                      equal.float().sum(), torch.tensor(float(rows), device=accelerator.device),
-                                      repetitive.float().sum().to(accelerator.device)]))
-        n = totals[4].item()
-        metrics["train/repetition"] = totals[5].item() / n
-        metrics.update({"train/reward": totals[0].item() / n, "train/response_length": totals[1].item() / n,
-                        "train/truncated": totals[2].item() / n, "train/equal_reward_groups": totals[3].item() / n,
-                        "train/advantage_abs": masked_mean(exp.advantages.abs(), exp.response_mask, sum_all).item()})
-        for k, v in reward_stats.items():
-            metrics[k] = sum_all(v).item()
-        metrics["train/nonfinite_updates"] = sum(update_stats.pop("train/nonfinite_updates", []))
-        for k, v in update_stats.items():  # per-process means, averaged; losses are shares of one loss: summed
-            metrics[k] = sum_all(sum(v) / len(v)).item() / (1 if k in SUMMED_STATS + TOKEN_STATS else world)
-        # the learning rates this step's updates used; the schedules then advance once per RL step of
-        # updates, so that --warmup-steps means the same for the policy and for a critic of M mini-batches
-        metrics["lr"] = sched.get_last_lr()[0]
-        if critic is not None:
-            metrics["critic/lr"] = critic_sched.get_last_lr()[0]
-            critic_sched.step()
-        if policy_trains:
-            sched.step()
-        metrics["time/step"] = time.time() - t_step
-        take = min(-(-args.samples_per_step // world), len(texts))  # each process's part of the sample
-        samples = gather_object([{"step": step, "prompt_id": drawn[i]["id"],
-                                  "prompt": drawn[i]["question"], "response": texts[i],
-                                  "ground_truth": answers[i], "reward": exp.rewards[i].item(),
-                                  "advantage": exp.advantages[i, int(lengths[i]) - 1].item()} for i in range(take)])
-        if accelerator.is_main_process:
-            for sample in samples[:args.samples_per_step]:
-                samples_file.write(sample)
-            metrics_file.write(metrics)
-            bar.set_postfix(reward=f"{metrics['train/reward']:.2f}",
-                            **({"acc": f"{metrics['eval/accuracy']:.2f}"} if "eval/accuracy" in metrics else {}))
-        if args.report_to != "none":
-            accelerator.log(metrics, step=step)
 
-        # ---- 8. Checkpoint, and stop when asked or when updates keep failing -----------------------
-        # No checkpoint during a streak of non-finite updates, nor of non-finite weights: the update before
-        # a streak may already have wrecked the weights, and a checkpoint would then replace good ones.
-        nonfinite = nonfinite + 1 if metrics.get("train/nonfinite_updates", 0) > 0 else 0
-        signalled = sum_all(float(stop.signal is not None)).item() > 0
-        if nonfinite >= args.max_nonfinite_updates:
-            raise SystemExit(nonfinite_stop_message(step, nonfinite, last_saved))
-        if (args.save_every and (step + 1) % args.save_every == 0) or signalled:
-            finite = sum_all(float(parameters_finite(policy, critic))).item() == world
-            if nonfinite or not finite:
-                why = "the last update was not finite" if nonfinite else "the weights are not finite"
-                accelerator.print(f"warning: step {step}: no checkpoint written ({why}); the last one is "
-                                  f"{last_saved or 'none'}")
-            else:
-                last_saved = save_checkpoint(accelerator, ckpt_root, {
-                    "step": step + 1, "base_accuracy": base_accuracy, "args": asdict(args),
-                    "schedulers": [s.state_dict() for s in schedulers]}, args.keep_checkpoints)
-            if signalled:
-                raise SystemExit(f"stopped by signal {stop.signal} after step {step}: "
-                                 + (f"last checkpoint {last_saved}; run the same command again to resume"
-                                    if last_saved else "no checkpoint to resume from"))
+def compute_advantages(exp: Experience, args: Args, reduce=None):
+    """(advantages, returns), both (B, R): GAE over the critic's values (returns are the critic's targets),
+    or the GRPO / RLOO baseline of each group broadcast over the response (returns None). With the k1 KL,
+    the per-token penalty comes off the reward first. Whitened over the batch when --whiten-advantages
+    (`reduce` sums over processes)."""
+    mask = exp.response_mask
+    if args.kl_coef > 0 and args.kl_estimator == "k1":  # classic PPO: KL as a per-token penalty in the reward
+        kl_penalty = args.kl_coef * compute_kl(exp.old_logprobs, exp.ref_logprobs, "k1") * mask
+    else:
+        kl_penalty = torch.zeros_like(mask)
+    returns = None
+    if args.advantage == "gae":
+        token_rewards = outcome_token_rewards(exp.rewards, mask) - kl_penalty
+        advantages, returns = compute_gae_advantages(token_rewards, exp.values, mask, args.gamma, args.lam)
+    else:
+        baseline = compute_grpo_advantages if args.advantage == "grpo" else compute_rloo_advantages
+        kwargs = {"scale_by_std": args.scale_by_std} if args.advantage == "grpo" else {}
+        advantages = baseline(exp.rewards - kl_penalty.sum(dim=1), exp.group_ids, **kwargs)[:, None] * mask
+    if args.whiten_advantages:
+        advantages = masked_whiten(advantages, mask, reduce=reduce)
+    return advantages, returns
 
-    # ---- 9. Final evaluation and save --------------------------------------------------------------
+
+def step_metrics(accelerator, exp: Experience, lengths: torch.Tensor, equal: torch.Tensor,
+                 repetitive: torch.Tensor, reward_stats: dict, update_stats: dict[str, list]) -> dict:
+    """The step's metrics over all processes: rollout means per response, the reward pool's counts, and the
+    updates' stats (means of per-process means; shares of one batch loss and token means are summed)."""
+    sum_all, world = partial(reduce_sum, accelerator), accelerator.num_processes
+    totals = sum_all(torch.stack([exp.rewards.sum(), lengths.sum().float(), exp.truncated.float().sum(),
+                                  equal.float().sum(), repetitive.float().sum(),
+                                  torch.tensor(float(len(lengths)), device=lengths.device)]))
+    n = totals[5].item()
+    metrics = {"train/reward": totals[0].item() / n, "train/response_length": totals[1].item() / n,
+               "train/truncated": totals[2].item() / n, "train/equal_reward_groups": totals[3].item() / n,
+               "train/repetition": totals[4].item() / n,
+               "train/advantage_abs": masked_mean(exp.advantages.abs(), exp.response_mask, sum_all).item()}
+    metrics.update({k: sum_all(v).item() for k, v in reward_stats.items()})
+    update_stats = dict(update_stats)
+    metrics["train/nonfinite_updates"] = sum(update_stats.pop("train/nonfinite_updates", []))
+    for k, v in update_stats.items():
+        metrics[k] = sum_all(sum(v) / len(v)).item() / (1 if k in SUMMED_STATS + TOKEN_STATS else world)
+    return metrics
+
+
+def write_logs(run: Run, step: int, metrics: dict, exp: Experience, texts: list[str], drawn: list[dict],
+               lengths: torch.Tensor, bar) -> None:
+    """metrics.jsonl, the first --samples-per-step responses of all processes to samples.jsonl, the
+    progress bar and the tracker (TensorBoard / W&B)."""
+    from accelerate.utils import gather_object
+
+    args, accelerator = run.args, run.accelerator
+    take = min(-(-args.samples_per_step // accelerator.num_processes), len(texts))  # this process's part
+    samples = gather_object([{"step": step, "prompt_id": drawn[i]["id"], "prompt": drawn[i]["question"],
+                              "response": texts[i], "ground_truth": drawn[i]["answer"],
+                              "reward": exp.rewards[i].item(),
+                              "advantage": exp.advantages[i, int(lengths[i]) - 1].item()} for i in range(take)])
+    if accelerator.is_main_process:
+        for sample in samples[:args.samples_per_step]:
+            run.logs["samples.jsonl"].write(sample)
+        run.logs["metrics.jsonl"].write(metrics)
+        bar.set_postfix(reward=f"{metrics['train/reward']:.2f}",
+                        **({"acc": f"{metrics['eval/accuracy']:.2f}"} if "eval/accuracy" in metrics else {}))
+    if args.report_to != "none":
+        accelerator.log(metrics, step=step)
+
+
+def checkpoint(run: Run, step: int, nonfinite: int) -> Path | None:
+    """Save the state after `step` and return the newest checkpoint. None is written during a streak of
+    non-finite updates, nor with non-finite weights: the update before a streak may already have wrecked
+    the weights, and a checkpoint would then replace good ones."""
+    accelerator = run.accelerator
+    finite = reduce_sum(accelerator, float(parameters_finite(run.policy, run.critic))).item()
+    finite = finite == accelerator.num_processes
+    if nonfinite or not finite:
+        why = "the last update was not finite" if nonfinite else "the weights are not finite"
+        accelerator.print(f"warning: step {step}: no checkpoint written ({why}); the last one is "
+                          f"{run.checkpoint or 'none'}")
+        return run.checkpoint
+    return save_checkpoint(accelerator, run.out / "checkpoints", {
+        "step": step + 1, "base_accuracy": run.base_accuracy, "args": asdict(run.args),
+        "schedulers": [s.state_dict() for s in run.schedulers.values()]}, run.args.keep_checkpoints)
+
+
+def finish(run: Run) -> dict:
+    """The final evaluation, the trained models (policy/, critic/) and summary.json; returns the summary."""
+    args, accelerator, out = run.args, run.accelerator, run.out
     final = {"step": args.max_steps}
-    if args.eval_every and eval_records:
-        final.update(evaluate(unwrapped, tokenizer, eval_records, pool, args, stop_ids, accelerator, args.max_steps))
+    if args.eval_every and run.eval_records:
+        final.update(evaluate(run, args.max_steps))
         if accelerator.is_main_process:
-            metrics_file.write(final)
+            run.logs["metrics.jsonl"].write(final)
         if args.report_to != "none":
             accelerator.log(final, step=args.max_steps)
     accelerator.wait_for_everyone()
+    policy = accelerator.unwrap_model(run.policy)
     # the saved policy keeps the checkpoint's own generation settings for whoever uses it next
-    unwrapped.generation_config = getattr(unwrapped, "reasoner_zero_original_generation_config",
-                                          unwrapped.generation_config)
+    policy.generation_config = getattr(policy, "reasoner_zero_original_generation_config", policy.generation_config)
     save_kw = dict(is_main_process=accelerator.is_main_process, save_function=accelerator.save, safe_serialization=True)
-    unwrapped.save_pretrained(out / "policy", state_dict=accelerator.get_state_dict(policy), **save_kw)
-    if critic is not None:
-        accelerator.unwrap_model(critic).save_pretrained(
-            str(out / "critic"), state_dict=accelerator.get_state_dict(critic), **save_kw)
+    policy.save_pretrained(out / "policy", state_dict=accelerator.get_state_dict(run.policy), **save_kw)
+    if run.critic is not None:
+        accelerator.unwrap_model(run.critic).save_pretrained(
+            str(out / "critic"), state_dict=accelerator.get_state_dict(run.critic), **save_kw)
     if accelerator.is_main_process:
-        tokenizer.save_pretrained(out / "policy")
-    pool.close()
-    summary = {"base_accuracy": base_accuracy, "final_accuracy": final.get("eval/accuracy"), "steps": args.max_steps,
-               "minutes": (time.time() - t_start) / 60, "output_dir": str(out)}
+        run.tokenizer.save_pretrained(out / "policy")
+    run.pool.close()
+    summary = {"base_accuracy": run.base_accuracy, "final_accuracy": final.get("eval/accuracy"),
+               "steps": args.max_steps, "minutes": (time.time() - run.t_start) / 60, "output_dir": str(out)}
     if accelerator.is_main_process:
-        metrics_file.close()
-        samples_file.close()
+        for log in run.logs.values():
+            log.close()
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         acc = (f"held-out accuracy {summary['base_accuracy']:.1%} -> {summary['final_accuracy']:.1%}"
                if summary["final_accuracy"] is not None else "no evaluation set")
-        print(f"done: {args.advantage}, {acc}, {args.max_steps} steps in {summary['minutes']:.1f} min; "
-              f"outputs in {out}/ (metrics.jsonl, samples.jsonl, policy/{', critic/' if critic is not None else ''})")
+        print(f"done: {args.advantage}, {acc}, {args.max_steps} steps in {summary['minutes']:.1f} min; outputs "
+              f"in {out}/ (metrics.jsonl, samples.jsonl, policy/{', critic/' if run.critic is not None else ''})")
     accelerator.end_training()
     return summary
 
+
+# --------------------------------------------------------------------------------------------------
+# The updates: epochs of mini-batches of micro-batches, the same for both roles; only the loss differs.
+# --------------------------------------------------------------------------------------------------
 
 def mini_batch_parts(total: int, mini_batches: int, seed: int, step: int, epochs: int = 1) -> list[torch.Tensor]:
     """The global rows of each mini-batch, epoch after epoch: a fresh shuffle per epoch, seeded by
@@ -1332,37 +981,50 @@ def local_rows(part: torch.Tensor, rank: int, rows: int) -> torch.Tensor:
     return part[(part >= rank * rows) & (part < (rank + 1) * rows)] - rank * rows
 
 
-def critic_fusable(critic) -> bool:
-    """Whether the first critic update's forward pass (in train mode) gives the same values as the no-grad
-    value pass (in eval mode): true unless the model has active dropout."""
-    dropout = [v for k, v in critic.backbone.config.to_dict().items() if "dropout" in k or k.endswith("pdrop")]
-    return not any(isinstance(v, (int, float)) and v > 0 for v in dropout) and not any(
-        isinstance(m, torch.nn.Dropout) and m.p > 0 for m in critic.modules())
+def policy_loss(model, mb: Experience, w: torch.Tensor, args: Args) -> tuple[torch.Tensor, dict]:
+    """The clipped PPO loss of a micro-batch (with the k3 KL and the entropy bonus when on), and its stats.
+    `w` (B, R) are the tokens' loss weights (`loss_weights`)."""
+    logprobs, entropy = forward_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1],
+                                         args.temperature, with_entropy=True, entropy_grad=args.entropy_coef > 0)
+    old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
+    loss, stats = compute_policy_loss(logprobs, old, mb.advantages, w, args.clip_low, args.clip_high)
+    stats["loss/policy"] = loss.item()
+    stats["policy/entropy"] = masked_mean(entropy.detach(), mb.response_mask).item()
+    if args.kl_coef > 0 and args.kl_estimator == "k3":
+        kl = (compute_kl(logprobs, mb.ref_logprobs, "k3") * w).sum()
+        loss = loss + args.kl_coef * kl
+        stats["policy/kl"] = kl.item()
+    if args.entropy_coef:
+        loss = loss - args.entropy_coef * (entropy * w).sum()
+    return loss, stats
 
 
-def update(accelerator, model, optimizer, exp: Experience, args: Args, role: str, epochs: int,
-           mini_batches: int, step: int, token_rewards: torch.Tensor | None = None) -> dict[str, list]:
-    """Optimizer steps of the policy or the critic over one rollout: `epochs` passes of `mini_batches`
-    mini-batches, each accumulated over micro-batches. Returns lists of stats, one value per optimizer step.
+def value_loss(model, mb: Experience, w: torch.Tensor, args: Args) -> tuple[torch.Tensor, dict]:
+    """The critic's clipped value loss of a micro-batch against the GAE returns, and its stats."""
+    values = forward_values(model, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1])
+    loss, stats = compute_value_loss(values, mb.values, mb.returns, w, args.value_clip if args.value_clip > 0 else None)
+    stats["critic/value_loss"] = loss.item()
+    return loss, stats
 
-    Critic with `token_rewards`: the rows of the first mini-batch have no values yet; the forward pass of
-    that first update, taken before any optimizer step, is their value pass. It writes `exp.values`,
-    `exp.advantages` and `exp.returns` of those rows (GAE is per row), and the loss uses them as the old
-    values, exactly as a separate value pass would, saving that pass's cost for 1 / `mini_batches` of the rows."""
-    rows = len(exp.response_ids)
-    world, rank = accelerator.num_processes, accelerator.process_index
+
+def update(run: Run, exp: Experience, role: str, step: int) -> dict[str, list]:
+    """Optimizer steps of the policy or the critic over one rollout: epochs of mini-batches, each accumulated
+    over micro-batches. Returns lists of stats, one value per optimizer step."""
+    args, accelerator = run.args, run.accelerator
+    model, optimizer = (run.policy if role == "policy" else run.critic), run.optimizers[role]
+    loss_fn, loss_agg = (policy_loss, args.loss_agg) if role == "policy" else (value_loss, "token-mean")
+    epochs, mini_batches = ((args.ppo_epochs, args.num_mini_batches) if role == "policy"
+                            else (args.critic_epochs, args.critic_mini_batches))
+    rows, world, rank = len(exp.response_ids), accelerator.num_processes, accelerator.process_index
     device = exp.response_ids.device
     stats: dict[str, list] = {}
     model.train()
-    for number, part in enumerate(mini_batch_parts(rows * world, mini_batches, args.seed, step, epochs)):
-        local = local_rows(part, rank, rows).to(device)  # a process may get more or fewer rows than another
-        mini = exp.select(local)
-        fill = token_rewards is not None and number == 0
+    for part in mini_batch_parts(rows * world, mini_batches, args.seed, step, epochs):
+        mini = exp.select(local_rows(part, rank, rows).to(device))  # processes may get unequal shares
         # sequences are the rows with a token in the loss: rows left out (--drop-equal-groups) have none
         kept_rows = (mini.response_mask.sum(dim=1) > 0).sum().float()
         count = accelerator.reduce(torch.stack([mini.response_mask.sum(), kept_rows]), "sum")
-        weights_all = loss_weights(mini.response_mask, args.loss_agg if role == "policy" else "token-mean",
-                                   int(count[1].item()), count[0].item(), args.max_new_tokens)
+        weights = loss_weights(mini.response_mask, loss_agg, int(count[1].item()), count[0].item(), args.max_new_tokens)
         micro = plan(mini, args, accelerator)
         mini_stats: dict[str, list] = {}
         accelerator.gradient_accumulation_steps = len(micro)
@@ -1371,39 +1033,12 @@ def update(accelerator, model, optimizer, exp: Experience, args: Args, role: str
             # an empty micro-batch (another process has more) runs one row with zero weight, so that
             # every process makes the same number of forward and backward passes
             if len(idx):
-                mb, w = mini.select(idx).trim(), weights_all[idx]
+                mb, w = mini.select(idx).trim(), weights[idx]
             else:
                 mb = exp.select(torch.zeros(1, dtype=torch.long, device=device)).trim()
                 w = torch.zeros_like(mb.response_mask)
-            w = w[:, :mb.response_ids.shape[1]]
             with accelerator.accumulate(model):
-                if role == "critic":
-                    values = forward_values(model, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1])
-                    if fill:  # this forward is these rows' value pass (see the docstring)
-                        rows_in_exp, width = local[idx] if len(idx) else idx.new_zeros(1), values.shape[1]
-                        mb.values = values.detach() * mb.response_mask
-                        advantages, mb.returns = compute_gae_advantages(token_rewards[rows_in_exp, :width], mb.values,
-                                                                        mb.response_mask, args.gamma, args.lam)
-                        if len(idx):
-                            exp.values[rows_in_exp, :width], exp.returns[rows_in_exp, :width] = mb.values, mb.returns
-                            exp.advantages[rows_in_exp, :width] = advantages
-                    loss, s = compute_value_loss(values, mb.values, mb.returns, w,
-                                                 args.value_clip if args.value_clip > 0 else None)
-                    s["critic/value_loss"] = loss.item()
-                else:
-                    logprobs, entropy = forward_logprobs(model, mb.input_ids, mb.attention_mask,
-                                                         mb.response_ids.shape[1], args.temperature, with_entropy=True,
-                                                         entropy_grad=args.entropy_coef > 0)
-                    old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
-                    loss, s = compute_policy_loss(logprobs, old, mb.advantages, w, args.clip_low, args.clip_high)
-                    s["loss/policy"] = loss.item()
-                    s["policy/entropy"] = masked_mean(entropy.detach(), mb.response_mask).item()
-                    if args.kl_coef > 0 and args.kl_estimator == "k3":
-                        kl = (compute_kl(logprobs, mb.ref_logprobs, "k3") * w).sum()
-                        loss = loss + args.kl_coef * kl
-                        s["policy/kl"] = kl.item()
-                    if args.entropy_coef:
-                        loss = loss - args.entropy_coef * (entropy * w).sum()
+                loss, s = loss_fn(model, mb, w[:, :mb.response_ids.shape[1]], args)
                 if step in injected_nan_steps():
                     loss = loss * float("nan")
                 # accelerate divides by the accumulation steps and DDP averages over processes; the

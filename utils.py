@@ -4,6 +4,7 @@ No algorithm logic and no configuration lives here; everything is a plain functi
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -11,6 +12,7 @@ import os
 import random
 import shlex
 import sys
+import time
 import types
 import typing
 from collections.abc import Callable
@@ -18,6 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+
+@contextlib.contextmanager
+def timer(metrics: dict, name: str):
+    """Add the seconds the block takes to metrics["time/NAME"]."""
+    start = time.time()
+    try:
+        yield
+    finally:
+        metrics[f"time/{name}"] = metrics.get(f"time/{name}", 0.0) + time.time() - start
 
 
 def seed_everything(seed: int) -> None:
@@ -103,6 +115,29 @@ def number_problems(args, num_processes: int = 1) -> list[str]:
         problems.append(f"--seed {args.seed} must be in [0, {highest}]"
                         + (f" with {num_processes} processes" if num_processes > 1 else ""))
     return problems
+
+
+def main_process_decides(accelerator, fn, *args, what: str = "error"):
+    """`fn(*args)` run on the main process only, its result sent to every process; its one-line error
+    (SystemExit) or an OSError (prefixed with `what`) stops every process together, printed once. For checks
+    that may not agree between processes (the hub, a reward module's import) and for file operations done
+    once, which the others must not wait on forever."""
+    from accelerate.utils import broadcast_object_list
+
+    outcome = [None]  # (result, error)
+    if accelerator.is_main_process:
+        try:
+            outcome[0] = (fn(*args), None)
+        except SystemExit as err:
+            outcome[0] = (None, str(err.code))
+        except OSError as err:
+            outcome[0] = (None, f"{what}: {err}")
+    broadcast_object_list(outcome)
+    result, error = outcome[0]
+    if error is not None:
+        raise SystemExit(error if accelerator.is_main_process else 1)
+    return result
+
 
 
 class _ArgumentParser(argparse.ArgumentParser):

@@ -4,13 +4,18 @@ the value model (head, init, save/load, the read-out shift) and explained varian
 Run: python -m pytest tests/test_critic.py -q
 """
 
-import json
-
 import pytest
 import torch
 from transformers import AutoModel, LlamaConfig
 
-from critic import ValueModel, compute_gae_advantages, compute_value_loss, explained_variance, forward_values
+from critic import (
+    ValueModel,
+    batched_values,
+    compute_gae_advantages,
+    compute_value_loss,
+    explained_variance,
+    forward_values,
+)
 from utils import position_ids_from_mask
 
 
@@ -255,14 +260,31 @@ def test_forward_values_shift(critic):
 
 
 # ---------------------------------------------------------------------------------------------
-# The value pass fused into the first critic update (train_ppo.update with token_rewards)
+# The value pass of a rollout (critic.batched_values) and the mini-batches of the update
 # ---------------------------------------------------------------------------------------------
 
-def test_critic_fusable_only_without_dropout():
-    from train_ppo import critic_fusable
+def test_batched_values_equal_each_row_alone(critic):
+    """Micro-batches of left-padded prompts and right-padded responses give each row the values it gets
+    alone; an empty micro-batch (another process has more) writes nothing; 0 outside the response."""
+    from rollout import Experience
 
-    assert critic_fusable(ValueModel(AutoModel.from_config(tiny_config())))
-    assert not critic_fusable(ValueModel(AutoModel.from_config(tiny_config(attention_dropout=0.1))))
+    torch.manual_seed(1)
+    prompts = [[5, 6, 7], [8, 9], [10]]
+    responses = [[11, 12, 13, 14], [15], [16, 17]]
+    width_p, width_r = 3, 4
+    exp = Experience(
+        prompt_ids=torch.tensor([[0] * (width_p - len(p)) + p for p in prompts]),
+        prompt_mask=torch.tensor([[0] * (width_p - len(p)) + [1] * len(p) for p in prompts]),
+        response_ids=torch.tensor([r + [0] * (width_r - len(r)) for r in responses]),
+        response_mask=torch.tensor([[1.0] * len(r) + [0.0] * (width_r - len(r)) for r in responses]),
+        truncated=torch.zeros(3, dtype=torch.bool), group_ids=torch.zeros(3, dtype=torch.long))
+    values = batched_values(critic, exp, [torch.tensor([2, 0]), torch.tensor([], dtype=torch.long),
+                                          torch.tensor([1])])
+    for row, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        alone = forward_values(critic, torch.tensor([p + r]), torch.ones(1, len(p) + len(r)), len(r))[0]
+        assert torch.allclose(values[row, :len(r)], alone, atol=1e-5)
+        assert (values[row, len(r):] == 0).all()
+    assert not critic.training, "the critic's mode is restored"
 
 
 @pytest.mark.parametrize("mini_batches,world", [(1, 1), (2, 1), (4, 2)])
@@ -276,34 +298,7 @@ def test_mini_batch_parts_cover_each_row_once_per_epoch(mini_batches, world):
         assert sorted(torch.cat(epoch).tolist()) == list(range(rows * world))
     assert all(torch.equal(a, b)
                for a, b in zip(parts, mini_batch_parts(rows * world, mini_batches, 3, 5, 2), strict=True))
-    # the first part is the same whether one or several epochs are drawn (train_ppo.main relies on it)
-    assert torch.equal(parts[0], mini_batch_parts(rows * world, mini_batches, 3, 5)[0])
     first = parts[0]
     mine = [local_rows(first, r, rows) + r * rows for r in range(world)]
     assert sorted(torch.cat(mine).tolist()) == sorted(first.tolist())
     assert all(((m >= r * rows) & (m < (r + 1) * rows)).all() for r, m in enumerate(mine))
-
-
-@pytest.mark.parametrize("mini_batches", [1, 2])
-def test_fused_value_pass_trains_like_a_separate_one(mini_batches, tmp_path, tiny_base, monkeypatch):
-    """The first critic mini-batch's forward doubles as its value pass; the run must match one with a
-    separate no-grad value pass: the same values, returns and parameters up to float round-off."""
-    from safetensors.torch import load_file
-
-    import train_ppo
-
-    def run(name):
-        args = train_ppo.Args(max_steps=2, prompts_per_step=4, num_generations=4, max_new_tokens=16, eval_every=0,
-                              critic_mini_batches=mini_batches, output_dir=str(tmp_path / name), report_to="none")
-        train_ppo.main(args)
-        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-
-    fused = run("fused")
-    monkeypatch.setattr(train_ppo, "critic_fusable", lambda critic: False)
-    separate = run("separate")
-    for a, b in zip(fused, separate, strict=True):
-        for key in ("critic/values", "critic/value_loss", "critic/explained_var", "loss/policy", "train/advantage_abs"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
-    for part in ("policy/model.safetensors", "critic/model.safetensors", "critic/value_head.safetensors"):
-        x, y = load_file(str(tmp_path / "fused" / part)), load_file(str(tmp_path / "separate" / part))
-        assert max((x[k] - y[k]).abs().max().item() for k in x) < 1e-5, part

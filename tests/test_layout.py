@@ -1,4 +1,4 @@
-"""The files import one way: utils <- reward, data <- rollout, critic <- train_ppo <- the other entry points
+"""The files import one way: utils <- reward, data, checkpoint <- rollout, critic <- train_ppo <- the other entry points
 (train_grpo, benchmark, data.curate). Every import, including those inside functions, is checked, and every
 module imports alone in a fresh interpreter; no private name (`_x`) is imported across modules."""
 
@@ -11,7 +11,7 @@ from conftest import ROOT
 
 LAYERS = {
     "utils": 0,
-    "reward": 1, "data.loading": 1, "data.synthetic": 1,
+    "reward": 1, "data.loading": 1, "data.synthetic": 1, "checkpoint": 1,
     "rollout": 2, "critic": 2,
     "train_ppo": 3,
     "train_grpo": 4, "benchmark": 4, "data.curate": 4,

@@ -153,12 +153,12 @@ def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monk
     import errno
     import fcntl
 
-    import train_ppo
+    import checkpoint
 
     def no_flock(fd, op):
         raise OSError(errno.ENOSYS, "Function not implemented")
 
-    lock = train_ppo.releases_output_locks(train_ppo.lock_output_dir)  # held only during the call
+    lock = checkpoint.releases_output_locks(checkpoint.lock_output_dir)  # held only during the call
     monkeypatch.setattr(fcntl, "flock", no_flock)
     lock(tmp_path / "run")
     assert "cannot lock files" in capsys.readouterr().out

@@ -248,7 +248,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_good_one(fai
 def test_reading_back_the_logs_of_a_killed_run_keeps_whole_records_before_the_step(tmp_path):
     """A kill can tear the last line of samples.jsonl inside a multi-byte character; a garbled line may hold
     JSON that is not a record. Neither stops the resume."""
-    from train_ppo import read_jsonl_before
+    from checkpoint import read_jsonl_before
 
     path = tmp_path / "samples.jsonl"
     records = [{"step": 0, "response": "é"}, {"step": 1}, {"step": 2}]
