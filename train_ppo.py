@@ -602,12 +602,12 @@ def score(pool: RewardPool, texts: list[str], answers: list[str], truncated: tor
 
 
 def evaluate(run: "Run", step: int) -> dict:
-    """avg@k, pass@k and maj@k on each held-out set, as `python rollout.py eval` computes them; each process
+    """avg@k, pass@k and maj@k on each held-out set, as `python evaluate.py` computes them; each process
     samples its share of the batches (the same batches and seeds whatever the process count) and the
     per-problem counts are gathered. `eval/accuracy` is the avg@k over all sets pooled."""
     from accelerate.utils import gather_object
 
-    from rollout import aggregate_eval, evaluate_datasets
+    from evaluate import aggregate_eval, evaluate_datasets
 
     args, tokenizer, stop_ids, accelerator = run.args, run.tokenizer, run.stop_ids, run.accelerator
     generate_kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -126,7 +126,7 @@ def _read_progress(path: Path, settings: dict) -> dict[int, dict]:
 
 
 def _load_sampler(model_name: str, trust_remote_code: bool):
-    """Model, tokenizer and stop ids, exactly as `rollout.eval_main` and train_ppo.main build them."""
+    """Model, tokenizer and stop ids, exactly as evaluate.py and train_ppo.py build them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from data.synthetic import build_tiny_base
@@ -149,8 +149,8 @@ def _sample_pending(pending: list[dict], args, progress_path: Path, initial: int
     from tqdm.auto import tqdm
 
     from data.loading import ORZ_STOP_STRINGS
+    from evaluate import evaluate_datasets
     from reward import RewardPool
-    from rollout import evaluate_datasets
     from utils import JsonlWriter
 
     model, tokenizer, stop_ids = _load_sampler(args.model, args.trust_remote_code)

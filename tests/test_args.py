@@ -206,12 +206,12 @@ def test_grpo_help_keeps_the_groups_and_its_own_defaults():
     assert result.stdout.splitlines()[2].startswith("Train a base LM to reason with GRPO")
 
 
-def test_rollout_eval_help_shows_its_own_usage():
-    result = run_script("rollout.py", "eval", "--help")
+def test_evaluate_help_shows_its_own_usage():
+    result = run_script("evaluate.py", "--help")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("usage: rollout.py eval "), result.stdout[:200]
+    assert result.stdout.startswith("usage: evaluate.py "), result.stdout[:200]
     assert "--num-samples N" in result.stdout and "--num_samples" not in result.stdout
-    result = run_script("rollout.py", "eval", "--num-sample", "2")
+    result = run_script("evaluate.py", "--num-sample", "2")
     assert result.returncode == 2 and result.stderr.strip() == (
         "error: unknown argument --num-sample (did you mean --num-samples?)"), result.stderr
 

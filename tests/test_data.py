@@ -582,7 +582,7 @@ def test_a_file_whose_name_starts_with_synthetic_is_read_as_a_file(tmp_path, mon
 
     from data.curate import load_dataset
     from data.synthetic import make_synthetic_records
-    from rollout import EvalArgs, load_eval_datasets
+    from evaluate import EvalArgs, load_eval_datasets
     from train_ppo import Args, read_data
 
     monkeypatch.chdir(tmp_path)

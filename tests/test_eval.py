@@ -1,4 +1,4 @@
-"""Tests of the evaluation metrics and `python rollout.py eval`: pass@k against hand-computed values,
+"""Tests of the evaluation metrics and `python evaluate.py`: pass@k against hand-computed values,
 majority voting over equivalent answers, aggregation, the files the command writes, and bad input.
 
 Run: python -m pytest tests/test_eval.py -q
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from rollout import EvalArgs, aggregate_eval, eval_main, format_eval_table, majority_answer, pass_at_k
+from evaluate import EvalArgs, aggregate_eval, format_eval_table, majority_answer, pass_at_k
+from evaluate import main as eval_main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,7 +106,7 @@ def test_eval_model_directory_without_a_model(tmp_path):
 
 def test_eval_command_writes_results(tiny_base, tmp_path):
     out = tmp_path / "eval"
-    cmd = [sys.executable, "rollout.py", "eval", "--model", "tiny", "--datasets", "synthetic,math500",
+    cmd = [sys.executable, "evaluate.py", "--model", "tiny", "--datasets", "synthetic,math500",
            "--limit", "4", "--num-samples", "2", "--max-new-tokens", "24", "--reward-workers", "0",
            "--output-dir", str(out)]
     # In-process scoring (--reward-workers 0): a spawned worker re-imports torch, ~10 s on a busy CPU; the

@@ -1,6 +1,6 @@
-"""The files import one way: utils <- reward, data, checkpoint <- rollout, critic <- train_ppo <- the other entry points
-(train_grpo, benchmark, data.curate). Every import, including those inside functions, is checked, and every
-module imports alone in a fresh interpreter; no private name (`_x`) is imported across modules."""
+"""The files import one way: utils <- reward, data, checkpoint <- rollout, critic <- evaluate <- train_ppo <- the
+other entry points (train_grpo, benchmark, data.curate). Every import, including those inside functions, is checked, and
+every module imports alone in a fresh interpreter; no private name (`_x`) is imported across modules."""
 
 import ast
 import subprocess
@@ -13,8 +13,9 @@ LAYERS = {
     "utils": 0,
     "reward": 1, "data.loading": 1, "data.synthetic": 1, "checkpoint": 1,
     "rollout": 2, "critic": 2,
-    "train_ppo": 3,
-    "train_grpo": 4, "benchmark": 4, "data.curate": 4,
+    "evaluate": 3,
+    "train_ppo": 4,
+    "train_grpo": 5, "benchmark": 5, "data.curate": 5,
 }
 
 

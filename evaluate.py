@@ -1,0 +1,289 @@
+"""Evaluate a model on held-out math problems: avg@k, pass@k and maj@k per dataset.
+
+    python evaluate.py --model runs/ppo/policy --datasets math500,aime2024 --num-samples 4 --max-new-tokens 8000
+    python evaluate.py --model tiny --datasets synthetic --num-samples 8 --temperature 0.6
+
+Each problem gets k samples with training's prompt template, ORZ's stop strings and the rule-based reward;
+`evaluate_datasets` is also what training's held-out evaluation runs. Writes results.json (per dataset and
+per problem) and completions.jsonl to --output-dir.
+"""
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# first: rollout sets the OpenMP spin count before torch loads (see there)
+from rollout import generate_responses, model_problems, prepare_for_sampling, stop_positions
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from `n` samples of which `c` are correct: 1 - C(n-c, k) / C(n, k).
+
+    Chen et al. 2021, "Evaluating Large Language Models Trained on Code" (arXiv:2107.03374), eq. 1, in
+    the numerically stable product form of their Figure 3: 1 - prod_{i=n-c+1}^{n} (1 - k / i).
+    Examples: (5, 2, 1) -> 0.4; (5, 2, 2) -> 0.7; c = 0 -> 0.0; n - c < k -> 1.0.
+    """
+    if not (isinstance(n, int) and isinstance(c, int) and isinstance(k, int)) or not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass_at_k needs integers 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def same_answer(answer: str, other: str) -> bool:
+    """Whether two extracted answers are mathematically equivalent, judged by `reward.math_reward`
+    (math-verify plus normalisation, with its cost pre-screen and soft deadline), so `\\frac12` and `0.5`
+    agree exactly as the reward would have them agree."""
+    from reward import math_reward
+
+    return answer == other or math_reward(f"\\boxed{{{answer}}}", other) >= 1.0
+
+
+def majority_answer(answers: list[str | None], same=same_answer) -> str | None:
+    """The most common answer among samples, counting equivalent answers together (majority voting,
+    "self-consistency": Wang et al. 2022, arXiv:2203.11171).
+
+    Each answer joins the first group whose first member it is `same` as; None (no answer) is ignored.
+    Ties go to the group that appeared first. Returns that group's first member, or None if no sample
+    has an answer. Example: ["1/2", None, "3", "\\frac12", "3", "0.5"] -> "1/2" (3 votes against 2).
+    """
+    groups: list[list] = []  # [first member, votes]
+    for answer in answers:
+        if answer is None:
+            continue
+        group = next((g for g in groups if answer == g[0] or same(answer, g[0])), None)
+        if group is None:
+            groups.append([answer, 1])
+        else:
+            group[1] += 1
+    if not groups:
+        return None
+    return max(groups, key=lambda g: g[1])[0]  # max keeps the first of equal counts
+
+
+def aggregate_eval(per_problem: list[dict]) -> dict:
+    """avg@k, pass@k and maj@k over problems, from per-problem counts as `evaluate_datasets` returns them:
+    `{"n": samples, "correct": correct samples, "maj_correct": 0 or 1}`.
+
+    avg@k is the mean over problems of correct / n (accuracy averaged over the k samples); pass@k is the
+    mean of `pass_at_k(n, correct, k)`; maj@k the share of problems whose majority answer is right.
+    k is the smallest n (every problem has the same n in an eval). Returns {"avg@k": .., "pass@k": ..,
+    "maj@k": .., "problems": P, "k": k} with k written out, e.g. "avg@4".
+    """
+    if not per_problem:
+        raise ValueError("aggregate_eval: no problems to aggregate")
+    bad = next((p for p in per_problem if not (0 <= p.get("correct", -1) <= p.get("n", 0))), None)
+    if bad is not None:
+        raise ValueError(f"aggregate_eval: need n >= 1 and 0 <= correct <= n per problem, got {bad}")
+    k, count = min(p["n"] for p in per_problem), len(per_problem)
+    return {f"avg@{k}": sum(p["correct"] / p["n"] for p in per_problem) / count,
+            f"pass@{k}": sum(pass_at_k(p["n"], p["correct"], k) for p in per_problem) / count,
+            f"maj@{k}": sum(p["maj_correct"] for p in per_problem) / count,
+            "problems": count, "k": k}
+
+
+def evaluate_datasets(model, tokenizer, datasets: dict[str, list[dict]], *, pool, generate_kwargs: dict,
+                      num_samples: int = 1, batch_size: int = 8, seed: int = 0, score_truncated: bool = False,
+                      prompt_template: str = "orz", progress: bool = True, rank: int = 0, world: int = 1) -> dict:
+    """Sample `num_samples` responses per problem, score them with `pool`, and report avg@k/pass@k/maj@k.
+
+    datasets: name -> records as data/loading.py makes them ({"id", "question", "answer", ...}); a record
+        with "prompt_ids" (as train_ppo.load_data adds) is used as is, otherwise its question is formatted
+        with `prompt_template` (data.loading.format_prompt) and tokenized.
+    pool: a reward.RewardPool (ORZ's rule applies: a truncated response scores 0 unless `score_truncated`).
+    generate_kwargs: the keyword arguments of `generate_responses` other than the prompts,
+        `num_generations`, `batch_size` and `seeds` (max_new_tokens, temperature, top_p, top_k,
+        stop_token_ids, pad_token_id, stop_strings, tokenizer, synced_gpus); `stop_token_ids` and
+        `stop_strings` also cut the responses (`stop_positions`), as in training.
+    batch_size: prompts per generate call; each call is seeded from (seed, dataset, first prompt's index).
+    rank, world: under accelerate, this process samples every `world`-th batch of each dataset, starting at
+        batch `rank`. Batches and their seeds are those of one process, so the samples, and the metrics of
+        the gathered `per_problem` rows, do not depend on the number of processes. With `synced_gpus`, a
+        process short of a batch repeats one and discards it, so that all make the same generate calls.
+
+    Majority voting uses the final answers of responses that stopped on their own; maj@k is right when
+    the first sample carrying the majority answer scored 1. Returns
+        {"metrics": {name: aggregate_eval(...), ..., "overall": over all problems pooled},
+         "per_problem": {name: [{"id", "n", "correct", "maj_correct", "majority"}, ...]},
+         "completions": [{"dataset", "id", "question", "ground_truth", "sample", "response", "answer",
+                          "reward", "truncated"}, ...]}.
+    Under accelerate, give every process all records with its `rank` and `world`, gather `per_problem`
+    (gather_object) and call `aggregate_eval` on the concatenation.
+    """
+    from tqdm.auto import tqdm
+
+    from data.loading import format_prompt
+    from reward import final_answer  # what math_reward compares: the last box, or a list of joined boxes
+    from utils import left_pad
+
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
+    if generate_kwargs.get("temperature", 1.0) <= 0 and num_samples > 1:
+        raise ValueError("temperature 0 (greedy) gives identical samples: use num_samples 1")
+    stop_ids, stop_strings = generate_kwargs["stop_token_ids"], generate_kwargs.get("stop_strings")
+    per_problem, completions = {}, []
+    bar = tqdm(total=sum(len(r) for r in datasets.values()), desc="eval", unit="problem", disable=not progress)
+    for d, (name, records) in enumerate(datasets.items()):
+        per_problem[name] = []
+        starts = list(range(0, len(records), batch_size))
+        mine = starts[rank::world]
+        calls = -(-len(starts) // world) if generate_kwargs.get("synced_gpus") else len(mine)
+        for call in range(calls):
+            start = mine[call] if call < len(mine) else (mine or starts)[0]  # a repeat, discarded below
+            chunk = records[start:start + batch_size]
+            prompts = [r["prompt_ids"] if "prompt_ids" in r else
+                       tokenizer(format_prompt(r["question"], prompt_template, tokenizer))["input_ids"] for r in chunk]
+            ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+            out = generate_responses(model, ids, mask, num_generations=num_samples,
+                                     seeds=[seed * 1_000_003 + d * 100_003 + start], **generate_kwargs)
+            if call >= len(mine):
+                continue
+            lengths, truncated = stop_positions(out, stop_ids, stop_strings, tokenizer)
+            texts = tokenizer.batch_decode([row[:n] for row, n in zip(out.tolist(), lengths.tolist(), strict=True)],
+                                           skip_special_tokens=True)
+            truths = [r["answer"] for r in chunk for _ in range(num_samples)]
+            extras = [r.get("extras") or {} for r in chunk for _ in range(num_samples)]
+            rewards, _ = pool.score(texts, truths, extras)
+            if not score_truncated:
+                rewards = [0.0 if cut else x for x, cut in zip(rewards, truncated.tolist(), strict=True)]
+            for j, r in enumerate(chunk):
+                rows = range(j * num_samples, (j + 1) * num_samples)
+                answers = [final_answer(texts[i]) for i in rows]
+                votes = [None if truncated[i] else a for i, a in zip(rows, answers, strict=True)]
+                majority = majority_answer(votes)
+                maj_correct = majority is not None and rewards[rows[votes.index(majority)]] >= 1.0
+                per_problem[name].append({"id": r["id"], "n": num_samples,
+                                          "correct": sum(rewards[i] >= 1.0 for i in rows),
+                                          "maj_correct": int(maj_correct), "majority": majority})
+                completions += [{"dataset": name, "id": r["id"], "question": r["question"], "ground_truth": r["answer"],
+                                 "sample": s, "response": texts[i], "answer": answers[s], "reward": rewards[i],
+                                 "truncated": bool(truncated[i])} for s, i in enumerate(rows)]
+            bar.update(len(chunk))
+    bar.close()
+    metrics = {name: aggregate_eval(rows) for name, rows in per_problem.items() if rows}
+    pooled = [p for rows in per_problem.values() for p in rows]
+    if pooled:
+        metrics["overall"] = aggregate_eval(pooled)
+    return {"metrics": metrics, "per_problem": per_problem, "completions": completions}
+
+
+@dataclass
+class EvalArgs:
+    """Arguments of `python evaluate.py` (parsed by utils.parse_args, like train_ppo.Args)."""
+
+    model: str = field(default="tiny", metadata={"help": "hub id, local path, or 'tiny' (the built-in model)"})
+    datasets: str = field(default="math500", metadata={
+        "help": "comma-separated: math500, aime2024, synthetic, or any file/dir/hub dataset data/loading.py reads"})
+    split: str = field(default="test", metadata={"help": "split of a dataset directory or hub dataset"})
+    question_field: str | None = field(default=None, metadata={"help": "field holding the question (default: auto)"})
+    answer_field: str | None = field(default=None, metadata={"help": "field holding the final answer (default: auto)"})
+    prompt_template: str = field(default="orz", metadata={"help": "'orz', 'chat', 'raw', or a string with {question}"})
+    num_samples: int = field(default=4, metadata={"help": "samples per problem (k of avg@k, pass@k, maj@k)"})
+    temperature: float = field(default=1.0, metadata={
+        "help": "sampling temperature (0: greedy, needs --num-samples 1)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
+    top_k: int = field(default=0, metadata={"help": "top-k sampling (0: off)"})
+    max_new_tokens: int = field(default=32, metadata={
+        "help": "response length limit; longer responses are truncated and score 0"})
+    limit: int = field(default=0, metadata={"help": "first N problems of each dataset (0: all)"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
+    synthetic_difficulty: int = field(default=1, metadata={"help": "difficulty of the built-in task's test split"})
+    score_truncated: bool = field(default=False, metadata={"help": "score truncated responses too (ORZ: they get 0)"})
+    reward_workers: int = field(default=2, metadata={"help": "reward worker processes"})
+    reward_timeout: float = field(default=5.0, metadata={"help": "seconds per item before it scores 0"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub"})
+    output_dir: str = field(default="runs/eval", metadata={"help": "where results.json and completions.jsonl go"})
+
+
+def load_eval_datasets(args: EvalArgs) -> dict[str, list[dict]]:
+    """name -> records for each of `args.datasets`, read by data.loading.load_dataset as training reads
+    them ("synthetic" is the built-in task's --split, by default the 512 held-out problems)."""
+    from data.loading import DataError, load_dataset
+
+    names = [s.strip() for s in args.datasets.split(",") if s.strip()]
+    if not names:
+        raise SystemExit("error: --datasets is empty")
+    out = {}
+    for spec in names:
+        try:
+            records = load_dataset(spec, args.split, seed=args.seed, difficulty=args.synthetic_difficulty,
+                                   question_field=args.question_field, answer_field=args.answer_field)
+        except (DataError, ValueError) as err:
+            raise SystemExit(f"error: {err}") from None
+        out[spec] = records[:args.limit] if args.limit else records
+    return out
+
+
+def format_eval_table(metrics: dict) -> str:
+    """A plain-text table: one row per dataset (and "overall"), columns problems, avg@k, pass@k, maj@k."""
+    k = next(iter(metrics.values()))["k"]
+    cols = [f"avg@{k}", f"pass@{k}", f"maj@{k}"]
+    width = max(12, *(len(name) for name in metrics))
+    lines = [f"{'dataset':<{width}} {'problems':>8} " + " ".join(f"{c:>8}" for c in cols)]
+    lines += [f"{name:<{width}} {m['problems']:>8} " + " ".join(f"{m[c]:>8.3f}" for c in cols)
+              for name, m in metrics.items()]
+    return "\n".join(lines)
+
+
+def main(args: EvalArgs) -> dict:
+    """`python evaluate.py`: load the model and datasets, run `evaluate_datasets` with training's
+    prompt template, ORZ stop strings and 'math' reward, print the table, write results.json and
+    completions.jsonl to --output-dir. Returns the metrics."""
+    import json
+    from dataclasses import asdict
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data.loading import ORZ_STOP_STRINGS
+    from data.synthetic import build_tiny_base
+    from reward import RewardPool
+    from utils import JsonlWriter, number_problems, seed_everything
+
+    problems = number_problems(args)
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
+    if args.num_samples < 1 or args.max_new_tokens < 1 or args.batch_size < 1 or args.limit < 0:
+        raise SystemExit("error: --num-samples, --max-new-tokens and --batch-size must be >= 1, --limit >= 0")
+    if args.temperature < 0 or (args.temperature == 0 and args.num_samples > 1):
+        raise SystemExit("error: --temperature must be >= 0, and 0 (greedy) needs --num-samples 1")
+    problems = model_problems(args.model)
+    if problems:
+        raise SystemExit("error: " + problems[0])
+    datasets = load_eval_datasets(args)
+    seed_everything(args.seed)
+    model_path = str(build_tiny_base()) if args.model == "tiny" else args.model
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
+    stop_ids = prepare_for_sampling(tokenizer, model)
+    generate_kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                           top_k=args.top_k, stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id,
+                           stop_strings=list(ORZ_STOP_STRINGS), tokenizer=tokenizer)
+    with RewardPool("math", num_workers=args.reward_workers, timeout=args.reward_timeout) as pool:
+        try:
+            result = evaluate_datasets(model, tokenizer, datasets, pool=pool, generate_kwargs=generate_kwargs,
+                                       num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
+                                       score_truncated=args.score_truncated, prompt_template=args.prompt_template)
+        except ValueError as err:  # e.g. DataError from a prompt template
+            raise SystemExit(f"error: {err}") from None
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "completions.jsonl").unlink(missing_ok=True)
+    writer = JsonlWriter(out / "completions.jsonl")
+    for row in result["completions"]:
+        writer.write(row)
+    writer.close()
+    results = {"model": args.model, "args": asdict(args), "metrics": result["metrics"],
+               "per_problem": result["per_problem"]}
+    # a lone surrogate in model text (which UTF-8 cannot hold) is written as its JSON escape
+    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False),
+                                        encoding="utf-8", errors="backslashreplace")
+    print(format_eval_table(result["metrics"]))
+    print(f"wrote {out / 'results.json'} and {out / 'completions.jsonl'}")
+    return result["metrics"]
+
+
+if __name__ == "__main__":
+    from utils import parse_args
+
+    main(parse_args(EvalArgs, prog="evaluate.py", description=__doc__))
