@@ -12,8 +12,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# first: rollout sets the OpenMP spin count before torch loads (see there)
-from rollout import generate_responses, model_problems, prepare_for_sampling, stop_positions
+from data.loading import DataArgs  # these two do not load torch: rollout still comes first to set the
+from reward import RewardArgs  # OpenMP spin count before torch loads (see there)
+from rollout import ModelArgs, SamplingArgs, generate_responses, model_problems, prepare_for_sampling, stop_positions
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -168,31 +169,19 @@ def evaluate_datasets(model, tokenizer, datasets: dict[str, list[dict]], *, pool
 
 
 @dataclass
-class EvalArgs:
-    """Arguments of `python evaluate.py` (parsed by utils.parse_args, like train_ppo.Args)."""
+class EvalArgs(RewardArgs, SamplingArgs, DataArgs, ModelArgs):
+    """Arguments of `python evaluate.py`: the model, data, sampling and reward arguments every command
+    shares (parsed by utils.parse_args, like train_ppo.Args), then evaluation's own."""
 
-    model: str = field(default="tiny", metadata={"help": "hub id, local path, or 'tiny' (the built-in model)"})
     datasets: str = field(default="math500", metadata={
+        "group": "model and data",
         "help": "comma-separated: math500, aime2024, synthetic, or any file/dir/hub dataset data/loading.py reads"})
     split: str = field(default="test", metadata={"help": "split of a dataset directory or hub dataset"})
-    question_field: str | None = field(default=None, metadata={"help": "field holding the question (default: auto)"})
-    answer_field: str | None = field(default=None, metadata={"help": "field holding the final answer (default: auto)"})
-    prompt_template: str = field(default="orz", metadata={"help": "'orz', 'chat', 'raw', or a string with {question}"})
-    num_samples: int = field(default=4, metadata={"help": "samples per problem (k of avg@k, pass@k, maj@k)"})
-    temperature: float = field(default=1.0, metadata={
-        "help": "sampling temperature (0: greedy, needs --num-samples 1)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
-    top_k: int = field(default=0, metadata={"help": "top-k sampling (0: off)"})
-    max_new_tokens: int = field(default=32, metadata={
-        "help": "response length limit; longer responses are truncated and score 0"})
     limit: int = field(default=0, metadata={"help": "first N problems of each dataset (0: all)"})
-    batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
-    synthetic_difficulty: int = field(default=1, metadata={"help": "difficulty of the built-in task's test split"})
-    score_truncated: bool = field(default=False, metadata={"help": "score truncated responses too (ORZ: they get 0)"})
-    reward_workers: int = field(default=2, metadata={"help": "reward worker processes"})
-    reward_timeout: float = field(default=5.0, metadata={"help": "seconds per item before it scores 0"})
     seed: int = field(default=0, metadata={"help": "random seed"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub"})
+    num_samples: int = field(default=4, metadata={
+        "group": "evaluation", "help": "samples per problem (k of avg@k, pass@k, maj@k)"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
     output_dir: str = field(default="runs/eval", metadata={"help": "where results.json and completions.jsonl go"})
 
 
@@ -228,7 +217,7 @@ def format_eval_table(metrics: dict) -> str:
 
 def main(args: EvalArgs) -> dict:
     """`python evaluate.py`: load the model and datasets, run `evaluate_datasets` with training's
-    prompt template, ORZ stop strings and 'math' reward, print the table, write results.json and
+    prompt template, ORZ stop strings and --reward, print the table, write results.json and
     completions.jsonl to --output-dir. Returns the metrics."""
     import json
     from dataclasses import asdict
@@ -237,7 +226,7 @@ def main(args: EvalArgs) -> dict:
 
     from data.loading import ORZ_STOP_STRINGS
     from data.synthetic import build_tiny_base
-    from reward import RewardPool
+    from reward import RewardPool, load_reward_fn
     from utils import JsonlWriter, number_problems, seed_everything
 
     problems = number_problems(args)
@@ -250,6 +239,11 @@ def main(args: EvalArgs) -> dict:
     problems = model_problems(args.model)
     if problems:
         raise SystemExit("error: " + problems[0])
+    if args.reward != "math":
+        try:
+            load_reward_fn(args.reward)
+        except ValueError as err:
+            raise SystemExit(f"error: --reward {args.reward}: {err}") from None
     datasets = load_eval_datasets(args)
     seed_everything(args.seed)
     model_path = str(build_tiny_base()) if args.model == "tiny" else args.model
@@ -259,7 +253,7 @@ def main(args: EvalArgs) -> dict:
     generate_kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            top_k=args.top_k, stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id,
                            stop_strings=list(ORZ_STOP_STRINGS), tokenizer=tokenizer)
-    with RewardPool("math", num_workers=args.reward_workers, timeout=args.reward_timeout) as pool:
+    with RewardPool(args.reward, num_workers=args.reward_workers, timeout=args.reward_timeout) as pool:
         try:
             result = evaluate_datasets(model, tokenizer, datasets, pool=pool, generate_kwargs=generate_kwargs,
                                        num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,

@@ -32,7 +32,7 @@ applies ORZ's other rule (a truncated response scores 0). What this file adds, n
 Run it on a JSON Lines file of {"response", "ground_truth"[, "expected"]} records:
 
     python reward.py tests/reward_cases.jsonl --baseline
-    python reward.py rollouts.jsonl --reward my_rewards.py:score --workers 8 --timeout 5
+    python reward.py rollouts.jsonl --reward my_rewards.py:score --reward-workers 8 --reward-timeout 5
 
 From a trainer:
 
@@ -40,7 +40,6 @@ From a trainer:
         rewards, counters = pool.score(responses, ground_truths)
 """
 
-import argparse
 import contextlib
 import dataclasses
 import functools
@@ -1188,44 +1187,27 @@ class RewardPool:
 
 
 @dataclasses.dataclass
-class Args:
-    file: str = dataclasses.field(
-        default="",
-        metadata={"help": "JSONL file of {response, ground_truth[, expected]} records", "positional": True},
-    )
-    reward: str = dataclasses.field(
-        default="math", metadata={"help": "'math', 'module:function' or 'file.py:function'"}
-    )
-    workers: int = dataclasses.field(
-        default=2, metadata={"help": "worker processes (0 = in-process, no hard timeout)"}
-    )
-    timeout: float = dataclasses.field(
-        default=5.0, metadata={"help": "seconds per item before its worker is killed"}
-    )
-    baseline: bool = dataclasses.field(
-        default=False, metadata={"help": "also score with plain math-verify on the last box and compare"}
-    )
+class RewardArgs:
+    """How responses are scored (training, evaluation and curation share these arguments)."""
+
+    reward: str = dataclasses.field(default="math", metadata={
+        "group": "reward", "help": "'math', module:function or path/file.py:function"})
+    score_truncated: bool = dataclasses.field(default=False, metadata={
+        "help": "score truncated responses too (ORZ: they get 0)"})
+    reward_workers: int = dataclasses.field(default=2, metadata={
+        "help": "reward worker processes (0: in-process, no hard timeout)"})
+    reward_timeout: float = dataclasses.field(default=5.0, metadata={
+        "help": "seconds per item before its worker is killed and it scores 0"})
 
 
-def parse_args(argv: list[str] | None = None) -> Args:
-    """Build the parser from `Args`, so each option is declared once."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(Args):
-        help_text = f.metadata["help"]
-        if f.metadata.get("positional"):
-            parser.add_argument(f.name, help=help_text)
-        elif f.type is bool or f.type == "bool":
-            parser.add_argument(f"--{f.name}", action="store_true", help=help_text)
-        else:
-            kind = (
-                {"int": int, "float": float, "str": str}.get(f.type, f.type)
-                if isinstance(f.type, str)
-                else f.type
-            )
-            parser.add_argument(
-                f"--{f.name}", type=kind, default=f.default, help=f"{help_text} (default {f.default})"
-            )
-    return Args(**vars(parser.parse_args(argv)))
+@dataclasses.dataclass
+class ScoreFileArgs(RewardArgs):
+    """Arguments of `python reward.py FILE.jsonl` (parsed by utils.parse_args)."""
+
+    file: str = dataclasses.field(kw_only=True, metadata={
+        "positional": True, "help": "JSONL file of {response, ground_truth[, expected]} records"})
+    baseline: bool = dataclasses.field(default=False, metadata={
+        "help": "also score with plain math-verify on the last box and compare"})
 
 
 class _InputError(Exception):
@@ -1262,21 +1244,27 @@ def _one_line(value, width: int = 60) -> str:
 
 
 def _score_file(
-    records: list[dict], reward_fn, workers: int, timeout: float
+    records: list[dict], reward_fn, workers: int, timeout: float, score_truncated: bool = False
 ) -> tuple[list[float], dict, list[float]]:
+    """Rewards of the records (a record marked "truncated": true scores 0, as in training, unless
+    `score_truncated`), the pool's counters and each item's seconds."""
     responses = [r["response"] for r in records]
     truths = [
         r["ground_truth"] if isinstance(r["ground_truth"], str) else str(r["ground_truth"]) for r in records
     ]
     extras = [
-        {k: v for k, v in r.items() if k not in ("response", "ground_truth", "expected")} for r in records
+        {k: v for k, v in r.items() if k not in ("response", "ground_truth", "expected", "truncated")}
+        for r in records
     ]
     with RewardPool(reward_fn, num_workers=workers, timeout=timeout) as pool:
         rewards, counters = pool.score(responses, truths, extras)
-        return rewards, counters, pool.last_seconds
+        seconds = pool.last_seconds
+    if not score_truncated:
+        rewards = [0.0 if r.get("truncated") is True else x for r, x in zip(records, rewards, strict=True)]
+    return rewards, counters, seconds
 
 
-def main(args: Args) -> int:
+def main(args: ScoreFileArgs) -> int:
     """Score a JSONL file and print accuracy, agreement with `expected`, and the items that scored 0."""
     try:
         records = _read_records(args.file)
@@ -1289,7 +1277,8 @@ def main(args: Args) -> int:
         print(f"error: {args.file}: no records", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    rewards, counters, seconds = _score_file(records, args.reward, args.workers, args.timeout)
+    rewards, counters, seconds = _score_file(records, args.reward, args.reward_workers, args.reward_timeout,
+                                             args.score_truncated)
     n = len(records)
     print(f"scored {n} records from {args.file} with {args.reward!r} in {time.perf_counter() - start:.1f} s")
     print(f"accuracy: {sum(r > 0 for r in rewards) / n:.3f} ({sum(r > 0 for r in rewards)}/{n})")
@@ -1298,7 +1287,7 @@ def main(args: Args) -> int:
     runs = [("judge", rewards, seconds)]
     if args.baseline:
         base_rewards, base_counters, base_seconds = _score_file(
-            records, math_verify_baseline, args.workers, args.timeout
+            records, math_verify_baseline, args.reward_workers, args.reward_timeout, args.score_truncated
         )
         runs.append(("math-verify baseline", base_rewards, base_seconds))
         print("baseline counters: " + ", ".join(f"{k} {v}" for k, v in base_counters.items()))
@@ -1331,5 +1320,7 @@ def main(args: Args) -> int:
 
 
 if __name__ == "__main__":
+    from utils import parse_args
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    sys.exit(main(parse_args()))
+    sys.exit(main(parse_args(ScoreFileArgs, prog="reward.py", description=__doc__)))

@@ -12,7 +12,7 @@ Layout of a batch row:  [pad pad p0 p1 ... p_{P-1} | r0 r1 ... r_k pad pad]
 
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 # The OpenMP spin setting of train_ppo.py (see there), before torch loads, for the entry points that import
@@ -27,6 +27,32 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingW
 from utils import position_ids_from_mask
 
 LOGIT_CHUNK = 16  # rows per chunk of the full-vocabulary log-softmax: fp32 logits of all rows at once would not fit
+
+
+@dataclass
+class ModelArgs:
+    """The model arguments of every command that loads one (training, evaluation, curation); parsed by
+    utils.parse_args, like every argument class."""
+
+    model: str = field(default="tiny", metadata={
+        "group": "model and data", "help": "hub id, local path, or 'tiny' (built-in, made offline)"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "allow model code from the hub (off: it runs arbitrary code)"})
+
+
+@dataclass
+class SamplingArgs:
+    """How every command that samples responses samples them (training, evaluation, curation)."""
+
+    prompt_template: str = field(default="orz", metadata={
+        "group": "sampling", "help": "'orz' (ORZ's plain-text template), 'chat', 'raw', or a string with {question}"})
+    max_new_tokens: int = field(default=32, metadata={"help": "response length limit; longer responses are truncated"})
+    temperature: float = field(default=1.0, metadata={
+        "help": "sampling temperature (in training it also divides the logits of the update; evaluation: 0 is greedy "
+                "and needs --num-samples 1)"})
+    top_p: float = field(default=1.0, metadata={
+        "help": "nucleus sampling; keep 1.0 for training: the log-probs of the update do not replay truncation"})
+    top_k: int = field(default=0, metadata={"help": "top-k sampling (0: off); keep 0 for training, as --top-p"})
 
 
 @dataclass

@@ -62,10 +62,12 @@ from critic import (
     explained_variance,
     forward_values,
 )
-from data.loading import ORZ_STOP_STRINGS
-from reward import RewardPool
+from data.loading import ORZ_STOP_STRINGS, DataArgs
+from reward import RewardArgs, RewardPool
 from rollout import (
     Experience,
+    ModelArgs,
+    SamplingArgs,
     batched_logprobs,
     compute_grpo_advantages,
     compute_rloo_advantages,
@@ -100,24 +102,16 @@ TOKEN_STATS = ("policy/clipfrac", "policy/approx_kl", "policy/ratio", "policy/en
 
 
 @dataclass
-class Args:
-    """Arguments of a run. A field's "group" metadata starts a group of --help (it lasts until the next)."""
+class Args(RewardArgs, SamplingArgs, DataArgs, ModelArgs):
+    """Arguments of a run: the model, data, sampling and reward arguments every command shares, then
+    training's own. A field's "group" metadata starts a group of --help (it lasts until the next)."""
 
-    model: str = field(default="tiny", metadata={
-        "group": "model and data", "help": "hub id, local path, or 'tiny' (built-in, made offline)"})
     dataset: str = field(default="synthetic", metadata={
-        "help": "file (.json/.jsonl/.parquet), dataset dir or hub name, or 'synthetic'"})
+        "group": "model and data", "help": "file (.json/.jsonl/.parquet), dataset dir or hub name, or 'synthetic'"})
     eval_datasets: str | None = field(default=None, metadata={
         "help": "comma-separated held-out sets (math500, aime2024, files, 'synthetic'); default: the synthetic test "
                 "split when training on 'synthetic'"})
-    question_field: str | None = field(default=None, metadata={"help": "field holding the question (default: auto)"})
-    answer_field: str | None = field(default=None, metadata={"help": "field holding the final answer (default: auto)"})
-    prompt_template: str = field(default="orz", metadata={
-        "help": "'orz' (ORZ's plain-text template), 'chat', 'raw', or a string with {question}"})
-    synthetic_difficulty: int = field(default=1, metadata={"help": "difficulty of the built-in task (1: a+b under 20)"})
     max_prompt_tokens: int = field(default=512, metadata={"help": "longer prompts are skipped (counted and logged)"})
-    trust_remote_code: bool = field(default=False, metadata={
-        "help": "allow model code from the hub (off: it runs arbitrary code)"})
     output_dir: str = field(default="runs/ppo", metadata={"help": "where metrics, samples and the final model go"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     advantage: Literal["gae", "grpo", "rloo"] = field(default="gae", metadata={
@@ -125,11 +119,6 @@ class Args:
     max_steps: int = field(default=60, metadata={"help": "RL steps (one rollout and its updates each)"})
     prompts_per_step: int = field(default=32, metadata={"help": "prompts per step, over all processes"})
     num_generations: int = field(default=8, metadata={"help": "samples per prompt"})
-    max_new_tokens: int = field(default=32, metadata={"help": "response length limit; longer responses are truncated"})
-    temperature: float = field(default=1.0, metadata={
-        "help": "sampling temperature (also divides the training logits)"})
-    top_p: float = field(default=1.0, metadata={"help": "keep 1.0 for training: log-probs do not replay truncation"})
-    top_k: int = field(default=0, metadata={"help": "keep 0 for training: log-probs do not replay truncation"})
     stop_strings: list[str] = field(default_factory=lambda: list(ORZ_STOP_STRINGS), metadata={
         "help": "strings that end a response (kept in it)"})
     generation: Literal["generate", "refill"] = field(default="refill", metadata={
@@ -142,15 +131,11 @@ class Args:
         "help": "prompts per generate call (0: all of the process's prompts at once); each call is seeded from "
                 "(seed, step, its first prompt's place), so with a size that divides every process's share, 1 and N "
                 "processes sample the same tokens"})
-    reward: str = field(default="math", metadata={
-        "group": "reward", "help": "'math', module:function or path/file.py:function"})
-    score_truncated: bool = field(default=False, metadata={"help": "score truncated responses too (ORZ: they get 0)"})
-    format_reward_weight: float = field(default=0.0, metadata={"help": "weight of the optional format reward"})
+    format_reward_weight: float = field(default=0.0, metadata={
+        "group": "reward", "help": "weight of the optional format reward"})
     zero_repetitive: bool = field(default=False, metadata={
         "help": "reward 0 for a response caught in a loop (rollout.repetition_flags); repetition is always logged "
                 "as train/repetition"})
-    reward_workers: int = field(default=2, metadata={"help": "reward worker processes per training process"})
-    reward_timeout: float = field(default=5.0, metadata={"help": "seconds per item before it scores 0"})
     gamma: float = field(default=1.0, metadata={"group": "advantages and losses", "help": "GAE discount (ORZ: 1)"})
     lam: float = field(default=1.0, metadata={"help": "GAE lambda (ORZ: 1)"})
     whiten_advantages: bool | None = field(default=None, metadata={

@@ -265,9 +265,11 @@ def read_config(path: str, args_class) -> dict:
     return out
 
 
-def _help_text(f, tp, default) -> str:
-    """A field's help with its default appended once ("on"/"off" for flags; none for None)."""
+def _help_text(f, tp, default, required: bool = False) -> str:
+    """A field's help with its default appended once ("on"/"off" for flags; none for None), or "(required)"."""
     text = f.metadata.get("help", "").replace("%", "%%")
+    if required:
+        return f"{text} (required)"
     if tp is bool and default is not None:
         return f"{text} (default: {'on' if default else 'off'})"
     if default is None:  # decided at run time: the help says how
@@ -279,12 +281,16 @@ def _help_text(f, tp, default) -> str:
 def build_parser(args_class, defaults: dict | None = None, prog: str | None = None,
                  description: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser for the fields of a dataclass: `--kebab-case` options, grouped as the fields'
-    metadata names groups (a `group` holds until the next field that names one), bools as `--x` and
-    `--no-x`, lists as several values, Literals as choices; each help line shows the default (from
-    `defaults`, e.g. a config file, else the field's). No prefix matching."""
+    metadata names groups (a `group` holds until the next field that names one; fields of one title share
+    a group wherever they are declared), bools as `--x` and `--no-x`, lists as several values, Literals as
+    choices, a field without a default as a required option (or a positional value when its metadata says
+    "positional"); each help line shows the default (from `defaults`, e.g. a config file, else the
+    field's). No prefix matching."""
     hints = typing.get_type_hints(args_class)
+    positional = [f.name.upper() for f in dataclasses.fields(args_class) if f.metadata.get("positional")]
     parser = _ArgumentParser(
-        prog=prog, allow_abbrev=False, usage="%(prog)s [-h] [--config FILE] [--OPTION VALUE ...]",
+        prog=prog, allow_abbrev=False, usage=" ".join(["%(prog)s [-h] [--config FILE]", *positional,
+                                                       "[--OPTION VALUE ...]"]),
         description=(description or "").strip().split("\n")[0] or None,
         epilog="Options can also come from a YAML or JSON file given with --config (keys as in --help, in\n"
                "snake_case or kebab-case, e.g. max_steps: 100); the command line overrides the file.",
@@ -296,12 +302,21 @@ def build_parser(args_class, defaults: dict | None = None, prog: str | None = No
         if title is not None:
             group = groups.setdefault(title, parser.add_argument_group(title))
         tp, _ = _base_type(hints[f.name])
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if defaults and f.name in defaults:
-            default = defaults[f.name]
+            default, required = defaults[f.name], False
+        elif required:
+            default = None
         else:
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         flag = "--" + f.name.replace("_", "-")
-        kwargs = dict(dest=f.name, default=default, help=_help_text(f, tp, default))
+        kwargs = dict(dest=f.name, default=default, help=_help_text(f, tp, default, required))
+        if f.metadata.get("positional"):  # a required value without a flag, e.g. the file to read
+            kwargs.pop("dest")
+            group.add_argument(f.name, metavar=f.name.upper(), type=tp, nargs=None if required else "?", **kwargs)
+            continue
+        if required:
+            kwargs["required"] = True
         if tp is bool:
             group.add_argument(flag, action="store_true", **kwargs)
             group.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", default=default,

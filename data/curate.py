@@ -12,7 +12,6 @@ are the fields data/loading.py reads first, so `python train_ppo.py --dataset ha
 Bad input (a missing or empty file, an unknown eval set, a bad option) stops with one line `error: ...`.
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -20,9 +19,12 @@ import re
 import sys
 import unicodedata
 from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from data.loading import DataError, is_synthetic, list_eval_sets
+from data.loading import DataArgs, DataError, is_synthetic, list_eval_sets
+from reward import RewardArgs
+from rollout import ModelArgs, SamplingArgs
 
 # ---------------------------------------------------------------- loading and writing records
 
@@ -143,9 +145,9 @@ def _load_sampler(model_name: str, trust_remote_code: bool):
 
 
 def _sample_pending(pending: list[dict], args, progress_path: Path, initial: int, total: int) -> None:
-    """Sample `args.num_samples` responses per pending record with the ORZ template, score them with the
-    'math' reward in RewardPool workers (ORZ's rule: a truncated response scores 0), and append one progress
-    line per record after each batch. Each batch is seeded from (--seed, its first record's id)."""
+    """Sample `args.num_samples` responses per pending record with --prompt-template, score them with --reward
+    in RewardPool workers (ORZ's rule: a truncated response scores 0 unless --score-truncated), and append one
+    progress line per record after each batch. Each batch is seeded from (--seed, its first record's id)."""
     from tqdm.auto import tqdm
 
     from data.loading import ORZ_STOP_STRINGS
@@ -154,18 +156,20 @@ def _sample_pending(pending: list[dict], args, progress_path: Path, initial: int
     from utils import JsonlWriter
 
     model, tokenizer, stop_ids = _load_sampler(args.model, args.trust_remote_code)
-    generate_kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=1.0, top_k=0,
+    generate_kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                           top_k=args.top_k,
                            stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id,
                            stop_strings=list(ORZ_STOP_STRINGS), tokenizer=tokenizer)
     writer = JsonlWriter(progress_path)
     bar = tqdm(total=total, initial=initial, desc="difficulty", unit="prompt")
-    with RewardPool("math", num_workers=args.reward_workers, timeout=args.reward_timeout) as pool:
+    with RewardPool(args.reward, num_workers=args.reward_workers, timeout=args.reward_timeout) as pool:
         for start in range(0, len(pending), args.batch_size):
             chunk = pending[start:start + args.batch_size]
             try:
                 result = evaluate_datasets(model, tokenizer, {"curate": chunk}, pool=pool,
                                            generate_kwargs=generate_kwargs, num_samples=args.num_samples,
                                            batch_size=len(chunk), seed=args.seed * 100_003 + chunk[0]["id"],
+                                           score_truncated=args.score_truncated,
                                            prompt_template=args.prompt_template, progress=False)
             except ValueError as err:  # e.g. DataError from a prompt template
                 raise SystemExit(f"error: {err}") from None
@@ -202,7 +206,8 @@ def difficulty(args) -> list[dict]:
     progress_path = Path(args.output + ".progress")
     # What the samples depend on; which data they came from is checked per record (`_record_key`).
     settings = {key: getattr(args, key) for key in ("model", "num_samples", "max_new_tokens", "temperature",
-                                                    "prompt_template", "seed")}
+                                                    "prompt_template", "seed", "top_p", "top_k", "reward",
+                                                    "score_truncated")}
     done = _read_progress(progress_path, settings)
     for r in records:
         if r["id"] in done and done[r["id"]]["key"] != _record_key(r):
@@ -274,8 +279,7 @@ def load_eval_sets(spec: str, args) -> dict[str, list[dict]]:
         if name not in shipped and not is_synthetic(name) and not Path(name).expanduser().exists():
             raise SystemExit(f"error: unknown eval set {name!r}: use {', '.join(shipped)}, or a file that exists")
         spec = "synthetic:test" if name == "synthetic" else name  # the built-in task's held-out split
-        out[name] = load_dataset(spec, argparse.Namespace(**{**vars(args), "question_field": None,
-                                                            "answer_field": None, "limit": 0, "split": "test"}))
+        out[name] = load_dataset(spec, replace(args, question_field=None, answer_field=None, limit=0, split="test"))
     return out
 
 
@@ -369,55 +373,70 @@ def contamination(args) -> list[dict]:
 # ---------------------------------------------------------------- command line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data.curate", description=__doc__.split("\n")[0])
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--dataset", required=True, help="file (.json/.jsonl/.parquet), dataset dir or hub name, "
-                                                          "math500/aime2024, or 'synthetic' (the built-in task)")
-    common.add_argument("--split", default="train", help="split of a dataset directory or hub dataset")
-    common.add_argument("--question-field", default=None, help="field holding the question (default: auto)")
-    common.add_argument("--answer-field", default=None, help="field holding the final answer (default: auto)")
-    common.add_argument("--limit", type=int, default=0, help="first N records only (0: all)")
-    common.add_argument("--seed", type=int, default=0, help="seed of the synthetic task and of sampling")
-    common.add_argument("--synthetic-difficulty", type=int, default=1, help="difficulty of the built-in task")
-    sub = parser.add_subparsers(dest="command", required=True)
+@dataclass
+class CurateArgs(DataArgs):
+    """The dataset arguments of every command (and DataArgs' field names, as training reads records)."""
 
-    d = sub.add_parser("difficulty", parents=[common], help="keep prompts by the model's pass rate")
-    d.add_argument("--model", default="tiny", help="hub id, local path, or 'tiny' (the built-in model)")
-    d.add_argument("--num-samples", type=int, default=64, help="samples per prompt (ORZ: 64)")
-    d.add_argument("--min-pass", type=float, default=0.0, help="keep pass rates >= this")
-    d.add_argument("--max-pass", type=float, default=0.0625, help="keep pass rates <= this (4/64)")
-    d.add_argument("--output", required=True, help="JSON Lines output; progress goes to OUTPUT.progress")
-    d.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
-    d.add_argument("--max-new-tokens", type=int, default=32, help="response length limit; truncated responses score 0")
-    d.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (ORZ: 1.0)")
-    d.add_argument("--prompt-template", default="orz", help="'orz', 'chat', 'raw', or a string with {question}")
-    d.add_argument("--reward-workers", type=int, default=2, help="reward worker processes")
-    d.add_argument("--reward-timeout", type=float, default=5.0, help="seconds per item before it scores 0")
-    d.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
-    d.set_defaults(run=difficulty)
+    dataset: str = field(kw_only=True, metadata={
+        "group": "model and data",
+        "help": "file (.json/.jsonl/.parquet), dataset dir or hub name, math500/aime2024, or 'synthetic'"})
+    split: str = field(default="train", metadata={"help": "split of a dataset directory or hub dataset"})
+    limit: int = field(default=0, metadata={"help": "first N records only (0: all)"})
+    seed: int = field(default=0, metadata={"help": "seed of the synthetic task and of sampling"})
 
-    u = sub.add_parser("dedup", parents=[common], help="drop repeated questions")
-    u.add_argument("--output", required=True, help="JSON Lines output")
-    u.set_defaults(run=dedup)
 
-    c = sub.add_parser("contamination", parents=[common], help="find (and drop) overlap with eval sets")
-    c.add_argument("--eval", default="math500,aime2024", help="comma-separated: math500, aime2024, or files")
-    c.add_argument("--n", type=int, default=13, help="n-gram size in words (GPT-3: 13)")
-    c.add_argument("--threshold", type=float, default=0.5, help="flag when this share of n-grams is shared")
-    c.add_argument("--report", default=None, help="JSON report of the overlaps (default: beside the dataset, "
-                                                  "DATASET.contamination.json)")
-    c.add_argument("--drop", action="store_true", help="write the records without overlap to --output")
-    c.add_argument("--output", default=None, help="JSON Lines output of --drop")
-    c.set_defaults(run=contamination)
-    return parser
+@dataclass
+class DifficultyArgs(RewardArgs, SamplingArgs, ModelArgs, CurateArgs):
+    """`difficulty`: the model, sampling and reward arguments of training and evaluation, then its own."""
+
+    output: str = field(kw_only=True, metadata={
+        "group": "difficulty", "help": "JSON Lines output; progress goes to OUTPUT.progress"})
+    num_samples: int = field(default=64, metadata={"help": "samples per prompt (ORZ: 64)"})
+    min_pass: float = field(default=0.0, metadata={"help": "keep pass rates >= this"})
+    max_pass: float = field(default=0.0625, metadata={"help": "keep pass rates <= this (4/64)"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
+
+
+@dataclass
+class DedupArgs(CurateArgs):
+    output: str = field(kw_only=True, metadata={"group": "dedup", "help": "JSON Lines output"})
+
+
+@dataclass
+class ContaminationArgs(CurateArgs):
+    eval: str = field(default="math500,aime2024", metadata={
+        "group": "contamination", "help": "comma-separated: math500, aime2024, or files"})
+    n: int = field(default=13, metadata={"help": "n-gram size in words (GPT-3: 13)"})
+    threshold: float = field(default=0.5, metadata={"help": "flag when this share of n-grams is shared"})
+    report: str | None = field(default=None, metadata={
+        "help": "JSON report of the overlaps (default: beside the dataset, DATASET.contamination.json)"})
+    drop: bool = field(default=False, metadata={"help": "write the records without overlap to --output"})
+    output: str | None = field(default=None, metadata={"help": "JSON Lines output of --drop"})
+
+
+# command -> (its arguments, what it does, its line in the usage)
+COMMANDS = {"difficulty": (DifficultyArgs, difficulty, "keep prompts by the model's pass rate"),
+            "dedup": (DedupArgs, dedup, "drop repeated questions"),
+            "contamination": (ContaminationArgs, contamination, "find (and drop) overlap with eval sets")}
 
 
 def main(argv: list[str] | None = None):
-    args = build_parser().parse_args(argv)
+    from utils import parse_args
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        usage = "\n".join(f"  {name:14s} {text}" for name, (_, _, text) in COMMANDS.items())
+        if argv and argv[0] in ("-h", "--help"):
+            print(f"usage: python -m data.curate COMMAND [--OPTION VALUE ...]\n\n{__doc__.splitlines()[0]}\n\n"
+                  f"commands (python -m data.curate COMMAND --help for its options):\n{usage}")
+            raise SystemExit(0)
+        got = f"unknown command {argv[0]!r}" if argv else "a command is needed"
+        raise SystemExit(f"error: {got}: use one of {', '.join(COMMANDS)} (python -m data.curate --help)")
+    args_class, run, _ = COMMANDS[argv[0]]
+    args = parse_args(args_class, argv[1:], prog=f"python -m data.curate {argv[0]}", description=__doc__)
     if args.limit < 0:
         raise SystemExit("error: --limit must be >= 0")
-    return args.run(args)
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ record, so a script can print it and exit 2:
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # Default field names, tried in order. `solution` is deliberately absent from the answers: in MATH-style
@@ -60,6 +61,16 @@ ORZ_TEMPLATE = (
 # asks for the answer inside <answer> tags; the others stop a base model that starts a new turn).
 ORZ_STOP_STRINGS = ["User:", "Human:", "Assistant:", "</answer>"]
 PROMPT_TEMPLATES = ("orz", "chat", "raw")
+
+
+@dataclass
+class DataArgs:
+    """How records are read from a dataset (training, evaluation and curation share these arguments)."""
+
+    question_field: str | None = field(default=None, metadata={
+        "group": "model and data", "help": "field holding the question (default: auto)"})
+    answer_field: str | None = field(default=None, metadata={"help": "field holding the final answer (default: auto)"})
+    synthetic_difficulty: int = field(default=1, metadata={"help": "difficulty of the built-in task (1: a+b under 20)"})
 
 
 class DataError(ValueError):

@@ -577,7 +577,7 @@ def test_cli_scores_a_file_with_baseline(tmp_path):
     ]
     path = tmp_path / "cases.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
-    out = _run_cli(str(path), "--workers", "1", "--timeout", "5", "--baseline")
+    out = _run_cli(str(path), "--reward-workers", "1", "--reward-timeout", "5", "--baseline")
     assert out.returncode == 0, out.stderr
     assert "accuracy: 0.500 (2/4)" in out.stdout
     agreement = next(line for line in out.stdout.splitlines() if line.startswith("agreement"))
@@ -588,10 +588,23 @@ def test_cli_scores_a_file_with_baseline(tmp_path):
     assert any(line.split("|")[0].strip() == "3" and "None" in line for line in zero_lines)
 
 
+def test_cli_scores_a_truncated_record_0_unless_asked(tmp_path):
+    """As in training: a record marked truncated scores 0, and --score-truncated scores it anyway."""
+    path = tmp_path / "cases.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"response": "\\boxed{12}", "ground_truth": "12", "truncated": True},
+        {"response": "\\boxed{7}", "ground_truth": "7", "truncated": False}]) + "\n")
+    out = _run_cli(str(path), "--reward-workers", "0")
+    assert out.returncode == 0, out.stderr
+    assert "accuracy: 0.500 (1/2)" in out.stdout
+    out = _run_cli(str(path), "--reward-workers", "0", "--score-truncated")
+    assert "accuracy: 1.000 (2/2)" in out.stdout, out.stdout
+
+
 def test_cli_reports_bad_input_with_exit_code_2(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"response": "\\\\boxed{1}", "ground_truth": "1"}\n{"response": oops}\n')
-    out = _run_cli(str(bad), "--workers", "0")
+    out = _run_cli(str(bad), "--reward-workers", "0")
     assert out.returncode == 2 and f"{bad}:2:" in out.stderr and len(out.stderr.strip().splitlines()) == 1
     missing = tmp_path / "missing.jsonl"
     out = _run_cli(str(missing))
