@@ -242,25 +242,26 @@ class GrowingLayer(DynamicLayer):
     """One layer of `growing_kv_cache`: appends keys and values in place into a buffer with spare positions
     (as many as it holds, at most KV_CHUNK) and returns views of its filled part. HF's DynamicLayer
     concatenates instead, copying the whole layer cache at every decoding step. Operations that replace
-    `keys` (crop, row selection, reset, offload) release the buffer; the next update starts a new one."""
+    `keys` (crop, row selection, reset, offload) release the buffer; the next update starts a new one.
+    `key_buffer` and `value_buffer` are the buffers, spare positions included (None once released)."""
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n, add = self.get_seq_length(), key_states.shape[-2]
-        if self.keys is not getattr(self, "_view", None) or n + add > self._k.shape[-2]:
+        if self.keys is not getattr(self, "_view", None) or n + add > self.key_buffer.shape[-2]:
             size = n + add + min(n + add, KV_CHUNK)
-            self._k = key_states.new_empty((*key_states.shape[:2], size, key_states.shape[-1]))
-            self._v = value_states.new_empty((*value_states.shape[:2], size, value_states.shape[-1]))
+            self.key_buffer = key_states.new_empty((*key_states.shape[:2], size, key_states.shape[-1]))
+            self.value_buffer = value_states.new_empty((*value_states.shape[:2], size, value_states.shape[-1]))
             if n:
-                self._k[:, :, :n], self._v[:, :, :n] = self.keys, self.values
-        self._k[:, :, n:n + add], self._v[:, :, n:n + add] = key_states, value_states
-        self.keys, self.values = self._k[:, :, :n + add], self._v[:, :, :n + add]
+                self.key_buffer[:, :, :n], self.value_buffer[:, :, :n] = self.keys, self.values
+        self.key_buffer[:, :, n:n + add], self.value_buffer[:, :, n:n + add] = key_states, value_states
+        self.keys, self.values = self.key_buffer[:, :, :n + add], self.value_buffer[:, :, :n + add]
         self._view = self.keys
         return self.keys, self.values
 
     def _release(self):
-        self._k = self._v = self._view = None
+        self.key_buffer = self.value_buffer = self._view = None
 
     def crop(self, tokens_to_remove: int):
         super().crop(tokens_to_remove)
@@ -348,7 +349,7 @@ def generate_responses(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
     return torch.cat([F.pad(c, (0, width - c.shape[1]), value=pad_token_id) for c in chunks])
 
 
-class _RefillStop:
+class RefillStop:
     """Stopping criterion of one `generate_responses_refill` call: tracks which rows have stopped (a stop
     token, or a stop string through HF's own StopStringCriteria) and ends the whole call once at most
     `keep` rows are still running. Rows it ends early did not stop: the caller continues them."""
@@ -435,7 +436,7 @@ def generate_responses_refill(model, prompt_ids: torch.Tensor, prompt_mask: torc
         while active and budget > 0:
             rows = len(active)
             keep = math.floor(refill_fraction * rows) if rows > 1 else 0
-            criterion = _RefillStop(keep, stop_token_ids, string_stop)
+            criterion = RefillStop(keep, stop_token_ids, string_stop)
             out = model.generate(input_ids=call_ids, attention_mask=call_mask, cache=cache,
                                  position_ids=position_ids_from_mask(call_mask), max_new_tokens=budget,
                                  stopping_criteria=StoppingCriteriaList([criterion]), **kwargs, **extra)

@@ -178,21 +178,21 @@ def test_growing_layer_releases_its_buffer_when_rows_are_dropped():
     layer = GrowingLayer()
     for n in (7, 1, 1):
         layer.update(torch.randn(4, 2, n, 8), torch.randn(4, 2, n, 8))
-    old = weakref.ref(layer._k)
-    assert layer._k.shape[-2] > layer.get_seq_length()  # it has spare positions
+    old = weakref.ref(layer.key_buffer)
+    assert layer.key_buffer.shape[-2] > layer.get_seq_length()  # it has spare positions
     layer.batch_select_indices(torch.tensor([1, 3]))
     gc.collect()
     assert old() is None and layer.keys.shape == (2, 2, 9, 8)
     keys, _ = layer.update(torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8))
-    assert keys.shape == (2, 2, 10, 8) and layer._k.shape[0] == 2
+    assert keys.shape == (2, 2, 10, 8) and layer.key_buffer.shape[0] == 2
 
 
 def test_refill_stop_ignores_a_late_check_after_ending_the_call():
     """Where HF checks the stop a step late (MPS), the criterion is asked once more after it ended the
     call, with pad (= EOS here) in every row: rows that were still running must stay unfinished."""
-    from rollout import _RefillStop
+    from rollout import RefillStop
 
-    stop = _RefillStop(keep=2, stop_token_ids=[1])
+    stop = RefillStop(keep=2, stop_token_ids=[1])
     prefix = torch.zeros(4, 2, dtype=torch.long)
     assert stop(torch.cat([prefix, torch.tensor([[1], [5], [6], [7]])], 1), None).tolist() == [
         True, False, False, False]

@@ -124,4 +124,4 @@ def test_cheap_for_a_large_batch():
     start = time.perf_counter()
     flags = repetition_flags(ids, torch.full((512,), 4096))
     assert flags.sum().item() == 8 and flags[:8].all()
-    assert time.perf_counter() - start < 10  # ~0.2 s here: the work does not grow with the length
+    assert time.perf_counter() - start < 60  # ~0.2 s here; a hang, not slowness (benchmark.py times speed)

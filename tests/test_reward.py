@@ -6,6 +6,7 @@ Run: python -m pytest tests/test_reward.py -q
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -30,6 +31,9 @@ from reward import (  # noqa: E402
 )
 
 CASES_FILE = REPO / "tests" / "reward_cases.jsonl"
+# Wall-clock bounds here catch a hang (a judge stuck for minutes, a deadline that never fires), not slowness:
+# they are far above the normal time so that a loaded machine cannot fail them. Speed is benchmark.py's.
+HANG_S = 45.0
 CASES = [json.loads(line) for line in CASES_FILE.read_text().splitlines() if line.strip()]
 
 # Reward functions that misbehave in every way a user's function can; loaded by path in the workers.
@@ -128,7 +132,6 @@ def test_judged_cases_through_the_pool_match_in_process(math_pool):
     rewards, counters = math_pool.score([c["response"] for c in CASES], [c["ground_truth"] for c in CASES])
     assert rewards == [float(c["expected"]) for c in CASES]
     assert counters == {"reward/errors": 0, "reward/timeouts": 0, "reward/invalid": 0}
-    assert max(math_pool.last_seconds) < 5.0
 
 
 def test_judge_beats_plain_math_verify_on_the_cases():
@@ -234,7 +237,7 @@ def test_huge_responses_are_fast():
     assert math_reward("\\boxed{" * 30_000, "5") == 0.0
     assert math_reward("{" * 200_000, "5") == 0.0
     assert math_reward("\\boxed{5}" * 20_000, "5") == 1.0
-    assert time.perf_counter() - start < 3.0
+    assert time.perf_counter() - start < HANG_S
 
 
 PATHOLOGICAL = [
@@ -257,17 +260,17 @@ PATHOLOGICAL = [
 def test_pathological_answers_score_zero_quickly_in_process(answer):
     start = time.perf_counter()
     assert math_reward(f"So the answer is \\boxed{{{answer}}}.", "5") == 0.0
-    assert time.perf_counter() - start < 4.0
+    assert time.perf_counter() - start < HANG_S
 
 
 def test_pathological_answers_score_zero_quickly_through_the_pool(math_pool):
     responses = [f"<think>x</think> <answer>\\boxed{{{a}}}</answer>" for a in PATHOLOGICAL]
     responses.append("filler " * 30_000 + "\\boxed{" + "9^{" * 50 + "9" + "}" * 50 + "}")  # 200k characters
     start = time.perf_counter()
-    rewards, _ = math_pool.score(responses, ["5"] * len(responses))
+    rewards, counters = math_pool.score(responses, ["5"] * len(responses))
     assert rewards == [0.0] * len(responses)
-    assert max(math_pool.last_seconds) < 5.5
-    assert time.perf_counter() - start < 15.0
+    assert counters["reward/timeouts"] == 0  # refused by the pre-screen, not cut off by the 5 s timeout
+    assert time.perf_counter() - start < HANG_S
 
 
 def test_pre_screen_keeps_ordinary_answers():
@@ -359,8 +362,8 @@ def test_format_reward():
     assert format_reward("a </think> b </think> <answer>\\boxed{5}</answer>") == 0.0
     assert format_reward(None) == 0.0
     start = time.perf_counter()
-    assert format_reward("</think><answer></answer>" * 8000) == 0.0  # a tag flood stays linear
-    assert time.perf_counter() - start < 0.5
+    assert format_reward("</think><answer></answer>" * 8000) == 0.0  # a tag flood: quadratic would take minutes
+    assert time.perf_counter() - start < HANG_S
 
 
 def test_answer_identical_to_the_truth_skips_the_cost_screen():
@@ -400,7 +403,7 @@ def test_pool_soft_deadline_interrupts_without_a_restart(bad_pool):
     rewards, counters = bad_pool.score(["sleep", "ab"], ["", ""])
     assert rewards == [0.0, 2.0]
     assert counters["reward/timeouts"] == 1
-    assert time.perf_counter() - start < 4.0
+    assert time.perf_counter() - start < 30.0  # the function sleeps 60 s: the deadline cut it short
     assert bad_pool.worker_pids() == pids
 
 
@@ -409,7 +412,7 @@ def test_pool_kills_and_replaces_a_hung_worker(bad_pool):
     pids = bad_pool.worker_pids()
     start = time.perf_counter()
     rewards, counters = bad_pool.score(["hang", "ab", "abc"], [""] * 3)
-    assert time.perf_counter() - start < 6.0
+    assert time.perf_counter() - start < 30.0  # the function sleeps 60 s, deaf to signals: the kill ended it
     assert rewards == [0.0, 2.0, 3.0]
     assert counters == {"reward/errors": 0, "reward/timeouts": 1, "reward/invalid": 0}
     assert len(set(bad_pool.worker_pids()) - set(pids)) == 1  # only the hung worker was replaced
@@ -489,11 +492,13 @@ def test_pool_rejects_bad_arguments():
 def test_close_is_idempotent_and_stops_workers():
     pool = RewardPool("math", num_workers=1, timeout=5.0)
     assert pool.score(["\\boxed{2}"], ["2"])[0] == [1.0]
-    process = pool._workers[0].process
+    pids = pool.worker_pids()
     with pool:
         pass
     pool.close()
-    assert not process.is_alive()
+    for pid in pids:  # ended and reaped: the pid names no process of ours any more
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
     with pytest.raises(RuntimeError, match="closed"):
         pool.score(["\\boxed{2}"], ["2"])
 
@@ -503,13 +508,14 @@ def test_interpreter_exit_without_close_does_not_hang(bad_rewards_file, tmp_path
     script.write_text(
         textwrap.dedent(
             f"""
-            import sys
+            import sys, threading, time
             sys.path.insert(0, {str(REPO)!r})
             import reward
             if __name__ == "__main__":
-                pool = reward.RewardPool({f"{bad_rewards_file}:by_response"!r}, num_workers=2, timeout=30.0)
+                pool = reward.RewardPool({f"{bad_rewards_file}:by_response"!r}, num_workers=2, timeout=120.0)
                 print(pool.score(["ab", "abc"], ["", ""])[0], flush=True)
-                pool._workers[0].conn.send((0, 0, "hang", "", {{}}))  # a worker busy at exit
+                threading.Thread(target=pool.score, args=(["hang"], [""]), daemon=True).start()
+                time.sleep(1)  # a worker is busy with an item that hangs when the interpreter exits
             """
         )
     )
@@ -517,7 +523,7 @@ def test_interpreter_exit_without_close_does_not_hang(bad_rewards_file, tmp_path
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "[2.0, 3.0]" in out.stdout
-    assert time.perf_counter() - start < 20.0
+    assert time.perf_counter() - start < HANG_S  # the hung item sleeps 60 s: exit did not wait for it
 
 
 # ----------------------------------------------------------------------------------------------------
