@@ -151,6 +151,7 @@ def test_judge_beats_plain_math_verify_on_the_cases():
         ("The answer is $\\boxed{5}$.", "5"),
         ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
         ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),
+        ("\\boxed{\\left\\{ x \\mid x > 0 \\right.}", "\\left\\{ x \\mid x > 0 \\right."),  # escaped braces only
         ("first \\boxed{1} then \\boxed{2}", "2"),
         ("\\boxed{1} and \\boxed{2}", "2"),  # extract_answer is the last box; math_reward reads the list
         ("so $\\boxed 7$.", "7"),
