@@ -294,7 +294,7 @@ def _power_too_big(s: str, level: int = 0) -> bool:
     return False
 
 
-def _too_costly(answer: str) -> bool:
+def too_costly(answer: str) -> bool:
     """Cheap screen, run before any parsing, for answers that could stall sympy, ANTLR or CPython."""
     if len(answer) > _MAX_ANSWER_CHARS or answer.count(",") > 64:
         return True
@@ -785,7 +785,7 @@ def math_reward(response: str, ground_truth: str, **extras) -> float:
         return 0.0
     if pred == truth:
         return 1.0
-    if _too_costly(pred) or _too_costly(truth):
+    if too_costly(pred) or too_costly(truth):
         return 0.0
     try:
         with _deadline(_MATH_BUDGET_S):

@@ -283,9 +283,9 @@ def test_pre_screen_keeps_ordinary_answers():
         "((a+b)(c+d))",
         "20!",
     ]:
-        assert not reward._too_costly(answer), answer
+        assert not reward.too_costly(answer), answer
     for answer in ["10^{10^{10}}", "x^{x^{x^{x}}}", "2^3^4", "10^{1000000}", "100000!", "(" * 10 + ")" * 10]:
-        assert reward._too_costly(answer), answer
+        assert reward.too_costly(answer), answer
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -369,7 +369,7 @@ def test_format_reward():
 
 def test_answer_identical_to_the_truth_skips_the_cost_screen():
     tower = "10^{10^{10}}"
-    assert reward._too_costly(tower)
+    assert reward.too_costly(tower)
     assert math_reward(f"\\boxed{{{tower}}}", tower) == 1.0
     assert math_reward("\\boxed{10^{10^{11}}}", tower) == 0.0
 
