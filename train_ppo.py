@@ -645,9 +645,9 @@ class Run:
 
 @releases_output_locks
 def main(args: Args) -> dict:
-    run = setup(args)  # processes, checks, data, output directory, models, optimizers, reward workers, resume
     from tqdm.auto import tqdm
 
+    run = setup(args)  # processes, checks, data, output directory, models, optimizers, reward workers, resume
     args, accelerator, critic = run.args, run.accelerator, run.critic
     world, rank = accelerator.num_processes, accelerator.process_index
     sum_all = partial(reduce_sum, accelerator)
