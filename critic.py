@@ -50,11 +50,16 @@ class ValueModel(nn.Module):
         model.value_head.load_state_dict(load_file(str(Path(path) / HEAD_FILE)))
         return model
 
-    def save_pretrained(self, path: str, state_dict: dict | None = None, **kwargs) -> None:
+    def save_pretrained(self, path: str, state_dict: dict | None = None, is_main_process: bool = True,
+                        **kwargs) -> None:
+        """The backbone as a Hugging Face model directory and the head as value_head.safetensors. Under
+        several processes every one calls this with `is_main_process`, and only the main one writes: a
+        gathered (FSDP) `state_dict` is empty on the others."""
         state_dict = state_dict if state_dict is not None else self.state_dict()
         backbone = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
-        self.backbone.save_pretrained(path, state_dict=backbone, **kwargs)
-        save_file({"weight": state_dict["value_head.weight"].contiguous()}, str(Path(path) / HEAD_FILE))
+        self.backbone.save_pretrained(path, state_dict=backbone, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            save_file({"weight": state_dict["value_head.weight"].contiguous()}, str(Path(path) / HEAD_FILE))
 
     def gradient_checkpointing_enable(self, **kwargs):
         self.backbone.gradient_checkpointing_enable(**kwargs)
@@ -65,7 +70,8 @@ class ValueModel(nn.Module):
                                position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
         if values_to_keep:
             hidden = hidden[:, -values_to_keep:]
-        return self.value_head(hidden).squeeze(-1).float()
+        # a copy, not a view of the head's output: FSDP2 hooks a model's output for its backward pass
+        return self.value_head(hidden).squeeze(-1).float().clone()
 
 
 def forward_values(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int):

@@ -534,6 +534,81 @@ def is_sharded(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def allow_cpu_fsdp() -> bool:
+    """Let a launch that asks for FSDP shard on CPU processes, as it does on GPUs. accelerate 1.15 turns a
+    launch's FSDP request (ACCELERATE_USE_FSDP) into FSDP only for GPU-type process groups: CPU processes
+    (ACCELERATE_USE_CPU) come up as MULTI_CPU and the models get DistributedDataParallel instead, silently.
+    Marking the process state (gloo, on the CPU) as multi-process before the Accelerator is built lets it
+    shard as asked; FSDP2 itself runs on CPU tensors. accelerate keeps the type in a private shared
+    state, so this reaches into it; `launch_problems` checks the result. Returns whether it applied."""
+    if not (env_flag("ACCELERATE_USE_FSDP") and env_flag("ACCELERATE_USE_CPU")
+            and int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        return False
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    state = PartialState(cpu=True)
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    state._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+    return True
+
+
+def launch_problems(accelerator, models: dict) -> list[str]:
+    """How the distributed setup the Accelerator built differs from what the launch asked for (accelerate
+    launch's environment: WORLD_SIZE, ACCELERATE_USE_FSDP, ACCELERATE_USE_DEEPSPEED), and prepared models
+    (name -> model) that FSDP did not shard. Each mismatch would train silently wrong or not as asked."""
+    from accelerate.utils import DistributedType
+
+    got, processes = accelerator.distributed_type, accelerator.num_processes
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    problems = []
+    if launched != processes:
+        hint = ("; on CPU processes launch with ACCELERATE_USE_CPU=true (and DeepSpeed with gloo)"
+                if not torch.cuda.is_available() and not env_flag("ACCELERATE_USE_CPU") else "")
+        problems.append(f"{launched} processes were launched (WORLD_SIZE) but accelerate sees {processes}: each "
+                        f"would train on its own or count the batch wrongly{hint}")
+    for flag, kind in (("ACCELERATE_USE_FSDP", DistributedType.FSDP),
+                       ("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED)):
+        if env_flag(flag) and got != kind:
+            problems.append(f"the launch asked for {kind.value} but the processes run {got.value}")
+    if got == DistributedType.FSDP:
+        from torch.distributed.tensor import DTensor
+
+        for name, model in models.items():
+            if model is not None and not all(isinstance(p, DTensor) for p in model.parameters()):
+                problems.append(f"FSDP did not shard the {name} (its parameters are not DTensors)")
+    return problems
+
+
+def stop_if_not_as_launched(accelerator, models: dict) -> None:
+    problems = launch_problems(accelerator, models)
+    if problems:
+        raise SystemExit("error: this is not the run the launch asked for: " + "; ".join(problems))
+
+
+def describe_setup(accelerator, models: dict) -> str:
+    """One line: the distributed type, processes, backend and device, and how each prepared model is held."""
+    from torch.distributed.tensor import DTensor
+
+    held = []
+    for name, model in models.items():
+        if model is None:
+            continue
+        if all(isinstance(p, DTensor) for p in model.parameters()):
+            how = "sharded (FSDP2, DTensor parameters)"
+        else:
+            how = type(model).__name__ if type(model).__module__.startswith("torch.") else "whole"
+        held.append(f"{name} {how}")
+    backend = getattr(accelerator.state, "backend", None) or "none"
+    return (f"distributed setup: {accelerator.distributed_type.value}, {accelerator.num_processes} process(es), "
+            f"backend {backend}, device {accelerator.device}; " + ", ".join(held))
+
+
 def rollout(run: "Run", records: list, step: int) -> tuple[Experience, list[str]]:
     """--num-generations responses per record, sampled by the policy: the experience batch (no rewards yet,
     on the training device) and the texts. Each generate call is seeded by `call_seeds`.
@@ -732,8 +807,10 @@ def setup(args: Args) -> Run:
         args = replace(args, whiten_advantages=args.advantage == "gae")
     # A tracker that is not installed is check_args's one-line error; accelerate would warn about it first.
     log_with = None if args.report_to == "none" or tracker_problems(args.report_to) else args.report_to
+    allow_cpu_fsdp()  # before the Accelerator: CPU processes launched for FSDP shard as asked
     accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no", log_with=log_with,
                               project_dir=args.output_dir)
+    stop_if_not_as_launched(accelerator, {})  # the processes themselves: before any model loads
     world = accelerator.num_processes
     main_process_decides(accelerator, check_args, args, world)  # hub and import checks: once, for all
     data = read_data(args)  # a bad data file stops the run here, before any model is built or loaded
@@ -770,8 +847,15 @@ def setup(args: Args) -> Run:
     policy, optimizers["policy"] = accelerator.prepare(policy, optimizers["policy"])
     if critic is not None:
         critic, optimizers["critic"] = accelerator.prepare(critic, optimizers["critic"])
-    if ref is not None:
-        ref = accelerator.prepare_model(ref, evaluation_mode=True)
+    if ref is not None:  # frozen: no DDP wrapper. Under FSDP2 sharded like the others (accelerate's prepare
+        # wants an optimizer with each FSDP2 model, so its FSDP2 step is called directly; not in checkpoints)
+        from accelerate.utils import fsdp2_prepare_model
+
+        ref = (fsdp2_prepare_model(accelerator, ref) if is_sharded(accelerator)
+               else accelerator.prepare_model(ref, evaluation_mode=True))
+    models = {"policy": policy, "critic": critic, "reference model": ref}
+    stop_if_not_as_launched(accelerator, models)  # and how each model is held
+    accelerator.print(describe_setup(accelerator, models))
     pool = RewardPool(args.reward, num_workers=args.reward_workers, timeout=args.reward_timeout)
 
     main_process_decides(accelerator, prepare_output_dir, out, start, args)
@@ -924,7 +1008,10 @@ def finish(run: Run) -> dict:
     # the saved policy keeps the checkpoint's own generation settings for whoever uses it next
     policy.generation_config = getattr(policy, "reasoner_zero_original_generation_config", policy.generation_config)
     save_kw = dict(is_main_process=accelerator.is_main_process, save_function=accelerator.save, safe_serialization=True)
-    policy.save_pretrained(out / "policy", state_dict=accelerator.get_state_dict(run.policy), **save_kw)
+    # a gathered (FSDP) state dict holds tied weights as separate tensors: save_pretrained would write both
+    tied = getattr(policy, "all_tied_weights_keys", None) or {}
+    state = {k: v for k, v in accelerator.get_state_dict(run.policy).items() if k not in tied}
+    policy.save_pretrained(out / "policy", state_dict=state, **save_kw)
     if run.critic is not None:
         accelerator.unwrap_model(run.critic).save_pretrained(
             str(out / "critic"), state_dict=accelerator.get_state_dict(run.critic), **save_kw)

@@ -31,16 +31,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(out, processes: int, *args: str) -> str:
+# How each sharded mode is launched on CPU processes: the shipped GPU config, with the process count, the
+# precision and the tiny model's decoder layer given on the command line, and ACCELERATE_USE_CPU set.
+LAUNCH = {
+    "ddp": ["--multi_gpu"],
+    "fsdp2": ["--config_file", "configs/accelerate/fsdp.yaml", "--fsdp_transformer_layer_cls_to_wrap",
+              "LlamaDecoderLayer"],
+}
+
+
+def run(out, processes: int, *args: str, mode: str = "ddp", expect_error: bool = False) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     if processes == 1:
         cmd = [sys.executable, "train_ppo.py"]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *LAUNCH[mode], "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port()), "train_ppo.py"]
     result = subprocess.run([*cmd, "--output-dir", str(out), *COMMON, *args], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
+    if expect_error:
+        assert result.returncode != 0
+        return result.stderr
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{processes} process(es)" in result.stdout
     return result.stdout
@@ -50,11 +62,24 @@ def lines(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+# What the trainer's setup line must say each mode got: the distributed type and how the policy is held.
+GOT = {"ddp": ("distributed setup: MULTI_CPU, 2 process(es)", "policy DistributedDataParallel"),
+       "fsdp2": ("distributed setup: FSDP, 2 process(es)", "policy sharded (FSDP2, DTensor parameters)")}
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("advantage", ["grpo", "gae"])
-def test_two_processes_match_one(advantage, tmp_path, tiny_base):
+def test_two_processes_match_one(advantage, mode, tmp_path, tiny_base):
     one, two = tmp_path / "one", tmp_path / "two"
-    run(one, 1, "--advantage", advantage)
-    run(two, 2, "--advantage", advantage)
+    # PPO with a KL term: the critic and the frozen reference model are prepared too
+    extra = ["--kl-coef", "0.05"] if advantage == "gae" else []
+    run(one, 1, "--advantage", advantage, *extra)
+    out = run(two, 2, "--advantage", advantage, *extra, mode=mode)
+    assert all(part in out for part in GOT[mode]), out[:2000]
+    if advantage == "gae":
+        assert GOT[mode][1].replace("policy", "critic") in out
+        if mode == "fsdp2":
+            assert GOT[mode][1].replace("policy", "reference model") in out
 
     m1, m2 = lines(one / "metrics.jsonl"), lines(two / "metrics.jsonl")
     assert [r["step"] for r in m2] == [0, 1]  # written once, by the main process
@@ -65,7 +90,7 @@ def test_two_processes_match_one(advantage, tmp_path, tiny_base):
         assert a["advantage"] == pytest.approx(b["advantage"], abs=1e-4)
     assert len({s["reward"] for s in s1}) > 1  # the test means something only if advantages are not all 0
     keys = ["train/reward", "train/response_length", "train/advantage_abs", "loss/policy", "policy/entropy"]
-    keys += ["critic/value_loss", "critic/values"] if advantage == "gae" else []
+    keys += ["critic/value_loss", "critic/values", "policy/kl"] if advantage == "gae" else []
     for r1, r2 in zip(m1, m2, strict=True):
         for k in keys:
             print(f"{advantage} step {r1['step']} {k}: {r1[k]:.6g} vs {r2[k]:.6g}")
@@ -75,6 +100,7 @@ def test_two_processes_match_one(advantage, tmp_path, tiny_base):
                                             if advantage == "gae" else [])
     for part in parts:
         p1, p2 = load_file(one / part), load_file(two / part)
+        assert p1.keys() == p2.keys(), part  # e.g. tied embeddings written once, as one process writes them
         diff = max((p1[k] - p2[k]).abs().max().item() for k in p1)
         base = load_file(tiny_base / "model.safetensors") if part.startswith("policy") else None
         moved = max((p1[k] - base[k]).abs().max().item() for k in p1) if base else 1.0
@@ -111,3 +137,69 @@ def test_evaluation_does_not_depend_on_the_process_count(tmp_path, tiny_base):
     keys = [k for k in e1 if k.startswith("eval/")]
     assert "eval/synthetic/avg@2" in keys
     assert {k: e1[k] for k in keys} == {k: e2[k] for k in keys}
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_sharded_resume_matches_an_uninterrupted_run(mode, tmp_path, tiny_base):
+    """Two processes, PPO (policy and critic): a run stopped after 2 steps and continued from its checkpoint
+    to 3 steps logs the same metrics and ends with the same weights as a run of 3 steps. Under FSDP2 the
+    checkpoint holds each process's shards and optimizer states."""
+    args = ["--advantage", "gae", "--save-every", "1", "--max-steps", "3"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run(whole, 2, *args, mode=mode)
+    run(resumed, 2, *args[:-1], "2", mode=mode)
+    out = run(resumed, 2, *args, mode=mode)
+    assert "resuming from" in out and GOT[mode][0] in out
+
+    def comparable(run_dir):
+        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in lines(run_dir / "metrics.jsonl")]
+
+    assert comparable(resumed) == comparable(whole)
+    for part in ("policy/model.safetensors", "critic/model.safetensors", "critic/value_head.safetensors"):
+        a, b = load_file(resumed / part), load_file(whole / part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_a_launch_that_is_not_what_it_asked_stops_with_one_line(tmp_path, tiny_base):
+    """A CPU copy of the FSDP config (use_cpu: true, 2 processes) launched without ACCELERATE_USE_CPU starts
+    two processes that accelerate each sees as a lone process: they would both train as rank 0 on the same
+    data into one directory. The run stops before any model loads, naming both differences."""
+    config = tmp_path / "cpu.yaml"
+    text = (ROOT / "configs" / "accelerate" / "fsdp.yaml").read_text()
+    config.write_text(text.replace("use_cpu: false", "use_cpu: true").replace("num_processes: 8", "num_processes: 2"))
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                             "--mixed_precision", "no", "--main_process_port", str(free_port()), "train_grpo.py",
+                             "--output-dir", str(tmp_path / "out"), *COMMON], cwd=ROOT,
+                            env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    errors = {line for line in result.stderr.splitlines() if line.startswith("error: ")}
+    assert len(errors) == 1, result.stderr[-3000:]  # one line (printed by each process)
+    line = errors.pop()
+    assert "2 processes were launched (WORLD_SIZE) but accelerate sees 1" in line
+    assert "the launch asked for FSDP but the processes run NO" in line
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+@pytest.mark.parametrize("env, got, processes, expected", [
+    ({"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2"}, "MULTI_CPU", 2, "asked for FSDP but the processes run "
+                                                                          "MULTI_CPU"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "WORLD_SIZE": "2"}, "MULTI_CPU", 2, "asked for DEEPSPEED"),
+    ({"WORLD_SIZE": "2"}, "NO", 1, "2 processes were launched (WORLD_SIZE) but accelerate sees 1"),
+    ({"WORLD_SIZE": "2"}, "MULTI_CPU", 2, None),
+    ({}, "NO", 1, None),
+])
+def test_launch_problems(env, got, processes, expected, monkeypatch):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from train_ppo import launch_problems
+
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    accelerator = SimpleNamespace(distributed_type=DistributedType(got), num_processes=processes)
+    problems = launch_problems(accelerator, {})
+    assert (problems == []) if expected is None else any(expected in p for p in problems), problems
