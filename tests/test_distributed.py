@@ -112,8 +112,8 @@ def test_two_processes_match_one(advantage, mode, tmp_path, tiny_base):
 
 def test_process_whose_rows_are_all_in_the_first_critic_mini_batch(tmp_path, tiny_base):
     """Seed 0, step 0: the critic's first mini-batch of 4 global rows is [0, 1], all of process 0's rows,
-    so process 0 has no rows left for the separate value pass and must still run the same passes as
-    process 1. The run must finish and agree with one process."""
+    so in that mini-batch process 1 has no rows and must still run the same forward and backward passes as
+    process 0. The run must finish and agree with one process."""
     from train_ppo import mini_batch_parts
 
     assert sorted(mini_batch_parts(4, 2, seed=0, step=0)[0].tolist()) == [0, 1]
