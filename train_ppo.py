@@ -547,11 +547,11 @@ def deepspeed_stage(accelerator) -> int | None:
 
 
 def deepspeed_process_kwargs() -> list:
-    """The Accelerator's handlers for a DeepSpeed launch on CPU processes (DS_ACCELERATOR=cpu, no CUDA): the
-    gloo backend. Without it accelerate 1.15 asks for its CPU backend (ccl), fails to join the group and
-    reports one process on each rank while DeepSpeed uses all of them. Also stops DeepSpeed from building its
-    shared-memory all-reduce (a C++ op compiled on first use, minutes on a small machine): gloo does the
-    same reductions, exactly. DeepSpeed keeps its op table in one module-level dict that it reads when it
+    """The Accelerator's handlers for a DeepSpeed launch on CPU processes (no CUDA; DeepSpeed then picks its
+    CPU accelerator, or DS_ACCELERATOR=cpu): the gloo backend. Without it accelerate 1.15 reports one process
+    on each rank while DeepSpeed uses all of them (`launch_problems` stops that). Also stops DeepSpeed from
+    building its shared-memory all-reduce (a C++ op compiled on first use, minutes on a small machine): gloo
+    does the same reductions. DeepSpeed keeps its op table in one module-level dict that it reads when it
     sets up communication; marking the op unavailable there makes it fall back to torch.distributed."""
     if not env_flag("ACCELERATE_USE_DEEPSPEED") or torch.cuda.is_available():
         return []
@@ -608,7 +608,8 @@ def deepspeed_backward(engine, loss: torch.Tensor, role: str, last: bool) -> dic
     micro-batch also the optimizer step. `loss` is already the share of the whole mini-batch's objective;
     ZeRO averages gradients over processes as DDP does, which the caller undoes as for DDP.
     A NaN or infinite loss or gradient: DeepSpeed's own check (ZeRO-2 and ZeRO-3 test the global gradient
-    norm before stepping, in fp32 and bf16 alike) skips the step and clears the gradients; the engine then
+    norm before stepping, in fp32 and, with bf16's default check_grad_overflow, in bf16) skips the step and
+    clears the gradients; the engine then
     reports the step not applied and the norm as inf, counted here as a non-finite update."""
     engine.backward(loss)
     if not last:
