@@ -270,3 +270,17 @@ def test_launch_problems_names_a_model_deepspeed_does_not_hold(monkeypatch):
     assert problems == ["the launch asked for DeepSpeed ZeRO-3 but the policy is held by a ZeRO-2 engine",
                         "the launch asked for DeepSpeed ZeRO-3 but the critic is held by Linear",
                         "the launch asked for DeepSpeed ZeRO-3 but the reference model is held by Linear"]
+
+
+def test_weights_check_before_a_checkpoint_sees_zero3_partitions():
+    """Under ZeRO-3 a parameter is an empty placeholder and this process's part of the weights is its
+    `ds_tensor`: a NaN there must count as non-finite weights (no checkpoint is then written)."""
+    from checkpoint import parameters_finite
+
+    model = torch.nn.Linear(2, 2)
+    for p in model.parameters():
+        p.ds_tensor = p.data.clone().flatten()
+        p.data = torch.empty(0)
+    assert parameters_finite(model)
+    model.weight.ds_tensor[1] = float("nan")
+    assert not parameters_finite(model)
