@@ -654,14 +654,17 @@ def launch_problems(accelerator, models: dict) -> list[str]:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     problems = []
     if launched != processes:
-        hint = ("; on CPU processes launch with ACCELERATE_USE_CPU=true (and DeepSpeed with gloo)"
+        hint = ("; on CPU processes launch with ACCELERATE_USE_CPU=true (DeepSpeed without it)"
                 if not torch.cuda.is_available() and not env_flag("ACCELERATE_USE_CPU") else "")
         problems.append(f"{launched} processes were launched (WORLD_SIZE) but accelerate sees {processes}: each "
                         f"would train on its own or count the batch wrongly{hint}")
     for flag, kind in (("ACCELERATE_USE_FSDP", DistributedType.FSDP),
                        ("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED)):
         if env_flag(flag) and got != kind:
-            problems.append(f"the launch asked for {kind.value} but the processes run {got.value}")
+            # accelerate lets ACCELERATE_USE_CPU override a DeepSpeed launch: the processes then run DDP
+            hint = ("; DeepSpeed runs on CPU processes without ACCELERATE_USE_CPU (unset it)"
+                    if kind == DistributedType.DEEPSPEED and env_flag("ACCELERATE_USE_CPU") else "")
+            problems.append(f"the launch asked for {kind.value} but the processes run {got.value}{hint}")
     if got == DistributedType.FSDP:
         from torch.distributed.tensor import DTensor
 

@@ -221,6 +221,8 @@ def test_a_launch_that_is_not_what_it_asked_stops_with_one_line(tmp_path, tiny_b
     ({"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2"}, "MULTI_CPU", 2, "asked for FSDP but the processes run "
                                                                           "MULTI_CPU"),
     ({"ACCELERATE_USE_DEEPSPEED": "true", "WORLD_SIZE": "2"}, "MULTI_CPU", 2, "asked for DEEPSPEED"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_USE_CPU": "true", "WORLD_SIZE": "2"}, "MULTI_CPU", 2,
+     "DeepSpeed runs on CPU processes without ACCELERATE_USE_CPU"),
     ({"WORLD_SIZE": "2"}, "NO", 1, "2 processes were launched (WORLD_SIZE) but accelerate sees 1"),
     ({"WORLD_SIZE": "2"}, "MULTI_CPU", 2, None),
     ({}, "NO", 1, None),
@@ -232,7 +234,7 @@ def test_launch_problems(env, got, processes, expected, monkeypatch):
 
     from train_ppo import launch_problems
 
-    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "WORLD_SIZE"):
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_CPU", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
