@@ -127,17 +127,19 @@ def test_two_processes_match_one(advantage, mode, tmp_path, tiny_base):
     assert torch.isfinite(torch.tensor([m2[-1]["loss/policy"]]))
 
 
-def test_process_whose_rows_are_all_in_the_first_critic_mini_batch(tmp_path, tiny_base):
+@pytest.mark.parametrize("mode", ["ddp", pytest.param("zero3", marks=needs_deepspeed)])
+def test_process_whose_rows_are_all_in_the_first_critic_mini_batch(mode, tmp_path, tiny_base):
     """Seed 0, step 0: the critic's first mini-batch of 4 global rows is [0, 1], all of process 0's rows,
     so in that mini-batch process 1 has no rows and must still run the same forward and backward passes as
-    process 0. The run must finish and agree with one process."""
+    process 0 (under ZeRO-3 each forward gathers the weights from both). The run must finish and agree with
+    one process."""
     from train_ppo import mini_batch_parts
 
     assert sorted(mini_batch_parts(4, 2, seed=0, step=0)[0].tolist()) == [0, 1]
     args = ["--advantage", "gae", "--max-steps", "1", "--prompts-per-step", "2", "--num-generations", "2",
             "--generation-batch-size", "1", "--seed", "0", "--samples-per-step", "4"]
     run(tmp_path / "one", 1, *args)
-    run(tmp_path / "two", 2, *args)
+    run(tmp_path / "two", 2, *args, mode=mode)
     m1, m2 = lines(tmp_path / "one" / "metrics.jsonl"), lines(tmp_path / "two" / "metrics.jsonl")
     for k in ("train/reward", "critic/values", "critic/value_loss", "loss/policy"):
         assert m1[0][k] == pytest.approx(m2[0][k], rel=1e-4, abs=1e-5), k
