@@ -278,8 +278,10 @@ def prepare_output_dir(out: Path, plan: dict, args) -> None:
 
 
 def parameters_finite(*models) -> bool:
-    """Whether every parameter of `models` (this process's shards; None entries ignored) is finite."""
-    return all(bool(torch.isfinite(p).all()) for m in models if m is not None for p in m.parameters())
+    """Whether every parameter of `models` (this process's shards; None entries ignored) is finite. Under
+    DeepSpeed ZeRO-3 a parameter is an empty placeholder and this process's shard is its `ds_tensor`."""
+    return all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all())
+               for m in models if m is not None for p in m.parameters())
 
 
 def nonfinite_stop_message(step: int, count: int, last_saved: Path | None) -> str:

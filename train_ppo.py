@@ -26,6 +26,7 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -529,9 +530,94 @@ def call_seeds(seed: int, step: int, first: int, count: int, chunk: int, salt: i
 
 
 def is_sharded(accelerator) -> bool:
+    """Whether the models' weights are partitioned over the processes (FSDP, DeepSpeed ZeRO-3): then every
+    process must run every forward pass, e.g. generate with synced_gpus."""
     from accelerate.utils import DistributedType
 
-    return accelerator.distributed_type == DistributedType.FSDP
+    return accelerator.distributed_type == DistributedType.FSDP or deepspeed_stage(accelerator) == 3
+
+
+def deepspeed_stage(accelerator) -> int | None:
+    """The ZeRO stage the launch asked DeepSpeed for, or None without DeepSpeed."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return int(accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage"])
+
+
+def deepspeed_process_kwargs() -> list:
+    """The Accelerator's handlers for a DeepSpeed launch on CPU processes (no CUDA; DeepSpeed then picks its
+    CPU accelerator, or DS_ACCELERATOR=cpu): the gloo backend. Without it accelerate 1.15 reports one process
+    on each rank while DeepSpeed uses all of them (`launch_problems` stops that). Also stops DeepSpeed from
+    building its shared-memory all-reduce (a C++ op compiled on first use, minutes on a small machine): gloo
+    does the same reductions. DeepSpeed keeps its op table in one module-level dict that it reads when it
+    sets up communication; marking the op unavailable there makes it fall back to torch.distributed."""
+    if not env_flag("ACCELERATE_USE_DEEPSPEED") or torch.cuda.is_available():
+        return []
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if os.environ.get("DS_ACCELERATOR", "cpu") == "cpu":
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return [InitProcessGroupKwargs(backend="gloo")]
+
+
+def configure_deepspeed(accelerator, args: "Args") -> None:
+    """Put what the trainer owns into DeepSpeed's engine config, before any model is prepared. The update
+    accumulates a varying number of micro-batches per optimizer step and normalises the loss over the whole
+    mini-batch itself, so the engine must not divide by a fixed accumulation count nor step on its own:
+    gradient_accumulation_steps 1 (no division) with managed_gradient_accumulation false, under which
+    `engine.backward` only adds into the (ZeRO-2/3 partitioned) gradients and `engine.step` is the boundary
+    that reduces, clips (gradient_clipping = --max-grad-norm) and steps. The micro-batch size only
+    enters DeepSpeed's sample counter."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config.update(gradient_accumulation_steps=1, managed_gradient_accumulation=False,
+                  gradient_clipping=args.max_grad_norm, train_micro_batch_size_per_gpu=1,
+                  train_batch_size=accelerator.num_processes)
+
+
+def prepare_reference(accelerator, ref):
+    """The frozen KL reference model, held like the trained ones but without optimizer or wrapper for
+    gradients: sharded under FSDP2 (accelerate's prepare wants an optimizer with each FSDP2 model, so its
+    FSDP2 step is called directly) and ZeRO-3 (an inference engine: partitioned weights), whole under
+    ZeRO-2 (which partitions only gradients and optimizer states) and otherwise. Not in checkpoints."""
+    from accelerate.utils import fsdp2_prepare_model
+
+    stage = deepspeed_stage(accelerator)
+    if stage == 3:
+        import copy
+
+        import deepspeed
+
+        config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+        config.pop("optimizer", None)
+        config.pop("scheduler", None)
+        engine = deepspeed.initialize(model=ref, config=config)[0]
+        engine.eval()  # DeepSpeedEngine.eval returns None, not the engine
+        return engine
+    if stage is not None:
+        return ref.to(accelerator.device)
+    return (fsdp2_prepare_model(accelerator, ref) if is_sharded(accelerator)
+            else accelerator.prepare_model(ref, evaluation_mode=True))
+
+
+def deepspeed_backward(engine, loss: torch.Tensor, role: str, last: bool) -> dict:
+    """Backward of one micro-batch under DeepSpeed (see `configure_deepspeed`); on the mini-batch's last
+    micro-batch also the optimizer step. `loss` is already the share of the whole mini-batch's objective;
+    ZeRO averages gradients over processes as DDP does, which the caller undoes as for DDP.
+    A NaN or infinite loss or gradient: DeepSpeed's own check (ZeRO-2 and ZeRO-3 test the global gradient
+    norm before stepping, in fp32 and, with bf16's default check_grad_overflow, in bf16) skips the step and
+    clears the gradients; the engine then
+    reports the step not applied and the norm as inf, counted here as a non-finite update."""
+    engine.backward(loss)
+    if not last:
+        return {}
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    norm = float("inf") if norm is None else float(norm)
+    return {f"{role}/grad_norm": norm, "train/nonfinite_updates": float(not engine.was_step_applied())}
 
 
 def env_flag(name: str) -> bool:
@@ -568,20 +654,32 @@ def launch_problems(accelerator, models: dict) -> list[str]:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     problems = []
     if launched != processes:
-        hint = ("; on CPU processes launch with ACCELERATE_USE_CPU=true (and DeepSpeed with gloo)"
+        hint = ("; on CPU processes launch with ACCELERATE_USE_CPU=true (DeepSpeed without it)"
                 if not torch.cuda.is_available() and not env_flag("ACCELERATE_USE_CPU") else "")
         problems.append(f"{launched} processes were launched (WORLD_SIZE) but accelerate sees {processes}: each "
                         f"would train on its own or count the batch wrongly{hint}")
     for flag, kind in (("ACCELERATE_USE_FSDP", DistributedType.FSDP),
                        ("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED)):
         if env_flag(flag) and got != kind:
-            problems.append(f"the launch asked for {kind.value} but the processes run {got.value}")
+            # accelerate lets ACCELERATE_USE_CPU override a DeepSpeed launch: the processes then run DDP
+            hint = ("; DeepSpeed runs on CPU processes without ACCELERATE_USE_CPU (unset it)"
+                    if kind == DistributedType.DEEPSPEED and env_flag("ACCELERATE_USE_CPU") else "")
+            problems.append(f"the launch asked for {kind.value} but the processes run {got.value}{hint}")
     if got == DistributedType.FSDP:
         from torch.distributed.tensor import DTensor
 
         for name, model in models.items():
             if model is not None and not all(isinstance(p, DTensor) for p in model.parameters()):
                 problems.append(f"FSDP did not shard the {name} (its parameters are not DTensors)")
+    if got == DistributedType.DEEPSPEED:
+        stage = deepspeed_stage(accelerator)
+        for name, model in models.items():  # the frozen reference model has an engine only under ZeRO-3
+            if model is None or (name == "reference model" and stage != 3):
+                continue
+            held = model.zero_optimization_stage() if hasattr(model, "zero_optimization_stage") else None
+            if held != stage:
+                problems.append(f"the launch asked for DeepSpeed ZeRO-{stage} but the {name} is held by "
+                                + (f"a ZeRO-{held} engine" if held is not None else type(model).__name__))
     return problems
 
 
@@ -601,6 +699,8 @@ def describe_setup(accelerator, models: dict) -> str:
             continue
         if all(isinstance(p, DTensor) for p in model.parameters()):
             how = "sharded (FSDP2, DTensor parameters)"
+        elif hasattr(model, "zero_optimization_stage"):
+            how = f"DeepSpeedEngine (ZeRO-{model.zero_optimization_stage()})"
         else:
             how = type(model).__name__ if type(model).__module__.startswith("torch.") else "whole"
         held.append(f"{name} {how}")
@@ -809,14 +909,13 @@ def setup(args: Args) -> Run:
     log_with = None if args.report_to == "none" or tracker_problems(args.report_to) else args.report_to
     allow_cpu_fsdp()  # before the Accelerator: CPU processes launched for FSDP shard as asked
     accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no", log_with=log_with,
-                              project_dir=args.output_dir)
+                              project_dir=args.output_dir, kwargs_handlers=deepspeed_process_kwargs())
     stop_if_not_as_launched(accelerator, {})  # the processes themselves: before any model loads
     world = accelerator.num_processes
     main_process_decides(accelerator, check_args, args, world)  # hub and import checks: once, for all
     data = read_data(args)  # a bad data file stops the run here, before any model is built or loaded
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise SystemExit("error: DeepSpeed is not supported yet (one engine per model and its own gradient "
-                         "accumulation are not wired in); launch with configs/accelerate/fsdp.yaml to shard instead")
+        configure_deepspeed(accelerator, args)
     set_seed(args.seed, device_specific=True)  # each process samples differently
     out = Path(args.output_dir)
     start = claim_output_dir(accelerator, args)  # locked for this run; refusals come before any model loads
@@ -847,12 +946,8 @@ def setup(args: Args) -> Run:
     policy, optimizers["policy"] = accelerator.prepare(policy, optimizers["policy"])
     if critic is not None:
         critic, optimizers["critic"] = accelerator.prepare(critic, optimizers["critic"])
-    if ref is not None:  # frozen: no DDP wrapper. Under FSDP2 sharded like the others (accelerate's prepare
-        # wants an optimizer with each FSDP2 model, so its FSDP2 step is called directly; not in checkpoints)
-        from accelerate.utils import fsdp2_prepare_model
-
-        ref = (fsdp2_prepare_model(accelerator, ref) if is_sharded(accelerator)
-               else accelerator.prepare_model(ref, evaluation_mode=True))
+    if ref is not None:  # frozen: no DDP wrapper; sharded like the others where they are
+        ref = prepare_reference(accelerator, ref)
     models = {"policy": policy, "critic": critic, "reference model": ref}
     stop_if_not_as_launched(accelerator, models)  # and how each model is held
     accelerator.print(describe_setup(accelerator, models))
@@ -993,6 +1088,12 @@ def checkpoint(run: Run, step: int, nonfinite: int) -> Path | None:
         "schedulers": [s.state_dict() for s in run.schedulers.values()]}, run.args.keep_checkpoints)
 
 
+def full_state_dict(accelerator, model) -> dict:
+    """`model`'s full weights on the main process, for save_pretrained; every process must call it (sharded
+    models gather). Empty elsewhere under FSDP; ZeRO-3 returns None there, made empty here too."""
+    return accelerator.get_state_dict(model) or {}
+
+
 def finish(run: Run) -> dict:
     """The final evaluation, the trained models (policy/, critic/) and summary.json; returns the summary."""
     args, accelerator, out = run.args, run.accelerator, run.out
@@ -1010,11 +1111,11 @@ def finish(run: Run) -> dict:
     save_kw = dict(is_main_process=accelerator.is_main_process, save_function=accelerator.save, safe_serialization=True)
     # a gathered (FSDP) state dict holds tied weights as separate tensors: save_pretrained would write both
     tied = getattr(policy, "all_tied_weights_keys", None) or {}
-    state = {k: v for k, v in accelerator.get_state_dict(run.policy).items() if k not in tied}
+    state = {k: v for k, v in full_state_dict(accelerator, run.policy).items() if k not in tied}
     policy.save_pretrained(out / "policy", state_dict=state, **save_kw)
     if run.critic is not None:
         accelerator.unwrap_model(run.critic).save_pretrained(
-            str(out / "critic"), state_dict=accelerator.get_state_dict(run.critic), **save_kw)
+            str(out / "critic"), state_dict=full_state_dict(accelerator, run.critic), **save_kw)
     if accelerator.is_main_process:
         run.tokenizer.save_pretrained(out / "policy")
     run.pool.close()
@@ -1088,7 +1189,7 @@ def update(run: Run, exp: Experience, role: str, step: int) -> dict[str, list]:
     epochs, mini_batches = ((args.ppo_epochs, args.num_mini_batches) if role == "policy"
                             else (args.critic_epochs, args.critic_mini_batches))
     rows, world, rank = len(exp.response_ids), accelerator.num_processes, accelerator.process_index
-    device = exp.response_ids.device
+    device, deepspeed = exp.response_ids.device, deepspeed_stage(accelerator) is not None
     stats: dict[str, list] = {}
     model.train()
     for part in mini_batch_parts(rows * world, mini_batches, args.seed, step, epochs):
@@ -1101,7 +1202,7 @@ def update(run: Run, exp: Experience, role: str, step: int) -> dict[str, list]:
         mini_stats: dict[str, list] = {}
         accelerator.gradient_accumulation_steps = len(micro)
         accelerator.step = 0  # align accumulation boundaries with this mini-batch
-        for idx in micro:
+        for i, idx in enumerate(micro):
             # an empty micro-batch (another process has more) runs one row with zero weight, so that
             # every process makes the same number of forward and backward passes
             if len(idx):
@@ -1109,14 +1210,17 @@ def update(run: Run, exp: Experience, role: str, step: int) -> dict[str, list]:
             else:
                 mb = exp.select(torch.zeros(1, dtype=torch.long, device=device)).trim()
                 w = torch.zeros_like(mb.response_mask)
-            with accelerator.accumulate(model):
+            with nullcontext() if deepspeed else accelerator.accumulate(model):
                 loss, s = loss_fn(model, mb, w[:, :mb.response_ids.shape[1]], args)
                 if step in injected_nan_steps():
                     loss = loss * float("nan")
-                # accelerate divides by the accumulation steps and DDP averages over processes; the
-                # weights already normalise over the whole batch, so undo both.
-                accelerator.backward(loss * accelerator.gradient_accumulation_steps * world)
-                if accelerator.sync_gradients:
+                if deepspeed:  # the engine accumulates, clips and steps (or skips a non-finite step)
+                    s.update(deepspeed_backward(model, loss * world, role, last=i == len(micro) - 1))
+                else:
+                    # accelerate divides by the accumulation steps and DDP averages over processes; the
+                    # weights already normalise over the whole batch, so undo both.
+                    accelerator.backward(loss * accelerator.gradient_accumulation_steps * world)
+                if not deepspeed and accelerator.sync_gradients:
                     norm = clip_gradients(accelerator, model, args.max_grad_norm)  # global: same on all processes
                     s[f"{role}/grad_norm"] = norm
                     s["train/nonfinite_updates"] = float(not math.isfinite(norm))

@@ -28,6 +28,9 @@ ACCEL_EXPECTED = {
     "8gpu_ddp": ("MULTI_GPU", 8, 1),
     "fsdp": ("FSDP", 8, 1),
     "2node": ("MULTI_GPU", 16, 2),
+    "zero2": ("DEEPSPEED", 8, 1),
+    "zero3": ("DEEPSPEED", 8, 1),
+    "zero3_offload": ("DEEPSPEED", 8, 1),
 }
 RECIPES = {"orz_0.5b": "Qwen/Qwen2.5-0.5B", "orz_1.5b": "Qwen/Qwen2.5-1.5B", "orz_7b": "Qwen/Qwen2.5-7B"}
 LAUNCH_RE = re.compile(r"accelerate launch --config_file (configs/accelerate/\S+\.yaml)(?: --num_processes (\d+))?"
@@ -121,6 +124,26 @@ def test_fsdp_config_builds_the_fsdp2_plugin(monkeypatch):
     assert plugin.cpu_ram_efficient_loading is True
     assert type(plugin.cpu_offload).__name__ == "OffloadPolicy"  # the no-offload policy (not CPUOffloadPolicy)
     assert plugin.transformer_cls_names_to_wrap == ["Qwen2DecoderLayer"]
+
+
+@pytest.mark.parametrize("name, stage, offload", [("zero2", 2, "none"), ("zero3", 3, "none"),
+                                                  ("zero3_offload", 3, "cpu")])
+def test_deepspeed_configs_build_the_plugin(name, stage, offload, monkeypatch):
+    from accelerate.utils import DeepSpeedPlugin
+
+    _, env = launcher_env(name, monkeypatch)
+    assert env["ACCELERATE_USE_DEEPSPEED"] == "true"
+    for key in [k for k in os.environ if k.startswith("ACCELERATE_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    plugin = DeepSpeedPlugin()  # reads the ACCELERATE_DEEPSPEED_* environment, as in each training process
+    zero = plugin.deepspeed_config["zero_optimization"]
+    assert zero["stage"] == stage and zero["offload_optimizer"]["device"] == offload
+    assert zero["offload_param"]["device"] == "none"
+    assert plugin.zero3_init_flag is False  # the critic's value head is built outside zero.Init
+    if stage == 3:  # the final save_pretrained needs the gathered weights
+        assert zero["stage3_gather_16bit_weights_on_model_save"] is True
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))

@@ -1,7 +1,8 @@
 """Two processes under `accelerate launch` on the CPU against one, same global batch and seed.
 
 (`accelerate launch --cpu --num_processes 2` starts a single process in accelerate 1.15; two CPU processes
-need the multi-process launcher with ACCELERATE_USE_CPU set, which this test uses and checks.)
+need the multi-process launcher with ACCELERATE_USE_CPU set, which this test uses and checks. DeepSpeed
+runs on CPU processes with its CPU accelerator, DS_ACCELERATOR=cpu, and without ACCELERATE_USE_CPU.)
 
 Generate calls are seeded by (seed, step, place of their first prompt), so both runs sample the same
 responses; then every number that follows must agree up to float round-off: rewards, advantages, the
@@ -9,6 +10,7 @@ loss, and the parameters after the update. The runs differ only in how rows are 
 and padded, which changes summation order, not values.
 """
 
+import importlib.util
 import json
 import os
 import socket
@@ -19,6 +21,9 @@ import pytest
 import torch
 from conftest import ROOT
 from safetensors.torch import load_file
+
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="deepspeed is not installed (pip install deepspeed==0.19.8)")
 
 COMMON = ["--max-steps", "2", "--prompts-per-step", "4", "--num-generations", "4", "--generation-batch-size", "2",
           "--eval-every", "0", "--samples-per-step", "16", "--lr", "1e-3", "--critic-lr", "1e-3",
@@ -32,16 +37,23 @@ def free_port() -> int:
 
 
 # How each sharded mode is launched on CPU processes: the shipped GPU config, with the process count, the
-# precision and the tiny model's decoder layer given on the command line, and ACCELERATE_USE_CPU set.
+# precision and the tiny model's decoder layer given on the command line, and ACCELERATE_USE_CPU set
+# (DeepSpeed: DS_ACCELERATOR=cpu instead).
 LAUNCH = {
     "ddp": ["--multi_gpu"],
     "fsdp2": ["--config_file", "configs/accelerate/fsdp.yaml", "--fsdp_transformer_layer_cls_to_wrap",
               "LlamaDecoderLayer"],
+    "zero2": ["--config_file", "configs/accelerate/zero2.yaml"],
+    "zero3": ["--config_file", "configs/accelerate/zero3.yaml"],
 }
+MODES = ["ddp", "fsdp2", pytest.param("zero2", marks=needs_deepspeed), pytest.param("zero3", marks=needs_deepspeed)]
 
 
-def run(out, processes: int, *args: str, mode: str = "ddp", expect_error: bool = False) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+def run(out, processes: int, *args: str, mode: str = "ddp", expect_error: bool = False, **env_extra: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", **env_extra}
+    if processes > 1 and mode.startswith("zero"):
+        del env["ACCELERATE_USE_CPU"]
+        env["DS_ACCELERATOR"] = "cpu"
     if processes == 1:
         cmd = [sys.executable, "train_ppo.py"]
     else:
@@ -64,10 +76,15 @@ def lines(path) -> list[dict]:
 
 # What the trainer's setup line must say each mode got: the distributed type and how the policy is held.
 GOT = {"ddp": ("distributed setup: MULTI_CPU, 2 process(es)", "policy DistributedDataParallel"),
-       "fsdp2": ("distributed setup: FSDP, 2 process(es)", "policy sharded (FSDP2, DTensor parameters)")}
+       "fsdp2": ("distributed setup: FSDP, 2 process(es)", "policy sharded (FSDP2, DTensor parameters)"),
+       "zero2": ("distributed setup: DEEPSPEED, 2 process(es), backend gloo", "policy DeepSpeedEngine (ZeRO-2)"),
+       "zero3": ("distributed setup: DEEPSPEED, 2 process(es), backend gloo", "policy DeepSpeedEngine (ZeRO-3)")}
+# how the frozen reference model is held when it is sharded (ZeRO-2 partitions no weights: it stays whole)
+REFERENCE = {"fsdp2": "reference model sharded (FSDP2, DTensor parameters)",
+             "zero3": "reference model DeepSpeedEngine (ZeRO-3)", "zero2": "reference model whole"}
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("advantage", ["grpo", "gae"])
 def test_two_processes_match_one(advantage, mode, tmp_path, tiny_base):
     one, two = tmp_path / "one", tmp_path / "two"
@@ -78,8 +95,8 @@ def test_two_processes_match_one(advantage, mode, tmp_path, tiny_base):
     assert all(part in out for part in GOT[mode]), out[:2000]
     if advantage == "gae":
         assert GOT[mode][1].replace("policy", "critic") in out
-        if mode == "fsdp2":
-            assert GOT[mode][1].replace("policy", "reference model") in out
+        if mode in REFERENCE:
+            assert REFERENCE[mode] in out
 
     m1, m2 = lines(one / "metrics.jsonl"), lines(two / "metrics.jsonl")
     assert [r["step"] for r in m2] == [0, 1]  # written once, by the main process
@@ -104,23 +121,25 @@ def test_two_processes_match_one(advantage, mode, tmp_path, tiny_base):
         diff = max((p1[k] - p2[k]).abs().max().item() for k in p1)
         base = load_file(tiny_base / "model.safetensors") if part.startswith("policy") else None
         moved = max((p1[k] - base[k]).abs().max().item() for k in p1) if base else 1.0
-        print(f"{advantage} {part}: largest difference 1 vs 2 processes {diff:.2e}")
+        print(f"{mode} {advantage} {part}: largest difference 1 vs 2 processes {diff:.2e}")
         assert diff < 1e-4, (part, diff)
         assert moved > 1e-3  # and the update did change the parameters
     assert torch.isfinite(torch.tensor([m2[-1]["loss/policy"]]))
 
 
-def test_process_whose_rows_are_all_in_the_first_critic_mini_batch(tmp_path, tiny_base):
+@pytest.mark.parametrize("mode", ["ddp", pytest.param("zero3", marks=needs_deepspeed)])
+def test_process_whose_rows_are_all_in_the_first_critic_mini_batch(mode, tmp_path, tiny_base):
     """Seed 0, step 0: the critic's first mini-batch of 4 global rows is [0, 1], all of process 0's rows,
     so in that mini-batch process 1 has no rows and must still run the same forward and backward passes as
-    process 0. The run must finish and agree with one process."""
+    process 0 (under ZeRO-3 each forward gathers the weights from both). The run must finish and agree with
+    one process."""
     from train_ppo import mini_batch_parts
 
     assert sorted(mini_batch_parts(4, 2, seed=0, step=0)[0].tolist()) == [0, 1]
     args = ["--advantage", "gae", "--max-steps", "1", "--prompts-per-step", "2", "--num-generations", "2",
             "--generation-batch-size", "1", "--seed", "0", "--samples-per-step", "4"]
     run(tmp_path / "one", 1, *args)
-    run(tmp_path / "two", 2, *args)
+    run(tmp_path / "two", 2, *args, mode=mode)
     m1, m2 = lines(tmp_path / "one" / "metrics.jsonl"), lines(tmp_path / "two" / "metrics.jsonl")
     for k in ("train/reward", "critic/values", "critic/value_loss", "loss/policy"):
         assert m1[0][k] == pytest.approx(m2[0][k], rel=1e-4, abs=1e-5), k
@@ -139,17 +158,23 @@ def test_evaluation_does_not_depend_on_the_process_count(tmp_path, tiny_base):
     assert {k: e1[k] for k in keys} == {k: e2[k] for k in keys}
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("mode", MODES)
 def test_sharded_resume_matches_an_uninterrupted_run(mode, tmp_path, tiny_base):
     """Two processes, PPO (policy and critic): a run stopped after 2 steps and continued from its checkpoint
     to 3 steps logs the same metrics and ends with the same weights as a run of 3 steps. Under FSDP2 the
-    checkpoint holds each process's shards and optimizer states."""
+    checkpoint holds each process's shards and optimizer states; under DeepSpeed each engine's checkpoint
+    (each process's optimizer partition)."""
     args = ["--advantage", "gae", "--save-every", "1", "--max-steps", "3"]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     run(whole, 2, *args, mode=mode)
     run(resumed, 2, *args[:-1], "2", mode=mode)
     out = run(resumed, 2, *args, mode=mode)
-    assert "resuming from" in out and GOT[mode][0] in out
+    assert "resuming from" in out and all(part in out for part in GOT[mode]), out[:2000]
+    if mode.startswith("zero"):  # the policy's engine, then the critic's, each with both processes' partitions
+        saved = resumed / "checkpoints" / "step-000002"
+        for engine in ("pytorch_model", "pytorch_model_1"):
+            for rank in (0, 1):
+                assert (saved / engine / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
 
     def comparable(run_dir):
         return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in lines(run_dir / "metrics.jsonl")]
@@ -158,6 +183,19 @@ def test_sharded_resume_matches_an_uninterrupted_run(mode, tmp_path, tiny_base):
     for part in ("policy/model.safetensors", "critic/model.safetensors", "critic/value_head.safetensors"):
         a, b = load_file(resumed / part), load_file(whole / part)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
+@pytest.mark.parametrize("mode", [pytest.param("zero2", marks=needs_deepspeed),
+                                  pytest.param("zero3", marks=needs_deepspeed)])
+def test_deepspeed_skips_and_counts_a_nonfinite_update(mode, tmp_path, tiny_base):
+    """A NaN loss in step 1 under DeepSpeed: its optimizer step is skipped (DeepSpeed's own check of the
+    gradient norm), counted once per skipped step, and the run trains on with finite weights."""
+    run(tmp_path, 2, "--advantage", "grpo", "--max-steps", "3", mode=mode, REASONER_ZERO_NAN_STEPS="1")
+    rows = lines(tmp_path / "metrics.jsonl")
+    assert [r["train/nonfinite_updates"] for r in rows] == [0, 1, 0]
+    assert all(r["policy/grad_norm"] > 0 for r in (rows[0], rows[2]))
+    policy = load_file(tmp_path / "policy" / "model.safetensors")
+    assert all(v.isfinite().all() for v in policy.values())
 
 
 def test_a_launch_that_is_not_what_it_asked_stops_with_one_line(tmp_path, tiny_base):
@@ -185,6 +223,8 @@ def test_a_launch_that_is_not_what_it_asked_stops_with_one_line(tmp_path, tiny_b
     ({"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2"}, "MULTI_CPU", 2, "asked for FSDP but the processes run "
                                                                           "MULTI_CPU"),
     ({"ACCELERATE_USE_DEEPSPEED": "true", "WORLD_SIZE": "2"}, "MULTI_CPU", 2, "asked for DEEPSPEED"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_USE_CPU": "true", "WORLD_SIZE": "2"}, "MULTI_CPU", 2,
+     "DeepSpeed runs on CPU processes without ACCELERATE_USE_CPU"),
     ({"WORLD_SIZE": "2"}, "NO", 1, "2 processes were launched (WORLD_SIZE) but accelerate sees 1"),
     ({"WORLD_SIZE": "2"}, "MULTI_CPU", 2, None),
     ({}, "NO", 1, None),
@@ -196,10 +236,55 @@ def test_launch_problems(env, got, processes, expected, monkeypatch):
 
     from train_ppo import launch_problems
 
-    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "WORLD_SIZE"):
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_CPU", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     accelerator = SimpleNamespace(distributed_type=DistributedType(got), num_processes=processes)
     problems = launch_problems(accelerator, {})
     assert (problems == []) if expected is None else any(expected in p for p in problems), problems
+
+
+def test_launch_problems_names_a_model_deepspeed_does_not_hold(monkeypatch):
+    """Under DeepSpeed every trained model must be an engine of the stage the launch asked for, and so must
+    the reference model under ZeRO-3 (under ZeRO-2 it stays whole)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from train_ppo import launch_problems
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+
+    def accelerator(stage):
+        plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": stage}})
+        return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=2,
+                               state=SimpleNamespace(deepspeed_plugin=plugin))
+
+    def engine(stage):
+        return SimpleNamespace(zero_optimization_stage=lambda: stage)
+
+    plain = torch.nn.Linear(1, 1)
+    held = {"policy": engine(3), "critic": engine(3), "reference model": engine(3)}
+    assert launch_problems(accelerator(3), held) == []
+    assert launch_problems(accelerator(2), {"policy": engine(2), "critic": None, "reference model": plain}) == []
+    problems = launch_problems(accelerator(3), {"policy": engine(2), "critic": plain, "reference model": plain})
+    assert problems == ["the launch asked for DeepSpeed ZeRO-3 but the policy is held by a ZeRO-2 engine",
+                        "the launch asked for DeepSpeed ZeRO-3 but the critic is held by Linear",
+                        "the launch asked for DeepSpeed ZeRO-3 but the reference model is held by Linear"]
+
+
+def test_weights_check_before_a_checkpoint_sees_zero3_partitions():
+    """Under ZeRO-3 a parameter is an empty placeholder and this process's part of the weights is its
+    `ds_tensor`: a NaN there must count as non-finite weights (no checkpoint is then written)."""
+    from checkpoint import parameters_finite
+
+    model = torch.nn.Linear(2, 2)
+    for p in model.parameters():
+        p.ds_tensor = p.data.clone().flatten()
+        p.data = torch.empty(0)
+    assert parameters_finite(model)
+    model.weight.ds_tensor[1] = float("nan")
+    assert not parameters_finite(model)
