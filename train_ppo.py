@@ -603,6 +603,23 @@ def prepare_reference(accelerator, ref):
             else accelerator.prepare_model(ref, evaluation_mode=True))
 
 
+def read_weights_only(engine) -> None:
+    """Make a DeepSpeed engine read its checkpoint files (weights, ZeRO partitions, optimizer states) with
+    torch's weights-only unpickler, as every other checkpoint file is read: DeepSpeed's own loader uses
+    torch.load(weights_only=False), which runs whatever code a tampered file holds. Allowed besides tensors
+    and plain data: the three data-holding classes DeepSpeed 0.19.8 writes into its files (found by loading
+    ZeRO-2 and ZeRO-3 checkpoints of both models until nothing else was refused)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    def load(path: str, map_location=None):
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    engine.checkpoint_engine.load = load
+
+
 def deepspeed_backward(engine, loss: torch.Tensor, role: str, last: bool) -> dict:
     """Backward of one micro-batch under DeepSpeed (see `configure_deepspeed`); on the mini-batch's last
     micro-batch also the optimizer step. `loss` is already the share of the whole mini-batch's objective;
@@ -949,6 +966,9 @@ def setup(args: Args) -> Run:
     if ref is not None:  # frozen: no DDP wrapper; sharded like the others where they are
         ref = prepare_reference(accelerator, ref)
     models = {"policy": policy, "critic": critic, "reference model": ref}
+    for model in (policy, critic):
+        if hasattr(getattr(model, "checkpoint_engine", None), "load"):  # a DeepSpeed engine
+            read_weights_only(model)
     stop_if_not_as_launched(accelerator, models)  # and how each model is held
     accelerator.print(describe_setup(accelerator, models))
     pool = RewardPool(args.reward, num_workers=args.reward_workers, timeout=args.reward_timeout)

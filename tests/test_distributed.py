@@ -288,3 +288,28 @@ def test_weights_check_before_a_checkpoint_sees_zero3_partitions():
     assert parameters_finite(model)
     model.weight.ds_tensor[1] = float("nan")
     assert not parameters_finite(model)
+
+
+class Payload:  # stands for any class a tampered checkpoint file might name
+    pass
+
+
+@needs_deepspeed
+def test_deepspeed_checkpoint_files_are_read_weights_only(tmp_path):
+    """The engines' loader (`read_weights_only`) reads tensors and DeepSpeed's own data classes, and refuses
+    a file that names any other class, where DeepSpeed's loader would unpickle it."""
+    import pickle
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from train_ppo import read_weights_only
+
+    engine = SimpleNamespace(checkpoint_engine=SimpleNamespace(load=None))
+    read_weights_only(engine)
+    torch.save({"w": torch.ones(2), "stage": ZeroStageEnum(2)}, tmp_path / "good.pt")
+    loaded = engine.checkpoint_engine.load(str(tmp_path / "good.pt"))
+    assert torch.equal(loaded["w"], torch.ones(2)) and loaded["stage"] == ZeroStageEnum(2)
+    torch.save({"w": torch.ones(2), "x": Payload()}, tmp_path / "bad.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Payload"):
+        engine.checkpoint_engine.load(str(tmp_path / "bad.pt"))
