@@ -303,8 +303,9 @@ def nonfinite_stop_message(step: int, count: int, last_saved: Path | None) -> st
 def save_checkpoint(accelerator, root: Path, state: dict, keep: int) -> Path:
     """Everything needed to continue at `state["step"]`: models, optimizers, every process's RNG states
     (accelerate's `save_state`: weights as safetensors, or under FSDP and DeepSpeed in their formats;
-    everything is read back with torch's weights-only loader), `state` as JSON (with the schedulers: nothing is unpickled on resume) and, last, a manifest of
-    every file's size and hash. Written to a temporary directory, fsynced, then renamed, so a kill at any
+    everything is read back with torch's weights-only loader), `state` as JSON (with the schedulers:
+    nothing is unpickled on resume) and, last, a manifest of every file's size and hash. Written to a
+    temporary directory, fsynced, then renamed, so a kill at any
     instant leaves the previous checkpoint whole. A failed write (a full disk) removes the temporary
     directory and stops every process with one line; the previous checkpoints are untouched."""
     import shutil
