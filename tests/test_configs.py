@@ -106,6 +106,15 @@ def test_two_node_config():
     assert "--machine_rank 1" in (ACCEL_DIR / "2node.yaml").read_text()
 
 
+def use_launcher_env(monkeypatch, env: dict, prefix: str) -> None:
+    """This process's environment as the launcher prepares it for a training process: the variables with
+    `prefix` replaced by `env`'s."""
+    for key in [k for k in os.environ if k.startswith(prefix)]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+
 def test_fsdp_config_builds_the_fsdp2_plugin(monkeypatch):
     from accelerate.utils import FullyShardedDataParallelPlugin
 
@@ -113,10 +122,7 @@ def test_fsdp_config_builds_the_fsdp2_plugin(monkeypatch):
     assert config.fsdp_config["fsdp_version"] == 2
     _, env = launcher_env("fsdp", monkeypatch)
     assert env["ACCELERATE_USE_FSDP"] == "true"
-    for key in [k for k in os.environ if k.startswith("FSDP_")]:
-        monkeypatch.delenv(key)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    use_launcher_env(monkeypatch, env, "FSDP_")
     plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* environment, as in each training process
     assert plugin.fsdp_version == 2
     assert plugin.reshard_after_forward is True  # FSDP2's FULL_SHARD
@@ -133,10 +139,7 @@ def test_deepspeed_configs_build_the_plugin(name, stage, offload, monkeypatch):
 
     _, env = launcher_env(name, monkeypatch)
     assert env["ACCELERATE_USE_DEEPSPEED"] == "true"
-    for key in [k for k in os.environ if k.startswith("ACCELERATE_")]:
-        monkeypatch.delenv(key)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    use_launcher_env(monkeypatch, env, "ACCELERATE_")
     plugin = DeepSpeedPlugin()  # reads the ACCELERATE_DEEPSPEED_* environment, as in each training process
     zero = plugin.deepspeed_config["zero_optimization"]
     assert zero["stage"] == stage and zero["offload_optimizer"]["device"] == offload
