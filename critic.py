@@ -82,19 +82,15 @@ def forward_values(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 @torch.no_grad()
 def batched_values(critic, exp, micro_batches: list[torch.Tensor]) -> torch.Tensor:
-    """`forward_values` over a whole rollout (`rollout.Experience`), one trimmed micro-batch at a time, in
-    eval mode and without grad: the values GAE and the clipped value loss start from. An empty micro-batch
-    (another process has more) runs row 0, so that every process runs the same passes. (B, R), 0 outside
-    the response mask."""
-    values, training = torch.zeros_like(exp.response_mask, dtype=torch.float32), critic.training
+    """`forward_values` over a whole rollout (`rollout.Experience.per_token`), in eval mode (then back to
+    the critic's mode) and without grad: the values GAE and the clipped value loss start from. (B, R), 0
+    outside the response mask."""
+    training = critic.training
     critic.eval()
-    for rows in micro_batches:
-        mb = exp.select(rows if len(rows) else torch.zeros(1, dtype=torch.long, device=rows.device)).trim()
-        v = forward_values(critic, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1])
-        if len(rows):
-            values[rows, :v.shape[1]] = v.float()
+    values = exp.per_token(micro_batches, lambda mb: forward_values(
+        critic, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1]))
     critic.train(training)
-    return values * exp.response_mask
+    return values
 
 
 def compute_gae_advantages(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor,

@@ -226,7 +226,7 @@ def main(args: EvalArgs) -> dict:
 
     from data.loading import ORZ_STOP_STRINGS
     from data.synthetic import build_tiny_base
-    from reward import RewardPool, load_reward_fn
+    from reward import RewardPool, reward_problems
     from utils import JsonlWriter, number_problems, seed_everything
 
     problems = number_problems(args)
@@ -236,14 +236,9 @@ def main(args: EvalArgs) -> dict:
         raise SystemExit("error: --num-samples, --max-new-tokens and --batch-size must be >= 1, --limit >= 0")
     if args.temperature < 0 or (args.temperature == 0 and args.num_samples > 1):
         raise SystemExit("error: --temperature must be >= 0, and 0 (greedy) needs --num-samples 1")
-    problems = model_problems(args.model)
+    problems = model_problems(args.model) + reward_problems(args.reward)  # before the model loads
     if problems:
         raise SystemExit("error: " + problems[0])
-    if args.reward != "math":
-        try:
-            load_reward_fn(args.reward)
-        except ValueError as err:
-            raise SystemExit(f"error: --reward {args.reward}: {err}") from None
     datasets = load_eval_datasets(args)
     seed_everything(args.seed)
     model_path = str(build_tiny_base()) if args.model == "tiny" else args.model

@@ -860,6 +860,53 @@ def load_reward_fn(spec: str) -> Callable[..., float]:
     return fn
 
 
+# Run in a child process by `reward_problems`: resolves the spec as this process would (same sys.path)
+# and prints the outcome as the last line of its output.
+_REWARD_CHECK = """
+import json, sys
+sys.path[:] = json.loads(sys.argv[1])
+from reward import load_reward_fn
+try:
+    load_reward_fn(sys.argv[2])
+    result = {}
+except ValueError as err:
+    result = {"error": str(err)}
+except BaseException as err:
+    result = {"error": f"reward spec {sys.argv[2]!r}: importing it raised {type(err).__name__}: {err}"}
+print()  # the result on a line of its own, whatever the module printed
+print(json.dumps(result))
+"""
+
+
+def reward_problems(spec: str, timeout: float = 120.0) -> list[str]:
+    """[] if the reward `spec` resolves to a function; else one message. A custom reward is imported in a
+    child process, so that a module that ends the process at import (os._exit, a crash) is reported with
+    its exit code instead of ending this one silently. (It is imported again where it is used.)"""
+    import subprocess
+
+    if spec == "math":
+        try:
+            load_reward_fn(spec)
+        except ValueError as err:
+            return [f"--reward: {err}"]
+        return []
+    try:
+        result = subprocess.run([sys.executable, "-c", _REWARD_CHECK, json.dumps(sys.path), spec],
+                                capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return [f"--reward: reward spec {spec!r}: importing it took more than {timeout:.0f} s"]
+    try:
+        error = json.loads(result.stdout.strip().splitlines()[-1]).get("error")
+        if result.returncode != 0:  # it printed its verdict, then died (an exit hook, a crash at shutdown)
+            raise ValueError
+    except (IndexError, ValueError, AttributeError):
+        how = f"signal {-result.returncode}" if result.returncode < 0 else f"exit code {result.returncode}"
+        last = result.stderr.strip().splitlines()[-1:] or [""]
+        error = (f"reward spec {spec!r}: importing it ended the process with {how}"
+                 + (f" ({last[0][:200]})" if last[0] else ""))
+    return [f"--reward: {error}"] if error else []
+
+
 def _absolute_spec(spec: str) -> str:
     """The same spec with a file path made absolute, so workers find it whatever their directory."""
     target, _, name = spec.rpartition(":")

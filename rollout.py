@@ -100,6 +100,19 @@ class Experience:
             out[f.name] = v
         return Experience(**out)
 
+    def per_token(self, micro_batches: list[torch.Tensor], fn) -> torch.Tensor:
+        """`fn(micro-batch)` -> (b, r) over the whole batch, one trimmed micro-batch at a time, assembled
+        into (B, R) float32, 0 outside the response mask. `micro_batches` are row-index tensors, as
+        `plan_micro_batches` makes them; an empty one (another process has more) runs row 0 and writes
+        nothing, so that every process runs the same passes."""
+        out = torch.zeros_like(self.response_mask, dtype=torch.float32)
+        for rows in micro_batches:
+            mb = self.select(rows if len(rows) else torch.zeros(1, dtype=torch.long, device=rows.device)).trim()
+            values = fn(mb)
+            if len(rows):
+                out[rows, :values.shape[1]] = values.float()
+        return out * self.response_mask
+
 
 # Generation config fields that do not change which token is drawn: kept from the checkpoint when sampling.
 NEUTRAL_GENERATION_FIELDS = ("eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id",
@@ -533,16 +546,10 @@ def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
 @torch.no_grad()
 def batched_logprobs(model, exp: Experience, temperature: float, micro_batches: list[torch.Tensor]) -> torch.Tensor:
-    """`forward_logprobs` over the whole batch, one trimmed micro-batch at a time, without grad (old and
-    reference log-probs). `micro_batches` are row-index tensors, as `plan_micro_batches` makes them.
-    Returns (B, R), 0 outside the response mask."""
-    out = torch.zeros_like(exp.response_mask, dtype=torch.float32)
-    for rows in micro_batches:
-        mb = exp.select(rows if len(rows) else torch.zeros(1, dtype=torch.long, device=rows.device)).trim()
-        logprobs = forward_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1], temperature)[0]
-        if len(rows):
-            out[rows, :logprobs.shape[1]] = logprobs
-    return out * exp.response_mask
+    """`forward_logprobs` over the whole batch (`Experience.per_token`), without grad: the old and
+    reference log-probs. Returns (B, R), 0 outside the response mask."""
+    return exp.per_token(micro_batches, lambda mb: forward_logprobs(
+        model, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1], temperature)[0])
 
 
 def group_stats(rewards: torch.Tensor, group_ids: torch.Tensor):

@@ -64,7 +64,7 @@ from critic import (
     forward_values,
 )
 from data.loading import ORZ_STOP_STRINGS, DataArgs
-from reward import RewardArgs, RewardPool
+from reward import RewardArgs, RewardPool, reward_problems
 from rollout import (
     Experience,
     ModelArgs,
@@ -327,56 +327,6 @@ def check_args(args: Args, num_processes: int = 1) -> None:
         raise SystemExit("error: " + "; ".join(problems))
 
 
-# Run in a child process by `reward_problems`: resolves the spec as this process would (same sys.path)
-# and prints the outcome as the last line of its output.
-_REWARD_CHECK = """
-import json, sys
-sys.path[:] = json.loads(sys.argv[1])
-from reward import load_reward_fn
-try:
-    load_reward_fn(sys.argv[2])
-    result = {}
-except ValueError as err:
-    result = {"error": str(err)}
-except BaseException as err:
-    result = {"error": f"reward spec {sys.argv[2]!r}: importing it raised {type(err).__name__}: {err}"}
-print()  # the result on a line of its own, whatever the module printed
-print(json.dumps(result))
-"""
-
-
-def reward_problems(spec: str, timeout: float = 120.0) -> list[str]:
-    """[] if the reward `spec` resolves to a function; else one message. A custom reward is imported in a
-    child process, so that a module that ends the process at import (os._exit, a crash) is reported with
-    its exit code instead of ending this one silently. (It is imported again where it is used.)"""
-    import subprocess
-    import sys
-
-    if spec == "math":
-        from reward import load_reward_fn
-
-        try:
-            load_reward_fn(spec)
-        except ValueError as err:
-            return [f"--reward: {err}"]
-        return []
-    try:
-        result = subprocess.run([sys.executable, "-c", _REWARD_CHECK, json.dumps(sys.path), spec],
-                                capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return [f"--reward: reward spec {spec!r}: importing it took more than {timeout:.0f} s"]
-    try:
-        error = json.loads(result.stdout.strip().splitlines()[-1]).get("error")
-        if result.returncode != 0:  # it printed its verdict, then died (an exit hook, a crash at shutdown)
-            raise ValueError
-    except (IndexError, ValueError, AttributeError):
-        how = f"signal {-result.returncode}" if result.returncode < 0 else f"exit code {result.returncode}"
-        last = result.stderr.strip().splitlines()[-1:] or [""]
-        error = (f"reward spec {spec!r}: importing it ended the process with {how}"
-                 + (f" ({last[0][:200]})" if last[0] else ""))
-    return [f"--reward: {error}"] if error else []
-
-
 def tracker_problems(report_to: str) -> list[str]:
     """[] if the --report-to tracker is installed (accelerate would only warn and log nowhere)."""
     from accelerate import utils
@@ -637,6 +587,22 @@ def deepspeed_backward(engine, loss: torch.Tensor, role: str, last: bool) -> dic
     return {f"{role}/grad_norm": norm, "train/nonfinite_updates": float(not engine.was_step_applied())}
 
 
+def accelerate_backward(accelerator, model, optimizer, loss: torch.Tensor, role: str, max_norm: float) -> dict:
+    """Backward of one micro-batch with accelerate (one process, DDP, FSDP); at the accumulation boundary
+    (the mini-batch's last micro-batch) also the step: clip to `max_norm` (a global norm, the same on all
+    processes), and skip the step, counted, when the norm is not finite (a NaN/inf loss or gradient).
+    `loss` is already the share of the whole mini-batch's objective and DDP's averaging undone by the caller;
+    accelerate divides by the accumulation steps, which is undone here."""
+    accelerator.backward(loss * accelerator.gradient_accumulation_steps)
+    if not accelerator.sync_gradients:
+        return {}
+    norm = clip_gradients(accelerator, model, max_norm)
+    if math.isfinite(norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {f"{role}/grad_norm": norm, "train/nonfinite_updates": float(not math.isfinite(norm))}
+
+
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
@@ -661,6 +627,18 @@ def allow_cpu_fsdp() -> bool:
     return True
 
 
+def fsdp_sharded(model) -> bool:
+    """Whether FSDP2 holds `model`: its parameters are DTensors (shards of the full tensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return all(isinstance(p, DTensor) for p in model.parameters())
+
+
+def zero_stage_of(model) -> int | None:
+    """The ZeRO stage of the DeepSpeed engine holding `model`, or None when no engine holds it."""
+    return model.zero_optimization_stage() if hasattr(model, "zero_optimization_stage") else None
+
+
 def launch_problems(accelerator, models: dict) -> list[str]:
     """How the distributed setup the Accelerator built differs from what the launch asked for (accelerate
     launch's environment: WORLD_SIZE, ACCELERATE_USE_FSDP, ACCELERATE_USE_DEEPSPEED), and prepared models
@@ -683,17 +661,15 @@ def launch_problems(accelerator, models: dict) -> list[str]:
                     if kind == DistributedType.DEEPSPEED and env_flag("ACCELERATE_USE_CPU") else "")
             problems.append(f"the launch asked for {kind.value} but the processes run {got.value}{hint}")
     if got == DistributedType.FSDP:
-        from torch.distributed.tensor import DTensor
-
         for name, model in models.items():
-            if model is not None and not all(isinstance(p, DTensor) for p in model.parameters()):
+            if model is not None and not fsdp_sharded(model):
                 problems.append(f"FSDP did not shard the {name} (its parameters are not DTensors)")
     if got == DistributedType.DEEPSPEED:
         stage = deepspeed_stage(accelerator)
         for name, model in models.items():  # the frozen reference model has an engine only under ZeRO-3
             if model is None or (name == "reference model" and stage != 3):
                 continue
-            held = model.zero_optimization_stage() if hasattr(model, "zero_optimization_stage") else None
+            held = zero_stage_of(model)
             if held != stage:
                 problems.append(f"the launch asked for DeepSpeed ZeRO-{stage} but the {name} is held by "
                                 + (f"a ZeRO-{held} engine" if held is not None else type(model).__name__))
@@ -708,16 +684,14 @@ def stop_if_not_as_launched(accelerator, models: dict) -> None:
 
 def describe_setup(accelerator, models: dict) -> str:
     """One line: the distributed type, processes, backend and device, and how each prepared model is held."""
-    from torch.distributed.tensor import DTensor
-
     held = []
     for name, model in models.items():
         if model is None:
             continue
-        if all(isinstance(p, DTensor) for p in model.parameters()):
+        if fsdp_sharded(model):
             how = "sharded (FSDP2, DTensor parameters)"
-        elif hasattr(model, "zero_optimization_stage"):
-            how = f"DeepSpeedEngine (ZeRO-{model.zero_optimization_stage()})"
+        elif zero_stage_of(model) is not None:
+            how = f"DeepSpeedEngine (ZeRO-{zero_stage_of(model)})"
         else:
             how = type(model).__name__ if type(model).__module__.startswith("torch.") else "whole"
         held.append(f"{name} {how}")
@@ -967,7 +941,7 @@ def setup(args: Args) -> Run:
         ref = prepare_reference(accelerator, ref)
     models = {"policy": policy, "critic": critic, "reference model": ref}
     for model in (policy, critic):
-        if hasattr(getattr(model, "checkpoint_engine", None), "load"):  # a DeepSpeed engine
+        if zero_stage_of(model) is not None:
             read_weights_only(model)
     stop_if_not_as_launched(accelerator, models)  # and how each model is held
     accelerator.print(describe_setup(accelerator, models))
@@ -1234,19 +1208,13 @@ def update(run: Run, exp: Experience, role: str, step: int) -> dict[str, list]:
                 loss, s = loss_fn(model, mb, w[:, :mb.response_ids.shape[1]], args)
                 if step in injected_nan_steps():
                     loss = loss * float("nan")
+                # the weights normalise over the whole mini-batch of all processes, so the averaging over
+                # processes (DDP, ZeRO) is undone by `world`
                 if deepspeed:  # the engine accumulates, clips and steps (or skips a non-finite step)
                     s.update(deepspeed_backward(model, loss * world, role, last=i == len(micro) - 1))
                 else:
-                    # accelerate divides by the accumulation steps and DDP averages over processes; the
-                    # weights already normalise over the whole batch, so undo both.
-                    accelerator.backward(loss * accelerator.gradient_accumulation_steps * world)
-                if not deepspeed and accelerator.sync_gradients:
-                    norm = clip_gradients(accelerator, model, args.max_grad_norm)  # global: same on all processes
-                    s[f"{role}/grad_norm"] = norm
-                    s["train/nonfinite_updates"] = float(not math.isfinite(norm))
-                    if math.isfinite(norm):  # a NaN/inf loss or gradient: skip this update, counted
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    s.update(accelerate_backward(accelerator, model, optimizer, loss * world, role,
+                                                 args.max_grad_norm))
             share = mb.response_mask.sum().item() * float(len(idx) > 0) / max(count[0].item(), 1.0)
             for k, v in s.items():
                 mini_stats.setdefault(k, []).append(v * share if k in TOKEN_STATS else v)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from data.loading import DataArgs, DataError, is_synthetic, list_eval_sets
-from reward import RewardArgs
+from reward import RewardArgs, reward_problems
 from rollout import ModelArgs, SamplingArgs
 
 # ---------------------------------------------------------------- loading and writing records
@@ -202,6 +202,9 @@ def difficulty(args) -> list[dict]:
         raise SystemExit("error: --temperature must be > 0 to draw several different samples")
     if args.model != "tiny" and args.model.startswith((".", "/", "~")) and not Path(args.model).expanduser().exists():
         raise SystemExit(f"error: --model {args.model}: no such path")
+    problems = reward_problems(args.reward)  # before any sampling: a bad spec would end the run at scoring
+    if problems:
+        raise SystemExit("error: " + problems[0])
     records = load_dataset(args.dataset, args)
     progress_path = Path(args.output + ".progress")
     # What the samples depend on; which data they came from is checked per record (`_record_key`).

@@ -193,6 +193,8 @@ def test_contamination_report_defaults_to_next_to_its_input(tmp_path, monkeypatc
     (["difficulty", "--dataset", "synthetic", "--output", "{tmp}/o.jsonl", "--max-pass", "2"], "--max-pass"),
     (["difficulty", "--dataset", "synthetic", "--output", "{tmp}/o.jsonl", "--model", "./nope"],
      "./nope: no such path"),
+    (["difficulty", "--dataset", "synthetic", "--output", "{tmp}/o.jsonl", "--reward", "{tmp}/nope.py:score"],
+     "--reward: reward spec"),
 ])
 def test_bad_input_is_one_line(tmp_path, argv, message):
     (tmp_path / "empty.jsonl").write_text("")

@@ -136,3 +136,10 @@ def test_eval_command_writes_results(tiny_base, tmp_path):
         assert all(r["reward"] == 0 for r in mine if r["truncated"])  # ORZ: truncated scores 0
     # The built-in model answers some synthetic problems right in 24 tokens; the rewards must show it.
     assert any(r["reward"] == 1 and r["answer"] == r["ground_truth"] for r in rows if r["dataset"] == "synthetic")
+
+
+def test_a_reward_that_cannot_load_is_one_line(tmp_path):
+    """Checked with the other arguments, before the datasets and the model load."""
+    with pytest.raises(SystemExit, match=r"^error: --reward: reward spec .*nope\.py") as err:
+        eval_main(EvalArgs(model="tiny", reward=f"{tmp_path}/nope.py:score", output_dir=str(tmp_path / "out")))
+    assert "\n" not in str(err.value)
