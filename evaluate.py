@@ -14,7 +14,15 @@ from pathlib import Path
 
 from data.loading import DataArgs  # these two do not load torch: rollout still comes first to set the
 from reward import RewardArgs  # OpenMP spin count before torch loads (see there)
-from rollout import ModelArgs, SamplingArgs, generate_responses, model_problems, prepare_for_sampling, stop_positions
+from rollout import (
+    ModelArgs,
+    SamplingArgs,
+    generate_responses,
+    model_problems,
+    prepare_for_sampling,
+    resolve_model,
+    stop_positions,
+)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -225,7 +233,6 @@ def main(args: EvalArgs) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from data.loading import ORZ_STOP_STRINGS
-    from data.synthetic import build_tiny_base
     from reward import RewardPool, reward_problems
     from utils import JsonlWriter, number_problems, seed_everything
 
@@ -241,7 +248,7 @@ def main(args: EvalArgs) -> dict:
         raise SystemExit("error: " + problems[0])
     datasets = load_eval_datasets(args)
     seed_everything(args.seed)
-    model_path = str(build_tiny_base()) if args.model == "tiny" else args.model
+    model_path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
     stop_ids = prepare_for_sampling(tokenizer, model)

@@ -163,19 +163,98 @@ def prepare_for_sampling(tokenizer, model, log=print) -> list[int]:
 
 def model_problems(model: str) -> list[str]:
     """[] if `model` can be loaded as far as can be told without loading it: 'tiny', a directory with a
-    config.json, or a hub id whose config.json can be fetched (from the local cache when offline, as
-    HF_HUB_OFFLINE asks); else one message."""
+    config.json, a GGUF file (or a directory holding one), or a hub id whose config.json can be fetched
+    (from the local cache when offline, as HF_HUB_OFFLINE asks); else one message."""
     if model == "tiny":
         return []
     path = Path(model).expanduser()
     if path.is_dir():
-        return [] if (path / "config.json").is_file() else [
-            f"--model {model}: no config.json in this directory (a model saved with save_pretrained has one)"]
+        if (path / "config.json").is_file():
+            return []
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) > 1:
+            return [f"--model {model}: {len(ggufs)} .gguf files in this directory ({', '.join(g.name for g in ggufs)})"
+                    f": name one of them"]
+        return gguf_problems(model, ggufs[0]) if ggufs else [
+            f"--model {model}: no config.json in this directory (a model saved with save_pretrained has one), "
+            f"and no .gguf file"]
     if path.exists():
-        return [f"--model {model}: a file, not a model directory or hub id"]
-    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        return gguf_problems(model, path) if path.suffix == ".gguf" else [
+            f"--model {model}: a file, not a model directory, a .gguf file or a hub id"]
+    if model.startswith((".", "/", "~")) or model.count("/") > 1 or model.endswith(".gguf"):
         return [f"--model {model}: no such path (and not a hub id)"]
     return hub_model_problems(model)
+
+
+def gguf_problems(model: str, file: Path) -> list[str]:
+    """[] if `file` starts as a GGUF file does and the gguf package that reads it is installed."""
+    with open(file, "rb") as f:
+        if f.read(4) != b"GGUF":
+            return [f"--model {model}: {file.name} is not a GGUF file (it does not start with the bytes GGUF)"]
+    try:
+        import gguf  # noqa: F401 - transformers reads GGUF files with it
+    except ImportError:
+        return [f"--model {model}: reading a .gguf file needs the gguf package: pip install gguf"]
+    return []
+
+
+def gguf_file(model: str) -> Path | None:
+    """The GGUF file that `model` names: the file itself, or the one .gguf file of a directory that has no
+    config.json; None if `model` is not one."""
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    ggufs = sorted(path.glob("*.gguf")) if path.is_dir() and not (path / "config.json").exists() else []
+    return ggufs[0] if len(ggufs) == 1 else None
+
+
+def resolve_model(model: str, log=print) -> str:
+    """What `from_pretrained` loads for --model: the tiny base's directory for 'tiny' (built once), the
+    safetensors copy of a GGUF file (converted once, `convert_gguf`), else `model` itself."""
+    from data.synthetic import build_tiny_base
+
+    if model == "tiny":
+        return str(build_tiny_base(log=log))
+    file = gguf_file(model)
+    return str(convert_gguf(file, log=log)) if file else model
+
+
+def convert_gguf(file: Path, cache_dir: str | None = None, log=print) -> Path:
+    """The directory of a float32 safetensors copy of GGUF model `file`, with its tokenizer, made once and
+    cached under a key of the file's name and content hash (an edited file is converted again).
+
+    transformers de-quantizes a GGUF file each time it loads one (about 15 s for a 135M model here) and
+    refuses to `save_pretrained` the result; every later load (policy, critic, reference, each process) reads
+    the copy instead, and checkpoints of the trained model are ordinary safetensors directories.
+    """
+    import xxhash
+
+    from utils import build_once, cache_root
+
+    digest = xxhash.xxh3_64()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    path = (Path(cache_dir) if cache_dir else cache_root()) / f"gguf-{file.stem}-{digest.hexdigest()}"
+    return build_once(path, lambda tmp: _convert_gguf(file, tmp, path, log), log, f"the safetensors copy of {file}")
+
+
+def _convert_gguf(file: Path, tmp: Path, path: Path, log) -> None:
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log(f"converting {file} to a float32 safetensors model, once (cached at {path}) ...")
+    tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
+    # The weights are de-quantized floats now; the marker that they came quantized is what refuses saving.
+    del model.config.quantization_config
+    model.hf_quantizer, model.is_quantized = None, False
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "reasoner_zero_source.json").write_text(json.dumps(
+        {"gguf_file": str(file.resolve()), "bytes": file.stat().st_size, "xxh3_64": path.name.rsplit("-", 1)[1]}))
+    log(f"converted {file.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
 
 
 def hub_model_problems(model_id: str) -> list[str]:

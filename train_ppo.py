@@ -80,6 +80,7 @@ from rollout import (
     plan_micro_batches,
     prepare_for_sampling,
     repetition_flags,
+    resolve_model,
     response_mask_from_lengths,
     stop_positions,
     zero_degenerate,
@@ -892,8 +893,6 @@ def setup(args: Args) -> Run:
     from accelerate.utils import DistributedType, set_seed
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from data.synthetic import build_tiny_base
-
     if args.whiten_advantages is None:  # resolved once, so that config.json records what trains
         args = replace(args, whiten_advantages=args.advantage == "gae")
     # A tracker that is not installed is check_args's one-line error; accelerate would warn about it first.
@@ -912,7 +911,7 @@ def setup(args: Args) -> Run:
     start = claim_output_dir(accelerator, args)  # locked for this run; refusals come before any model loads
     t_start = time.time()
     with accelerator.main_process_first():
-        model_path = str(build_tiny_base(log=accelerator.print)) if args.model == "tiny" else args.model
+        model_path = resolve_model(args.model, log=accelerator.print)  # the tiny base or a GGUF: made once
     # Trained models load in fp32 and --bf16 autocasts their forward passes: AdamW on bf16 weights loses
     # updates of lr 1e-6 to rounding. Sharded setups (FSDP) keep fp32 masters the same way.
     load = dict(trust_remote_code=args.trust_remote_code, dtype=torch.float32)

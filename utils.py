@@ -103,6 +103,45 @@ def disable_dropout(model: torch.nn.Module) -> int:
     return changed
 
 
+def cache_root() -> Path:
+    """Where built models are cached: $REASONER_ZERO_CACHE, else $XDG_CACHE_HOME/reasoner-zero (~/.cache)."""
+    return Path(os.environ.get("REASONER_ZERO_CACHE")
+                or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "reasoner-zero")
+
+
+def build_once(path: Path, build: Callable[[Path], None], log=print, what: str = "it") -> Path:
+    """Return `path`, first building it with `build(tmp_dir)` if it is not there yet.
+
+    Processes that need it at once (tests, the processes of one run) build it once: the first takes a lock
+    on the entry and builds into a temporary directory that is renamed to `path` when complete, so a
+    half-written entry is never taken for a finished one; the others wait on the lock. Temporary directories
+    of killed builds are removed before building.
+    """
+    import shutil
+
+    from filelock import FileLock, Timeout
+
+    if path.is_dir():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path.with_name(path.name + ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log(f"waiting for another process that is building {what} ({path}) ...")
+        lock.acquire()
+    try:
+        if not path.is_dir():  # else built by the process we waited for
+            for stale in path.parent.glob(path.name + ".tmp*"):  # only the lock holder writes: killed builds
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            build(tmp)
+            os.replace(tmp, path)  # atomic
+    finally:
+        lock.release()
+    return path
+
+
 def number_problems(args, num_processes: int = 1) -> list[str]:
     """One message for each float field of the dataclass `args` that is NaN or infinite (NaN passes every
     range check, and inf most of them), and for a `seed` outside numpy's [0, 2**32 - 1] once each process

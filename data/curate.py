@@ -131,10 +131,9 @@ def _load_sampler(model_name: str, trust_remote_code: bool):
     """Model, tokenizer and stop ids, exactly as evaluate.py and train_ppo.py build them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from data.synthetic import build_tiny_base
-    from rollout import prepare_for_sampling
+    from rollout import prepare_for_sampling, resolve_model
 
-    path = str(build_tiny_base()) if model_name == "tiny" else model_name
+    path = resolve_model(model_name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)

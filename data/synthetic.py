@@ -21,9 +21,7 @@ so that arithmetic stays learnable. It is byte-level, so any text round-trips.
 
 import hashlib
 import json
-import os
 import random
-import shutil
 from pathlib import Path
 
 SOURCE = "synthetic"
@@ -140,46 +138,26 @@ def tiny_base_path(cache_dir: str | None = None, **overrides) -> Path:
     # The builder's own source is part of the key: editing it can never reuse a stale base.
     code = Path(__file__).read_bytes()
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode() + code).hexdigest()[:12]
-    root = Path(cache_dir or os.environ.get("REASONER_ZERO_CACHE")
-                or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "reasoner-zero")
-    return root / f"tiny-base-{digest}"
+    from utils import cache_root
+
+    return (Path(cache_dir) if cache_dir else cache_root()) / f"tiny-base-{digest}"
 
 
 def build_tiny_base(cache_dir: str | None = None, log=print, progress: bool = True, **overrides) -> Path:
     """Build (or reuse from cache) the tiny base model and tokenizer; returns its directory.
 
-    Processes that need it at once (tests and a training run on a fresh machine) build it once: the first
-    takes a lock on the cache entry and builds, the others wait on the lock and then use the finished cache.
-    Temporary directories of builds that were killed are removed before building. `log` gets the start and
-    end of a build (accelerate's main-process print in the trainer); `progress` shows a progress bar.
+    Processes that need it at once build it once (`utils.build_once`). `log` gets the start and end of a
+    build (accelerate's main-process print in the trainer); `progress` shows a progress bar.
     """
-    from filelock import FileLock, Timeout
+    from utils import build_once
 
     path = tiny_base_path(cache_dir, **overrides)
-    if (path / "model.safetensors").exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(path.with_name(path.name + ".lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log(f"waiting for another process that is building the tiny base model ({path}) ...")
-        lock.acquire()
-    try:
-        if (path / "model.safetensors").exists():  # built by the process we waited for
-            return path
-        # Only the holder of the lock writes here, so a temporary directory found now is from a killed build,
-        # and an entry without its model is not a finished one (os.replace could not move a build onto it).
-        for stale in [*path.parent.glob(path.name + ".tmp*"), *([path] if path.exists() else [])]:
-            shutil.rmtree(stale, ignore_errors=True)
-        _build_tiny_base(path, {**TINY_DEFAULTS, **overrides}, log, progress)
-    finally:
-        lock.release()
-    return path
+    return build_once(path, lambda tmp: _build_tiny_base(tmp, path, {**TINY_DEFAULTS, **overrides}, log, progress),
+                      log, "the tiny base model")
 
 
-def _build_tiny_base(path: Path, settings: dict, log, progress: bool) -> None:
-    """Pre-train the tiny base with `settings` and move it to `path` once complete.
+def _build_tiny_base(tmp: Path, path: Path, settings: dict, log, progress: bool) -> None:
+    """Pre-train the tiny base with `settings` and save it to `tmp` (which build_once moves to `path`).
 
     Pre-training is teacher-forced next-token prediction on the response tokens only, with prompts and
     responses tokenized separately exactly as generation will see them.
@@ -227,9 +205,7 @@ def _build_tiny_base(path: Path, settings: dict, log, progress: bool) -> None:
         if step % 10 == 0 or step == settings["steps"] - 1:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "reasoner_zero_base.json").write_text(json.dumps(settings, indent=2))
-    os.replace(tmp, path)  # atomic: a half-written cache is never mistaken for a finished one
     log(f"built the tiny base model: final pre-training loss {loss.item():.3f}")
