@@ -256,6 +256,24 @@ def test_model_directory_without_a_model(tmp_path):
     check_args(Args(output_dir=str(tmp_path / "out"), model=str(tmp_path / "model")), 1)
 
 
+def test_gguf_models_that_cannot_load_are_one_line_before_any_model_loads(tmp_path):
+    from rollout import gguf_file
+
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"PK\x03\x04 not gguf")
+    assert "model.gguf is not a GGUF file" in check_error(tmp_path, model=str(fake))
+    assert "model.gguf is not a GGUF file" in check_error(tmp_path, model=str(tmp_path))  # its directory
+    assert "no such path" in check_error(tmp_path, model=str(tmp_path / "missing.gguf"))
+    (tmp_path / "other.gguf").write_bytes(b"GGUF")
+    assert "2 .gguf files in this directory (model.gguf, other.gguf): name one" in check_error(
+        tmp_path, model=str(tmp_path))
+    assert gguf_file(str(tmp_path)) is None and gguf_file(str(tmp_path / "other.gguf")) == tmp_path / "other.gguf"
+    check_args(Args(output_dir=str(tmp_path / "out"), model=str(tmp_path / "other.gguf")), 1)
+    (tmp_path / "config.json").write_text("{}")  # a Hugging Face directory that also holds GGUF files
+    assert gguf_file(str(tmp_path)) is None
+    check_args(Args(output_dir=str(tmp_path / "out"), model=str(tmp_path)), 1)
+
+
 def test_hub_id_that_cannot_be_resolved_offline_stops_before_any_model_loads(tmp_path):
     result = run_script("train_ppo.py", "--model", "nobody-here/no-such-model-xyz", "--output-dir",
                         str(tmp_path / "out"), env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
