@@ -127,7 +127,8 @@ def evaluate_datasets(model, tokenizer, datasets: dict[str, list[dict]], *, pool
 
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
-    if generate_kwargs.get("temperature", 1.0) <= 0 and num_samples > 1:
+    temperature = generate_kwargs.get("temperature", 1.0)  # None: the checkpoint's own settings
+    if temperature is not None and temperature <= 0 and num_samples > 1:
         raise ValueError("temperature 0 (greedy) gives identical samples: use num_samples 1")
     stop_ids, stop_strings = generate_kwargs["stop_token_ids"], generate_kwargs.get("stop_strings")
     per_problem, completions = {}, []
@@ -190,6 +191,10 @@ class EvalArgs(RewardArgs, SamplingArgs, DataArgs, ModelArgs):
     num_samples: int = field(default=4, metadata={
         "group": "evaluation", "help": "samples per problem (k of avg@k, pass@k, maj@k)"})
     batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
+    checkpoint_sampling: bool = field(default=False, metadata={
+        "help": "sample as the checkpoint's generation_config says (its temperature, top-k/top-p, repetition "
+                "penalty...: the settings a model card reports with), ignoring --temperature/--top-p/--top-k; "
+                "off: softmax(logits / T) only, as training samples"})
     output_dir: str = field(default="runs/eval", metadata={"help": "where results.json and completions.jsonl go"})
 
 
@@ -251,9 +256,11 @@ def main(args: EvalArgs) -> dict:
     model_path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
-    stop_ids = prepare_for_sampling(tokenizer, model)
-    generate_kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                           top_k=args.top_k, stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id,
+    stop_ids = prepare_for_sampling(tokenizer, model, checkpoint_settings=args.checkpoint_sampling)
+    sampling = (dict(temperature=None, top_p=None, top_k=None) if args.checkpoint_sampling else
+                dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k))
+    generate_kwargs = dict(max_new_tokens=args.max_new_tokens, **sampling, stop_token_ids=stop_ids,
+                           pad_token_id=tokenizer.pad_token_id,
                            stop_strings=list(ORZ_STOP_STRINGS), tokenizer=tokenizer)
     with RewardPool(args.reward, num_workers=args.reward_workers, timeout=args.reward_timeout) as pool:
         try:
@@ -270,6 +277,7 @@ def main(args: EvalArgs) -> dict:
         writer.write(row)
     writer.close()
     results = {"model": args.model, "args": asdict(args), "metrics": result["metrics"],
+               "generation_config": model.generation_config.to_diff_dict(),  # what sampling left to the model
                "per_problem": result["per_problem"]}
     # a lone surrogate in model text (which UTF-8 cannot hold) is written as its JSON escape
     (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False),

@@ -144,15 +144,22 @@ def neutral_generation_config(model) -> list[str]:
     return changed
 
 
-def prepare_for_sampling(tokenizer, model, log=print) -> list[int]:
+def prepare_for_sampling(tokenizer, model, log=print, checkpoint_settings: bool = False) -> list[int]:
     """Set the tokenizer up for batched sampling (left padding; EOS as pad when it has none, which is safe:
     masks come from stop positions, not from pad), set aside the checkpoint's sampling settings
-    (`neutral_generation_config`, reported through `log`) and return the stop token ids: the tokenizer's
-    EOS and every EOS of the model's generation config. Training, evaluation and curation all sample this way."""
+    (`neutral_generation_config`, reported through `log`) unless `checkpoint_settings` (evaluation, when
+    asked) and return the stop token ids: the tokenizer's EOS and every EOS of the model's generation config.
+    Training, evaluation and curation all sample this way."""
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    overridden = neutral_generation_config(model)
+    if checkpoint_settings:
+        settings = {k: v for k, v in model.generation_config.to_diff_dict().items()
+                    if k not in NEUTRAL_GENERATION_FIELDS and not k.startswith("_")}
+        log(f"sampling with the checkpoint's generation settings: {settings or 'none (plain sampling)'}")
+        overridden = []
+    else:
+        overridden = neutral_generation_config(model)
     if overridden:
         log(f"sampling from softmax(logits / temperature) only: ignoring the checkpoint's generation settings "
             f"{', '.join(overridden)}")
@@ -401,7 +408,7 @@ def growing_kv_cache(model) -> DynamicCache | None:
 
 @torch.no_grad()
 def generate_responses(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_generations: int,
-                       max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+                       max_new_tokens: int, temperature: float | None, top_p: float | None, top_k: int | None,
                        stop_token_ids: list[int], pad_token_id: int, stop_strings: list[str] | None = None,
                        tokenizer=None, batch_size: int | None = None,
                        seeds: list[int] | None = None, synced_gpus: bool = False) -> torch.Tensor:
@@ -412,16 +419,20 @@ def generate_responses(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
     `seeds`, one per call, reseeds torch before it: a call's samples then depend only on its seed and its
     prompts (left padding shared by all of its prompts is cut first), not on what else this process or
     other processes generate, so that runs on 1 or N processes and resumed runs sample the same tokens.
+    `temperature` None (evaluation with the checkpoint's settings) leaves sampling to the model's generation
+    config, which `prepare_for_sampling` otherwise empties.
     `synced_gpus` keeps every process stepping until all are done, which sharded models (FSDP) need:
     each decoding step gathers parameters from all processes.
     """
     was_training = model.training
     model.eval()
-    do_sample = temperature > 0
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_return_sequences=num_generations,
+    do_sample = temperature is None or temperature > 0
+    kwargs = dict(max_new_tokens=max_new_tokens, num_return_sequences=num_generations,
                   eos_token_id=stop_token_ids, pad_token_id=pad_token_id, use_cache=True,
                   synced_gpus=synced_gpus)
-    if do_sample:
+    if temperature is not None:
+        kwargs.update(do_sample=do_sample)
+    if temperature is not None and do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
     if stop_strings:
         kwargs.update(stop_strings=stop_strings, tokenizer=tokenizer)

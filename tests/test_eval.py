@@ -143,3 +143,31 @@ def test_a_reward_that_cannot_load_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match=r"^error: --reward: reward spec .*nope\.py") as err:
         eval_main(EvalArgs(model="tiny", reward=f"{tmp_path}/nope.py:score", output_dir=str(tmp_path / "out")))
     assert "\n" not in str(err.value)
+
+
+def test_eval_uses_the_checkpoints_sampling_settings_only_when_asked(tiny_base, tmp_path):
+    """A checkpoint whose generation_config says top-k 1: by default evaluation samples (the 4 samples of
+    a problem differ somewhere), with --checkpoint-sampling it decodes greedily (4 equal samples, the same
+    as --temperature 0), and results.json records the config."""
+    for f in Path(tiny_base).iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    config = json.loads((tmp_path / "generation_config.json").read_text())
+    (tmp_path / "generation_config.json").unlink()
+    (tmp_path / "generation_config.json").write_text(json.dumps({**config, "do_sample": True, "top_k": 1}))
+    common = dict(model=str(tmp_path), datasets="synthetic", limit=6, max_new_tokens=16, reward_workers=0)
+
+    def responses(out: str, **changes) -> dict:
+        eval_main(EvalArgs(**common, output_dir=str(tmp_path / out), **changes))
+        rows = [json.loads(line) for line in (tmp_path / out / "completions.jsonl").read_text().splitlines()]
+        return {i: [r["response"] for r in rows if r["id"] == i] for i in {r["id"] for r in rows}}
+
+    sampled = responses("plain", num_samples=4)
+    assert any(len(set(r)) > 1 for r in sampled.values())
+    own = responses("own", num_samples=4, checkpoint_sampling=True)
+    greedy = responses("greedy", num_samples=1, temperature=0.0)
+    assert own == {i: r * 4 for i, r in greedy.items()}
+    assert json.loads((tmp_path / "own" / "results.json").read_text())["generation_config"]["top_k"] == 1
+    # A checkpoint that says greedy cannot give 4 different samples: one line, not a traceback.
+    (tmp_path / "generation_config.json").write_text(json.dumps({**config, "do_sample": False}))
+    with pytest.raises(SystemExit, match="^error: Greedy methods"):
+        responses("refused", num_samples=4, checkpoint_sampling=True)
