@@ -27,6 +27,9 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingW
 from utils import position_ids_from_mask
 
 LOGIT_CHUNK = 16  # rows per chunk of the full-vocabulary log-softmax: fp32 logits of all rows at once would not fit
+# Full-vocabulary logits per chunk of tokens in the log-prob passes (ChunkedLogprobs): 2**25 fp32 values,
+# 128 MiB, whatever the vocabulary (682 tokens of SmolLM2's 49,152, 220 of Qwen2.5's 151,936).
+LOGIT_CHUNK_ELEMENTS = 2**25
 
 
 @dataclass
@@ -620,18 +623,114 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
     return torch.cat(out), (torch.cat(ent) if with_entropy else None)
 
 
+class ChunkedLogprobs(torch.autograd.Function):
+    """Log-prob of each token and the entropy of its distribution under softmax(hidden @ weight.T / T), one
+    chunk of `chunk` tokens at a time, in fp32: hidden (N, H), weight (V, H), tokens (N,) -> (N, 2) holding
+    [log-prob, entropy] per token.
+
+    Only one chunk of (chunk, V) logits exists at a time, in the forward and in the backward, which
+    recomputes each chunk's logits from the saved hidden states and weight instead of keeping them: the
+    logits of all tokens (N x V x 4 bytes, 3.2 GB for 16 x 1024 tokens of a 49K vocabulary, and the
+    autograd graph held about three times that) never exist. The matrix products run under the autocast
+    state of the forward, as the model's own LM head would.
+
+    The gradients, with z = logits / T, p = softmax(z), lse = logsumexp(z) and entropy H = lse - sum(p z):
+    d log p[tok] / dz = onehot(tok) - p, and dH/dz = -p (z - lse + H).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, tokens, temperature: float, chunk: int):
+        device = hidden.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        out = torch.empty((hidden.shape[0], 2), dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk):
+            z = F.linear(hidden[s:s + chunk], weight).float() / temperature
+            lse[s:s + chunk] = z.logsumexp(-1)
+            logp = z - lse[s:s + chunk, None]
+            out[s:s + chunk, 0] = logp.gather(-1, tokens[s:s + chunk, None]).squeeze(-1)
+            out[s:s + chunk, 1] = -(logp.exp() * logp).sum(-1)
+        ctx.save_for_backward(hidden, weight, tokens, lse, out[:, 1].clone())
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, tokens, lse, entropy = ctx.saved_tensors
+        device, autocast, autocast_dtype = ctx.autocast
+        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.zeros_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
+        with_entropy = bool(grad_out[:, 1].any())  # 0 when the entropy is only logged
+        for s in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[s:s + ctx.chunk]
+            with torch.autocast(device, dtype=autocast_dtype, enabled=autocast):
+                logits = F.linear(h, weight)
+            logp = logits.float() / ctx.temperature - lse[s:s + ctx.chunk, None]
+            p = logp.exp()
+            g = grad_out[s:s + ctx.chunk]
+            grad_z = -g[:, :1] * p
+            grad_z.scatter_add_(-1, tokens[s:s + ctx.chunk, None], g[:, :1])
+            if with_entropy:
+                grad_z -= g[:, 1:] * p * (logp + entropy[s:s + ctx.chunk, None])
+            grad_logits = (grad_z / ctx.temperature).to(logits.dtype)  # as the autocast LM head's backward
+            if want_hidden:
+                grad_hidden[s:s + ctx.chunk] = (grad_logits @ weight.to(logits.dtype)).to(hidden.dtype)
+            if want_weight:
+                grad_weight += (grad_logits.T @ h.to(logits.dtype)).float()
+        return grad_hidden, (grad_weight.to(weight.dtype) if want_weight else None), None, None, None
+
+
+def output_head(model) -> torch.nn.Linear | None:
+    """The LM head of `model` (through DDP's and DeepSpeed's `.module`) if ChunkedLogprobs can stand in for
+    it: a bias-free Linear whose output the model returns as logits unchanged; else None."""
+    inner = model
+    while isinstance(getattr(inner, "module", None), torch.nn.Module):
+        inner = inner.module
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    config = getattr(inner, "config", None)
+    changes_logits = any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale"))
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or changes_logits:
+        return None
+    return head
+
+
 def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
-                     temperature: float, with_entropy: bool = False, entropy_grad: bool = False):
+                     temperature: float, with_entropy: bool = False, entropy_grad: bool = False,
+                     logit_chunk: int = LOGIT_CHUNK_ELEMENTS):
     """Log-probs (and entropy) of the last `response_len` tokens of each row under `model`.
 
     Positions are computed from the mask exactly as `generate` computes them (a plain forward would count
-    the left padding as positions), and only the logits of response positions are materialised
-    (`logits_to_keep`). (B, P+R) -> (B, R).
+    the left padding as positions). (B, P+R) -> (B, R), and entropy (B, R) if asked, with a gradient only
+    with `entropy_grad`.
+
+    The LM head runs as ChunkedLogprobs, at most `logit_chunk` logits at a time: for that one call its
+    `forward` is replaced, so that the model's own forward (and the hooks FSDP and DeepSpeed set on it,
+    which gather sharded weights) runs as usual. `logit_chunk` 0, or a head ChunkedLogprobs cannot replace
+    (`output_head`), takes the logits of all response tokens at once (`logprobs_from_logits`).
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask),
-                   logits_to_keep=response_len + 1, use_cache=False).logits[:, :-1]
-    return logprobs_from_logits(logits, input_ids[:, -response_len:], temperature, with_entropy, entropy_grad)
+    tokens = input_ids[:, -response_len:]
+    head = output_head(model) if logit_chunk else None
+    if head is not None:
+        chunk = max(1, logit_chunk // head.out_features)
+
+        def head_forward(hidden):  # (B, R + 1, H) -> (B, R, 2): log-prob and entropy per response token
+            flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+            out = ChunkedLogprobs.apply(flat, head.weight, tokens.reshape(-1), temperature or 1.0, chunk)
+            return out.view(*tokens.shape, 2)
+
+        head.forward = head_forward
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask),
+                    logits_to_keep=response_len + 1, use_cache=False).logits
+    finally:
+        if head is not None:
+            del head.forward
+    if head is None:
+        return logprobs_from_logits(out[:, :-1], tokens, temperature, with_entropy, entropy_grad)
+    entropy = out[..., 1] if entropy_grad and torch.is_grad_enabled() else out[..., 1].detach()
+    return out[..., 0], (entropy if with_entropy else None)
 
 
 @torch.no_grad()

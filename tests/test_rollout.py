@@ -13,11 +13,14 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from rollout import (
+    LOGIT_CHUNK_ELEMENTS,
+    ChunkedLogprobs,
     Experience,
     batched_logprobs,
     forward_logprobs,
     generate_responses,
     logprobs_from_logits,
+    output_head,
     plan_micro_batches,
     response_mask_from_lengths,
     stop_positions,
@@ -118,6 +121,73 @@ def test_entropy_gradient_only_when_asked():
     logprobs, entropy = logprobs_from_logits(logits, tokens, 1.0, with_entropy=True)
     assert entropy.item() == pytest.approx(h, abs=1e-6) and entropy.grad_fn is None
     assert logprobs.requires_grad and logprobs.item() == pytest.approx(math.log(0.75), abs=1e-6)
+
+
+def test_chunked_logprobs_hand_computed():
+    """One token, hidden h = 1, two-word vocabulary with weights (0, ln 3): logits (0, ln 3), p = (1/4, 3/4).
+    Token 1: log-prob ln 3/4, entropy H = 0.5623. For the loss log-prob + entropy, dloss/dlogits =
+    (onehot - p) - p (ln p + H) = (-1/4 + 0.2059, 1/4 - 0.2059); dloss/dW = that times h, dloss/dh = that . W."""
+    hidden = torch.tensor([[1.0]], requires_grad=True)
+    weight = torch.tensor([[0.0], [math.log(3.0)]], requires_grad=True)
+    out = ChunkedLogprobs.apply(hidden, weight, torch.tensor([1]), 1.0, 1)
+    h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert out[0, 0].item() == pytest.approx(math.log(0.75), abs=1e-6) and out[0, 1].item() == pytest.approx(h)
+    out.sum().backward()
+    g = [-0.25 - 0.25 * (math.log(0.25) + h), 0.25 - 0.75 * (math.log(0.75) + h)]
+    torch.testing.assert_close(weight.grad, torch.tensor([[g[0]], [g[1]]]), atol=1e-6, rtol=0)
+    assert hidden.grad.item() == pytest.approx(g[1] * math.log(3.0), abs=1e-6)
+
+
+@pytest.mark.parametrize("entropy_weight", [0.0, 0.3])
+def test_chunked_logprobs_equal_the_full_logits_values_and_gradients(entropy_weight):
+    """37 tokens in chunks of 5 (the last one short), temperature 0.7: the same log-probs, entropies and
+    gradients (hidden states and weight) as the log-softmax of all logits at once."""
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = (torch.randn(50, 16) * 0.5).requires_grad_()
+    tokens = torch.randint(0, 50, (37,))
+    a, b = torch.randn(37), torch.randn(37) * entropy_weight
+    out = ChunkedLogprobs.apply(hidden, weight, tokens, 0.7, 5)
+    ((out[:, 0] * a).sum() + (out[:, 1] * b).sum()).backward()
+    chunked = out.detach(), hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    logp, ent = logprobs_from_logits((hidden @ weight.T)[None], tokens[None], 0.7, with_entropy=True,
+                                     entropy_grad=True)
+    ((logp[0] * a).sum() + (ent[0] * b).sum()).backward()
+    torch.testing.assert_close(chunked[0], torch.stack([logp[0], ent[0]], -1).detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked[1], hidden.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked[2], weight.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_forward_logprobs_chunked_equals_the_full_logits_pass(autocast):
+    """The training pass on a model: the LM head in chunks of 3 tokens gives the log-probs, entropies and
+    parameter gradients (tied embedding included) of the full-logits pass; under bf16 autocast too, to
+    bf16's precision. The model's head is itself again afterwards."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4, initializer_range=0.3,
+                                         tie_word_embeddings=True, pad_token_id=PAD, eos_token_id=EOS))
+    assert output_head(model) is model.lm_head and model.lm_head.weight is model.model.embed_tokens.weight
+    ids, mask = left_pad([[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17]], PAD)
+    weights = torch.randn(2, 4)
+
+    def run(chunk):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logp, ent = forward_logprobs(model, ids, mask, 4, TEMPERATURE, with_entropy=True, entropy_grad=True,
+                                         logit_chunk=chunk)
+        ((logp * weights).sum() - 0.1 * ent.sum()).backward()
+        return logp.detach(), ent.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    chunked, full = run(3 * VOCAB), run(0)
+    tol = dict(atol=2e-2, rtol=2e-2) if autocast else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked[0], full[0], **tol)
+    torch.testing.assert_close(chunked[1], full[1], **tol)
+    for name in full[2]:
+        torch.testing.assert_close(chunked[2][name], full[2][name], **tol, msg=name)
+    assert "forward" not in vars(model.lm_head)
+    assert LOGIT_CHUNK_ELEMENTS // 49152 == 682  # the chunk of SmolLM2's vocabulary that the README quotes
 
 
 def test_forward_without_position_ids_would_not_match():
