@@ -39,7 +39,18 @@ LAUNCH_RE = re.compile(r"accelerate launch --config_file (configs/accelerate/\S+
 
 def test_the_expected_files_are_there():
     assert sorted(p.stem for p in ACCEL_DIR.glob("*.yaml")) == sorted(ACCEL_EXPECTED)
-    assert sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")) == sorted(RECIPES)
+    assert sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")) == sorted([*RECIPES, "smollm2_cpu"])
+
+
+def test_the_real_model_recipe_loads_and_its_prompt_ends_where_the_answer_starts():
+    from data.loading import format_prompt
+    from train_ppo import Args
+    from utils import parse_args
+
+    args = parse_args(Args, ["--config", str(RECIPE_DIR / "smollm2_cpu.yaml")])
+    prompt = format_prompt("What is 6 + 12?", args.prompt_template)
+    assert prompt.endswith("\n\nQuestion: What is 6 + 12?\nAnswer:") and prompt.count("\\boxed{") == 2
+    assert args.stop_strings == ["\n\n", "Question:"] and args.lr == 1e-5
 
 
 # --------------------------------------------------------------------------------------------------
