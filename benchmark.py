@@ -675,17 +675,15 @@ def memory_benchmark(quick: bool, threads: int, model: str, rows: int, tokens: i
     model = model or str(smollm2_gguf())
     if quick:
         rows, tokens = min(rows, 4), min(tokens, 256)
-    from rollout import resolve_model
+    from rollout import LOGIT_CHUNK_ELEMENTS, resolve_model
 
     resolve_model(model)  # a GGUF is converted once, before anything is measured
-    variants = {"all logits at once": 0, "chunked (ChunkedLogprobs)": None}
+    variants = {"all logits at once": 0, "chunked (ChunkedLogprobs)": LOGIT_CHUNK_ELEMENTS}
     results = {name: [] for name in variants}
     for _ in range(reps or 1):
         for name, chunk in variants.items():
-            from rollout import LOGIT_CHUNK_ELEMENTS
-
             spec = dict(model=model, rows=rows, tokens=tokens, prompt=64, threads=threads, checkpointing=checkpointing,
-                        logit_chunk=LOGIT_CHUNK_ELEMENTS if chunk is None else chunk, task="memory",
+                        logit_chunk=chunk, task="memory",
                         env={"MALLOC_MMAP_THRESHOLD_": "65536"})
             results[name].append(run_worker(spec))
             print(f"  {name}: {results[name][-1]}", flush=True)

