@@ -11,13 +11,14 @@ match, unlike the released ORZ critics: their issue #63):
     critic = ValueModel.from_pretrained("run/critic")
 """
 
+import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from utils import masked_mean, position_ids_from_mask
+from utils import lora_scaling, masked_mean, merge_lora_state_dict, position_ids_from_mask
 
 HEAD_FILE = "value_head.safetensors"
 
@@ -46,18 +47,30 @@ class ValueModel(nn.Module):
         """Load a critic written by `save_pretrained` (backbone and head, both safetensors)."""
         from transformers import AutoModel
 
-        model = cls(AutoModel.from_pretrained(path, **load_kwargs), init_head=False)
+        adapter = Path(path) / "adapter_config.json"
+        if adapter.exists():  # a LoRA critic: peft's adapters on the base model they were trained on
+            from peft import PeftModel
+
+            base = AutoModel.from_pretrained(json.loads(adapter.read_text())["base_model_name_or_path"], **load_kwargs)
+            model = cls(PeftModel.from_pretrained(base, path), init_head=False)
+        else:
+            model = cls(AutoModel.from_pretrained(path, **load_kwargs), init_head=False)
         model.value_head.load_state_dict(load_file(str(Path(path) / HEAD_FILE)))
         return model
 
     def save_pretrained(self, path: str, state_dict: dict | None = None, is_main_process: bool = True,
-                        **kwargs) -> None:
+                        merge_lora: bool = False, **kwargs) -> None:
         """The backbone as a Hugging Face model directory and the head as value_head.safetensors. Under
         several processes every one calls this with `is_main_process`, and only the main one writes: a
-        gathered (FSDP) `state_dict` is empty on the others."""
+        gathered (FSDP) `state_dict` is empty on the others. A LoRA backbone (peft) is saved as its adapters,
+        or with `merge_lora` as a plain model with the adapters merged into its weights."""
         state_dict = state_dict if state_dict is not None else self.state_dict()
         backbone = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
-        self.backbone.save_pretrained(path, state_dict=backbone, is_main_process=is_main_process, **kwargs)
+        saver = self.backbone
+        if merge_lora:
+            backbone = merge_lora_state_dict(backbone, lora_scaling(self.backbone))
+            saver = self.backbone.get_base_model()
+        saver.save_pretrained(path, state_dict=backbone, is_main_process=is_main_process, **kwargs)
         if is_main_process:
             save_file({"weight": state_dict["value_head.weight"].contiguous()}, str(Path(path) / HEAD_FILE))
 
@@ -71,7 +84,8 @@ class ValueModel(nn.Module):
         if values_to_keep:
             hidden = hidden[:, -values_to_keep:]
         # a copy, not a view of the head's output: FSDP2 hooks a model's output for its backward pass
-        return self.value_head(hidden).squeeze(-1).float().clone()
+        # (a bf16 backbone, LoRA with --bf16, feeds the fp32 head in fp32)
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float().clone()
 
 
 def forward_values(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int):

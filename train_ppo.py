@@ -12,7 +12,8 @@ Deviations from ORZ, numbered:
      README. ORZ: 128 prompts x 64 samples, lr 1e-6 (policy) / 5e-6 (critic), 8000 new tokens.
   2. Loss aggregation is a true token-mean over the whole optimizer batch across processes; ORZ's is a
      mean per packed row of up to 16k tokens, then averaged (close to, not exactly, a token-mean).
-  3. No reference model is loaded when the KL coefficient is 0 (ORZ loads one only to log KL).
+  3. No reference model is loaded when the KL coefficient is 0 (ORZ loads one only to log KL); with LoRA
+     (`--lora-r`, not in ORZ, which fine-tunes fully) the reference is the policy with its adapters off.
   4. The math checker is math-verify plus normalisation (reward.py); ORZ trained with its own checker.
 
 Run it:
@@ -86,11 +87,15 @@ from rollout import (
     zero_degenerate,
 )
 from utils import (
+    add_lora,
     disable_dropout,
     left_pad,
+    lora_disabled,
+    lora_scaling,
     main_process_decides,
     masked_mean,
     masked_whiten,
+    merge_lora_state_dict,
     number_problems,
     parse_args,
     timer,
@@ -179,6 +184,19 @@ class Args(RewardArgs, SamplingArgs, DataArgs, ModelArgs):
         "help": "clip of the value loss around old values (<= 0: plain loss)"})
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
+    lora_r: int = field(default=0, metadata={
+        "group": "LoRA (peft)", "help": "train LoRA adapters of this rank on the policy and the critic's backbone "
+                                       "(the value head trains whole); 0: full fine-tuning"})
+    lora_alpha: float | None = field(default=None, metadata={
+        "help": "LoRA alpha: the adapters' product is scaled by alpha / r (default: 2 x r)"})
+    lora_dropout: float = field(default=0.0, metadata={
+        "help": "dropout on the adapters' input in the update; needs one optimizer step per rollout"})
+    lora_target_modules: str = field(default="all-linear", metadata={
+        "help": "modules with adapters: all-linear (every linear layer of attention and MLP, not the LM head) "
+                "or comma-separated names such as q_proj,v_proj"})
+    merge_on_save: bool = field(default=False, metadata={
+        "help": "LoRA: write the final policy/ and critic/ with the adapters merged into the weights (loadable "
+                "without peft) instead of the adapters alone"})
     eval_every: int = field(default=20, metadata={
         "group": "evaluation and logging", "help": "evaluate every N steps (and at the start and end; 0: never)"})
     eval_num_samples: int = field(default=4, metadata={
@@ -320,12 +338,34 @@ def check_args(args: Args, num_processes: int = 1) -> None:
     problems += number_problems(args, num_processes)  # NaN passes every comparison above, inf most of them
     if args.synthetic_difficulty < 1:
         problems.append(f"--synthetic-difficulty {args.synthetic_difficulty} must be >= 1")
+    problems += lora_problems(args)
     problems += model_problems(args.model)
     problems += reward_problems(args.reward)
     problems += tracker_problems(args.report_to)
     problems += output_dir_problems(args.output_dir)
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
+
+
+def lora_problems(args: Args) -> list[str]:
+    """What is wrong with the LoRA arguments."""
+    if not args.lora_r:
+        return ["--merge-on-save merges LoRA adapters: it needs --lora-r"] if args.merge_on_save else []
+    problems = []
+    if args.lora_r < 0 or (args.lora_alpha is not None and not args.lora_alpha > 0):
+        problems.append("--lora-r must be >= 0 and --lora-alpha > 0")
+    if not 0 <= args.lora_dropout < 1:
+        problems.append(f"--lora-dropout {args.lora_dropout} must be in [0, 1)")
+    # The rollout's (old) log-probs are taken without dropout; an update with dropout would then start from
+    # a ratio other than 1. With one optimizer step per rollout the update's own log-probs are the old ones.
+    if args.lora_dropout > 0 and (args.ppo_epochs * args.num_mini_batches > 1
+                                  or (args.kl_coef > 0 and args.kl_estimator == "k1")):
+        problems.append("--lora-dropout > 0 needs one optimizer step per rollout (--ppo-epochs 1 --num-mini-batches "
+                        "1, no k1 KL): the old log-probs are taken without dropout, so the PPO ratio would not "
+                        "start at 1")
+    if not any(t.strip() for t in args.lora_target_modules.split(",")):
+        problems.append("--lora-target-modules is empty")
+    return problems
 
 
 def tracker_problems(report_to: str) -> list[str]:
@@ -808,6 +848,7 @@ class Run:
     checkpoint: Path | None
     logs: dict
     t_start: float
+    peft_policy: object = None  # with LoRA: the peft model around `policy`, which saves the adapters
 
 
 @releases_output_locks
@@ -895,6 +936,8 @@ def setup(args: Args) -> Run:
 
     if args.whiten_advantages is None:  # resolved once, so that config.json records what trains
         args = replace(args, whiten_advantages=args.advantage == "gae")
+    if args.lora_r and args.lora_alpha is None:
+        args = replace(args, lora_alpha=2.0 * args.lora_r)
     # A tracker that is not installed is check_args's one-line error; accelerate would warn about it first.
     log_with = None if args.report_to == "none" or tracker_problems(args.report_to) else args.report_to
     allow_cpu_fsdp()  # before the Accelerator: CPU processes launched for FSDP shard as asked
@@ -913,26 +956,43 @@ def setup(args: Args) -> Run:
     with accelerator.main_process_first():
         model_path = resolve_model(args.model, log=accelerator.print)  # the tiny base or a GGUF: made once
     # Trained models load in fp32 and --bf16 autocasts their forward passes: AdamW on bf16 weights loses
-    # updates of lr 1e-6 to rounding. Sharded setups (FSDP) keep fp32 masters the same way.
-    load = dict(trust_remote_code=args.trust_remote_code, dtype=torch.float32)
+    # updates of lr 1e-6 to rounding. Sharded setups (FSDP) keep fp32 masters the same way. With LoRA the
+    # base weights are frozen, so with --bf16 they load in bf16 (half the memory); peft keeps the adapters in
+    # fp32 (its autocast_adapter_dtype), and the value head is fp32 too.
+    frozen_bf16 = bool(args.lora_r and args.bf16)
+    load = dict(trust_remote_code=args.trust_remote_code, dtype=torch.bfloat16 if frozen_bf16 else torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
     train_records, eval_records = load_data(args, tokenizer, data)  # prompts too long: before the model too
     policy = AutoModelForCausalLM.from_pretrained(model_path, **load)
     stop_ids = prepare_for_sampling(tokenizer, policy, log=accelerator.print)
     critic = ValueModel.from_base(model_path, **load) if args.advantage == "gae" else None
     ref_load = {**load, "dtype": torch.bfloat16 if args.bf16 else torch.float32}  # never trained: bf16 is fine
+    # With LoRA the reference is the policy with its adapters switched off (rollout_logprobs): no second copy.
     ref = (AutoModelForCausalLM.from_pretrained(model_path, **ref_load).eval().requires_grad_(False)
-           if args.kl_coef > 0 else None)
-    optimizers, schedulers = {}, {}
-    for role, model, lr in (("policy", policy, args.lr), ("critic", critic, args.critic_lr)):
+           if args.kl_coef > 0 and not args.lora_r else None)
+    optimizers, schedulers, trained = {}, {}, {"policy": policy, "critic": critic}
+    for role, lr in (("policy", args.lr), ("critic", args.critic_lr)):
+        model = trained[role]
         if model is None:
             continue
         if disable_dropout(model):  # the update must score the model that sampled
             accelerator.print(f"dropout set to 0 in the {role} for training")
+        if args.lora_r:  # after disable_dropout: --lora-dropout is the adapters' own
+            model = trained[role] = with_lora(model, args)
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        optimizers[role] = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)  # ORZ's
+        optimizers[role] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                             betas=(0.9, 0.95), weight_decay=0.0)  # ORZ's
         schedulers[role] = torch.optim.lr_scheduler.LambdaLR(optimizers[role], warmup_constant(args.warmup_steps))
+    # With LoRA the policy trains as the transformers model with peft's layers in it, not as the PeftModel
+    # around it: FSDP2 shards the prepared model as one root, and `generate` runs the inner model's forward.
+    peft_policy = trained["policy"] if args.lora_r else None
+    policy, critic = peft_policy.get_base_model() if peft_policy else trained["policy"], trained["critic"]
+    if args.lora_r:
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise SystemExit("error: LoRA runs on one process, DDP or FSDP2; with DeepSpeed it is not supported yet")
+        keep_trainable_in_checkpoints(accelerator)
+        accelerator.print(lora_summary(trained))
     policy, optimizers["policy"] = accelerator.prepare(policy, optimizers["policy"])
     if critic is not None:
         critic, optimizers["critic"] = accelerator.prepare(critic, optimizers["critic"])
@@ -947,7 +1007,7 @@ def setup(args: Args) -> Run:
     pool = RewardPool(args.reward, num_workers=args.reward_workers, timeout=args.reward_timeout)
 
     main_process_decides(accelerator, prepare_output_dir, out, start, args)
-    state = resume(accelerator, start["checkpoint"], list(schedulers.values()))
+    state = resume(accelerator, start["checkpoint"], list(schedulers.values()), strict=not args.lora_r)
     logs = open_logs(accelerator, out, state["step"])
     if args.report_to != "none":
         accelerator.init_trackers("reasoner-zero", config={k: str(v) for k, v in asdict(args).items()})
@@ -964,7 +1024,8 @@ def setup(args: Args) -> Run:
     return Run(args=args, accelerator=accelerator, tokenizer=tokenizer, policy=policy, critic=critic, ref=ref,
                optimizers=optimizers, schedulers=schedulers, pool=pool, train_records=train_records,
                eval_records=eval_records, stop_ids=stop_ids, out=out, start_step=state["step"],
-               base_accuracy=state["base_accuracy"], checkpoint=start["checkpoint"], logs=logs, t_start=t_start)
+               base_accuracy=state["base_accuracy"], checkpoint=start["checkpoint"], logs=logs, t_start=t_start,
+               peft_policy=peft_policy)
 
 
 def reduce_sum(accelerator, x) -> torch.Tensor:
@@ -995,6 +1056,9 @@ def rollout_logprobs(run: Run, exp: Experience, micro: list[torch.Tensor]):
         run.policy.train()
     if run.ref is not None:
         ref = batched_logprobs(run.ref, exp, args.temperature, micro)
+    elif args.kl_coef > 0:  # LoRA: the reference is the policy without its adapters
+        with lora_disabled(run.policy):
+            ref = batched_logprobs(run.policy, exp, args.temperature, micro)
     return old, ref
 
 
@@ -1081,6 +1145,54 @@ def checkpoint(run: Run, step: int, nonfinite: int) -> Path | None:
         "schedulers": [s.state_dict() for s in run.schedulers.values()]}, run.args.keep_checkpoints)
 
 
+def with_lora(model, args: Args):
+    """The policy as a peft model with LoRA adapters, or the critic with adapters on its backbone (its value
+    head stays whole and trainable); every other weight frozen."""
+    lora = dict(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                target_modules=args.lora_target_modules)
+    if isinstance(model, ValueModel):
+        model.backbone = add_lora(model.backbone, causal_lm=False, **lora)
+        return model
+    return add_lora(model, **lora)
+
+
+def lora_summary(models: dict) -> str:
+    counts = []
+    for role, model in models.items():
+        if model is not None:
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            total = sum(p.numel() for p in model.parameters())
+            counts.append(f"{role} {trainable:,} of {total:,} ({trainable / total:.2%})")
+    return "LoRA: trainable parameters: " + ", ".join(counts)
+
+
+def keep_trainable_in_checkpoints(accelerator) -> None:
+    """Checkpoints of a LoRA run (one process or DDP) hold only the weights that train (adapters, value head),
+    with their optimizer states; the frozen base is the model the run starts from. On resume each model's
+    file must hold exactly its trainable weights (the base is loaded already). FSDP saves and loads whole."""
+    from safetensors import safe_open
+
+    def trainable(model) -> set[str]:
+        return {name for name, p in model.named_parameters() if p.requires_grad}
+
+    def before_save(models, weights, output_dir):
+        for i, (model, state) in enumerate(zip(models, weights, strict=False)):
+            keep = trainable(model)
+            weights[i] = {k: v for k, v in state.items() if k in keep}
+
+    def before_load(models, input_dir):
+        for i, model in enumerate(models):
+            path = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+            with safe_open(str(path), "pt") as f:
+                saved = set(f.keys())
+            if saved != trainable(model):
+                raise SystemExit(f"error: {path} holds {len(saved)} weights, not the {len(trainable(model))} "
+                                 "trainable ones of this LoRA run: it was written by another run")
+
+    accelerator.register_save_state_pre_hook(before_save)
+    accelerator.register_load_state_pre_hook(before_load)
+
+
 def full_state_dict(accelerator, model) -> dict:
     """`model`'s full weights on the main process, for save_pretrained; every process must call it (sharded
     models gather). Empty elsewhere under FSDP; ZeRO-3 returns None there, made empty here too."""
@@ -1099,16 +1211,22 @@ def finish(run: Run) -> dict:
             accelerator.log(final, step=args.max_steps)
     accelerator.wait_for_everyone()
     policy = accelerator.unwrap_model(run.policy)
+    save_kw = dict(is_main_process=accelerator.is_main_process, save_function=accelerator.save, safe_serialization=True)
+    state = full_state_dict(accelerator, run.policy)
+    if args.lora_r and args.merge_on_save:  # the base model with W + (alpha / r) B A in each adapted weight
+        state = merge_lora_state_dict(state, lora_scaling(run.peft_policy))
+    elif args.lora_r:  # peft writes the adapters alone, named as in its own model
+        state, policy = {"base_model.model." + k: v for k, v in state.items()}, run.peft_policy
     # the saved policy keeps the checkpoint's own generation settings for whoever uses it next
     policy.generation_config = getattr(policy, "reasoner_zero_original_generation_config", policy.generation_config)
-    save_kw = dict(is_main_process=accelerator.is_main_process, save_function=accelerator.save, safe_serialization=True)
     # a gathered (FSDP) state dict holds tied weights as separate tensors: save_pretrained would write both
     tied = getattr(policy, "all_tied_weights_keys", None) or {}
-    state = {k: v for k, v in full_state_dict(accelerator, run.policy).items() if k not in tied}
-    policy.save_pretrained(out / "policy", state_dict=state, **save_kw)
+    state = {k: v for k, v in state.items() if k not in tied}
+    policy.save_pretrained(out / "policy", state_dict=state, **save_kw)  # with LoRA unmerged: the adapters alone
     if run.critic is not None:
         accelerator.unwrap_model(run.critic).save_pretrained(
-            str(out / "critic"), state_dict=full_state_dict(accelerator, run.critic), **save_kw)
+            str(out / "critic"), state_dict=full_state_dict(accelerator, run.critic),
+            merge_lora=bool(args.lora_r and args.merge_on_save), **save_kw)
     if accelerator.is_main_process:
         run.tokenizer.save_pretrained(out / "policy")
     run.pool.close()

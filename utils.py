@@ -103,6 +103,62 @@ def disable_dropout(model: torch.nn.Module) -> int:
     return changed
 
 
+def add_lora(model: torch.nn.Module, r: int, alpha: float, dropout: float = 0.0,
+             target_modules: str = "all-linear", causal_lm: bool = True) -> torch.nn.Module:
+    """`model` wrapped by peft with LoRA adapters (Hu et al., arXiv:2106.09685) of rank `r` on
+    `target_modules`, everything else frozen. "all-linear" is every linear layer of the attention and MLP
+    blocks but not the LM head; else comma-separated module names (q_proj,v_proj). The adapters start as
+    B = 0, so the wrapped model computes exactly what `model` did."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = target_modules if target_modules == "all-linear" else [
+        t.strip() for t in target_modules.split(",") if t.strip()]
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
+                        task_type="CAUSAL_LM" if causal_lm else None)
+    return get_peft_model(model, config)
+
+
+def merge_lora_state_dict(state: dict, scaling: float, adapter: str = "default") -> dict:
+    """A peft LoRA model's full state dict as its base model's: each adapted weight becomes
+    W + scaling * B @ A (scaling = alpha / r), the adapter tensors go, and the keys lose peft's prefixes.
+    It works on a gathered state dict, so it needs no unsharded model (FSDP)."""
+    merged = {}
+    for key, value in state.items():
+        if f".lora_A.{adapter}." in key or f".lora_B.{adapter}." in key:
+            continue
+        name = key.removeprefix("base_model.model.")
+        if ".base_layer." in key:
+            module, param = key.rsplit(".base_layer.", 1)
+            name = name.replace(".base_layer.", ".")
+            if param == "weight":
+                a, b = state[f"{module}.lora_A.{adapter}.weight"], state[f"{module}.lora_B.{adapter}.weight"]
+                value = (value.float() + scaling * (b.float() @ a.float())).to(value.dtype)
+        merged[name] = value
+    return merged
+
+
+@contextlib.contextmanager
+def lora_disabled(model: torch.nn.Module):
+    """Run `model` (with peft's LoRA layers anywhere inside, under any wrapper) without its adapters: the
+    base model it started from, with no copy of its weights."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+def lora_scaling(peft_model, adapter: str = "default") -> float:
+    """The factor of B @ A in `peft_model`'s adapted weights: alpha / r (alpha / sqrt(r) with rsLoRA)."""
+    config = peft_model.peft_config[adapter]
+    return config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+
+
 def cache_root() -> Path:
     """Where built models are cached: $REASONER_ZERO_CACHE, else $XDG_CACHE_HOME/reasoner-zero (~/.cache)."""
     return Path(os.environ.get("REASONER_ZERO_CACHE")

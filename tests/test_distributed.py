@@ -127,6 +127,32 @@ def test_two_processes_match_one(advantage, mode, tmp_path, tiny_base):
     assert torch.isfinite(torch.tensor([m2[-1]["loss/policy"]]))
 
 
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_two_processes_match_one_with_lora(mode, tmp_path, tiny_base):
+    """PPO with LoRA adapters on the policy and the critic's backbone and a KL to the policy without its
+    adapters: two processes against one give the same metrics, adapters and value head."""
+    args = ["--advantage", "gae", "--lora-r", "4", "--kl-coef", "0.05"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(one, 1, *args)
+    out = run(two, 2, *args, mode=mode)
+    assert all(part in out for part in GOT[mode]) and "reference model" not in out, out[:2000]
+    m1, m2 = lines(one / "metrics.jsonl"), lines(two / "metrics.jsonl")
+    assert len({s["reward"] for s in lines(one / "samples.jsonl")}) > 1
+    assert m1[0]["policy/kl"] == 0.0 and m2[0]["policy/kl"] == 0.0
+    for r1, r2 in zip(m1, m2, strict=True):
+        for k in ["train/reward", "train/advantage_abs", "loss/policy", "policy/entropy", "critic/value_loss",
+                  "critic/values", "policy/kl"]:
+            assert r1[k] == pytest.approx(r2[k], rel=1e-4, abs=1e-5), (r1["step"], k)
+    for part in ("policy/adapter_model.safetensors", "critic/adapter_model.safetensors",
+                 "critic/value_head.safetensors"):
+        p1, p2 = load_file(one / part), load_file(two / part)
+        assert p1.keys() == p2.keys(), part
+        diff = max((p1[k] - p2[k]).abs().max().item() for k in p1)
+        print(f"{mode} LoRA {part}: largest difference 1 vs 2 processes {diff:.2e}")
+        assert diff < 1e-4, (part, diff)
+        assert max(v.abs().max().item() for k, v in p1.items() if "lora_A" not in k) > 1e-4  # they trained
+
+
 @pytest.mark.parametrize("mode", ["ddp", pytest.param("zero3", marks=needs_deepspeed)])
 def test_process_whose_rows_are_all_in_the_first_critic_mini_batch(mode, tmp_path, tiny_base):
     """Seed 0, step 0: the critic's first mini-batch of 4 global rows is [0, 1], all of process 0's rows,
