@@ -11,7 +11,6 @@ match, unlike the released ORZ critics: their issue #63):
     critic = ValueModel.from_pretrained("run/critic")
 """
 
-import json
 from pathlib import Path
 
 import torch
@@ -49,9 +48,9 @@ class ValueModel(nn.Module):
 
         adapter = Path(path) / "adapter_config.json"
         if adapter.exists():  # a LoRA critic: peft's adapters on the base model they were trained on
-            from peft import PeftModel
+            from peft import PeftConfig, PeftModel
 
-            base = AutoModel.from_pretrained(json.loads(adapter.read_text())["base_model_name_or_path"], **load_kwargs)
+            base = AutoModel.from_pretrained(PeftConfig.from_pretrained(path).base_model_name_or_path, **load_kwargs)
             model = cls(PeftModel.from_pretrained(base, path), init_head=False)
         else:
             model = cls(AutoModel.from_pretrained(path, **load_kwargs), init_head=False)

@@ -948,6 +948,8 @@ def setup(args: Args) -> Run:
     main_process_decides(accelerator, check_args, args, world)  # hub and import checks: once, for all
     data = read_data(args)  # a bad data file stops the run here, before any model is built or loaded
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if args.lora_r:  # before any model loads
+            raise SystemExit("error: LoRA runs on one process, DDP or FSDP2; with DeepSpeed it is not supported yet")
         configure_deepspeed(accelerator, args)
     set_seed(args.seed, device_specific=True)  # each process samples differently
     out = Path(args.output_dir)
@@ -989,8 +991,6 @@ def setup(args: Args) -> Run:
     peft_policy = trained["policy"] if args.lora_r else None
     policy, critic = peft_policy.get_base_model() if peft_policy else trained["policy"], trained["critic"]
     if args.lora_r:
-        if accelerator.distributed_type == DistributedType.DEEPSPEED:
-            raise SystemExit("error: LoRA runs on one process, DDP or FSDP2; with DeepSpeed it is not supported yet")
         keep_trainable_in_checkpoints(accelerator)
         accelerator.print(lora_summary(trained))
     policy, optimizers["policy"] = accelerator.prepare(policy, optimizers["policy"])
