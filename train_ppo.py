@@ -916,10 +916,12 @@ def main(args: Args) -> dict:
         nonfinite = nonfinite + 1 if metrics["train/nonfinite_updates"] > 0 else 0
         signalled = sum_all(float(stop.signal is not None)).item() > 0
         if nonfinite >= args.max_nonfinite_updates:
+            leave_process_group()
             raise SystemExit(nonfinite_stop_message(step, nonfinite, run.checkpoint))
         if (args.save_every and (step + 1) % args.save_every == 0) or signalled:
             run.checkpoint = checkpoint(run, step, nonfinite)
         if signalled:
+            leave_process_group()
             raise SystemExit(f"stopped by signal {stop.signal} after step {step}: "
                              + (f"last checkpoint {run.checkpoint}; run the same command again to resume"
                                 if run.checkpoint else "no checkpoint to resume from"))
@@ -1241,7 +1243,18 @@ def finish(run: Run) -> dict:
         print(f"done: {args.advantage}, {acc}, {args.max_steps} steps in {summary['minutes']:.1f} min; outputs "
               f"in {out}/ (metrics.jsonl, samples.jsonl, policy/{', critic/' if run.critic is not None else ''})")
     accelerator.end_training()
+    leave_process_group()
     return summary
+
+
+def leave_process_group() -> None:
+    """End this process's part in the process group, on every process at the same point of a run that ends
+    well. A process that exits with the group alive can abort at exit (SIGABRT, "terminate called without an
+    active exception": gloo's worker threads outlive the interpreter, pytorch/pytorch#190489); two-process ZeRO-3
+    runs of the test suite did, now and then."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------------
