@@ -37,7 +37,7 @@ RESUMABLE_ARGS = frozenset({
     "max_steps", "eval_every", "save_every", "keep_checkpoints", "samples_per_step", "report_to",
     "max_nonfinite_updates", "resume", "overwrite", "output_dir", "reward_workers", "gradient_checkpointing",
     "micro_batch_size", "max_tokens_per_microbatch", "max_padding", "generation", "refill_fraction",
-    "generation_batch_size", "merge_on_save"})
+    "generation_batch_size", "merge_on_save", "merge_for_generation"})
 _HELD_LOCKS: list[int] = []  # file descriptors of the output-directory locks this process holds
 
 
@@ -405,13 +405,12 @@ class StopRequest:
         self.signal = signum
 
 
-def resume(accelerator, checkpoint: Path | None, schedulers: list, strict: bool = True) -> dict:
+def resume(accelerator, checkpoint: Path | None, schedulers: list) -> dict:
     """Load `checkpoint` (models, optimizers, RNG states, then the schedulers) into the prepared run; returns
-    its trainer state {"step", "base_accuracy", ...}, or the state of a fresh start when there is none.
-    `strict` False: the checkpoint holds only some weights of each model (LoRA: the trainable ones)."""
+    its trainer state {"step", "base_accuracy", ...}, or the state of a fresh start when there is none."""
     if checkpoint is None:
         return {"step": 0, "base_accuracy": None}
-    accelerator.load_state(str(checkpoint), **({} if strict else {"strict": False}))  # DeepSpeed takes no `strict`
+    accelerator.load_state(str(checkpoint))
     state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
     for scheduler, saved in zip(schedulers, state["schedulers"], strict=True):
         scheduler.load_state_dict(saved)

@@ -91,6 +91,7 @@ from utils import (
     disable_dropout,
     left_pad,
     lora_disabled,
+    lora_merged,
     lora_scaling,
     main_process_decides,
     masked_mean,
@@ -99,6 +100,7 @@ from utils import (
     number_problems,
     parse_args,
     timer,
+    trainable_state_only,
 )
 
 SUMMED_STATS = ("loss/policy", "critic/value_loss", "policy/kl")  # shares of one batch loss, not means
@@ -197,6 +199,9 @@ class Args(RewardArgs, SamplingArgs, DataArgs, ModelArgs):
     merge_on_save: bool = field(default=False, metadata={
         "help": "LoRA: write the final policy/ and critic/ with the adapters merged into the weights (loadable "
                 "without peft) instead of the adapters alone"})
+    merge_for_generation: bool = field(default=False, metadata={
+        "help": "LoRA: sample with the adapters merged into the weights (one matmul per layer, not three), "
+                "unmerged for the update; not with --bf16 or FSDP"})
     eval_every: int = field(default=20, metadata={
         "group": "evaluation and logging", "help": "evaluate every N steps (and at the start and end; 0: never)"})
     eval_num_samples: int = field(default=4, metadata={
@@ -350,7 +355,8 @@ def check_args(args: Args, num_processes: int = 1) -> None:
 def lora_problems(args: Args) -> list[str]:
     """What is wrong with the LoRA arguments."""
     if not args.lora_r:
-        return ["--merge-on-save merges LoRA adapters: it needs --lora-r"] if args.merge_on_save else []
+        return [f"--{flag} merges LoRA adapters: it needs --lora-r" for flag, on in
+                (("merge-on-save", args.merge_on_save), ("merge-for-generation", args.merge_for_generation)) if on]
     problems = []
     if args.lora_r < 0 or (args.lora_alpha is not None and not args.lora_alpha > 0):
         problems.append("--lora-r must be >= 0 and --lora-alpha > 0")
@@ -365,6 +371,10 @@ def lora_problems(args: Args) -> list[str]:
                         "start at 1")
     if not any(t.strip() for t in args.lora_target_modules.split(",")):
         problems.append("--lora-target-modules is empty")
+    # With --bf16 the frozen base is held in bf16: W + BA - BA rounds to another W each step, and the drift adds up.
+    if args.merge_for_generation and args.bf16:
+        problems.append("--merge-for-generation with --bf16: the frozen base is bf16, where merging and unmerging "
+                        "every step would round the base weights away from the base; drop one of the two")
     return problems
 
 
@@ -757,9 +767,10 @@ def rollout(run: "Run", records: list, step: int) -> tuple[Experience, list[str]
     refill = args.generation == "refill" and not synced
     generate = (partial(generate_responses_refill, refill_fraction=args.refill_fraction) if refill
                 else generate_responses)
-    with accelerator.autocast():
+    policy = accelerator.unwrap_model(run.policy)
+    with accelerator.autocast(), lora_merged(policy, args.merge_for_generation):
         response_ids = generate(
-            accelerator.unwrap_model(run.policy), prompt_ids, prompt_mask, num_generations=num_generations,
+            policy, prompt_ids, prompt_mask, num_generations=num_generations,
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id, stop_strings=args.stop_strings,
             tokenizer=tokenizer, batch_size=args.generation_batch_size or None, seeds=seeds, synced_gpus=synced)
@@ -805,8 +816,9 @@ def evaluate(run: "Run", step: int) -> dict:
     generate_kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            top_k=args.top_k, stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id,
                            stop_strings=args.stop_strings, tokenizer=tokenizer, synced_gpus=is_sharded(accelerator))
-    with accelerator.autocast():
-        result = evaluate_datasets(accelerator.unwrap_model(run.policy), tokenizer, run.eval_records, pool=run.pool,
+    policy = accelerator.unwrap_model(run.policy)
+    with accelerator.autocast(), lora_merged(policy, args.merge_for_generation):
+        result = evaluate_datasets(policy, tokenizer, run.eval_records, pool=run.pool,
                                    generate_kwargs=generate_kwargs,
                                    num_samples=args.eval_num_samples, batch_size=args.prompts_per_step,
                                    seed=args.seed * 1_000 + step + 1, score_truncated=args.score_truncated,
@@ -949,9 +961,13 @@ def setup(args: Args) -> Run:
     world = accelerator.num_processes
     main_process_decides(accelerator, check_args, args, world)  # hub and import checks: once, for all
     data = read_data(args)  # a bad data file stops the run here, before any model is built or loaded
+    # LoRA's refusals, before any model loads
+    if args.lora_r and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise SystemExit("error: LoRA runs on one process, DDP or FSDP2; with DeepSpeed it is not supported yet")
+    if args.merge_for_generation and accelerator.distributed_type == DistributedType.FSDP:
+        raise SystemExit("error: --merge-for-generation needs each process to hold whole weights (one process or "
+                         "DDP); under FSDP each holds a shard")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        if args.lora_r:  # before any model loads
-            raise SystemExit("error: LoRA runs on one process, DDP or FSDP2; with DeepSpeed it is not supported yet")
         configure_deepspeed(accelerator, args)
     set_seed(args.seed, device_specific=True)  # each process samples differently
     out = Path(args.output_dir)
@@ -993,7 +1009,6 @@ def setup(args: Args) -> Run:
     peft_policy = trained["policy"] if args.lora_r else None
     policy, critic = peft_policy.get_base_model() if peft_policy else trained["policy"], trained["critic"]
     if args.lora_r:
-        keep_trainable_in_checkpoints(accelerator)
         accelerator.print(lora_summary(trained))
     policy, optimizers["policy"] = accelerator.prepare(policy, optimizers["policy"])
     if critic is not None:
@@ -1009,7 +1024,8 @@ def setup(args: Args) -> Run:
     pool = RewardPool(args.reward, num_workers=args.reward_workers, timeout=args.reward_timeout)
 
     main_process_decides(accelerator, prepare_output_dir, out, start, args)
-    state = resume(accelerator, start["checkpoint"], list(schedulers.values()), strict=not args.lora_r)
+    with trainable_state_only([accelerator.unwrap_model(m) for m in (policy, critic) if m is not None and args.lora_r]):
+        state = resume(accelerator, start["checkpoint"], list(schedulers.values()))
     logs = open_logs(accelerator, out, state["step"])
     if args.report_to != "none":
         accelerator.init_trackers("reasoner-zero", config={k: str(v) for k, v in asdict(args).items()})
@@ -1142,9 +1158,13 @@ def checkpoint(run: Run, step: int, nonfinite: int) -> Path | None:
         accelerator.print(f"warning: step {step}: no checkpoint written ({why}); the last one is "
                           f"{run.checkpoint or 'none'}")
         return run.checkpoint
-    return save_checkpoint(accelerator, run.out / "checkpoints", {
-        "step": step + 1, "base_accuracy": run.base_accuracy, "args": asdict(run.args),
-        "schedulers": [s.state_dict() for s in run.schedulers.values()]}, run.args.keep_checkpoints)
+    # With LoRA a checkpoint holds what trains (adapters, value head, their optimizer states); the frozen base
+    # is the model the run starts from.
+    with trainable_state_only([accelerator.unwrap_model(m) for m in (run.policy, run.critic)
+                               if m is not None and run.args.lora_r]):
+        return save_checkpoint(accelerator, run.out / "checkpoints", {
+            "step": step + 1, "base_accuracy": run.base_accuracy, "args": asdict(run.args),
+            "schedulers": [s.state_dict() for s in run.schedulers.values()]}, run.args.keep_checkpoints)
 
 
 def with_lora(model, args: Args):
@@ -1166,33 +1186,6 @@ def lora_summary(models: dict) -> str:
             total = sum(p.numel() for p in model.parameters())
             counts.append(f"{role} {trainable:,} of {total:,} ({trainable / total:.2%})")
     return "LoRA: trainable parameters: " + ", ".join(counts)
-
-
-def keep_trainable_in_checkpoints(accelerator) -> None:
-    """Checkpoints of a LoRA run (one process or DDP) hold only the weights that train (adapters, value head),
-    with their optimizer states; the frozen base is the model the run starts from. On resume each model's
-    file must hold exactly its trainable weights (the base is loaded already). FSDP saves and loads whole."""
-    from safetensors import safe_open
-
-    def trainable(model) -> set[str]:
-        return {name for name, p in model.named_parameters() if p.requires_grad}
-
-    def before_save(models, weights, output_dir):
-        for i, (model, state) in enumerate(zip(models, weights, strict=False)):
-            keep = trainable(model)
-            weights[i] = {k: v for k, v in state.items() if k in keep}
-
-    def before_load(models, input_dir):
-        for i, model in enumerate(models):
-            path = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
-            with safe_open(str(path), "pt") as f:
-                saved = set(f.keys())
-            if saved != trainable(model):
-                raise SystemExit(f"error: {path} holds {len(saved)} weights, not the {len(trainable(model))} "
-                                 "trainable ones of this LoRA run: it was written by another run")
-
-    accelerator.register_save_state_pre_hook(before_save)
-    accelerator.register_load_state_pre_hook(before_load)
 
 
 def full_state_dict(accelerator, model) -> dict:

@@ -153,6 +153,51 @@ def lora_disabled(model: torch.nn.Module):
             layer.enable_adapters(True)
 
 
+@contextlib.contextmanager
+def trainable_state_only(models: list):
+    """Within: each of `models` (unwrapped; a wrapper's state dict, as DDP's, calls theirs) gives a state
+    dict of only its parameters that train, and loads one in strict mode, its frozen weights left as they are. LoRA
+    checkpoints then hold the adapters and the value head, not the frozen base the run starts from."""
+    handles = []
+    for model in models:
+        trains = {name for name, p in model.named_parameters() if p.requires_grad}
+
+        def drop_frozen(module, state, prefix, metadata, trains=trains):
+            for key in [k for k in state if k.startswith(prefix) and k[len(prefix):] not in trains]:
+                del state[key]  # frozen weights, tied copies (lm_head) and buffers alike
+
+        def frozen_are_not_missing(module, incompatible, trains=trains):
+            # the keys carry the prefix of whatever called load_state_dict (DDP's "module.")
+            incompatible.missing_keys[:] = [k for k in incompatible.missing_keys
+                                            if any(k == n or k.endswith("." + n) for n in trains)]
+
+        handles += [model.register_state_dict_post_hook(drop_frozen),
+                    model.register_load_state_dict_post_hook(frozen_are_not_missing)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def lora_merged(model: torch.nn.Module, enabled: bool = True):
+    """Run `model` with each LoRA adapter merged into its weight (W + scaling * B A): one matmul per adapted
+    layer instead of three, for generation. On leaving, the product is subtracted again; in float32 that
+    gives back W to within a rounding of W + B A (one unit in the last place), in bf16 it would not, so the
+    caller keeps such weights unmerged. `enabled` False: `model` as it is."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)] if enabled else []
+    for layer in layers:
+        layer.merge()
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.unmerge()
+
+
 def lora_scaling(peft_model, adapter: str = "default") -> float:
     """The factor of B @ A in `peft_model`'s adapted weights: alpha / r (alpha / sqrt(r) with rsLoRA)."""
     config = peft_model.peft_config[adapter]

@@ -130,8 +130,14 @@ def test_two_processes_match_one(advantage, mode, tmp_path, tiny_base):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_two_processes_match_one_with_lora(mode, tmp_path, tiny_base):
     """PPO with LoRA adapters on the policy and the critic's backbone and a KL to the policy without its
-    adapters: two processes against one give the same metrics, adapters and value head."""
+    adapters: two processes against one give the same metrics, adapters and value head. Under DDP both sample
+    with the adapters merged (--merge-for-generation); FSDP refuses that in one line."""
     args = ["--advantage", "gae", "--lora-r", "4", "--kl-coef", "0.05"]
+    if mode == "ddp":
+        args.append("--merge-for-generation")
+    else:
+        err = run(tmp_path / "merged", 2, *args, "--merge-for-generation", mode=mode, expect_error=True)
+        assert "error: --merge-for-generation needs each process to hold whole weights" in err, err[-2000:]
     one, two = tmp_path / "one", tmp_path / "two"
     run(one, 1, *args)
     out = run(two, 2, *args, mode=mode)
@@ -209,6 +215,35 @@ def test_sharded_resume_matches_an_uninterrupted_run(mode, tmp_path, tiny_base):
 
     assert comparable(resumed) == comparable(whole)
     for part in ("policy/model.safetensors", "critic/model.safetensors", "critic/value_head.safetensors"):
+        a, b = load_file(resumed / part), load_file(whole / part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_lora_checkpoints_hold_what_trains_and_resume_exactly(mode, tmp_path, tiny_base):
+    """Two processes, PPO with LoRA: the checkpoint holds only the adapters and the value head (and their
+    optimizer states), and a run stopped after 2 steps and resumed ends as a run of 3 steps did."""
+    args = ["--advantage", "gae", "--lora-r", "4", "--save-every", "1", "--max-steps", "3"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run(whole, 2, *args, mode=mode)
+    run(resumed, 2, *args[:-1], "2", mode=mode)
+    saved = resumed / "checkpoints" / "step-000002"
+    if mode == "fsdp2":  # accelerate's FSDP format (the config's FULL_STATE_DICT: one file per model)
+        policy, critic = (torch.load(saved / name, weights_only=True)
+                          for name in ("pytorch_model_fsdp.bin", "pytorch_model_fsdp_1.bin"))
+    else:
+        policy, critic = load_file(saved / "model.safetensors"), load_file(saved / "model_1.safetensors")
+    assert policy and all(".lora_A." in k or ".lora_B." in k for k in policy), sorted(policy)[:5]
+    assert "value_head.weight" in critic and all("lora_" in k or k == "value_head.weight" for k in critic)
+    out = run(resumed, 2, *args, mode=mode)
+    assert "resuming from" in out and all(part in out for part in GOT[mode]), out[:2000]
+
+    def comparable(run_dir):
+        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in lines(run_dir / "metrics.jsonl")]
+
+    assert comparable(resumed) == comparable(whole)
+    for part in ("policy/adapter_model.safetensors", "critic/adapter_model.safetensors",
+                 "critic/value_head.safetensors"):
         a, b = load_file(resumed / part), load_file(whole / part)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
 

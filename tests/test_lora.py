@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from test_train import metrics, train
 
-from utils import add_lora, lora_scaling, merge_lora_state_dict
+from utils import add_lora, lora_merged, lora_scaling, merge_lora_state_dict, trainable_state_only
 
 LORA = ["--lora-r", "4", "--lora-alpha", "8"]  # scaling alpha / r = 2
 LORA_LR = "3e-3"  # the learning tests' rate with LoRA rank 16 (full fine-tuning: 3e-4)
@@ -135,6 +135,88 @@ def test_lora_adapters_load_with_peft_and_a_resumed_run_matches_an_uninterrupted
     assert critic(ids, torch.ones_like(ids)).shape == (2, 7)
 
 
+def test_trainable_state_only_saves_and_loads_just_the_adapters():
+    """Inside the context a LoRA model (tied embeddings, behind a wrapper as DDP puts it) gives only its
+    adapters, and loads them strictly into another copy, whose frozen weights stay its own."""
+    def lora_model(seed):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(seed)
+        model = add_lora(LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+                                                      num_hidden_layers=1, num_attention_heads=2,
+                                                      tie_word_embeddings=True)), r=2, alpha=4).get_base_model()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_()
+        return model
+
+    a, b = lora_model(0), lora_model(1)
+    frozen_b = {k: v.clone() for k, v in b.state_dict().items() if "lora_" not in k}
+    wrapped = torch.nn.ModuleDict({"module": a})  # keys "module.…", as under DDP
+    with trainable_state_only([a, b]):
+        state = wrapped.state_dict()
+        assert state and all(k.startswith("module.") and "lora_" in k for k in state), sorted(state)
+        assert len(state) == sum(p.requires_grad for p in a.parameters())
+        b.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})  # strict
+        with pytest.raises(RuntimeError, match="Missing key"):
+            b.load_state_dict({k: v for k, v in list(state.items())[1:]})  # an adapter missing is still an error
+    assert "lm_head.weight" in a.state_dict()  # outside: whole again
+    for key, value in b.state_dict().items():
+        assert torch.equal(value, a.state_dict()[key] if "lora_" in key else frozen_b[key]), key
+    assert not torch.equal(b.state_dict()["lm_head.weight"], a.state_dict()["lm_head.weight"])  # b's own base
+
+
+def test_generation_with_the_adapters_merged_samples_the_same_tokens():
+    """--merge-for-generation: greedy and seeded sampling give the same tokens as the unmerged adapters, and
+    the weights come back to the base within a float32 rounding, 50 merges later too."""
+    from rollout import generate_responses
+
+    model = add_lora(tiny_llama(), r=4, alpha=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prompts = torch.randint(3, 50, (4, 5))
+    kwargs = dict(max_new_tokens=12, top_p=None, top_k=None, stop_token_ids=[2], pad_token_id=0, seeds=[11])
+    for temperature, samples in ((0.0, 1), (1.0, 3)):
+        plain = generate_responses(model, prompts, torch.ones_like(prompts), temperature=temperature,
+                                   num_generations=samples, **kwargs)
+        with lora_merged(model):
+            assert all(layer.merged for layer in model.modules() if hasattr(layer, "merged_adapters"))
+            merged = generate_responses(model, prompts, torch.ones_like(prompts), temperature=temperature,
+                                        num_generations=samples, **kwargs)
+        assert torch.equal(merged, plain), temperature
+        assert len(set(map(tuple, plain.tolist()))) > 2
+    for _ in range(50):
+        with lora_merged(model):
+            pass
+    after = model.state_dict()
+    for key, value in before.items():
+        if "lora_" in key:
+            assert torch.equal(after[key], value), key  # the adapters are never touched
+        else:
+            torch.testing.assert_close(after[key], value, rtol=0, atol=1e-6)  # the base: roundings only
+    with lora_merged(model, enabled=False):
+        assert not any(getattr(layer, "merged", False) for layer in model.modules())
+
+
+def test_a_run_that_merges_for_generation_samples_what_an_unmerged_run_does(tmp_path, tiny_base):
+    """The same LoRA run with and without --merge-for-generation: the same responses at every step (the
+    update in between included), and the same rewards."""
+    runs = {}
+    for merge in (False, True):
+        out = tmp_path / str(merge)
+        result = train("train_grpo.py", out, *SHORT, *LORA, "--lr", "1e-2", "--samples-per-step", "16",
+                       *(["--merge-for-generation"] * merge))
+        assert result.returncode == 0, result.stderr[-3000:]
+        samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+        runs[merge] = ([(r["step"], r["response"]) for r in samples], [r["train/reward"] for r in metrics(out)])
+    assert len(runs[False][0]) >= 2 and {step for step, _ in runs[False][0]} == {0, 1}
+    assert runs[True] == runs[False]
+
+
 def test_lora_with_dropout_checkpointing_and_bf16_starts_at_ratio_one(tmp_path, tiny_base):
     result = train("train_grpo.py", tmp_path, *SHORT, *LORA, "--lora-dropout", "0.3", "--gradient-checkpointing",
                    "--bf16", "--lr", "1e-2")
@@ -152,6 +234,8 @@ def test_lora_with_dropout_checkpointing_and_bf16_starts_at_ratio_one(tmp_path, 
     (["--lora-dropout", "0.1", "--num-mini-batches", "2"], "--lora-dropout > 0 needs one optimizer step"),
     (["--merge-on-save"], "--merge-on-save merges LoRA adapters: it needs --lora-r"),
     (["--lora-r", "4", "--lora-target-modules", " , "], "--lora-target-modules is empty"),
+    (["--merge-for-generation"], "--merge-for-generation merges LoRA adapters: it needs --lora-r"),
+    (["--lora-r", "4", "--merge-for-generation", "--bf16"], "--merge-for-generation with --bf16: the frozen base"),
 ])
 def test_bad_lora_arguments_fail_fast_with_one_line(bad, message, tmp_path):
     result = train("train_grpo.py", tmp_path, *(["--lora-r", "4"] if "--lora-dropout" in bad else []), *bad)

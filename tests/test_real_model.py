@@ -140,3 +140,36 @@ def test_the_real_model_trains_evaluates_saves_reloads_and_resumes_exactly(advan
     for part in parts:
         a, b = load_file(stopped / part), load_file(straight / part)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_the_real_model_trains_lora_adapters(smollm2, smollm2_gguf, tmp_path):
+    """PPO with LoRA on the real model (tied embeddings, 49K vocabulary), sampling with the adapters merged,
+    a KL to the policy without them and gradient checkpointing: the KL starts at exactly 0, the checkpoint
+    holds only the adapters and the value head (a small fraction of the model), and the saved adapters load
+    with peft onto the base they name."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    done = subprocess.run([*command(out, smollm2_gguf, "gae", "orz"), "--lora-r", "8", "--kl-coef", "0.05",
+                           "--merge-for-generation", "--gradient-checkpointing", "--lr", "1e-3"],
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = metrics(out)
+    assert rows[0]["policy/kl"] == 0.0 and all(r["train/nonfinite_updates"] == 0 for r in rows[:2]), rows
+    checkpoint = next((out / "checkpoints").iterdir())
+    policy_part = load_file(checkpoint / "model.safetensors")
+    critic_part = load_file(checkpoint / "model_1.safetensors")
+    assert all("lora_" in k for k in policy_part) and "value_head.weight" in critic_part
+    saved = sum(p.stat().st_size for p in checkpoint.rglob("*") if p.is_file())
+    trained = sum(v.numel() * v.element_size() for part in (policy_part, critic_part) for v in part.values())
+    assert trained < 0.05 * (smollm2 / "model.safetensors").stat().st_size  # about 2.4M of 135M per model
+    assert saved < 3.2 * trained, (saved, trained)  # those weights and their two AdamW moments: no frozen base
+    base = AutoModelForCausalLM.from_pretrained(smollm2)
+    adapted = PeftModel.from_pretrained(base, out / "policy")
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        with adapted.disable_adapter():
+            plain = adapted(ids).logits
+        assert not torch.allclose(adapted(ids).logits, plain, atol=1e-6)  # the adapters trained
