@@ -7,7 +7,8 @@
     python benchmark.py trl --only smollm2   # the same on the real model only (requirements-model.txt)
     python benchmark.py decode [--quick]  # decode work wasted on finished rows: plain generate vs alternatives
     python benchmark.py scaling [--quick] # step time as samples per step and response length grow 1x, 2x, 4x
-    python benchmark.py ablate [--seeds 3 --jobs 1]  # gae vs grpo x KL off/on on the built-in task: table + figure
+    python benchmark.py ablate [--seeds 3 --jobs 1]  # gae vs grpo x KL off/on, and the later papers' variants,
+                                                     # on the built-in task: table + figure (--only "gspo,grid")
     python benchmark.py load [--quick]    # the default GRPO run alone vs beside a second copy: OpenMP settings
     python benchmark.py lora [--quick]    # full fine-tuning vs LoRA r16/r64: step time, peak RSS, accuracy
     python benchmark.py memory [--quick]  # peak memory and time of one policy update on the real model, 16 x 1024
@@ -430,16 +431,36 @@ def decode_benchmark(quick: bool, threads: int) -> None:
 # --------------------------------------------------------------------------------------------------
 
 ABLATION_GRID = {"advantage": ["gae", "grpo"], "kl_coef": [0.0, 0.05]}
+# The variants of later papers, each on ORZ's defaults otherwise (KL off): name -> (estimator, arguments).
+# GSPO's sequence ratio differs from the token ratio only once the policy has moved within a rollout, so it
+# runs with two optimizer steps per rollout, and "grpo 2 mini-batches" is its baseline.
+ABLATION_VARIANTS = {
+    "grpo 2 mini-batches": ("grpo", ["--num-mini-batches", "2"]),
+    "gspo": ("grpo", ["--num-mini-batches", "2", "--ratio-level", "sequence", "--clip-low", "3e-4",
+                      "--clip-high", "4e-4", "--loss-agg", "seq-mean-token-mean"]),
+    "dapo dynamic sampling": ("grpo", ["--dynamic-sampling"]),
+    "dapo overlong shaping": ("grpo", ["--overlong-buffer", "8"]),
+    "dapo mask truncated": ("grpo", ["--mask-truncated"]),
+    "vapo adaptive lambda": ("gae", ["--adaptive-lam-alpha", "0.05"]),
+}
 
 
-def ablation_runs(seeds: int) -> list[dict]:
-    """Every (advantage, kl_coef, seed) of the grid, with the run's directory name."""
+def ablation_runs(seeds: int, only: str = "") -> list[dict]:
+    """Every (advantage, kl_coef, seed) of the grid and every variant (KL off) x seed, with the run's
+    directory name; `only`: comma-separated variant names ("grid" for the grid)."""
+    wanted = {w.strip() for w in only.split(",") if w.strip()}
     runs = []
-    for advantage in ABLATION_GRID["advantage"]:
-        for kl in ABLATION_GRID["kl_coef"]:
+    if not wanted or "grid" in wanted:
+        for advantage in ABLATION_GRID["advantage"]:
+            for kl in ABLATION_GRID["kl_coef"]:
+                for seed in range(seeds):
+                    runs.append({"advantage": advantage, "kl_coef": kl, "seed": seed, "variant": "", "args": [],
+                                 "name": f"{advantage}-kl{kl:g}-seed{seed}"})
+    for variant, (advantage, args) in ABLATION_VARIANTS.items():
+        if not wanted or variant in wanted:
             for seed in range(seeds):
-                runs.append({"advantage": advantage, "kl_coef": kl, "seed": seed,
-                             "name": f"{advantage}-kl{kl:g}-seed{seed}"})
+                runs.append({"advantage": advantage, "kl_coef": 0.0, "seed": seed, "variant": variant, "args": args,
+                             "name": f"{variant.replace(' ', '-')}-seed{seed}"})
     return runs
 
 
@@ -449,7 +470,7 @@ def launch_ablation_run(run: dict, out: Path, threads: int, extra: list[str]):
 
     cmd = [sys.executable, str(Path(__file__).parent / "train_ppo.py"), "--advantage", run["advantage"],
            "--kl-coef", str(run["kl_coef"]), "--seed", str(run["seed"]), "--eval-every", "10",
-           "--output-dir", str(out / run["name"]), "--overwrite", *extra]
+           "--output-dir", str(out / run["name"]), "--overwrite", *run["args"], *extra]
     log = open(out / f"{run['name']}.log", "w")  # noqa: SIM115 - closed when the run ends
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log
@@ -474,13 +495,13 @@ def summarize_run(run_dir: Path) -> dict:
     }
 
 
-def ablation_benchmark(out: Path, seeds: int, jobs: int, extra: list[str]) -> None:
+def ablation_benchmark(out: Path, seeds: int, jobs: int, extra: list[str], only: str = "") -> None:
     """Run the grid (skipping finished runs), then print the table and draw the figure."""
     import os
     import time
 
     out.mkdir(parents=True, exist_ok=True)
-    runs = ablation_runs(seeds)
+    runs = ablation_runs(seeds, only)
     todo = [r for r in runs if not (out / r["name"] / "summary.json").exists()]
     print(f"ablation: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run, {jobs} at a time")
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -501,16 +522,18 @@ def ablation_benchmark(out: Path, seeds: int, jobs: int, extra: list[str]) -> No
     table = {}
     for run in runs:
         if (out / run["name"] / "summary.json").exists():
-            table.setdefault((run["advantage"], run["kl_coef"]), []).append(summarize_run(out / run["name"]))
-    print("\n| estimator | KL | seeds | final held-out acc. | steps to 90% | minutes | critic share | "
+            table.setdefault((run["advantage"], run["kl_coef"], run["variant"]), []).append(
+                summarize_run(out / run["name"]))
+    print("\n| estimator | KL | variant | seeds | final held-out acc. | steps to 90% | minutes | critic share | "
           "response length first -> last 10% | repetition |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for (advantage, kl), results in table.items():
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (advantage, kl, variant), results in table.items():
         finals = [r["final"] for r in results]
         reached = [r["to90"] for r in results if r["to90"] is not None]
         spread = statistics.stdev(finals) if len(finals) > 1 else 0.0
         to90 = f"{statistics.mean(reached):.0f} ({len(reached)}/{len(results)} reached)" if reached else "not reached"
-        print(f"| {advantage} | {kl:g} | {len(results)} | {statistics.mean(finals):.1%} +- {spread:.1%} | {to90} | "
+        print(f"| {advantage} | {kl:g} | {variant or '-'} | {len(results)} | "
+              f"{statistics.mean(finals):.1%} +- {spread:.1%} | {to90} | "
               f"{statistics.mean(r['minutes'] for r in results):.1f} | "
               f"{statistics.mean(r['critic_share'] for r in results):.0%} | "
               f"{statistics.mean(r['length_first'] for r in results):.1f} -> "
@@ -523,10 +546,10 @@ def ablation_benchmark(out: Path, seeds: int, jobs: int, extra: list[str]) -> No
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for (advantage, kl), results in table.items():
+    for (advantage, kl, variant), results in table.items():
         steps = [s for s, _ in results[0]["evals"]]
         mean = [statistics.mean(r["evals"][i][1] for r in results if i < len(r["evals"])) for i in range(len(steps))]
-        ax.plot(steps, mean, marker="o", label=f"{advantage}, KL {kl:g} (mean of {len(results)})")
+        ax.plot(steps, mean, marker="o", label=f"{variant or f'{advantage}, KL {kl:g}'} (mean of {len(results)})")
     ax.set_xlabel("step")
     ax.set_ylabel("held-out accuracy (avg@4)")
     ax.set_title("Ablation on the built-in task")
@@ -787,7 +810,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="ablate: seeds per setting")
     parser.add_argument("--jobs", type=int, default=1, help="ablate: runs at a time")
     parser.add_argument("--only", default="",
-                        help="critic: these settings only, e.g. gen-bound; trl: these models only, e.g. smollm2")
+                        help="critic: these settings only, e.g. gen-bound; trl: these models only, e.g. smollm2; "
+                             "ablate: these variants only, e.g. 'gspo,grid'")
     parser.add_argument("--reps", type=int, default=0,
                         help="critic: runs per estimator and setting (default 2); memory: runs per variant (default 1)")
     parser.add_argument("--extra", default="",
@@ -813,7 +837,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.which == "lora":
         lora_benchmark(args.quick, args.threads, args.only)
     elif args.which == "ablate":
-        ablation_benchmark(Path(args.out), args.seeds, args.jobs, args.extra.split())
+        ablation_benchmark(Path(args.out), args.seeds, args.jobs, args.extra.split(), args.only)
     else:
         worker(json.loads(args.spec))
 

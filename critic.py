@@ -107,7 +107,7 @@ def batched_values(critic, exp, micro_batches: list[torch.Tensor]) -> torch.Tens
 
 
 def compute_gae_advantages(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor,
-                           gamma: float = 1.0, lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                           gamma: float = 1.0, lam: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over response tokens; returns (advantages, returns), both (B, R).
 
     Schulman et al., arXiv:1506.02438v6, eq. 16: A_t = sum_l (gamma lam)^l delta_{t+l}, with
@@ -116,8 +116,10 @@ def compute_gae_advantages(rewards: torch.Tensor, values: torch.Tensor, response
     positions have no effect and come back as 0. returns = advantages + values.
     With gamma = lam = 1 (ORZ) this is A_t = sum of rewards from t on - V_t. Example: one response of 3
     tokens, reward 1 at the end, values [0.2, 0.5, 0.9] -> advantages [0.8, 0.5, 0.1], returns [1, 1, 1].
+    `lam` may be one per sequence, (B,) (VAPO's length-adaptive lambda, `length_adaptive_lam`).
     """
     mask = response_mask.to(values.dtype)
+    lam = torch.as_tensor(lam, dtype=values.dtype, device=values.device)
     values, rewards = values * mask, rewards * mask
     advantages = torch.zeros_like(values)
     next_value = torch.zeros_like(values[:, 0])
@@ -128,6 +130,13 @@ def compute_gae_advantages(rewards: torch.Tensor, values: torch.Tensor, response
         advantages[:, t] = running
         next_value = values[:, t]
     return advantages, (advantages + values) * mask
+
+
+def length_adaptive_lam(lengths: torch.Tensor, alpha: float) -> torch.Tensor:
+    """VAPO's lambda for the policy's advantages, one per sequence: 1 - 1 / (alpha * length), at least 0
+    (arXiv:2504.05118v3, sec. 4.1; alpha 0.05 there), so that the sum of the TD errors' weights grows with
+    the length. (B,) -> (B,). Example: alpha 0.05, lengths 10, 100, 1000 -> 0, 0.8, 0.98."""
+    return (1.0 - 1.0 / (alpha * lengths.float().clamp(min=1))).clamp(min=0.0)
 
 
 def compute_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,

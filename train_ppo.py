@@ -63,6 +63,7 @@ from critic import (
     compute_value_loss,
     explained_variance,
     forward_values,
+    length_adaptive_lam,
 )
 from data.loading import ORZ_STOP_STRINGS, DataArgs
 from reward import RewardArgs, RewardPool, reward_problems
@@ -147,18 +148,36 @@ class Args(RewardArgs, SamplingArgs, DataArgs, ModelArgs):
                 "as train/repetition"})
     gamma: float = field(default=1.0, metadata={"group": "advantages and losses", "help": "GAE discount (ORZ: 1)"})
     lam: float = field(default=1.0, metadata={"help": "GAE lambda (ORZ: 1)"})
+    adaptive_lam_alpha: float = field(default=0.0, metadata={
+        "help": "VAPO's length-adaptive GAE: the policy's lambda is 1 - 1 / (alpha x length) per response "
+                "(VAPO: 0.05), the critic's targets keep --lam (0: off)"})
     whiten_advantages: bool | None = field(default=None, metadata={
         "help": "whiten advantages over all response tokens of the batch (default: on for gae, as ORZ; off for "
                 "grpo/rloo, whose groups with equal rewards then keep advantage 0)"})
     scale_by_std: bool = field(default=True, metadata={"help": "GRPO: divide by the group std (off: Dr. GRPO)"})
     drop_equal_groups: bool = field(default=False, metadata={
         "help": "leave groups whose rewards are all equal out of the update"})
+    overlong_buffer: int = field(default=0, metadata={
+        "help": "DAPO's overlong shaping: the reward falls linearly by up to --overlong-penalty over the last N "
+                "tokens of --max-new-tokens (0: off)"})
+    overlong_penalty: float = field(default=1.0, metadata={"help": "the shaping's largest penalty"})
+    dynamic_sampling: bool = field(default=False, metadata={
+        "help": "DAPO's dynamic sampling: draw more prompts until the step holds --prompts-per-step groups whose "
+                "rewards differ (or --max-sampling-rounds rounds were drawn)"})
+    max_sampling_rounds: int = field(default=4, metadata={
+        "help": "dynamic sampling: at most this many rounds of --prompts-per-step prompts per step"})
+    mask_truncated: bool = field(default=False, metadata={
+        "help": "leave truncated responses out of the losses (DAPO's overlong filtering) instead of only "
+                "scoring them 0; they still count in their group's baseline"})
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = field(
         default="token-mean", metadata={"help": "token-mean over the batch, mean of per-sequence means, or "
                                                 "Dr. GRPO's constant normaliser"})
     clip_low: float = field(default=0.2, metadata={"help": "ratio clip below: 1 - clip_low"})
     clip_high: float = field(default=0.2, metadata={
         "help": "ratio clip above: 1 + clip_high (DAPO's clip-higher: 0.28)"})
+    ratio_level: Literal["token", "sequence"] = field(default="token", metadata={
+        "help": "importance ratio per token (PPO) or per sequence, the exponent of the mean token log-ratio "
+                "(GSPO; its paper clips at --clip-low 3e-4 --clip-high 4e-4, with --loss-agg seq-mean-token-mean)"})
     kl_coef: float = field(default=0.0, metadata={"help": "KL to the reference model (0: none loaded, as ORZ)"})
     kl_estimator: Literal["k3", "k1"] = field(default="k3", metadata={
         "help": "k3 in the loss (GRPO) or k1 in the reward (classic PPO)"})
@@ -181,7 +200,9 @@ class Args(RewardArgs, SamplingArgs, DataArgs, ModelArgs):
     critic_lr: float = field(default=5e-4, metadata={"help": "critic learning rate (ORZ: 5e-6)"})
     critic_epochs: int = field(default=1, metadata={"help": "critic passes over each rollout"})
     critic_mini_batches: int = field(default=2, metadata={"help": "critic optimizer steps per epoch (ORZ: 12)"})
-    critic_warmup_steps: int = field(default=0, metadata={"help": "train only the critic for the first N steps"})
+    critic_warmup_steps: int = field(default=0, metadata={
+        "help": "train only the critic for the first N steps, on samples of the unchanged initial policy (VAPO's "
+                "value pretraining: 50 steps)"})
     value_clip: float = field(default=0.2, metadata={
         "help": "clip of the value loss around old values (<= 0: plain loss)"})
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision"})
@@ -248,15 +269,26 @@ def loss_weights(response_mask: torch.Tensor, mode: str, num_sequences: int, num
 
 
 def compute_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                        loss_weights: torch.Tensor, clip_low: float = 0.2,
-                        clip_high: float = 0.2) -> tuple[torch.Tensor, dict]:
+                        loss_weights: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.2,
+                        ratio_level: str = "token") -> tuple[torch.Tensor, dict]:
     """PPO's clipped surrogate, with separate lower and upper clip ranges, aggregated by `loss_weights`.
 
     arXiv:1707.06347v2 eq. 7; clip-higher from DAPO (arXiv:2503.14476v1, sec. 3.1). The log-ratio is
     clamped to +-20 before exp so one bad token cannot overflow. All (B, R).
     Example: logratio log(1.5), advantage 1, clip 0.2 -> ratio 1.5, loss per token -min(1.5, 1.2) = -1.2.
+
+    `ratio_level` "sequence" is GSPO (arXiv:2507.18071v2, eq. 7): one ratio per sequence, the exponent of
+    the mean token log-ratio over its tokens in the loss (weight > 0), given to each of its tokens and
+    clipped as a whole. Example: token log-ratios [log 2, 0] -> sequence ratio 2^(1/2) = 1.414 for both
+    tokens. GSPO's clip ranges are about 1000 times narrower than PPO's (3e-4 and 4e-4 in the paper).
     """
     log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
+    if ratio_level == "sequence":
+        in_loss = (loss_weights > 0).float()
+        per_sequence = (log_ratio * in_loss).sum(dim=1, keepdim=True) / in_loss.sum(dim=1, keepdim=True).clamp(min=1)
+        log_ratio = per_sequence.expand_as(log_ratio)
+    elif ratio_level != "token":
+        raise ValueError(f"unknown ratio level {ratio_level!r}")
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
@@ -281,6 +313,14 @@ def compute_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     if estimator == "k3":
         return (torch.exp(log_ratio) - log_ratio - 1.0).clamp(max=10.0)
     raise ValueError(f"unknown KL estimator {estimator!r}")
+
+
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (arXiv:2503.14476v1, eq. 13): 0 up to `max_new_tokens - buffer`
+    tokens, then falling linearly to -`factor` at `max_new_tokens` (a truncated response). (B,) -> (B,).
+    Example: budget 100, buffer 20 -> lengths 80, 90, 100 get 0, -0.5, -1."""
+    over = (lengths.float() - (max_new_tokens - buffer)).clamp(min=0.0)
+    return -factor * (over / max(buffer, 1)).clamp(max=1.0)
 
 
 def outcome_token_rewards(rewards: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -311,6 +351,13 @@ def check_args(args: Args, num_processes: int = 1) -> None:
         problems.append(f"--max-padding {args.max_padding} must be in (0, 1]")
     if args.micro_batch_size < 1 or args.max_tokens_per_microbatch < 0:
         problems.append("--micro-batch-size must be >= 1 and --max-tokens-per-microbatch >= 0")
+    if not 0 <= args.overlong_buffer <= args.max_new_tokens or args.overlong_penalty < 0:
+        problems.append(f"--overlong-buffer {args.overlong_buffer} must be in [0, --max-new-tokens] and "
+                        f"--overlong-penalty {args.overlong_penalty} >= 0")
+    if args.dynamic_sampling and (args.num_generations < 2 or args.max_sampling_rounds < 1):
+        problems.append("--dynamic-sampling needs --num-generations >= 2 (groups) and --max-sampling-rounds >= 1")
+    if args.adaptive_lam_alpha and (args.advantage != "gae" or args.adaptive_lam_alpha < 0):
+        problems.append("--adaptive-lam-alpha needs --advantage gae (it sets GAE's lambda) and a value > 0")
     if args.advantage in ("grpo", "rloo") and args.num_generations < 2:
         problems.append(f"--advantage {args.advantage} needs --num-generations >= 2")
     if not (0 <= args.clip_low < 1 and args.clip_high >= 0):
@@ -751,7 +798,86 @@ def describe_setup(accelerator, models: dict) -> str:
             f"backend {backend}, device {accelerator.device}; " + ", ".join(held))
 
 
-def rollout(run: "Run", records: list, step: int) -> tuple[Experience, list[str]]:
+def sample_and_score(run: "Run", step: int, metrics: dict):
+    """The step's experience with its rewards: (exp, texts, drawn records, reward stats, repetition flags),
+    this process's share. One round of `rollout` and `score_rollout`; with --dynamic-sampling (DAPO,
+    arXiv:2503.14476v1, sec. 3.2) more rounds of fresh prompts until the step holds --prompts-per-step
+    groups whose rewards differ, or --max-sampling-rounds were drawn. The batch is then the first groups
+    with signal, in the order (round, place among all processes' prompts), topped up with groups without
+    signal if too few (they get advantage 0 from a group baseline), and dealt out to the processes in
+    that order: the same batch for 1 and N processes. Round r > 0 draws its prompts from a permutation of
+    its own and seeds generation with salt r. Logs train/sampling_rounds and train/signal_groups (the
+    share of the batch's groups with signal)."""
+    args, accelerator = run.args, run.accelerator
+    per_step, samples = args.prompts_per_step, args.num_generations
+    world, rank = accelerator.num_processes, accelerator.process_index
+    rounds, with_signal = [], 0
+    for r in range(args.max_sampling_rounds if args.dynamic_sampling else 1):
+        with timer(metrics, "generate"):
+            records = step_prompts(run.train_records, step, per_step, args.seed + r * 1_000_003, rank, world)
+            exp, texts = rollout(run, records, step, salt=r)
+        with timer(metrics, "reward"):
+            drawn = [records[i // samples] for i in range(len(texts))]  # each row's record
+            exp.rewards, stats, repetitive = score_rollout(run, exp, texts, drawn)
+        rounds.append((exp, texts, drawn, stats, repetitive))
+        if not args.dynamic_sampling:
+            return exp, texts, drawn, stats, repetitive
+        signal = ~equal_reward_groups(exp.rewards, exp.group_ids)
+        with_signal += int(reduce_sum(accelerator, signal.sum().float()).item()) // samples
+        if with_signal >= per_step:
+            break
+    return deal_groups(run, rounds, metrics)
+
+
+def deal_groups(run: "Run", rounds: list, metrics: dict):
+    """Dynamic sampling's batch from its rounds (see `sample_and_score`): every process's groups are
+    gathered, the batch is chosen from all of them and each process keeps its share."""
+    from accelerate.utils import gather_object
+
+    args, accelerator, pad = run.args, run.accelerator, run.tokenizer.pad_token_id
+    samples, local = args.num_generations, args.prompts_per_step // accelerator.num_processes
+    groups = []
+    for r, (exp, texts, drawn, _, repetitive) in enumerate(rounds):
+        signal = ~equal_reward_groups(exp.rewards, exp.group_ids)
+        lengths = exp.response_mask.sum(dim=1).long()
+        for g in range(len(exp.rewards) // samples):
+            rows = range(g * samples, (g + 1) * samples)
+            groups.append({
+                "order": (r, accelerator.process_index * local + g), "signal": bool(signal[rows[0]]),
+                "prompt": exp.prompt_ids[rows[0]][exp.prompt_mask[rows[0]].bool()].tolist(),
+                "responses": [exp.response_ids[i, :lengths[i]].tolist() for i in rows],
+                "truncated": [bool(exp.truncated[i]) for i in rows], "rewards": [float(exp.rewards[i]) for i in rows],
+                "texts": [texts[i] for i in rows], "drawn": drawn[rows[0]],
+                "repetitive": [bool(repetitive[i]) for i in rows]})
+    everyone = sorted(gather_object(groups), key=lambda g: g["order"])
+    batch = [g for g in everyone if g["signal"]][:args.prompts_per_step]
+    batch += [g for g in everyone if not g["signal"]][:args.prompts_per_step - len(batch)]
+    mine = batch[accelerator.process_index * local:(accelerator.process_index + 1) * local]
+    metrics["train/sampling_rounds"] = len(rounds)
+    metrics["train/signal_groups"] = sum(g["signal"] for g in batch) / len(batch)
+    rows = [(g, i) for g in mine for i in range(samples)]
+    lengths = torch.tensor([len(g["responses"][i]) for g, i in rows])
+    response_ids = torch.full((len(rows), max(int(lengths.max()), 1)), pad, dtype=torch.long)
+    for k, (g, i) in enumerate(rows):
+        response_ids[k, :lengths[k]] = torch.tensor(g["responses"][i], dtype=torch.long)
+    prompt_ids, prompt_mask = left_pad([g["prompt"] for g in mine], pad)
+    device = accelerator.device
+    exp = Experience(prompt_ids=prompt_ids.repeat_interleave(samples, 0).to(device),
+                     prompt_mask=prompt_mask.repeat_interleave(samples, 0).to(device),
+                     response_ids=response_ids.to(device),
+                     response_mask=response_mask_from_lengths(lengths, response_ids.shape[1]).to(device),
+                     truncated=torch.tensor([g["truncated"][i] for g, i in rows], device=device),
+                     group_ids=torch.arange(len(mine), device=device).repeat_interleave(samples),
+                     rewards=torch.tensor([g["rewards"][i] for g, i in rows], device=device))
+    stats = {}  # the reward pool's counts over every response scored in the step's rounds
+    for *_, round_stats, _ in rounds:
+        for key, value in round_stats.items():
+            stats[key] = stats.get(key, 0) + value
+    return (exp, [g["texts"][i] for g, i in rows], [g["drawn"] for g, i in rows], stats,
+            torch.tensor([g["repetitive"][i] for g, i in rows], device=device))
+
+
+def rollout(run: "Run", records: list, step: int, salt: int = 0) -> tuple[Experience, list[str]]:
     """--num-generations responses per record, sampled by the policy: the experience batch (no rewards yet,
     on the training device) and the texts. Each generate call is seeded by `call_seeds`.
 
@@ -761,7 +887,7 @@ def rollout(run: "Run", records: list, step: int) -> tuple[Experience, list[str]
     args, tokenizer, stop_ids, accelerator = run.args, run.tokenizer, run.stop_ids, run.accelerator
     num_generations, synced = args.num_generations, is_sharded(accelerator)
     first = accelerator.process_index * len(records)  # this process's first prompt among all processes'
-    seeds = call_seeds(args.seed, step, first, len(records), args.generation_batch_size or len(records))
+    seeds = call_seeds(args.seed, step, first, len(records), args.generation_batch_size or len(records), salt)
     prompt_ids, prompt_mask = left_pad([r["prompt_ids"] for r in records], tokenizer.pad_token_id)
     # refill cannot keep processes in lockstep, which sharded (FSDP) generation needs: plain generate there
     refill = args.generation == "refill" and not synced
@@ -869,7 +995,6 @@ def main(args: Args) -> dict:
 
     run = setup(args)  # processes, checks, data, output directory, models, optimizers, reward workers, resume
     args, accelerator, critic = run.args, run.accelerator, run.critic
-    world, rank = accelerator.num_processes, accelerator.process_index
     sum_all = partial(reduce_sum, accelerator)
     stop, nonfinite = StopRequest(), 0
     bar = tqdm(range(run.start_step, args.max_steps), desc=args.advantage, initial=run.start_step,
@@ -881,14 +1006,9 @@ def main(args: Args) -> dict:
             with timer(metrics, "eval"):
                 metrics.update(evaluate(run, step))
             run.base_accuracy = metrics["eval/accuracy"] if run.base_accuracy is None else run.base_accuracy
-        # ---- 2. Rollout: this process's share of the step's prompts, --num-generations samples each --------
-        with timer(metrics, "generate"):
-            records = step_prompts(run.train_records, step, args.prompts_per_step, args.seed, rank, world)
-            exp, texts = rollout(run, records, step)
-        # ---- 3. Reward: one number per response -----------------------------------------------------------
-        with timer(metrics, "reward"):
-            drawn = [records[i // args.num_generations] for i in range(len(texts))]  # each row's record
-            exp.rewards, reward_stats, repetitive = score_rollout(run, exp, texts, drawn)
+        # ---- 2. Rollout: this process's share of the step's prompts, --num-generations samples each, and --
+        # ---- 3. Reward: one number per response (with --dynamic-sampling, rounds of both) --------------------
+        exp, texts, drawn, reward_stats, repetitive = sample_and_score(run, step, metrics)
         # ---- 4. Log-probs of the rollout: the sampling policy's (old) and the reference model's -------------
         with timer(metrics, "logprobs"):
             micro = plan(exp, args, accelerator)
@@ -902,7 +1022,13 @@ def main(args: Args) -> dict:
         lengths = exp.response_mask.sum(dim=1)
         if args.drop_equal_groups and critic is None:  # a group of equal rewards has no signal: left out
             exp.response_mask = exp.response_mask * (~equal)[:, None]
+        if args.mask_truncated:  # after the baselines' rewards are fixed: truncated rows count there, not in the loss
+            exp.response_mask = exp.response_mask * (~exp.truncated)[:, None]
         exp.advantages, exp.returns = compute_advantages(exp, args, sum_all)
+        if args.adaptive_lam_alpha:  # the range of VAPO's per-response lambda this step
+            lam = accelerator.gather(length_adaptive_lam(lengths, args.adaptive_lam_alpha))
+            metrics.update({"policy/lam_min": lam.min().item(), "policy/lam_mean": lam.mean().item(),
+                            "policy/lam_max": lam.max().item()})
         # ---- 7. Update the critic first (ORZ), then 8. the policy (once the critic has warmed up) -----------
         stats: dict[str, list] = {}
         with timer(metrics, "critic"):
@@ -1060,6 +1186,11 @@ def score_rollout(run: Run, exp: Experience, texts: list[str], drawn: list[dict]
     repetitive = repetition_flags(exp.response_ids.cpu(), exp.response_mask.sum(dim=1).long().cpu(), texts)
     if args.zero_repetitive:  # a guard against drifting into repetition; ORZ's code only logs a repeat score
         rewards = zero_degenerate(rewards, repetitive)
+    if args.overlong_buffer:  # DAPO's soft overlong punishment, added to the rule's reward
+        penalty = overlong_penalty(exp.response_mask.sum(dim=1).cpu(), args.max_new_tokens, args.overlong_buffer,
+                                   args.overlong_penalty)
+        rewards = rewards + penalty
+        stats = {**stats, "train/overlong_penalty": penalty.sum().item()}  # a mean per response once logged
     return rewards.to(run.accelerator.device), stats, repetitive.to(run.accelerator.device)
 
 
@@ -1094,6 +1225,9 @@ def compute_advantages(exp: Experience, args: Args, reduce=None):
     if args.advantage == "gae":
         token_rewards = outcome_token_rewards(exp.rewards, mask) - kl_penalty
         advantages, returns = compute_gae_advantages(token_rewards, exp.values, mask, args.gamma, args.lam)
+        if args.adaptive_lam_alpha:  # VAPO: the policy's lambda from each length; the critic's targets keep --lam
+            lam = length_adaptive_lam(mask.sum(dim=1), args.adaptive_lam_alpha)
+            advantages, _ = compute_gae_advantages(token_rewards, exp.values, mask, args.gamma, lam)
     else:
         baseline = compute_grpo_advantages if args.advantage == "grpo" else compute_rloo_advantages
         kwargs = {"scale_by_std": args.scale_by_std} if args.advantage == "grpo" else {}
@@ -1116,7 +1250,8 @@ def step_metrics(accelerator, exp: Experience, lengths: torch.Tensor, equal: tor
                "train/truncated": totals[2].item() / n, "train/equal_reward_groups": totals[3].item() / n,
                "train/repetition": totals[4].item() / n,
                "train/advantage_abs": masked_mean(exp.advantages.abs(), exp.response_mask, sum_all).item()}
-    metrics.update({k: sum_all(v).item() for k, v in reward_stats.items()})
+    metrics.update({k: sum_all(v).item() / (n if k == "train/overlong_penalty" else 1)
+                    for k, v in reward_stats.items()})
     update_stats = dict(update_stats)
     metrics["train/nonfinite_updates"] = sum(update_stats.pop("train/nonfinite_updates", []))
     for k, v in update_stats.items():
@@ -1277,7 +1412,8 @@ def policy_loss(model, mb: Experience, w: torch.Tensor, args: Args) -> tuple[tor
     logprobs, entropy = forward_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1],
                                          args.temperature, with_entropy=True, entropy_grad=args.entropy_coef > 0)
     old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
-    loss, stats = compute_policy_loss(logprobs, old, mb.advantages, w, args.clip_low, args.clip_high)
+    loss, stats = compute_policy_loss(logprobs, old, mb.advantages, w, args.clip_low, args.clip_high,
+                                      args.ratio_level)
     stats["loss/policy"] = loss.item()
     stats["policy/entropy"] = masked_mean(entropy.detach(), mb.response_mask).item()
     if args.kl_coef > 0 and args.kl_estimator == "k3":

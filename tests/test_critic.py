@@ -15,6 +15,7 @@ from critic import (
     compute_value_loss,
     explained_variance,
     forward_values,
+    length_adaptive_lam,
 )
 from utils import position_ids_from_mask
 
@@ -61,6 +62,19 @@ def test_gae_docstring_example():
                                       torch.ones(1, 3))
     torch.testing.assert_close(adv, torch.tensor([[0.8, 0.5, 0.1]]))
     torch.testing.assert_close(ret, torch.tensor([[1.0, 1.0, 1.0]]))
+
+
+def test_length_adaptive_lambda_and_gae_with_a_lambda_per_sequence():
+    """VAPO: lambda = 1 - 1 / (alpha * length), at least 0. GAE with one lambda per row equals GAE run on
+    each row alone with its lambda. Row 0 (lambda 0): A_t = delta_t; row 1 (lambda 1): A_t = R - V_t."""
+    torch.testing.assert_close(length_adaptive_lam(torch.tensor([10, 20, 100, 1000]), 0.05),
+                               torch.tensor([0.0, 0.0, 0.8, 0.98]))
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.2, 0.5, 0.9], [0.2, 0.5, 0.9]])
+    adv, ret = compute_gae_advantages(rewards, values, torch.ones(2, 3), 1.0, torch.tensor([0.0, 1.0]))
+    # row 0: delta = [0 + 0.5 - 0.2, 0 + 0.9 - 0.5, 1 + 0 - 0.9] = [0.3, 0.4, 0.1]
+    torch.testing.assert_close(adv, torch.tensor([[0.3, 0.4, 0.1], [0.8, 0.5, 0.1]]))
+    torch.testing.assert_close(ret, adv + values)
 
 
 def test_gae_hand_computed_gamma_lambda():

@@ -47,6 +47,8 @@ LAUNCH = {
     "zero3": ["--config_file", "configs/accelerate/zero3.yaml"],
 }
 MODES = ["ddp", "fsdp2", pytest.param("zero2", marks=needs_deepspeed), pytest.param("zero3", marks=needs_deepspeed)]
+# The default test command runs each mode at least once; the repeats of a check in other modes are slow.
+slow = pytest.mark.slow
 
 
 def run(out, processes: int, *args: str, mode: str = "ddp", expect_error: bool = False, **env_extra: str) -> str:
@@ -84,8 +86,11 @@ REFERENCE = {"fsdp2": "reference model sharded (FSDP2, DTensor parameters)",
              "zero3": "reference model DeepSpeedEngine (ZeRO-3)", "zero2": "reference model whole"}
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("advantage", ["grpo", "gae"])
+@pytest.mark.parametrize("advantage,mode", [
+    ("grpo", "ddp"), ("gae", "ddp"), ("grpo", "fsdp2"), ("gae", "fsdp2"),
+    pytest.param("grpo", "zero2", marks=needs_deepspeed), pytest.param("gae", "zero3", marks=needs_deepspeed),
+    pytest.param("gae", "zero2", marks=[needs_deepspeed, slow]),
+    pytest.param("grpo", "zero3", marks=[needs_deepspeed, slow])])
 def test_two_processes_match_one(advantage, mode, tmp_path, tiny_base):
     one, two = tmp_path / "one", tmp_path / "two"
     # PPO with a KL term: the critic and the frozen reference model are prepared too
@@ -159,7 +164,7 @@ def test_two_processes_match_one_with_lora(mode, tmp_path, tiny_base):
         assert max(v.abs().max().item() for k, v in p1.items() if "lora_A" not in k) > 1e-4  # they trained
 
 
-@pytest.mark.parametrize("mode", ["ddp", pytest.param("zero3", marks=needs_deepspeed)])
+@pytest.mark.parametrize("mode", ["ddp", pytest.param("zero3", marks=[needs_deepspeed, slow])])
 def test_process_whose_rows_are_all_in_the_first_critic_mini_batch(mode, tmp_path, tiny_base):
     """Seed 0, step 0: the critic's first mini-batch of 4 global rows is [0, 1], all of process 0's rows,
     so in that mini-batch process 1 has no rows and must still run the same forward and backward passes as
@@ -177,7 +182,7 @@ def test_process_whose_rows_are_all_in_the_first_critic_mini_batch(mode, tmp_pat
         assert m1[0][k] == pytest.approx(m2[0][k], rel=1e-4, abs=1e-5), k
 
 
-@pytest.mark.parametrize("mode", [m for m in MODES if getattr(m, "values", [m])[0] != "zero2"])  # whole weights
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", pytest.param("zero3", marks=[needs_deepspeed, slow])])
 def test_evaluation_does_not_depend_on_the_process_count(mode, tmp_path, tiny_base):
     """The step-0 evaluation (before any update) of the same model scores the same samples with one and two
     processes: 3 eval batches of 4 problems, so one process gets two batches and the other one (under FSDP2
@@ -192,7 +197,9 @@ def test_evaluation_does_not_depend_on_the_process_count(mode, tmp_path, tiny_ba
     assert {k: e1[k] for k in keys} == {k: e2[k] for k in keys}
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [pytest.param("ddp", marks=slow), "fsdp2",
+                                  pytest.param("zero2", marks=[needs_deepspeed, slow]),
+                                  pytest.param("zero3", marks=[needs_deepspeed, slow])])
 def test_sharded_resume_matches_an_uninterrupted_run(mode, tmp_path, tiny_base):
     """Two processes, PPO (policy and critic): a run stopped after 2 steps and continued from its checkpoint
     to 3 steps logs the same metrics and ends with the same weights as a run of 3 steps. Under FSDP2 the
@@ -219,7 +226,24 @@ def test_sharded_resume_matches_an_uninterrupted_run(mode, tmp_path, tiny_base):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_dynamic_sampling_deals_the_same_batch_to_one_and_two_processes(tmp_path, tiny_base):
+    """DAPO's dynamic sampling: the rounds drawn, the batch chosen from them and so the metrics are the
+    same with 1 and 2 (DDP) processes."""
+    args = ["--advantage", "grpo", "--dynamic-sampling", "--max-sampling-rounds", "3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(one, 1, *args)
+    run(two, 2, *args)
+    m1, m2 = lines(one / "metrics.jsonl"), lines(two / "metrics.jsonl")
+    assert any(r["train/sampling_rounds"] > 1 for r in m1), m1
+    for r1, r2 in zip(m1, m2, strict=True):
+        assert r1["train/sampling_rounds"] == r2["train/sampling_rounds"]
+        for k in ["train/reward", "train/signal_groups", "train/response_length", "loss/policy"]:
+            assert r1[k] == pytest.approx(r2[k], rel=1e-4, abs=1e-5), (r1["step"], k)
+    assert sorted(s["response"] for s in lines(one / "samples.jsonl")) == \
+        sorted(s["response"] for s in lines(two / "samples.jsonl"))
+
+
+@pytest.mark.parametrize("mode", [pytest.param("ddp", marks=slow), "fsdp2"])
 def test_lora_checkpoints_hold_what_trains_and_resume_exactly(mode, tmp_path, tiny_base):
     """Two processes, PPO with LoRA: the checkpoint holds only the adapters and the value head (and their
     optimizer states), and a run stopped after 2 steps and resumed ends as a run of 3 steps did."""

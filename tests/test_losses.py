@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rollout import compute_grpo_advantages, compute_rloo_advantages, equal_reward_groups
-from train_ppo import compute_kl, compute_policy_loss, loss_weights, outcome_token_rewards
+from train_ppo import compute_kl, compute_policy_loss, loss_weights, outcome_token_rewards, overlong_penalty
 
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
@@ -201,6 +201,25 @@ def test_policy_loss_gradient_zero_when_clipped():
     torch.testing.assert_close(logprobs.grad, torch.tensor([[0.0, -1.1]]))
 
 
+def test_sequence_level_ratio_gspo_hand_computed():
+    """GSPO: one ratio per sequence, exp(mean token log-ratio over the tokens in the loss), clipped whole.
+    Row 0: log-ratios [log 2, 0] (+ a padded token of weight 0) -> ratio 2^0.5 = 1.414, A = 1: clipped at
+    1.2 on both tokens, no gradient. Row 1: [log 0.81, 0] -> ratio 0.9, A = -1: inside, -A r = 0.9 per token.
+    token-mean over 4 tokens: (-1.2 - 1.2 + 0.9 + 0.9) / 4 = -0.15. d loss / d logp of each token of row 1:
+    (2 tokens x 1/4) x r x 1/2 (the mean's share) = 0.225; token-level PPO would give 0.2025 and 0.25."""
+    logprobs = torch.tensor([[math.log(2.0), 0.0, 5.0], [math.log(0.81), 0.0, 0.0]], requires_grad=True)
+    advs = torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0]])
+    weights = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]]) / 4
+    loss, stats = compute_policy_loss(logprobs, torch.zeros(2, 3), advs, weights, 0.2, 0.2, ratio_level="sequence")
+    assert loss.item() == pytest.approx(-0.15, abs=1e-6)
+    assert stats["policy/clipfrac"] == pytest.approx(0.5)
+    assert stats["policy/ratio"] == pytest.approx((2 * math.sqrt(2) + 2 * 0.9) / 4, abs=1e-6)
+    loss.backward()
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[0.0, 0.0, 0.0], [0.225, 0.225, 0.0]]))
+    token, _ = compute_policy_loss(logprobs, torch.zeros(2, 3), advs, weights, 0.2, 0.2)
+    assert token.item() == pytest.approx((-1.2 - 1.0 + 0.81 + 1.0) / 4, abs=1e-6)  # token level differs
+
+
 def test_policy_loss_log_ratio_clamp():
     logprobs = torch.tensor([[0.0, 0.0, -1000.0]], requires_grad=True)
     old = torch.tensor([[-1000.0, -1000.0, 0.0]])
@@ -324,3 +343,12 @@ def test_outcome_token_rewards_on_last_valid_token():
                              [0.0, 0.0, 0.0, -1.0],  # length 4 -> column 3 (truncated: still the last)
                              [0.0, 0.0, 0.0, 0.0]])  # empty response: nowhere to put it
     torch.testing.assert_close(outcome_token_rewards(rewards, mask), expected)
+
+
+def test_overlong_penalty_hand_computed():
+    """DAPO eq. 13 with a budget of 100 tokens, a buffer of 20 and factor 0.5: nothing up to 80 tokens, then
+    linear to -0.5 at 100 (truncated)."""
+    lengths = torch.tensor([10, 80, 81, 90, 99, 100])
+    expected = torch.tensor([0.0, 0.0, -0.025, -0.25, -0.475, -0.5])
+    torch.testing.assert_close(overlong_penalty(lengths, 100, 20, 0.5), expected)
+    torch.testing.assert_close(overlong_penalty(lengths, 100, 100), -lengths.float() / 100)  # the whole budget

@@ -198,7 +198,8 @@ DAMAGE = {
 }
 
 
-@pytest.mark.parametrize("damage", ["none", *DAMAGE])
+@pytest.mark.parametrize("damage", ["none", "truncated-weights", pytest.param("missing-state", marks=pytest.mark.slow),
+                                    pytest.param("garbled-state", marks=pytest.mark.slow)])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(damage, tmp_path, reference):
     """A finished 3-step run, continued to 5 steps (its newest checkpoint damaged or not), ends exactly where
     an uninterrupted 5-step run ends; a damaged checkpoint is skipped with one line saying why."""
@@ -219,7 +220,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(damage,
     assert checkpoint_steps(out) == [4, 5]
 
 
-@pytest.mark.parametrize("fails", ["weights", "optimizer"])
+@pytest.mark.parametrize("fails", ["weights", pytest.param("optimizer", marks=pytest.mark.slow)])
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_good_one(fails, tmp_path, reference):
     """A real write failure: the run continues under a file-size limit (RLIMIT_FSIZE, so a write past it
     fails with EFBIG as on a full disk) that the checkpoint's weights or its optimizer state exceed."""

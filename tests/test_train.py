@@ -10,7 +10,9 @@ import sys
 from collections import Counter
 
 import pytest
+import torch
 from conftest import ROOT
+from safetensors.torch import load_file
 
 
 def train(script: str, tmp_path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -315,6 +317,74 @@ def test_seq_mean_loss_averages_over_the_kept_sequences_only(tmp_path, tiny_base
     assert 0 < kept < 1
     ratio = rows["drop"]["policy/grad_norm"] / rows["all"]["policy/grad_norm"]
     assert ratio == pytest.approx(1 / kept, rel=1e-4)
+
+
+def test_dapo_overlong_shaping_and_masking_truncated_responses(tmp_path, tiny_base):
+    """With 6 new tokens nearly every response is cut off. --overlong-buffer 6 lowers each reward by its
+    length / 6 (the whole budget is the buffer), logged as train/overlong_penalty; --mask-truncated leaves the
+    truncated responses out of the loss, so a batch of only truncated ones leaves the policy as it was."""
+    common = ["--max-steps", "1", "--prompts-per-step", "4", "--num-generations", "4", "--eval-every", "0",
+              "--reward-workers", "0", "--seed", "1", "--max-new-tokens", "6", "--lr", "1e-2"]
+    result = train("train_grpo.py", tmp_path / "shaped", *common, "--overlong-buffer", "6", "--score-truncated")
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = metrics(tmp_path / "shaped")[0]
+    assert row["train/overlong_penalty"] == pytest.approx(-row["train/response_length"] / 6, abs=1e-6)
+    assert row["train/truncated"] > 0.5 and row["train/overlong_penalty"] < -0.5
+    result = train("train_grpo.py", tmp_path / "masked", *common, "--mask-truncated")
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = metrics(tmp_path / "masked")[0]
+    policy = load_file(tmp_path / "masked" / "policy" / "model.safetensors")
+    base = load_file(tiny_base / "model.safetensors")
+    moved = any(not torch.equal(policy[k], base[k]) for k in base)
+    assert moved == (row["train/truncated"] < 1.0), row  # only responses that ended on their own train
+
+
+def test_gspo_sequence_ratio_runs_and_starts_at_ratio_one(tmp_path, tiny_base):
+    """--ratio-level sequence on the loop with GSPO's clip ranges: of two optimizer steps per rollout the
+    first starts at ratio 1 (nothing clipped), the second moves the sequences' ratios past 1 +- 4e-4."""
+    result = train("train_grpo.py", tmp_path, "--max-steps", "2", "--prompts-per-step", "4", "--num-generations",
+                   "4", "--eval-every", "0", "--reward-workers", "0", "--seed", "1", "--ratio-level", "sequence",
+                   "--num-mini-batches", "2", "--clip-low", "3e-4", "--clip-high", "4e-4",
+                   "--loss-agg", "seq-mean-token-mean", "--lr", "1e-3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = metrics(tmp_path)
+    assert all(0 < r["policy/clipfrac"] < 1 for r in rows[:2]), rows
+
+
+def test_dynamic_sampling_fills_the_batch_with_groups_that_have_signal(tmp_path, tiny_base):
+    """DAPO's dynamic sampling at the start, where most groups of the built-in task get equal rewards: more
+    rounds are drawn, the batch holds more groups with signal than one round does, the same prompt count,
+    and a run with the same seed draws the same batch again."""
+    common = ["--max-steps", "2", "--prompts-per-step", "8", "--num-generations", "4", "--eval-every", "0",
+              "--reward-workers", "0", "--seed", "1", "--samples-per-step", "32"]
+    plain = train("train_grpo.py", tmp_path / "plain", *common)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    runs = {}
+    for name in ("dynamic", "again"):
+        result = train("train_grpo.py", tmp_path / name, *common, "--dynamic-sampling", "--max-sampling-rounds", "3")
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = (metrics(tmp_path / name), (tmp_path / name / "samples.jsonl").read_text())
+    rows, before = runs["dynamic"][0], metrics(tmp_path / "plain")
+    assert runs["again"][0][0]["train/reward"] == rows[0]["train/reward"] and runs["again"][1] == runs["dynamic"][1]
+    for row in rows[:2]:
+        assert 1 <= row["train/sampling_rounds"] <= 3
+        assert row["train/signal_groups"] == pytest.approx(1 - row["train/equal_reward_groups"])
+    first_plain = 1 - before[0]["train/equal_reward_groups"]
+    assert rows[0]["train/sampling_rounds"] > 1 and rows[0]["train/signal_groups"] > first_plain
+    samples = [json.loads(line) for line in runs["dynamic"][1].splitlines()]
+    assert len([s for s in samples if s["step"] == 0]) == 32  # 8 groups of 4, whatever the rounds drew
+
+
+def test_vapo_length_adaptive_lambda_on_the_loop(tmp_path, tiny_base):
+    """PPO with --adaptive-lam-alpha: the logged lambdas are VAPO's for the step's lengths (alpha 0.1 and at
+    most 16 tokens: between 0 and 1 - 1/1.6), and the critic still trains against its own targets."""
+    result = train("train_ppo.py", tmp_path, "--max-steps", "2", "--prompts-per-step", "4", "--num-generations",
+                   "4", "--eval-every", "0", "--reward-workers", "0", "--seed", "1", "--max-new-tokens", "16",
+                   "--adaptive-lam-alpha", "0.1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for row in metrics(tmp_path)[:2]:
+        assert 0 <= row["policy/lam_min"] <= row["policy/lam_mean"] <= row["policy/lam_max"] <= 1 - 1 / 1.6 + 1e-6
+        assert row["policy/lam_max"] > 0 and row["critic/value_loss"] > 0
 
 
 def test_warmup_counts_rl_steps_and_lr_is_the_one_used(tmp_path, tiny_base):
