@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from train_ppo import Args as PPOArgs
-from train_ppo import main
+from train_ppo import end_launched_process, main
 from utils import parse_args
 
 
@@ -33,3 +33,4 @@ class Args(PPOArgs):
 
 if __name__ == "__main__":
     main(parse_args(Args, description=__doc__))
+    end_launched_process()
