@@ -819,10 +819,10 @@ def sample_and_score(run: "Run", step: int, metrics: dict):
         with timer(metrics, "reward"):
             drawn = [records[i // samples] for i in range(len(texts))]  # each row's record
             exp.rewards, stats, repetitive = score_rollout(run, exp, texts, drawn)
-        rounds.append((exp, texts, drawn, stats, repetitive))
         if not args.dynamic_sampling:
             return exp, texts, drawn, stats, repetitive
         signal = ~equal_reward_groups(exp.rewards, exp.group_ids)
+        rounds.append((exp, texts, drawn, stats, repetitive, signal))
         with_signal += int(reduce_sum(accelerator, signal.sum().float()).item()) // samples
         if with_signal >= per_step:
             break
@@ -837,8 +837,7 @@ def deal_groups(run: "Run", rounds: list, metrics: dict):
     args, accelerator, pad = run.args, run.accelerator, run.tokenizer.pad_token_id
     samples, local = args.num_generations, args.prompts_per_step // accelerator.num_processes
     groups = []
-    for r, (exp, texts, drawn, _, repetitive) in enumerate(rounds):
-        signal = ~equal_reward_groups(exp.rewards, exp.group_ids)
+    for r, (exp, texts, drawn, _, repetitive, signal) in enumerate(rounds):
         lengths = exp.response_mask.sum(dim=1).long()
         for g in range(len(exp.rewards) // samples):
             rows = range(g * samples, (g + 1) * samples)
@@ -870,7 +869,7 @@ def deal_groups(run: "Run", rounds: list, metrics: dict):
                      group_ids=torch.arange(len(mine), device=device).repeat_interleave(samples),
                      rewards=torch.tensor([g["rewards"][i] for g, i in rows], device=device))
     stats = {}  # the reward pool's counts over every response scored in the step's rounds
-    for *_, round_stats, _ in rounds:
+    for *_, round_stats, _, _ in rounds:
         for key, value in round_stats.items():
             stats[key] = stats.get(key, 0) + value
     return (exp, [g["texts"][i] for g, i in rows], [g["drawn"] for g, i in rows], stats,
