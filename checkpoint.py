@@ -21,12 +21,12 @@ MANIFEST = "manifest.json"  # in each checkpoint: its files' sizes and xxh3-128 
 LOCK_FILE = ".lock"  # in the output directory: flocked by the run that uses it, holds its pid
 # What a run writes in its output directory; --overwrite removes these and nothing else (the lock file and
 # the user's own files stay). "reasoner-zero" is tensorboard's directory (the project name of init_trackers).
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples.jsonl", "policy", "critic", "summary.json",
-               "config.json", "reasoner-zero")
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples.jsonl", "eval_problems.jsonl", "reward_audit.jsonl",
+               "policy", "critic", "summary.json", "config.json", "reasoner-zero")
 # The arguments that may differ between a checkpoint and the run resuming from it; all others shape
 # training and must match. Free: the length of the run (max_steps: after warm-up the learning rate is
 # constant, so a longer run continues the same schedule) and its bookkeeping (eval_every, save_every,
-# keep_checkpoints, samples_per_step, report_to, max_nonfinite_updates, resume, overwrite, output_dir: a
+# keep_checkpoints, samples_per_step, audit_samples, report_to, max_nonfinite_updates, resume, overwrite, output_dir: a
 # moved directory); resources that do not change the objective: reward_workers, gradient_checkpointing,
 # and how a batch is split (micro_batch_size, max_tokens_per_microbatch, max_padding: float round-off
 # only) or generated (generation, refill_fraction, generation_batch_size: other draws from the same
@@ -37,7 +37,7 @@ RESUMABLE_ARGS = frozenset({
     "max_steps", "eval_every", "save_every", "keep_checkpoints", "samples_per_step", "report_to",
     "max_nonfinite_updates", "resume", "overwrite", "output_dir", "reward_workers", "gradient_checkpointing",
     "micro_batch_size", "max_tokens_per_microbatch", "max_padding", "generation", "refill_fraction",
-    "generation_batch_size", "merge_on_save", "merge_for_generation"})
+    "generation_batch_size", "merge_on_save", "merge_for_generation", "audit_samples"})
 _HELD_LOCKS: list[int] = []  # file descriptors of the output-directory locks this process holds
 
 
@@ -419,9 +419,10 @@ def resume(accelerator, checkpoint: Path | None, schedulers: list) -> dict:
 
 
 def open_logs(accelerator, out: Path, start_step: int) -> dict:
-    """metrics.jsonl and samples.jsonl, opened for appending on the main process ({} elsewhere), holding only
-    the rows before `start_step`: what a killed run wrote after its last checkpoint is dropped."""
-    names = ("metrics.jsonl", "samples.jsonl")
+    """The run's JSON Lines logs (metrics, samples, per-problem evaluations, reward audit), opened for
+    appending on the main process ({} elsewhere), holding only the rows before `start_step`: what a killed
+    run wrote after its last checkpoint is dropped."""
+    names = ("metrics.jsonl", "samples.jsonl", "eval_problems.jsonl", "reward_audit.jsonl")
     kept = {name: read_jsonl_before(out / name, start_step) for name in names}
     accelerator.wait_for_everyone()  # every process has read the files before the main process rewrites them
     if not accelerator.is_main_process:

@@ -2,10 +2,13 @@
 
     python evaluate.py --model runs/ppo/policy --datasets math500,aime2024 --num-samples 4 --max-new-tokens 8000
     python evaluate.py --model tiny --datasets synthetic --num-samples 8 --temperature 0.6
+    python evaluate.py compare runs/gae-seed0 runs/gae-seed1 --vs runs/grpo-seed0 runs/grpo-seed1
 
 Each problem gets k samples with training's prompt template, ORZ's stop strings and the rule-based reward;
 `evaluate_datasets` is also what training's held-out evaluation runs. Writes results.json (per dataset and
-per problem) and completions.jsonl to --output-dir.
+per problem, and the pass@k curve for k = 1, 2, 4, ..., N) and completions.jsonl to --output-dir. `compare`
+gives the difference of two runs, or two groups of runs, on the same problems with a paired bootstrap
+interval (`paired_bootstrap`).
 """
 
 import math
@@ -88,7 +91,100 @@ def aggregate_eval(per_problem: list[dict]) -> dict:
     return {f"avg@{k}": sum(p["correct"] / p["n"] for p in per_problem) / count,
             f"pass@{k}": sum(pass_at_k(p["n"], p["correct"], k) for p in per_problem) / count,
             f"maj@{k}": sum(p["maj_correct"] for p in per_problem) / count,
-            "problems": count, "k": k}
+            "problems": count, "k": k, "pass_at": pass_at_k_curve(per_problem)}
+
+
+def pass_at_k_curve(per_problem: list[dict]) -> dict[str, float]:
+    """pass@k for k = 1, 2, 4, ... up to the smallest n, and n itself: {"1": .., "2": .., ..., "n": ..}, the
+    mean over problems of the unbiased `pass_at_k`. RL is reported to raise pass@1 while lowering pass@k at
+    large k (Yue et al. 2025, arXiv:2504.13837): the curve of a base model and of its RL checkpoint shows
+    whether that happened. pass@1 is avg@n. Example: counts (n=4, c=1) and (n=4, c=0) give
+    {"1": 0.125, "2": 0.25, "4": 0.5}."""
+    n = min(p["n"] for p in per_problem)
+    ks = sorted({2 ** i for i in range(n.bit_length()) if 2 ** i <= n} | {n})
+    return {str(k): sum(pass_at_k(p["n"], p["correct"], k) for p in per_problem) / len(per_problem) for k in ks}
+
+
+def paired_bootstrap(a, b, *, resamples: int = 10_000, level: float = 0.95, seed: int = 0) -> dict:
+    """The difference of mean per-problem score between two runs, or two groups of runs, with a bootstrap
+    interval: resample the problems (the same ones for both sides: paired) and, within each group, its
+    runs; the interval is the percentiles of the resampled differences.
+
+    a, b: (runs, P) or (P,) per-problem scores (e.g. avg@k), the same P problems in the same order. The
+    problem level is the paired bootstrap of evaluation studies (Efron & Tibshirani 1993, ch. 13); the run
+    level adds seed variance, which Hochlehnert et al. 2025 (arXiv:2504.07086) find as large as many
+    reported gains. scipy.stats.bootstrap resamples one level only, hence this. With one run per side it
+    is the plain paired bootstrap: 100 problems, a - b = 1 on half of them and 0 on the rest, gives 0.5
+    and about (0.40, 0.60), the binomial quantiles.
+    Returns {"diff": mean(a) - mean(b), "low", "high", "excludes_zero", "level", "problems", "runs": (ra, rb)}.
+    """
+    import numpy as np
+
+    a, b = np.atleast_2d(np.asarray(a, dtype=float)), np.atleast_2d(np.asarray(b, dtype=float))
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or a.shape[1] == 0:
+        raise ValueError(f"paired_bootstrap needs scores of the same problems on both sides, got shapes {a.shape} "
+                         f"and {b.shape}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()) or resamples < 1 or not 0 < level < 1:
+        raise ValueError("paired_bootstrap needs finite scores, resamples >= 1 and 0 < level < 1")
+    rng = np.random.default_rng(seed)
+    problems = a.shape[1]
+    diffs = np.empty(resamples)
+    for i in range(resamples):  # one row of (runs x problems) indices per side; a loop keeps memory flat
+        cols = rng.integers(0, problems, problems)
+        rows_a, rows_b = rng.integers(0, len(a), len(a)), rng.integers(0, len(b), len(b))
+        diffs[i] = a[np.ix_(rows_a, cols)].mean() - b[np.ix_(rows_b, cols)].mean()
+    low, high = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
+    return {"diff": float(a.mean() - b.mean()), "low": float(low), "high": float(high),
+            "excludes_zero": bool(low > 0 or high < 0), "level": level, "problems": problems,
+            "runs": (len(a), len(b))}
+
+
+def problem_scores(path: str | Path, dataset: str | None = None, step: int | None = None) -> dict:
+    """{problem key: correct / n} of one evaluation: a training run's directory (its eval_problems.jsonl,
+    the last evaluation unless `step`), or `python evaluate.py`'s output directory or results.json. The key
+    is "dataset/id"; `dataset` keeps one set. Raises ValueError with one line naming the path."""
+    import json
+
+    path = Path(path)
+    if (path / "eval_problems.jsonl").is_file():
+        rows = [json.loads(line) for line in (path / "eval_problems.jsonl").read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if step is None or r["step"] == step]
+        if not rows:
+            at = f" at step {step}" if step is not None else ""
+            raise ValueError(f"{path}: no evaluation{at} in eval_problems.jsonl")
+        per_problem = rows[-1]["per_problem"]
+    elif (path / "results.json").is_file() or path.suffix == ".json" and path.is_file():
+        per_problem = json.loads((path / "results.json" if path.is_dir() else path).read_text())["per_problem"]
+    else:
+        raise ValueError(f"{path}: neither a run directory with eval_problems.jsonl nor evaluate.py's results.json")
+    scores = {f"{name}/{p['id']}": p["correct"] / p["n"] for name, rows in per_problem.items()
+              if dataset is None or name == dataset for p in rows}
+    if not scores:
+        raise ValueError(f"{path}: no problems{f' of {dataset}' if dataset else ''}")
+    return scores
+
+
+def compare_runs(group_a: list, group_b: list, **kwargs) -> dict:
+    """`paired_bootstrap` of two groups of evaluations (paths as `problem_scores` reads them) on the
+    problems every one of them has; kwargs go to `problem_scores` (dataset, step) and the bootstrap."""
+    boot = {k: kwargs.pop(k) for k in ("resamples", "level", "seed") if k in kwargs}
+    a = [problem_scores(p, **kwargs) for p in group_a]
+    b = [problem_scores(p, **kwargs) for p in group_b]
+    keys = sorted(set.intersection(*(set(s) for s in a + b)))
+    if not keys:
+        raise ValueError("the evaluations share no problem: compare runs evaluated on the same set")
+    result = paired_bootstrap([[s[k] for k in keys] for s in a], [[s[k] for k in keys] for s in b], **boot)
+    result["mean_a"], result["mean_b"] = (sum(s[k] for s in side for k in keys) / (len(side) * len(keys))
+                                          for side in (a, b))
+    return result
+
+
+def format_comparison(result: dict, name_a: str = "a", name_b: str = "b") -> str:
+    """One line: `a 0.912 vs b 0.871: +0.041 (95% CI +0.012 to +0.070, excludes 0; 512 problems, 3 vs 3 runs)`."""
+    verdict = "excludes 0" if result["excludes_zero"] else "includes 0"
+    return (f"{name_a} {result['mean_a']:.3f} vs {name_b} {result['mean_b']:.3f}: {result['diff']:+.3f} "
+            f"({result['level']:.0%} CI {result['low']:+.3f} to {result['high']:+.3f}, {verdict}; "
+            f"{result['problems']} problems, {result['runs'][0]} vs {result['runs'][1]} runs)")
 
 
 def evaluate_datasets(model, tokenizer, datasets: dict[str, list[dict]], *, pool, generate_kwargs: dict,
@@ -225,6 +321,11 @@ def format_eval_table(metrics: dict) -> str:
     lines = [f"{'dataset':<{width}} {'problems':>8} " + " ".join(f"{c:>8}" for c in cols)]
     lines += [f"{name:<{width}} {m['problems']:>8} " + " ".join(f"{m[c]:>8.3f}" for c in cols)
               for name, m in metrics.items()]
+    curves = {name: m["pass_at"] for name, m in metrics.items() if len(m.get("pass_at", {})) > 1}
+    if curves:
+        ks = list(next(iter(curves.values())))
+        lines += ["", f"{'pass@k':<{width}} " + " ".join(f"{'k=' + k:>7}" for k in ks)]
+        lines += [f"{name:<{width}} " + " ".join(f"{curve[k]:>7.3f}" for k in ks) for name, curve in curves.items()]
     return "\n".join(lines)
 
 
@@ -287,7 +388,34 @@ def main(args: EvalArgs) -> dict:
     return result["metrics"]
 
 
+def compare_main(argv: list[str]) -> dict:
+    """`python evaluate.py compare RUN [RUN ...] --vs RUN [RUN ...]`: the paired bootstrap of two groups."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="evaluate.py compare", description=compare_runs.__doc__)
+    parser.add_argument("a", nargs="+", help="run directories (eval_problems.jsonl) or evaluate.py outputs")
+    parser.add_argument("--vs", nargs="+", required=True, help="the group to compare with")
+    parser.add_argument("--dataset", help="one eval set only (default: every problem of every set)")
+    parser.add_argument("--step", type=int, help="the evaluation at this step (default: each run's last)")
+    parser.add_argument("--resamples", type=int, default=10_000)
+    parser.add_argument("--level", type=float, default=0.95)
+    args = parser.parse_args(argv)
+    try:
+        result = compare_runs(args.a, args.vs, dataset=args.dataset, step=args.step, resamples=args.resamples,
+                              level=args.level)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    name = lambda paths: Path(paths[0]).name + (f" (+{len(paths) - 1})" if len(paths) > 1 else "")  # noqa: E731
+    print(format_comparison(result, name(args.a), name(args.vs)))
+    return result
+
+
 if __name__ == "__main__":
+    import sys
+
     from utils import parse_args
 
-    main(parse_args(EvalArgs, prog="evaluate.py", description=__doc__))
+    if sys.argv[1:2] == ["compare"]:
+        compare_main(sys.argv[2:])
+    else:
+        main(parse_args(EvalArgs, prog="evaluate.py", description=__doc__))

@@ -32,6 +32,7 @@ applies ORZ's other rule (a truncated response scores 0). What this file adds, n
 Run it on a JSON Lines file of {"response", "ground_truth"[, "expected"]} records:
 
     python reward.py tests/reward_cases.jsonl --baseline
+    python reward.py runs/ppo/reward_audit.jsonl --compare
     python reward.py rollouts.jsonl --reward my_rewards.py:score --reward-workers 8 --reward-timeout 5
 
 From a trainer:
@@ -811,16 +812,58 @@ def math_verify_baseline(response: str, ground_truth: str, **extras) -> float:
     return 1.0 if verify(parse(f"${ground_truth}$"), parse(box)) else 0.0
 
 
+# Control rewards: what a spurious reward gives on the same model and data. Shao et al. 2025 ("Spurious
+# Rewards", arXiv:2506.10947) raise Qwen2.5-Math's MATH500 accuracy with a random reward and with a
+# format-only one; a gain that a control also gives is not evidence that the real reward taught anything.
+
+
+def random_reward(response: str, ground_truth: str, *, p: float = 0.5, rng=None, **extras) -> float:
+    """1.0 with probability `p`, whatever the response: the random control. `rng` is a random.Random
+    (the trainer seeds one per step and process); None draws from the `random` module."""
+    import random
+
+    del response, ground_truth, extras
+    return 1.0 if (rng or random).random() < p else 0.0
+
+
+def boxed_format_reward(response: str, ground_truth: str, **extras) -> float:
+    """1.0 when the response has a final answer the rule could compare (`final_answer`: a complete last
+    box, inside `<answer>` when there is one), whatever its value: the format control."""
+    del ground_truth, extras
+    return 1.0 if final_answer(response) is not None else 0.0
+
+
+def control_reward(spec) -> tuple[str, float] | None:
+    """("random", p) for "random" (p = 0.5) or "random:P"; ("format", 1.0) for "format"; None for any
+    other spec. Raises ValueError for "random:P" with P not in [0, 1]."""
+    if spec == "format":
+        return "format", 1.0
+    if not isinstance(spec, str) or spec.partition(":")[0] != "random":
+        return None
+    text = spec.partition(":")[2] or "0.5"
+    try:
+        p = float(text)
+    except ValueError:
+        p = math.nan
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"reward spec {spec!r}: 'random:P' needs a probability P in [0, 1], got {text!r}")
+    return "random", p
+
+
 # ----------------------------------------------------------------------------------------------------
 # 6. Loading reward functions by name
 # ----------------------------------------------------------------------------------------------------
 
 
 def load_reward_fn(spec: str) -> Callable[..., float]:
-    """`"math"` -> `math_reward`; `"module:function"` or `"path/to/file.py:function"` -> that function.
+    """`"math"` -> `math_reward`; `"module:function"` or `"path/to/file.py:function"` -> that function;
+    the controls `"random"`/`"random:P"` -> `random_reward` with p = P (0.5), `"format"` -> `boxed_format_reward`.
 
     Raises ValueError with one line naming the spec if it cannot be resolved to a callable.
     """
+    control = control_reward(spec)
+    if control is not None:
+        return functools.partial(random_reward, p=control[1]) if control[0] == "random" else boxed_format_reward
     if spec == "math":
         try:  # math_reward needs them for every answer that is not a plain number: fail now, not per answer
             import latex2sympy2_extended  # noqa: F401
@@ -884,12 +927,12 @@ def reward_problems(spec: str, timeout: float = 120.0) -> list[str]:
     its exit code instead of ending this one silently. (It is imported again where it is used.)"""
     import subprocess
 
-    if spec == "math":
-        try:
+    try:
+        if spec == "math" or control_reward(spec) is not None:  # ours: imported here, quickly
             load_reward_fn(spec)
-        except ValueError as err:
-            return [f"--reward: {err}"]
-        return []
+            return []
+    except ValueError as err:
+        return [f"--reward: {err}"]
     try:
         result = subprocess.run([sys.executable, "-c", _REWARD_CHECK, json.dumps(sys.path), spec],
                                 capture_output=True, text=True, timeout=timeout)
@@ -1252,7 +1295,8 @@ class RewardArgs:
     """How responses are scored (training, evaluation and curation share these arguments)."""
 
     reward: str = dataclasses.field(default="math", metadata={
-        "group": "reward", "help": "'math', module:function or path/file.py:function"})
+        "group": "reward", "help": "'math', module:function or path/file.py:function; controls: 'random' (1 with "
+                                   "probability 0.5; 'random:P' for P) or 'format' (1 for any final boxed answer)"})
     score_truncated: bool = dataclasses.field(default=False, metadata={
         "help": "score truncated responses too (ORZ: they get 0)"})
     reward_workers: int = dataclasses.field(default=2, metadata={
@@ -1269,6 +1313,9 @@ class ScoreFileArgs(RewardArgs):
         "positional": True, "help": "JSONL file of {response, ground_truth[, expected]} records"})
     baseline: bool = dataclasses.field(default=False, metadata={
         "help": "also score with plain math-verify on the last box and compare"})
+    compare: bool = dataclasses.field(default=False, metadata={
+        "help": "--baseline, and print every record where --reward and plain math-verify disagree (the table "
+                "of a run's reward_audit.jsonl)"})
 
 
 class _InputError(Exception):
@@ -1325,6 +1372,21 @@ def _score_file(
     return rewards, counters, seconds
 
 
+def disagreement_table(records: list[dict], judge: list[float], baseline: list[float]) -> str:
+    """Counts of the four verdict pairs (judge vs plain math-verify, a reward > 0 counting as correct), the
+    disagreement rate, and one line per record where the two differ."""
+    pairs = [(a > 0, b > 0) for a, b in zip(judge, baseline, strict=True)]
+    count = {(a, b): pairs.count((a, b)) for a in (True, False) for b in (True, False)}
+    differ = [i for i, (a, b) in enumerate(pairs) if a != b]
+    lines = [f"judge vs math-verify on {len(pairs)} records: both 1: {count[True, True]}, both 0: "
+             f"{count[False, False]}, judge only: {count[True, False]}, math-verify only: {count[False, True]}; "
+             f"disagreement {len(differ) / len(pairs):.3f}",
+             "disagreements (index | judge | math-verify | answer | ground truth):"]
+    lines += [f"  {i:5d} | {judge[i]:.0f} | {baseline[i]:.0f} | {_one_line(final_answer(records[i]['response']), 40)}"
+              f" | {_one_line(records[i]['ground_truth'], 40)}" for i in differ]
+    return "\n".join(lines)
+
+
 def main(args: ScoreFileArgs) -> int:
     """Score a JSONL file and print accuracy, agreement with `expected`, and the items that scored 0."""
     try:
@@ -1346,7 +1408,7 @@ def main(args: ScoreFileArgs) -> int:
     print("counters: " + ", ".join(f"{k} {v}" for k, v in counters.items()))
     labelled = [i for i, r in enumerate(records) if "expected" in r]
     runs = [("judge", rewards, seconds)]
-    if args.baseline:
+    if args.baseline or args.compare:
         base_rewards, base_counters, base_seconds = _score_file(
             records, math_verify_baseline, args.reward_workers, args.reward_timeout, args.score_truncated
         )
@@ -1368,7 +1430,9 @@ def main(args: ScoreFileArgs) -> int:
         if r <= 0:
             answer = final_answer(records[i]["response"])
             print(f"  {i:5d} | {_one_line(answer)} | {_one_line(records[i]['ground_truth'])}")
-    if labelled and args.baseline:
+    if args.compare:
+        print(disagreement_table(records, rewards, runs[1][1]))
+    if labelled and len(runs) > 1:
         print("disagreements with expected (index | expected | judge | baseline | answer | truth):")
         for i in labelled:
             if any((rs[i] > 0) != bool(records[i]["expected"]) for _, rs, _ in runs):

@@ -66,7 +66,7 @@ from critic import (
     length_adaptive_lam,
 )
 from data.loading import ORZ_STOP_STRINGS, DataArgs
-from reward import RewardArgs, RewardPool, reward_problems
+from reward import RewardArgs, RewardPool, control_reward, reward_problems
 from rollout import (
     Experience,
     ModelArgs,
@@ -229,6 +229,9 @@ class Args(RewardArgs, SamplingArgs, DataArgs, ModelArgs):
         "help": "samples per eval problem; accuracy is their mean (avg@k)"})
     eval_limit: int = field(default=64, metadata={"help": "eval problems (0: all)"})
     samples_per_step: int = field(default=4, metadata={"help": "responses written to samples.jsonl each step"})
+    audit_samples: int = field(default=8, metadata={
+        "help": "responses per process and step also judged by plain math-verify: reward/disagreement, and the "
+                "main process's disagreeing ones to reward_audit.jsonl (0: no audit)"})
     report_to: Literal["none", "tensorboard", "wandb"] = field(default="none", metadata={
         "help": "also log metrics to TensorBoard (in OUTPUT_DIR/reasoner-zero) or Weights & Biases "
                 "(project reasoner-zero)"})
@@ -380,7 +383,7 @@ def check_args(args: Args, num_processes: int = 1) -> None:
         problems.append("--eval-num-samples, --keep-checkpoints, --max-prompt-tokens, --ppo-epochs, --critic-epochs "
                         "and --max-nonfinite-updates must be >= 1")
     if min(args.eval_every, args.save_every, args.eval_limit, args.generation_batch_size, args.samples_per_step,
-           args.warmup_steps, args.critic_warmup_steps, args.reward_workers) < 0:
+           args.warmup_steps, args.critic_warmup_steps, args.reward_workers, args.audit_samples) < 0:
         problems.append("counts (--eval-every, --save-every, --eval-limit, --generation-batch-size, ...) must be >= 0")
     for name, spec in [("--dataset", args.dataset),
                        *(("--eval-datasets", s) for s in (args.eval_datasets or "").split(","))]:
@@ -818,7 +821,7 @@ def sample_and_score(run: "Run", step: int, metrics: dict):
             exp, texts = rollout(run, records, step, salt=r)
         with timer(metrics, "reward"):
             drawn = [records[i // samples] for i in range(len(texts))]  # each row's record
-            exp.rewards, stats, repetitive = score_rollout(run, exp, texts, drawn)
+            exp.rewards, stats, repetitive = score_rollout(run, exp, texts, drawn, key=(step, r))
         if not args.dynamic_sampling:
             return exp, texts, drawn, stats, repetitive
         signal = ~equal_reward_groups(exp.rewards, exp.group_ids)
@@ -915,12 +918,26 @@ def rollout(run: "Run", records: list, step: int, salt: int = 0) -> tuple[Experi
 
 
 def score(pool: RewardPool, texts: list[str], answers: list[str], truncated: torch.Tensor, args: Args,
-          extras: list[dict] | None = None):
+          extras: list[dict] | None = None, rng=None):
     """Rewards (B,) with ORZ's rule: a truncated response scores 0 unless --score-truncated. `extras` are
-    the other fields of each response's record, passed to the reward function as keyword arguments."""
-    from reward import format_reward
+    the other fields of each response's record, passed to the reward function as keyword arguments.
+    With a control reward (--reward random[:P] or format) the pool still judges the answers, as
+    `train/correct`, while the reward is the control's, drawn from `rng` (a random.Random) for random."""
+    verdicts, stats = pool.score(texts, answers, extras)
+    return apply_rules(verdicts, stats, texts, answers, truncated, args, rng)
 
-    rewards, stats = pool.score(texts, answers, extras)
+
+def apply_rules(verdicts: list[float], stats: dict, texts: list[str], answers: list[str], truncated: torch.Tensor,
+                args: Args, rng=None):
+    """`score` after the pool: the judge's `verdicts` made rewards (B,) by the control, format and truncation
+    rules; returns (rewards, stats)."""
+    from reward import boxed_format_reward, control_reward, format_reward, random_reward
+
+    rewards = verdicts
+    if (control := control_reward(args.reward)) is not None:  # what a spurious reward gives on the same run
+        stats = {**stats, "train/correct": float(sum(r > 0 for r in rewards))}
+        rewards = [random_reward(t, a, p=control[1], rng=rng) if control[0] == "random" else boxed_format_reward(t, a)
+                   for t, a in zip(texts, answers, strict=True)]
     rewards = torch.tensor(rewards, dtype=torch.float32)
     if args.format_reward_weight:
         rewards += args.format_reward_weight * torch.tensor([format_reward(t) for t in texts])
@@ -932,7 +949,8 @@ def score(pool: RewardPool, texts: list[str], answers: list[str], truncated: tor
 def evaluate(run: "Run", step: int) -> dict:
     """avg@k, pass@k and maj@k on each held-out set, as `python evaluate.py` computes them; each process
     samples its share of the batches (the same batches and seeds whatever the process count) and the
-    per-problem counts are gathered. `eval/accuracy` is the avg@k over all sets pooled."""
+    per-problem counts are gathered (and written to eval_problems.jsonl). `eval/accuracy` is the avg@k over
+    all sets pooled."""
     from accelerate.utils import gather_object
 
     from evaluate import aggregate_eval, evaluate_datasets
@@ -948,13 +966,15 @@ def evaluate(run: "Run", step: int) -> dict:
                                    num_samples=args.eval_num_samples, batch_size=args.prompts_per_step,
                                    seed=args.seed * 1_000 + step + 1, score_truncated=args.score_truncated,
                                    progress=False, rank=accelerator.process_index, world=accelerator.num_processes)
-    metrics, pooled = {}, []
+    metrics, pooled, per_problem = {}, [], {}
     for name in run.eval_records:
-        rows = gather_object(result["per_problem"][name])
+        rows = per_problem[name] = gather_object(result["per_problem"][name])
         agg = aggregate_eval(rows)
         metrics.update({f"eval/{name}/{k}": v for k, v in agg.items() if "@" in k})
         pooled += rows
     metrics["eval/accuracy"] = aggregate_eval(pooled)[f"avg@{args.eval_num_samples}"]
+    if accelerator.is_main_process:  # what `python evaluate.py compare` bootstraps over
+        run.logs["eval_problems.jsonl"].write({"step": step, "per_problem": per_problem})
     return metrics
 
 
@@ -965,7 +985,8 @@ def evaluate(run: "Run", step: int) -> dict:
 @dataclass
 class Run:
     """What `setup` builds for the loop. `optimizers` and `schedulers` are keyed by role ("policy",
-    "critic"); `logs` holds metrics.jsonl and samples.jsonl on the main process (empty elsewhere)."""
+    "critic"); `logs` holds metrics.jsonl, samples.jsonl, eval_problems.jsonl and reward_audit.jsonl on the
+    main process (empty elsewhere)."""
 
     args: Args
     accelerator: object
@@ -1146,7 +1167,9 @@ def setup(args: Args) -> Run:
             read_weights_only(model)
     stop_if_not_as_launched(accelerator, models)  # and how each model is held
     accelerator.print(describe_setup(accelerator, models))
-    pool = RewardPool(args.reward, num_workers=args.reward_workers, timeout=args.reward_timeout)
+    # with a control reward the pool judges correctness all the same (train/correct, and evaluation)
+    pool = RewardPool("math" if control_reward(args.reward) else args.reward, num_workers=args.reward_workers,
+                      timeout=args.reward_timeout)
 
     main_process_decides(accelerator, prepare_output_dir, out, start, args)
     with trainable_state_only([accelerator.unwrap_model(m) for m in (policy, critic) if m is not None and args.lora_r]):
@@ -1176,12 +1199,20 @@ def reduce_sum(accelerator, x) -> torch.Tensor:
     return accelerator.reduce(torch.as_tensor(x, dtype=torch.float32, device=accelerator.device), "sum")
 
 
-def score_rollout(run: Run, exp: Experience, texts: list[str], drawn: list[dict]):
+def score_rollout(run: Run, exp: Experience, texts: list[str], drawn: list[dict], key: tuple = (0, 0)):
     """Rewards (B,) of a rollout on the training device (`score`, then 0 for a response caught in a loop
-    when --zero-repetitive), the reward pool's stats, and the repetition flags (B,), which are always logged."""
-    args = run.args
-    rewards, stats = score(run.pool, texts, [r["answer"] for r in drawn], exp.truncated.cpu(), args,
-                           [r.get("extras") or {} for r in drawn])
+    when --zero-repetitive), the reward pool's stats, and the repetition flags (B,), which are always logged.
+    `key` (step, sampling round) seeds the random control reward and the audit's choice of responses."""
+    import random
+
+    args, answers = run.args, [r["answer"] for r in drawn]
+    seed = f"{args.seed}/{key[0]}/{key[1]}/{run.accelerator.process_index}"
+    verdicts, stats = run.pool.score(texts, answers, [r.get("extras") or {} for r in drawn])
+    rewards, stats = apply_rules(verdicts, stats, texts, answers, exp.truncated.cpu(), args,
+                                 random.Random("reward/" + seed))
+    if args.audit_samples:
+        stats = {**stats, **audit_rewards(run, texts, answers, verdicts, exp.truncated.cpu(), key[0],
+                                          random.Random("audit/" + seed))}
     repetitive = repetition_flags(exp.response_ids.cpu(), exp.response_mask.sum(dim=1).long().cpu(), texts)
     if args.zero_repetitive:  # a guard against drifting into repetition; ORZ's code only logs a repeat score
         rewards = zero_degenerate(rewards, repetitive)
@@ -1191,6 +1222,31 @@ def score_rollout(run: Run, exp: Experience, texts: list[str], drawn: list[dict]
         rewards = rewards + penalty
         stats = {**stats, "train/overlong_penalty": penalty.sum().item()}  # a mean per response once logged
     return rewards.to(run.accelerator.device), stats, repetitive.to(run.accelerator.device)
+
+
+def audit_rewards(run: Run, texts: list[str], answers: list[str], verdicts: list[float], truncated: torch.Tensor,
+                  step: int, rng) -> dict:
+    """Judge --audit-samples of the responses (drawn by `rng`) again with plain math-verify
+    (`reward.math_verify_baseline`) and count where its verdict and the pool's (`verdicts`) differ; the main
+    process writes its disagreeing responses to reward_audit.jsonl, which `python reward.py FILE --compare`
+    reads. Compared are the judges' verdicts before ORZ's truncation rule. Answers our pre-screen refuses as
+    too costly to parse are not audited: math-verify runs here, in the training process, where a parse that
+    never ends would stop training. Returns the counts reward/audited and reward/audit_disagreed (summed over processes;
+    reward/disagreement is their ratio)."""
+    from reward import final_answer, math_verify_baseline, too_costly
+
+    picked = sorted(rng.sample(range(len(texts)), min(run.args.audit_samples, len(texts))))
+    picked = [i for i in picked if (a := final_answer(texts[i])) is None or not too_costly(a)]
+    differ = []
+    for i in picked:
+        plain = math_verify_baseline(texts[i], answers[i])
+        if (verdicts[i] > 0) != (plain > 0):
+            differ.append({"step": step, "response": texts[i], "ground_truth": answers[i], "reward": verdicts[i],
+                           "math_verify": plain, "truncated_response": bool(truncated[i])})
+    if run.accelerator.is_main_process:
+        for row in differ:
+            run.logs["reward_audit.jsonl"].write(row)
+    return {"reward/audited": float(len(picked)), "reward/audit_disagreed": float(len(differ))}
 
 
 def rollout_logprobs(run: Run, exp: Experience, micro: list[torch.Tensor]):
@@ -1249,8 +1305,11 @@ def step_metrics(accelerator, exp: Experience, lengths: torch.Tensor, equal: tor
                "train/truncated": totals[2].item() / n, "train/equal_reward_groups": totals[3].item() / n,
                "train/repetition": totals[4].item() / n,
                "train/advantage_abs": masked_mean(exp.advantages.abs(), exp.response_mask, sum_all).item()}
-    metrics.update({k: sum_all(v).item() / (n if k == "train/overlong_penalty" else 1)
+    # per-response sums become means; the pool's counts stay counts
+    metrics.update({k: sum_all(v).item() / (n if k in ("train/overlong_penalty", "train/correct") else 1)
                     for k, v in reward_stats.items()})
+    if metrics.get("reward/audited"):
+        metrics["reward/disagreement"] = metrics["reward/audit_disagreed"] / metrics["reward/audited"]
     update_stats = dict(update_stats)
     metrics["train/nonfinite_updates"] = sum(update_stats.pop("train/nonfinite_updates", []))
     for k, v in update_stats.items():

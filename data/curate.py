@@ -3,11 +3,13 @@
     python -m data.curate difficulty --model tiny --dataset synthetic --num-samples 64 --output hard.jsonl
     python -m data.curate dedup --dataset train.jsonl --output deduped.jsonl
     python -m data.curate contamination --dataset train.jsonl --eval math500,aime2024 [--drop --output clean.jsonl]
+    python -m data.curate memorization --model tiny --dataset math500 [--fraction 0.6 --limit 50 --report m.json]
 
 Every output is JSON Lines, one record per problem: {"question", "answer", the source record's other
 fields, "source", "source_id"} (+ "pass_rate", "num_samples" from `difficulty`). "question" and "answer"
 are the fields data/loading.py reads first, so `python train_ppo.py --dataset hard.jsonl` trains on it, and
-"source"/"source_id" keep the first origin through chained curation steps.
+"source"/"source_id" keep the first origin through chained curation steps. `contamination` and
+`memorization` (which problems the model recites from their first 60%, arXiv:2507.10532) write a JSON report.
 
 Bad input (a missing or empty file, an unknown eval set, a bad option) stops with one line `error: ...`.
 """
@@ -326,8 +328,8 @@ def find_overlaps(train: list[dict], evals: dict[str, list[dict]], n: int = 13, 
     return hits
 
 
-def default_report_path(dataset: str) -> Path:
-    """Where `contamination` writes its report without --report: beside the dataset, named after it
+def default_report_path(dataset: str, kind: str = "contamination") -> Path:
+    """Where a command (`kind`) writes its report without --report: beside the dataset, named after it
     (data/train.jsonl -> data/train.contamination.json; a dataset directory d -> d.contamination.json).
     A dataset that is not a local path has no such place: SystemExit with one line."""
     path = Path(dataset).expanduser()
@@ -336,7 +338,7 @@ def default_report_path(dataset: str) -> Path:
     if is_synthetic(dataset) or not path.exists():
         raise SystemExit(f"error: --dataset {dataset} is not a local file, so there is no place beside it "
                          "for the report: give --report FILE.json")
-    return path.with_name((path.stem if path.is_file() else path.name) + ".contamination.json")
+    return path.with_name((path.stem if path.is_file() else path.name) + f".{kind}.json")
 
 
 def contamination(args) -> list[dict]:
@@ -370,6 +372,114 @@ def contamination(args) -> list[dict]:
         write_jsonl(args.output, [output_record(r) for r in train if r["id"] not in flagged])
         print(f"dropped {len(flagged)}, wrote {len(train) - len(flagged)} records to {args.output}")
     return hits
+
+
+# ---------------------------------------------------------------- memorization
+
+MIN_QUESTION_TOKENS = 8  # shorter questions are skipped: a few tokens are reproduced by chance, not memory
+
+
+def split_question(tokenizer, question: str, fraction: float) -> tuple[list[int], list[int], int]:
+    """(prefix ids, remainder ids, cut): the question's n tokens split after the first cut = round(fraction * n).
+
+    The prefix starts with what the tokenizer puts in front by default (Llama's BOS; nothing for the tiny or
+    Qwen tokenizers): the model always saw text after it. A suffix it adds (an EOS) belongs to neither part.
+    """
+    ids = tokenizer(question, add_special_tokens=False)["input_ids"]
+    full = tokenizer(question)["input_ids"]
+    lead = next((full[:i] for i in range(len(full) - len(ids) + 1) if full[i:i + len(ids)] == ids), [])
+    cut = round(fraction * len(ids))
+    return lead + ids[:cut], ids[cut:], cut
+
+
+def greedy_continuations(model, tokenizer, prompts: list[list[int]], lengths: list[int],
+                         stop_ids: list[int]) -> list[list[int]]:
+    """The greedy continuation of each prompt (token ids, left-padded into one batch with an attention mask),
+    lengths[i] tokens, or fewer when the model stops first (a stop token is never text of the question)."""
+    import torch
+
+    pad, width = tokenizer.pad_token_id, max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max(lengths),
+                             pad_token_id=pad, eos_token_id=stop_ids)
+    rows = [row[:n] for row, n in zip(out[:, width:].tolist(), lengths, strict=True)]
+    return [row[:next((i for i, t in enumerate(row) if t in stop_ids), len(row))] for row in rows]
+
+
+def memorization_report_path(model: str, dataset: str) -> Path:
+    """Beside a local dataset (`default_report_path`: DATASET.memorization.json); a named eval set (math500),
+    the built-in task or a hub dataset has no such place: runs/memorization/MODEL-DATASET.json."""
+    if not is_synthetic(dataset) and Path(dataset).expanduser().exists():
+        return default_report_path(dataset, "memorization")
+    names = [re.sub(r"[^\w.+-]+", "-", s).strip("-") for s in (Path(model.rstrip("/")).name, dataset)]
+    return Path("runs", "memorization", f"{names[0].removesuffix('.gguf')}-{names[1]}.json")
+
+
+def memorization(args) -> dict:
+    """`memorization`: which problems the model reproduces from their beginning, the contamination probe of
+    arXiv:2507.10532 (Wu et al. 2025): the raw question text (no prompt or chat template) cut after the first
+    --fraction of its tokens, greedy-decoded for as many tokens as the rest has (at most
+    --max-remainder-tokens: then the first that many are compared).
+
+    A problem counts as memorized ("exact") when the continuation's token ids equal the rest's, or when the
+    two decoded texts are equal with whitespace collapsed (other spacing, or the same text in other tokens).
+    "prefix_match", the share of the rest's tokens reproduced before the first wrong one, is a graded
+    signal next to it. Questions of fewer than 8 tokens, or whose cut leaves an empty prefix or rest, are
+    skipped and counted. Rates are over the problems probed. Writes and returns the report.
+    """
+    from tqdm.auto import tqdm
+
+    if not 0 < args.fraction < 1 or args.batch_size < 1 or args.max_remainder_tokens < 1:
+        raise SystemExit(f"error: need 0 < --fraction < 1, --batch-size >= 1 and --max-remainder-tokens >= 1, "
+                         f"got {args.fraction}, {args.batch_size} and {args.max_remainder_tokens}")
+    args.report = args.report or str(memorization_report_path(args.model, args.dataset))
+    records = load_dataset(args.dataset, args)
+    model, tokenizer, stop_ids = _load_sampler(args.model, args.trust_remote_code)
+    model.eval()
+    probes, skipped = [], []
+    for r in records:
+        prefix, rest, cut = split_question(tokenizer, r["question"], args.fraction)
+        n = cut + len(rest)
+        reason = (f"{n} tokens, fewer than {MIN_QUESTION_TOKENS}" if n < MIN_QUESTION_TOKENS else
+                  "empty prefix" if cut == 0 else "empty remainder" if not rest else None)
+        if reason:
+            skipped.append({"id": r["id"], "reason": reason})
+        else:
+            probes.append((r, prefix, rest[:args.max_remainder_tokens], cut))
+    probes.sort(key=lambda p: len(p[1]))  # batches of similar length: less padding
+    rows = []
+    for start in tqdm(range(0, len(probes), args.batch_size), desc="memorization", unit="batch"):
+        chunk = probes[start:start + args.batch_size]
+        outs = greedy_continuations(model, tokenizer, [p[1] for p in chunk], [len(p[2]) for p in chunk], stop_ids)
+        for (r, _, rest, cut), out in zip(chunk, outs, strict=True):
+            same = next((i for i, (a, b) in enumerate(zip(out, rest, strict=False)) if a != b), len(out))
+            text = tokenizer.decode(out)
+            exact_text = " ".join(text.split()) == " ".join(tokenizer.decode(rest).split())
+            rows.append({"id": r["id"], "exact": out == rest or exact_text, "exact_tokens": out == rest,
+                         "exact_text": exact_text, "prefix_match": round(same / len(rest), 4), "prefix_tokens": cut,
+                         "remainder_tokens": len(rest), "continuation": text, "question": r["question"]})
+    rows.sort(key=lambda row: row["id"])
+    exact = [row for row in rows if row["exact"]]
+    mean = sum(row["prefix_match"] for row in rows) / len(rows) if rows else 0.0
+    report = {"model": args.model, "dataset": args.dataset, "fraction": args.fraction,
+              "max_remainder_tokens": args.max_remainder_tokens,
+              "compared": f"the greedy continuation with the rest of the question, at most its first "
+                          f"{args.max_remainder_tokens} tokens: token ids, or text with whitespace collapsed",
+              "problems": len(records), "probed": len(rows), "skipped": len(skipped), "exact": len(exact),
+              "exact_rate": len(exact) / len(rows) if rows else 0.0, "mean_prefix_match": round(mean, 4),
+              "skipped_problems": skipped, "per_problem": [{k: v for k, v in row.items() if k != "question"}
+                                                           for row in rows]}
+    Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.report).write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    for row in exact[:5]:
+        print(f"  problem {row['id']}: reproduced {row['remainder_tokens']} tokens  "
+              f"{' '.join(row['question'].split())[:70]!r}")
+    print(f"memorization: {len(exact)} of {len(rows)} problems of {args.dataset} reproduced exactly from their first "
+          f"{args.fraction * 100:g}% (greedy; mean prefix match {mean:.3f}; {len(skipped)} skipped); "
+          f"report: {args.report}")
+    return report
 
 
 # ---------------------------------------------------------------- command line
@@ -416,10 +526,23 @@ class ContaminationArgs(CurateArgs):
     output: str | None = field(default=None, metadata={"help": "JSON Lines output of --drop"})
 
 
+@dataclass
+class MemorizationArgs(ModelArgs, CurateArgs):
+    fraction: float = field(default=0.6, metadata={
+        "group": "memorization", "help": "share of each question's tokens given to the model (Wu et al.: 0.6)"})
+    max_remainder_tokens: int = field(default=256, metadata={
+        "help": "decode and compare at most this many tokens of the rest"})
+    batch_size: int = field(default=8, metadata={"help": "questions per generate call"})
+    report: str | None = field(default=None, metadata={
+        "help": "JSON report (default: beside a local dataset, DATASET.memorization.json; for math500, "
+                "synthetic or a hub name runs/memorization/MODEL-DATASET.json under the current directory)"})
+
+
 # command -> (its arguments, what it does, its line in the usage)
 COMMANDS = {"difficulty": (DifficultyArgs, difficulty, "keep prompts by the model's pass rate"),
             "dedup": (DedupArgs, dedup, "drop repeated questions"),
-            "contamination": (ContaminationArgs, contamination, "find (and drop) overlap with eval sets")}
+            "contamination": (ContaminationArgs, contamination, "find (and drop) overlap with eval sets"),
+            "memorization": (MemorizationArgs, memorization, "which problems the model recites from their start")}
 
 
 def main(argv: list[str] | None = None):

@@ -1,5 +1,6 @@
 """Tests of `python -m data.curate`: difficulty filtering with recorded pass rates and resume, dedup of
-hand-made duplicates, contamination against a planted MATH500 question, and one-line errors.
+hand-made duplicates, contamination against a planted MATH500 question, the memorization probe against
+text the tiny model provably recites, and one-line errors.
 
 Run: python -m pytest tests/test_curate.py -q
 """
@@ -181,6 +182,108 @@ def test_contamination_report_defaults_to_next_to_its_input(tmp_path, monkeypatc
     assert list(elsewhere.iterdir()) == []
 
 
+# ---------------------------------------------------------------- memorization
+
+
+def recited_text(model, tokenizer, stop_ids) -> list[int]:
+    """Token ids of seed text + the model's own 40-token greedy continuation, for the first seed whose
+    continuation has no stop token, decodes to text that tokenizes back to the same ids, and starts before
+    the 60% cut: greedy decoding from the first 60% of that text must then give the rest."""
+    import torch
+
+    for seed in ["The quick brown fox jumps over", "Convert the point (0,3) in rectangular coordinates.", "Let x ="]:
+        seed_ids = tokenizer(seed, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            ids = model.generate(torch.tensor([seed_ids]), do_sample=False, max_new_tokens=40,
+                                 pad_token_id=tokenizer.pad_token_id)[0].tolist()
+        if (len(ids) == len(seed_ids) + 40 and not set(ids) & set(stop_ids) and len(seed_ids) <= 0.6 * len(ids)
+                and tokenizer(tokenizer.decode(ids), add_special_tokens=False)["input_ids"] == ids):
+            return ids
+    pytest.fail("no seed text gives a greedy continuation usable as recited text")
+
+
+def test_memorization_finds_recited_text_and_not_an_edited_copy(tiny_base, tmp_path, capsys):
+    from data.curate import _load_sampler
+
+    model, tokenizer, stop_ids = _load_sampler(str(tiny_base), False)
+    ids = recited_text(model, tokenizer, stop_ids)
+    cut, k = round(0.6 * len(ids)), 5
+    rest = len(ids) - cut
+    # The same text with its rest's token k replaced: the model still continues as before, so it matches
+    # the first k tokens of the rest and no more.
+    other = next(t for t in tokenizer(" Zebra!", add_special_tokens=False)["input_ids"] if t != ids[cut + k])
+    edited = ids[:cut + k] + [other] + ids[cut + k + 1:]
+    assert tokenizer(tokenizer.decode(edited), add_special_tokens=False)["input_ids"] == edited
+    rows = [{"question": tokenizer.decode(ids), "answer": "1"},
+            {"question": "What is 1?", "answer": "1"},                       # fewer than 8 tokens: skipped
+            {"question": tokenizer.decode(edited), "answer": "1"},
+            {"question": math500_question(5), "answer": "1"}]                # a longer prefix, padded beside it
+    data = write_jsonl(tmp_path / "planted.jsonl", rows)
+    report = main(["memorization", "--model", str(tiny_base), "--dataset", data, "--batch-size", "3"])
+
+    by_id = {row["id"]: row for row in report["per_problem"]}
+    assert sorted(by_id) == [0, 2, 3] and report["skipped_problems"][0]["id"] == 1
+    assert by_id[0] == {"id": 0, "exact": True, "exact_tokens": True, "exact_text": True, "prefix_match": 1.0,
+                        "prefix_tokens": cut, "remainder_tokens": rest, "continuation": tokenizer.decode(ids[cut:])}
+    assert not by_id[2]["exact"] and not by_id[2]["exact_text"] and by_id[2]["prefix_match"] == round(k / rest, 4)
+    assert by_id[2]["continuation"] == tokenizer.decode(ids[cut:])
+    assert not by_id[3]["exact"] and by_id[3]["prefix_match"] < 1
+
+    path = tmp_path / "planted.memorization.json"  # beside the dataset without --report
+    assert json.loads(path.read_text()) == report
+    assert {k: report[k] for k in ("model", "dataset", "fraction", "problems", "probed", "skipped", "exact")} == {
+        "model": str(tiny_base), "dataset": data, "fraction": 0.6, "problems": 4, "probed": 3, "skipped": 1,
+        "exact": 1}
+    assert report["exact_rate"] == 1 / 3
+    mean = sum(row["prefix_match"] for row in report["per_problem"]) / 3
+    assert report["mean_prefix_match"] == round(mean, 4)
+    out = capsys.readouterr().out
+    assert out.endswith(f"memorization: 1 of 3 problems of {data} reproduced exactly from their first 60% "
+                        f"(greedy; mean prefix match {mean:.3f}; 1 skipped); report: {path}\n")
+    assert f"  problem 0: reproduced {rest} tokens  {' '.join(tokenizer.decode(ids).split())[:70]!r}" in out
+
+
+def test_memorization_skips_and_caps(tiny_base, tmp_path, monkeypatch):
+    """Skips are counted with their reason; --max-remainder-tokens caps the compared rest; a dataset that is
+    not a local file reports to runs/memorization/MODEL-DATASET.json."""
+    from data.curate import memorization_report_path
+
+    # Digits are one token each in the tiny tokenizer: "12345" is 5 tokens, "1234567890" 10.
+    data = write_jsonl(tmp_path / "digits.jsonl", [{"question": "12345", "answer": "1"},
+                                                   {"question": "1234567890", "answer": "1"}])
+    base = ["memorization", "--model", "tiny", "--dataset", data, "--report", str(tmp_path / "r.json")]
+    for fraction, reason in [("0.96", "empty remainder"), ("0.04", "empty prefix")]:
+        report = main(base + ["--fraction", fraction])
+        assert report["skipped_problems"] == [{"id": 0, "reason": "5 tokens, fewer than 8"},
+                                              {"id": 1, "reason": reason}]
+        assert report["probed"] == 0 and report["exact_rate"] == 0.0
+    report = main(base + ["--fraction", "0.5", "--max-remainder-tokens", "3"])
+    assert report["skipped"] == 1 and report["max_remainder_tokens"] == 3
+    row = report["per_problem"][0]
+    assert (row["id"], row["prefix_tokens"], row["remainder_tokens"]) == (1, 5, 3)
+
+    monkeypatch.chdir(tmp_path)
+    main(["memorization", "--dataset", "synthetic", "--limit", "2"])
+    assert json.loads((tmp_path / "runs" / "memorization" / "tiny-synthetic.json").read_text())["problems"] == 2
+    assert memorization_report_path("tiny", "math500") == Path("runs/memorization/tiny-math500.json")
+    assert memorization_report_path("/ckpt/run1/", "org/set") == Path("runs/memorization/run1-org-set.json")
+
+
+def test_split_question_keeps_a_leading_bos_for_the_prefix_only():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from data.curate import split_question
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *"abcdefghij"])}
+    for template, lead in [("<s> $A", [1]), ("<s> $A </s>", [1]), ("$A", [])]:
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("<s>", 1), ("</s>", 2)])
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+        assert split_question(tokenizer, "a b c d e f g h i j", 0.6) == (lead + [3, 4, 5, 6, 7, 8], [9, 10, 11, 12], 6)
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -195,6 +298,12 @@ def test_contamination_report_defaults_to_next_to_its_input(tmp_path, monkeypatc
      "./nope: no such path"),
     (["difficulty", "--dataset", "synthetic", "--output", "{tmp}/o.jsonl", "--reward", "{tmp}/nope.py:score"],
      "--reward: reward spec"),
+    (["memorization", "--dataset", "synthetic", "--fraction", "0"], "need 0 < --fraction < 1"),
+    (["memorization", "--dataset", "synthetic", "--fraction", "1.5"], "got 1.5, 8 and 256"),
+    (["memorization", "--dataset", "synthetic", "--batch-size", "0"], "--batch-size >= 1"),
+    (["memorization", "--dataset", "synthetic", "--max-remainder-tokens", "0"], "got 0.6, 8 and 0"),
+    (["memorization", "--dataset", "synthetic", "--limit", "-1"], "--limit must be >= 0"),
+    (["memorization", "--dataset", "{tmp}/missing.jsonl"], "missing.jsonl: no such file"),
 ])
 def test_bad_input_is_one_line(tmp_path, argv, message):
     (tmp_path / "empty.jsonl").write_text("")

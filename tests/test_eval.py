@@ -11,7 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from evaluate import EvalArgs, aggregate_eval, format_eval_table, majority_answer, pass_at_k
+from evaluate import (
+    EvalArgs,
+    aggregate_eval,
+    compare_runs,
+    format_eval_table,
+    majority_answer,
+    paired_bootstrap,
+    pass_at_k,
+    pass_at_k_curve,
+)
 from evaluate import main as eval_main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,9 +78,80 @@ def test_aggregate_eval_hand_made_table():
              {"n": 4, "correct": 3, "maj_correct": 1},   # avg 0.75, pass@4 1
              {"n": 4, "correct": 4, "maj_correct": 1}]   # avg 1,    pass@4 1
     out = aggregate_eval(table)
+    # pass@1 = avg; pass@2 = mean of 0, 1 - C(3,2)/C(4,2) = 1/2, 1 - 0 = 1, 1 -> 0.625
     assert out == {"avg@4": pytest.approx(0.5), "pass@4": pytest.approx(0.75), "maj@4": pytest.approx(0.5),
-                   "problems": 4, "k": 4}
-    assert "avg@4" in format_eval_table({"toy": out, "overall": out})
+                   "problems": 4, "k": 4, "pass_at": {"1": pytest.approx(0.5), "2": pytest.approx(0.625),
+                                                      "4": pytest.approx(0.75)}}
+    table = format_eval_table({"toy": out, "overall": out})
+    assert "avg@4" in table and "k=2" in table and "0.625" in table
+
+
+@pytest.mark.parametrize("n, ks", [(1, ["1"]), (6, ["1", "2", "4", "6"]), (8, ["1", "2", "4", "8"])])
+def test_pass_at_k_curve_powers_of_two_and_n(n, ks):
+    # one problem with one correct sample of n: pass@k = k / n (1 - C(n-1, k) / C(n, k))
+    curve = pass_at_k_curve([{"n": n, "correct": 1}])
+    assert list(curve) == ks
+    assert curve == {k: pytest.approx(int(k) / n) for k in ks}
+
+
+def test_paired_bootstrap_known_answers():
+    # a constant difference has no spread at all
+    out = paired_bootstrap([0.9, 0.5, 0.7], [0.6, 0.2, 0.4])
+    assert out["diff"] == pytest.approx(0.3) and out["low"] == pytest.approx(0.3) and out["high"] == pytest.approx(0.3)
+    assert out["excludes_zero"] and out["problems"] == 3 and out["runs"] == (1, 1)
+    # a - b is 1 on 50 of 100 problems: the resampled mean is Binomial(100, 1/2) / 100, whose 2.5% and
+    # 97.5% quantiles are 0.40 and 0.60
+    out = paired_bootstrap([1.0] * 50 + [0.0] * 50, [0.0] * 100, resamples=20_000)
+    assert out["diff"] == 0.5 and out["low"] == pytest.approx(0.40, abs=0.011)
+    assert out["high"] == pytest.approx(0.60, abs=0.011) and out["excludes_zero"]
+    # no difference on average: the interval holds 0
+    assert not paired_bootstrap([1.0, 0.0] * 20, [0.0, 1.0] * 20)["excludes_zero"]
+
+
+def test_paired_bootstrap_resamples_runs_too():
+    # two seeds of a at +-0.2 around b on every problem: resampling the problems alone would give a zero-width
+    # interval at 0; the run level draws both seeds of a with replacement, so the mean is +0.2 (1/4), 0 (1/2)
+    # or -0.2 (1/4), and the 95% interval is (-0.2, +0.2)
+    out = paired_bootstrap([[0.7] * 10, [0.3] * 10], [[0.5] * 10])
+    assert out["diff"] == pytest.approx(0.0, abs=1e-12) and out["runs"] == (2, 1)
+    assert out["low"] == pytest.approx(-0.2) and out["high"] == pytest.approx(0.2) and not out["excludes_zero"]
+
+
+def test_paired_bootstrap_bad_input():
+    with pytest.raises(ValueError, match="same problems"):
+        paired_bootstrap([1.0, 0.0], [1.0])
+    with pytest.raises(ValueError, match="finite"):
+        paired_bootstrap([float("nan")], [1.0])
+
+
+def write_results(path: Path, correct: list[int], n: int = 4) -> Path:
+    path.mkdir(parents=True)
+    rows = [{"id": i, "n": n, "correct": c, "maj_correct": 0, "majority": None} for i, c in enumerate(correct)]
+    (path / "results.json").write_text(json.dumps({"per_problem": {"toy": rows}}))
+    return path
+
+
+def test_compare_runs_and_command(tmp_path):
+    a = write_results(tmp_path / "a", [4, 4, 4, 4, 0])
+    b = write_results(tmp_path / "b", [0, 0, 0, 0, 0, 4])  # one more problem: compared on the shared five
+    run = tmp_path / "run"  # a training run: its last evaluation counts
+    run.mkdir()
+    (run / "eval_problems.jsonl").write_text("\n".join(json.dumps(
+        {"step": step, "per_problem": {"toy": [{"id": i, "n": 4, "correct": c, "maj_correct": 0} for i, c in
+                                              enumerate([step] * 5)]}}) for step in (0, 2)) + "\n")
+    out = compare_runs([a], [b])
+    assert out["problems"] == 5 and out["mean_a"] == pytest.approx(0.8) and out["mean_b"] == 0.0
+    assert out["diff"] == pytest.approx(0.8) and out["excludes_zero"]
+    assert compare_runs([run], [b])["mean_a"] == pytest.approx(0.5)  # step 2: 2 of 4 on each problem
+    assert compare_runs([run], [b], step=0)["mean_a"] == 0.0
+    proc = subprocess.run([sys.executable, "evaluate.py", "compare", str(a), "--vs", str(b), str(run)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("a 0.800 vs b (+1) 0.250: +0.550") and "5 problems, 1 vs 2 runs" in proc.stdout
+    proc = subprocess.run([sys.executable, "evaluate.py", "compare", str(a), "--vs", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip().startswith("error: ") and "results.json" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_aggregate_eval_bad_input():

@@ -595,6 +595,49 @@ def test_cli_scores_a_file_with_baseline(tmp_path):
     assert any(line.split("|")[0].strip() == "3" and "None" in line for line in zero_lines)
 
 
+def test_cli_compare_prints_every_disagreement_with_math_verify(tmp_path):
+    records = [
+        {"response": "\\boxed{5}", "ground_truth": "5"},                        # both 1
+        {"response": "\\boxed{0.0000671}", "ground_truth": "0.0000672"},        # math-verify rounds to 6 places
+        {"response": "\\boxed{0.\\overline{3}}", "ground_truth": "\\frac13"},   # math-verify misses the bar
+        {"response": "no box", "ground_truth": "5"},                              # both 0
+    ]
+    path = tmp_path / "audit.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    out = _run_cli(str(path), "--reward-workers", "0", "--compare")
+    assert out.returncode == 0, out.stderr
+    assert ("judge vs math-verify on 4 records: both 1: 1, both 0: 1, judge only: 1, math-verify only: 1; "
+            "disagreement 0.500") in out.stdout
+    table = out.stdout.split("disagreements (index | judge | math-verify")[1].splitlines()[1:]
+    rows = [[cell.strip() for cell in line.split("|")] for line in table if line.startswith("  ")]
+    assert [r[:3] for r in rows] == [["1", "0", "1"], ["2", "1", "0"]]
+    assert rows[0][3] == "0.0000671" and rows[1][4] == "\\frac13"
+
+
+def test_control_rewards():
+    import random
+
+    # random: 1 with probability p, whatever the response; 20,000 draws are within 4 sd (0.013) of p
+    rng = random.Random(0)
+    draws = [reward.random_reward("\\boxed{5}", "5", p=0.3, rng=rng) for _ in range(20_000)]
+    assert set(draws) == {0.0, 1.0} and abs(sum(draws) / len(draws) - 0.3) < 0.013
+    again = [reward.random_reward("\\boxed{5}", "5", p=0.3, rng=random.Random(0)) for _ in range(1)]
+    assert again == draws[:1]  # seeded: the same draws
+    assert {reward.random_reward("x", "5", p=1.0), reward.random_reward("x", "5", p=0.0)} == {1.0, 0.0}
+    # format: any complete final box scores 1, right or wrong; none scores 0
+    fmt = reward.boxed_format_reward
+    assert fmt("so \\boxed{7}", "5") == fmt("<answer>\\boxed{5}</answer>", "5") == 1.0
+    assert fmt("the answer is 5", "5") == fmt("\\boxed{5", "5") == fmt("\\boxed{}", "5") == 0.0
+    assert reward.control_reward("random") == ("random", 0.5) and reward.control_reward("random:0.2") == ("random", 0.2)
+    assert reward.control_reward("format") == ("format", 1.0) and reward.control_reward("math") is None
+    assert load_reward_fn("format") is fmt and load_reward_fn("random:1")("x", "y") == 1.0
+    for bad in ("random:2", "random:x", "random:nan"):
+        with pytest.raises(ValueError, match="probability P in"):
+            load_reward_fn(bad)
+        assert len(reward.reward_problems(bad)) == 1
+    assert reward.reward_problems("random:0.1") == reward.reward_problems("format") == []
+
+
 def test_cli_scores_a_truncated_record_0_unless_asked(tmp_path):
     """As in training: a record marked truncated scores 0, and --score-truncated scores it anyway."""
     path = tmp_path / "cases.jsonl"

@@ -37,6 +37,16 @@ def check_outputs(tmp_path, steps: int, critic: bool) -> list[dict]:
     for r in rows[:-1]:
         assert keys <= r.keys(), keys - r.keys()
     assert "eval/accuracy" in rows[0] and "eval/accuracy" in rows[-1]
+    # every evaluation's per-problem counts, which reproduce its accuracy (what `evaluate.py compare` reads)
+    from evaluate import aggregate_eval
+
+    evals = [json.loads(line) for line in (tmp_path / "eval_problems.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [r["step"] for r in rows if "eval/accuracy" in r]
+    for e, r in zip(evals, [r for r in rows if "eval/accuracy" in r], strict=True):
+        pooled = [p for per_set in e["per_problem"].values() for p in per_set]
+        assert aggregate_eval(pooled)[f"avg@{pooled[0]['n']}"] == pytest.approx(r["eval/accuracy"])
+    # the reward audit ran on every step: 8 responses judged again by plain math-verify
+    assert all(r["reward/audited"] == 8 and 0 <= r["reward/disagreement"] <= 1 for r in rows[:-1])
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert samples and {"step", "prompt", "response", "reward", "advantage", "ground_truth"} <= samples[0].keys()
     config = json.loads((tmp_path / "config.json").read_text())
@@ -200,6 +210,64 @@ def test_any_model_text_is_scored_and_written(tmp_path, tiny_base):
     writer.close()
     back = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [b["response"] for b in back] == texts and [b["nested"]["texts"][0] for b in back] == texts
+
+
+def test_control_rewards_replace_the_reward_and_the_rule_is_still_logged():
+    import random
+
+    from reward import RewardPool
+    from train_ppo import Args, apply_rules, score
+
+    texts = ["\\boxed{5}", "\\boxed{4}", "no box", "\\boxed{5}"]
+    truncated = torch.tensor([False, False, False, True])
+    with RewardPool("math", num_workers=0) as pool:
+        rule, stats = score(pool, texts, ["5"] * 4, truncated, Args())
+        assert rule.tolist() == [1.0, 0.0, 0.0, 0.0] and "train/correct" not in stats
+        fmt, stats = score(pool, texts, ["5"] * 4, truncated, Args(reward="format"))
+        assert fmt.tolist() == [1.0, 1.0, 0.0, 0.0]  # any box; the truncated one still 0 (ORZ's rule)
+        assert stats["train/correct"] == 2.0  # the judge's verdicts before the truncation rule
+    verdicts = [1.0, 0.0, 0.0, 1.0]
+    draw = lambda seed: apply_rules(verdicts, {}, texts * 50, ["5"] * 200, torch.zeros(200, dtype=torch.bool),  # noqa: E731
+                                    Args(reward="random:0.25"), random.Random(seed))[0]
+    first = draw("s")
+    assert torch.equal(first, draw("s")) and not torch.equal(first, draw("t"))  # seeded per step and process
+    assert 0.1 < first.mean().item() < 0.4  # 200 draws of p = 0.25 (sd 0.03)
+
+
+def test_reward_audit_counts_and_writes_the_disagreements(tmp_path):
+    import random
+    from types import SimpleNamespace
+
+    from train_ppo import audit_rewards
+    from utils import JsonlWriter
+
+    texts = ["\\boxed{5}", "\\boxed{0.0000671}", "\\boxed{0.\\overline{3}}", "\\boxed{9^{9^{9^{9}}}}"]
+    answers = ["5", "0.0000672", "\\frac13", "1"]
+    verdicts = [1.0, 0.0, 1.0, 0.0]  # as math_reward judges them
+    log = JsonlWriter(tmp_path / "reward_audit.jsonl")
+    run = SimpleNamespace(args=SimpleNamespace(audit_samples=10), accelerator=SimpleNamespace(is_main_process=True),
+                          logs={"reward_audit.jsonl": log})
+    stats = audit_rewards(run, texts, answers, verdicts, torch.zeros(4, dtype=torch.bool), 3, random.Random(0))
+    log.close()
+    # the power tower is too costly to hand to math-verify in the trainer: not audited
+    assert stats == {"reward/audited": 3.0, "reward/audit_disagreed": 2.0}
+    rows = [json.loads(line) for line in (tmp_path / "reward_audit.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["ground_truth"], r["reward"], r["math_verify"]) for r in rows] == [
+        (3, "0.0000672", 0.0, 1.0), (3, "\\frac13", 1.0, 0.0)]
+    run.args.audit_samples = 1  # a sample of the responses, drawn by the generator
+    assert audit_rewards(run, texts, answers, verdicts, torch.zeros(4, dtype=torch.bool), 3,
+                         random.Random(0))["reward/audited"] <= 1
+
+
+def test_a_control_run_logs_the_rule_next_to_its_reward(tmp_path, tiny_base):
+    result = train("train_grpo.py", tmp_path, "--reward", "random:1", "--max-steps", "2", "--eval-every", "2",
+                   "--eval-limit", "8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = metrics(tmp_path)
+    for r in rows[:-1]:  # every response that stopped scores 1; the rule's verdicts are logged apart
+        assert r["train/reward"] == pytest.approx(1 - r["train/truncated"])
+        assert 0 <= r["train/correct"] <= 1
+    assert rows[0]["eval/accuracy"] < 1  # evaluation judges with the rule, not the control
 
 
 def test_config_file_with_command_line_override(tmp_path):
