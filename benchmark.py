@@ -442,7 +442,19 @@ ABLATION_VARIANTS = {
     "dapo overlong shaping": ("grpo", ["--overlong-buffer", "8"]),
     "dapo mask truncated": ("grpo", ["--mask-truncated"]),
     "vapo adaptive lambda": ("gae", ["--adaptive-lam-alpha", "0.05"]),
+    # Controls (Shao et al. 2025, arXiv:2506.10947): what a reward blind to correctness gives on the same
+    # model and data. Their held-out accuracy is judged by the rule, as every run's is.
+    "control random": ("grpo", ["--reward", "random"]),
+    "control format": ("grpo", ["--reward", "format"]),
 }
+# Held-out problems of each evaluation: 256 of the task's 512, so a claim's interval is not set by a
+# handful of problems (64 problems of 4 samples put +-10 points around a difference of two runs).
+ABLATION_EVAL_LIMIT = 256
+# The claims the grid tests, as (name, group A, group B) of (estimator, KL, variant) keys; each variant is
+# also compared with its estimator's run at KL 0.
+ABLATION_CLAIMS = [("KL 0.05 vs off, gae", ("gae", 0.05, ""), ("gae", 0.0, "")),
+                   ("KL 0.05 vs off, grpo", ("grpo", 0.05, ""), ("grpo", 0.0, "")),
+                   ("gae vs grpo, KL off", ("gae", 0.0, ""), ("grpo", 0.0, ""))]
 
 
 def ablation_runs(seeds: int, only: str = "") -> list[dict]:
@@ -470,6 +482,7 @@ def launch_ablation_run(run: dict, out: Path, threads: int, extra: list[str]):
 
     cmd = [sys.executable, str(Path(__file__).parent / "train_ppo.py"), "--advantage", run["advantage"],
            "--kl-coef", str(run["kl_coef"]), "--seed", str(run["seed"]), "--eval-every", "10",
+           "--eval-limit", str(ABLATION_EVAL_LIMIT),
            "--output-dir", str(out / run["name"]), "--overwrite", *run["args"], *extra]
     log = open(out / f"{run['name']}.log", "w")  # noqa: SIM115 - closed when the run ends
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -540,6 +553,8 @@ def ablation_benchmark(out: Path, seeds: int, jobs: int, extra: list[str], only:
               f"{statistics.mean(r['length_last'] for r in results):.1f} | "
               f"{statistics.mean(r['repetition'] for r in results):.1%} |")
 
+    print_claims(out, runs, table)
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -558,6 +573,26 @@ def ablation_benchmark(out: Path, seeds: int, jobs: int, extra: list[str], only:
     fig.tight_layout()
     fig.savefig(out / "ablation.png", dpi=120)
     print(f"\nfigure: {out / 'ablation.png'}")
+
+
+def print_claims(out: Path, runs: list[dict], table: dict) -> None:
+    """Each claim of ABLATION_CLAIMS, and each variant against its estimator at KL 0, as a difference of
+    final held-out accuracy with a 95% interval from a bootstrap over problems and seeds
+    (evaluate.paired_bootstrap). Runs without per-problem evaluations (eval_problems.jsonl) are left out."""
+    from evaluate import compare_runs, format_comparison
+
+    dirs = {}
+    for run in runs:
+        if (out / run["name"] / "eval_problems.jsonl").is_file():
+            dirs.setdefault((run["advantage"], run["kl_coef"], run["variant"]), []).append(out / run["name"])
+    claims = list(ABLATION_CLAIMS) + [(f"{variant} vs {advantage}", (advantage, kl, variant), (advantage, 0.0, ""))
+                                      for advantage, kl, variant in table if variant]
+    print("\nfinal held-out accuracy, difference with a 95% interval (bootstrap over problems and seeds):")
+    for name, a, b in claims:
+        if a in dirs and b in dirs:
+            print(f"  {name}: " + format_comparison(compare_runs(dirs[a], dirs[b]), "A", "B"))
+        elif a in table and b in table:
+            print(f"  {name}: no per-problem evaluations (runs from before eval_problems.jsonl)")
 
 
 def scaling_benchmark(quick: bool) -> None:

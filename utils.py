@@ -725,17 +725,78 @@ def plot_runs(run_dirs: list[str], out_path: str | os.PathLike) -> list[str]:
     return titles
 
 
+def is_evaluation(path: str | os.PathLike) -> bool:
+    """Whether `path` is `python evaluate.py`'s output (a directory with results.json, or the file itself)."""
+    path = Path(path)
+    return (path / "results.json").is_file() or (path.is_file() and path.name.endswith(".json"))
+
+
+def plot_pass_at_k(eval_paths: list[str], out_path: str | os.PathLike) -> list[str]:
+    """pass@k against k (log2 axis) of several evaluations (`python evaluate.py` outputs, e.g. the base model
+    and its RL checkpoint), one panel per dataset, one line per evaluation, into one PNG; returns the panel
+    titles. RL that only sharpens the base model's distribution shows as a higher pass@1 and a curve that
+    meets or falls under the base's at large k (arXiv:2504.13837)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {}  # label -> {dataset: {k: pass@k}}
+    for path in eval_paths:
+        path = Path(path)
+        try:
+            metrics = json.loads((path / "results.json" if path.is_dir() else path).read_text())["metrics"]
+            curves[path.name if path.is_dir() else path.parent.name] = {
+                name: {int(k): v for k, v in m["pass_at"].items()} for name, m in metrics.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise SystemExit(f"error: {path}: not an evaluation with pass@k curves (results.json of evaluate.py)"
+                             ) from None
+    datasets = list(dict.fromkeys(name for c in curves.values() for name in c))
+    if len(datasets) > 1:  # "overall" pools the sets: a panel of its own only when there are several
+        datasets = [d for d in datasets if d != "overall"] + ["overall"]
+    else:
+        datasets = datasets[:1]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.6), squeeze=False)
+    for ax, name in zip(axes.flat, datasets, strict=True):
+        for label, per_set in curves.items():
+            if name in per_set:
+                ks = sorted(per_set[name])
+                ax.plot(ks, [per_set[name][k] for k in ks], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ks = sorted({k for c in curves.values() for k in c.get(name, {})})
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_title(f"pass@k: {name}")
+        ax.set_xlabel("k (samples per problem)")
+        ax.set_ylabel("pass@k")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return [f"pass@k: {name}" for name in datasets]
+
+
 def main(argv: list[str] | None = None) -> None:
-    """`python utils.py plot RUN_DIR [RUN_DIR ...] --out FILE.png`."""
+    """`python utils.py plot RUN_DIR [RUN_DIR ...] --out FILE.png`; given evaluations (`python evaluate.py`
+    outputs) instead of runs, their pass@k curves."""
     parser = argparse.ArgumentParser(prog="utils.py", description="Helpers with a command line.")
     sub = parser.add_subparsers(dest="command", required=True)
-    plot = sub.add_parser("plot", help="plot the metrics.jsonl of one or more runs into one PNG")
-    plot.add_argument("run_dirs", nargs="+", help="run directories holding metrics.jsonl")
+    plot = sub.add_parser("plot", help="plot the metrics.jsonl of one or more runs into one PNG, or the pass@k "
+                                       "curves of evaluate.py's outputs")
+    plot.add_argument("run_dirs", nargs="+", help="run directories holding metrics.jsonl, or evaluate.py output "
+                                                  "directories (results.json) for pass@k against k")
     plot.add_argument("--out", default="runs.png", help="PNG file to write (default runs.png)")
     args = parser.parse_args(argv)
     if not str(args.out).lower().endswith(".png"):
         raise SystemExit(f"error: --out {args.out}: must be a .png file")
-    titles = plot_runs(args.run_dirs, args.out)
+    evaluations = [is_evaluation(d) for d in args.run_dirs]
+    if any(evaluations) and not all(evaluations):
+        which = ", ".join(d for d, e in zip(args.run_dirs, evaluations, strict=True) if e)
+        raise SystemExit("error: plot draws either runs (metrics.jsonl) or evaluations (results.json), not both: "
+                         f"{which} are evaluations")
+    titles = (plot_pass_at_k if all(evaluations) else plot_runs)(args.run_dirs, args.out)
     print(f"wrote {args.out} ({len(titles)} panels: {', '.join(titles)})")
 
 

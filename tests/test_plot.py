@@ -177,3 +177,36 @@ def test_plot_flat_panels_are_labelled(tmp_path, saved_figures):
 def test_plot_identical_runs_are_labelled(tmp_path, saved_figures):
     plot_runs([write_run(tmp_path / "a"), write_run(tmp_path / "b")], tmp_path / "out.png")
     assert "b (same as a)" in texts(panels(saved_figures[0])["train reward"])
+
+
+def write_evaluation(directory: Path, curves: dict[str, dict[str, float]]) -> Path:
+    """results.json as evaluate.py writes it, with only what the plot reads."""
+    directory.mkdir(parents=True)
+    metrics = {name: {"pass_at": c} for name, c in curves.items()}
+    (directory / "results.json").write_text(json.dumps({"metrics": metrics}))
+    return directory
+
+
+def test_plot_pass_at_k_of_base_and_rl(tmp_path, saved_figures):
+    base = write_evaluation(tmp_path / "base", {"synthetic": {"1": 0.2, "2": 0.35, "4": 0.55, "8": 0.7},
+                                                "math500": {"1": 0.0, "2": 0.0, "4": 0.0, "8": 0.01},
+                                                "overall": {"1": 0.1, "2": 0.2, "4": 0.3, "8": 0.4}})
+    rl = write_evaluation(tmp_path / "rl", {"synthetic": {"1": 0.6, "2": 0.65, "4": 0.68, "8": 0.69}})
+    out = tmp_path / "passk.png"
+    proc = subprocess.run([sys.executable, "utils.py", "plot", str(base), str(rl / "results.json"), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "3 panels: pass@k: synthetic, pass@k: math500, pass@k: overall" in proc.stdout
+    assert_png(out)
+    utils.main(["plot", str(base), str(rl), "--out", str(out)])
+    axes = panels(saved_figures[-1])
+    lines = {line.get_label(): line for line in axes["pass@k: synthetic"].get_lines()}
+    assert list(lines) == ["base", "rl"] and axes["pass@k: synthetic"].get_xscale() == "log"
+    assert list(lines["rl"].get_xdata()) == [1, 2, 4, 8] and list(lines["rl"].get_ydata()) == [0.6, 0.65, 0.68, 0.69]
+    assert [line.get_label() for line in axes["pass@k: math500"].get_lines()] == ["base"]  # rl has no math500
+    with pytest.raises(SystemExit, match="either runs .* or evaluations"):
+        utils.main(["plot", str(base), str(write_run(tmp_path / "run")), "--out", str(out)])
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "results.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"^error: .*broken: not an evaluation with pass@k"):
+        utils.main(["plot", str(tmp_path / "broken"), "--out", str(out)])
