@@ -751,11 +751,9 @@ def plot_pass_at_k(eval_paths: list[str], out_path: str | os.PathLike) -> list[s
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             raise SystemExit(f"error: {path}: not an evaluation with pass@k curves (results.json of evaluate.py)"
                              ) from None
-    datasets = list(dict.fromkeys(name for c in curves.values() for name in c))
-    if len(datasets) > 1:  # "overall" pools the sets: a panel of its own only when there are several
-        datasets = [d for d in datasets if d != "overall"] + ["overall"]
-    else:
-        datasets = datasets[:1]
+    # "overall" pools the sets: a panel of its own only when there are several
+    datasets = [d for d in dict.fromkeys(name for c in curves.values() for name in c) if d != "overall"]
+    datasets = datasets + ["overall"] if len(datasets) != 1 else datasets
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.6), squeeze=False)
     for ax, name in zip(axes.flat, datasets, strict=True):
         for label, per_set in curves.items():

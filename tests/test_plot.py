@@ -204,6 +204,8 @@ def test_plot_pass_at_k_of_base_and_rl(tmp_path, saved_figures):
     assert list(lines) == ["base", "rl"] and axes["pass@k: synthetic"].get_xscale() == "log"
     assert list(lines["rl"].get_xdata()) == [1, 2, 4, 8] and list(lines["rl"].get_ydata()) == [0.6, 0.65, 0.68, 0.69]
     assert [line.get_label() for line in axes["pass@k: math500"].get_lines()] == ["base"]  # rl has no math500
+    one = write_evaluation(tmp_path / "one", {"synthetic": {"1": 0.5}, "overall": {"1": 0.5}})
+    assert utils.plot_pass_at_k([one], out) == ["pass@k: synthetic"]  # one set: its "overall" is the same curve
     with pytest.raises(SystemExit, match="either runs .* or evaluations"):
         utils.main(["plot", str(base), str(write_run(tmp_path / "run")), "--out", str(out)])
     (tmp_path / "broken").mkdir()
