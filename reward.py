@@ -71,7 +71,7 @@ logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------------
 # Hand-written because the installed libraries' box extractors do not follow this file's rules. Measured with
 # math-verify 0.9.0 and latex2sympy2_extended 1.11.0 by swapping each into extract_answer, final_answer and
-# _last_boxed_string (the `<answer>` region kept) and scoring tests/reward_cases.jsonl and tests/test_reward.py
+# last_boxed_string (the `<answer>` region kept) and scoring tests/reward_cases.jsonl and tests/test_reward.py
 # (neither package has a `last_boxed_only_string` or `remove_boxed`):
 # - latex2sympy2_extended.math_normalization.extract_boxed_content(text, "last"): 252 of 252 judged cases keep
 #   their verdict, but 11 test items of test_reward.py fail (6 still fail with a shim for its unclosed-box
@@ -202,7 +202,7 @@ def final_answer(text: str) -> str | None:
     return ", ".join(parts)
 
 
-def _last_boxed_string(text: str) -> str | None:
+def last_boxed_string(text: str) -> str | None:
     """The last top-level `\\boxed{...}` of the whole text, box included (what the baseline parses)."""
     if not isinstance(text, str):
         return None
@@ -806,7 +806,7 @@ def math_verify_baseline(response: str, ground_truth: str, **extras) -> float:
     """
     from math_verify import parse, verify
 
-    box = _last_boxed_string(response)
+    box = last_boxed_string(response)
     if box is None or not isinstance(ground_truth, str):
         return 0.0
     return 1.0 if verify(parse(f"${ground_truth}$"), parse(box)) else 0.0

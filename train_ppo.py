@@ -1231,22 +1231,28 @@ def audit_rewards(run: Run, texts: list[str], answers: list[str], verdicts: list
     process writes its disagreeing responses to reward_audit.jsonl, which `python reward.py FILE --compare`
     reads. Compared are the judges' verdicts before ORZ's truncation rule. Answers our pre-screen refuses as
     too costly to parse are not audited: math-verify runs here, in the training process, where a parse that
-    never ends would stop training. Returns the counts reward/audited and reward/audit_disagreed (summed over processes;
-    reward/disagreement is their ratio)."""
-    from reward import final_answer, math_verify_baseline, too_costly
+    never ends would stop training. Returns the counts reward/audited and reward/audit_disagreed (summed
+    over processes; reward/disagreement is their ratio)."""
+    from reward import final_answer, last_boxed_string, math_verify_baseline, too_costly
 
     picked = sorted(rng.sample(range(len(texts)), min(run.args.audit_samples, len(texts))))
-    picked = [i for i in picked if (a := final_answer(texts[i])) is None or not too_costly(a)]
-    differ = []
+    # both what our judge reads (the answer region) and what math-verify reads (the last box of the text)
+    picked = [i for i in picked if not any(a is not None and too_costly(a)
+                                           for a in (final_answer(texts[i]), last_boxed_string(texts[i])))]
+    audited, differ = 0, []
     for i in picked:
-        plain = math_verify_baseline(texts[i], answers[i])
+        try:
+            plain = math_verify_baseline(texts[i], answers[i])
+        except Exception:  # a failure of the audit's judge on model text is no verdict, not a crash of the run
+            continue
+        audited += 1
         if (verdicts[i] > 0) != (plain > 0):
             differ.append({"step": step, "response": texts[i], "ground_truth": answers[i], "reward": verdicts[i],
                            "math_verify": plain, "truncated_response": bool(truncated[i])})
     if run.accelerator.is_main_process:
         for row in differ:
             run.logs["reward_audit.jsonl"].write(row)
-    return {"reward/audited": float(len(picked)), "reward/audit_disagreed": float(len(differ))}
+    return {"reward/audited": float(audited), "reward/audit_disagreed": float(len(differ))}
 
 
 def rollout_logprobs(run: Run, exp: Experience, micro: list[torch.Tensor]):

@@ -241,21 +241,23 @@ def test_reward_audit_counts_and_writes_the_disagreements(tmp_path):
     from train_ppo import audit_rewards
     from utils import JsonlWriter
 
-    texts = ["\\boxed{5}", "\\boxed{0.0000671}", "\\boxed{0.\\overline{3}}", "\\boxed{9^{9^{9^{9}}}}"]
-    answers = ["5", "0.0000672", "\\frac13", "1"]
-    verdicts = [1.0, 0.0, 1.0, 0.0]  # as math_reward judges them
+    texts = ["\\boxed{5}", "\\boxed{0.0000671}", "\\boxed{0.\\overline{3}}", "\\boxed{9^{9^{9^{9}}}}",
+             "\\boxed{9^{9^{9^{9}}}} <answer>\\boxed{1}</answer> \\boxed{9^{9^{9^{9}}}}"]
+    answers = ["5", "0.0000672", "\\frac13", "1", "1"]
+    verdicts = [1.0, 0.0, 1.0, 0.0, 1.0]  # as math_reward judges them
     log = JsonlWriter(tmp_path / "reward_audit.jsonl")
     run = SimpleNamespace(args=SimpleNamespace(audit_samples=10), accelerator=SimpleNamespace(is_main_process=True),
                           logs={"reward_audit.jsonl": log})
-    stats = audit_rewards(run, texts, answers, verdicts, torch.zeros(4, dtype=torch.bool), 3, random.Random(0))
+    stats = audit_rewards(run, texts, answers, verdicts, torch.zeros(5, dtype=torch.bool), 3, random.Random(0))
     log.close()
-    # the power tower is too costly to hand to math-verify in the trainer: not audited
+    # a power tower is too costly to hand to math-verify in the trainer, also where only math-verify reads
+    # it (the last box of the text, outside the answer): not audited
     assert stats == {"reward/audited": 3.0, "reward/audit_disagreed": 2.0}
     rows = [json.loads(line) for line in (tmp_path / "reward_audit.jsonl").read_text().splitlines()]
     assert [(r["step"], r["ground_truth"], r["reward"], r["math_verify"]) for r in rows] == [
         (3, "0.0000672", 0.0, 1.0), (3, "\\frac13", 1.0, 0.0)]
     run.args.audit_samples = 1  # a sample of the responses, drawn by the generator
-    assert audit_rewards(run, texts, answers, verdicts, torch.zeros(4, dtype=torch.bool), 3,
+    assert audit_rewards(run, texts, answers, verdicts, torch.zeros(5, dtype=torch.bool), 3,
                          random.Random(0))["reward/audited"] <= 1
 
 
