@@ -116,7 +116,8 @@ def paired_bootstrap(a, b, *, resamples: int = 10_000, level: float = 0.95, seed
     reported gains. scipy.stats.bootstrap resamples one level only, hence this. With one run per side it
     is the plain paired bootstrap: 100 problems, a - b = 1 on half of them and 0 on the rest, gives 0.5
     and about (0.40, 0.60), the binomial quantiles.
-    Returns {"diff": mean(a) - mean(b), "low", "high", "excludes_zero", "level", "problems", "runs": (ra, rb)}.
+    Returns {"diff": mean(a) - mean(b), "mean_a", "mean_b", "low", "high", "excludes_zero", "level", "problems",
+    "runs": (ra, rb)}.
     """
     import numpy as np
 
@@ -134,7 +135,8 @@ def paired_bootstrap(a, b, *, resamples: int = 10_000, level: float = 0.95, seed
         rows_a, rows_b = rng.integers(0, len(a), len(a)), rng.integers(0, len(b), len(b))
         diffs[i] = a[np.ix_(rows_a, cols)].mean() - b[np.ix_(rows_b, cols)].mean()
     low, high = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
-    return {"diff": float(a.mean() - b.mean()), "low": float(low), "high": float(high),
+    return {"diff": float(a.mean() - b.mean()), "mean_a": float(a.mean()), "mean_b": float(b.mean()),
+            "low": float(low), "high": float(high),
             "excludes_zero": bool(low > 0 or high < 0), "level": level, "problems": problems,
             "runs": (len(a), len(b))}
 
@@ -173,10 +175,7 @@ def compare_runs(group_a: list, group_b: list, **kwargs) -> dict:
     keys = sorted(set.intersection(*(set(s) for s in a + b)))
     if not keys:
         raise ValueError("the evaluations share no problem: compare runs evaluated on the same set")
-    result = paired_bootstrap([[s[k] for k in keys] for s in a], [[s[k] for k in keys] for s in b], **boot)
-    result["mean_a"], result["mean_b"] = (sum(s[k] for s in side for k in keys) / (len(side) * len(keys))
-                                          for side in (a, b))
-    return result
+    return paired_bootstrap([[s[k] for k in keys] for s in a], [[s[k] for k in keys] for s in b], **boot)
 
 
 def format_comparison(result: dict, name_a: str = "a", name_b: str = "b") -> str:
