@@ -789,8 +789,8 @@ def train_worker(spec: dict) -> dict:
     median generation in it (steps with an evaluation left out), the accuracies and the peak RSS."""
     import resource
 
+    from cli import parse_args
     from train_ppo import Args, main
-    from utils import parse_args
 
     summary = main(parse_args(Args, spec["argv"]))
     rows = [json.loads(line) for line in (Path(summary["output_dir"]) / "metrics.jsonl").read_text().splitlines()]

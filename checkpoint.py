@@ -9,12 +9,12 @@ checkpoints atomically with a manifest of hashes (`save_checkpoint`) and resumes
 import json
 import math
 import os
-from dataclasses import MISSING, asdict, fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import torch
 
-from utils import JsonlWriter, main_process_decides
+from utils import JsonlWriter, RunError, main_process_decides, plain_args
 
 CHECKPOINT_PREFIX = "step-"
 MANIFEST = "manifest.json"  # in each checkpoint: its files' sizes and xxh3-128 hashes, written last
@@ -105,7 +105,7 @@ def arg_differences(saved: dict, args) -> list[str]:
     def show(value) -> str:
         return value if isinstance(value, str) else json.dumps(value)
 
-    now = json.loads(json.dumps(asdict(args)))  # compared as saved: through JSON
+    now = json.loads(json.dumps(plain_args(args)))  # compared as saved: through JSON
     defaults = {f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(args)}
     return [f"--{name.replace('_', '-')} {show(saved.get(name, defaults[name]))} -> {show(value)}"
             for name, value in now.items()
@@ -129,7 +129,7 @@ def lock_output_dir(out: Path) -> None:
         holder = os.pread(fd, 200, 0).decode(errors="replace").split()
         os.close(fd)
         who = f"pid {holder[0]} on {holder[1]}" if len(holder) >= 2 else "a process that has just started"
-        raise SystemExit(f"error: --output-dir {out} is in use by another run ({who}); wait for it to end, "
+        raise RunError(f"error: --output-dir {out} is in use by another run ({who}); wait for it to end, "
                          "or choose another --output-dir") from None
     except OSError as err:  # file systems without flock (Lustre mounted noflock, some NFS): run unlocked
         if err.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):
@@ -169,13 +169,13 @@ def plan_output_dir(args, out: Path) -> dict:
     unless --overwrite."""
     ways_out = "start afresh there with --overwrite, or choose another --output-dir"
     if args.overwrite and args.resume:
-        raise SystemExit("error: --overwrite (start afresh) and --resume contradict each other; choose one")
+        raise RunError("error: --overwrite (start afresh) and --resume contradict each other; choose one")
     present = [name for name in RUN_OUTPUTS if (out / name).exists() and not (
         (out / name).is_dir() and not any((out / name).iterdir()))]
     saved = read_run_config(out)
     if args.overwrite:
         if (out / "config.json").exists() and saved is None:  # e.g. a model directory: not ours to clean
-            raise SystemExit(f"error: --overwrite: {out} holds a config.json that is not a run's; choose "
+            raise RunError(f"error: --overwrite: {out} holds a config.json that is not a run's; choose "
                              "another --output-dir")
         return {"checkpoint": None, "clean": bool(present), "continue_finished": False, "notes": []}
     ckpt, skipped = latest_checkpoint(out / "checkpoints")
@@ -187,28 +187,28 @@ def plan_output_dir(args, out: Path) -> dict:
         finished_steps = None
     if ckpt is None:
         if args.resume:
-            raise SystemExit(f"error: --resume: no usable checkpoint in {out / 'checkpoints'}{why}")
+            raise RunError(f"error: --resume: no usable checkpoint in {out / 'checkpoints'}{why}")
         if finished:
-            raise SystemExit(f"error: {out} holds a finished run (summary.json) and no usable checkpoint to "
+            raise RunError(f"error: {out} holds a finished run (summary.json) and no usable checkpoint to "
                              f"continue it from{why}; {ways_out}")
         if present and not killed_before_first_checkpoint(out, args, skipped, saved):
             diffs = arg_differences(saved, args) if saved is not None else []
             other = f", of other training arguments ({'; '.join(diffs)})," if diffs else ""
-            raise SystemExit(f"error: {out} holds a run ({', '.join(present)}){other} but no usable checkpoint "
+            raise RunError(f"error: {out} holds a run ({', '.join(present)}){other} but no usable checkpoint "
                              f"to resume from{why}; {ways_out}")
         return {"checkpoint": None, "clean": bool(present), "continue_finished": False, "notes": skipped}
     state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
     diffs = arg_differences(state["args"], args)
     if diffs:
-        raise SystemExit(f"error: {out} holds a run with other training arguments ({'; '.join(diffs)}); "
+        raise RunError(f"error: {out} holds a run with other training arguments ({'; '.join(diffs)}); "
                          f"resume it with the same ones, {ways_out}")
     if state["step"] > args.max_steps:
-        raise SystemExit(f"error: --max-steps {args.max_steps} is below the step of the checkpoint to resume "
+        raise RunError(f"error: --max-steps {args.max_steps} is below the step of the checkpoint to resume "
                          f"from ({ckpt}); raise it, {ways_out}")
     if finished and finished_steps is None:
-        raise SystemExit(f"error: {out} holds a finished run (summary.json, unreadable); {ways_out}")
+        raise RunError(f"error: {out} holds a finished run (summary.json, unreadable); {ways_out}")
     if finished and args.max_steps <= finished_steps:
-        raise SystemExit(f"error: {out} holds a finished run ({finished_steps} steps); to train it further "
+        raise RunError(f"error: {out} holds a finished run ({finished_steps} steps); to train it further "
                          f"from {ckpt}, raise --max-steps above {finished_steps}; or {ways_out}")
     return {"checkpoint": str(ckpt), "clean": False, "continue_finished": finished, "notes": skipped}
 
@@ -273,7 +273,7 @@ def prepare_output_dir(out: Path, plan: dict, args) -> None:
     for tmp in (out / "checkpoints").glob(".tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)
     tmp = out / ".config.json.tmp"
-    tmp.write_text(json.dumps(asdict(args), indent=2))
+    tmp.write_text(json.dumps(plain_args(args), indent=2))
     os.replace(tmp, out / "config.json")
 
 
@@ -326,13 +326,13 @@ def save_checkpoint(accelerator, root: Path, state: dict, keep: int) -> Path:
             problem = " ".join(f"{type(err).__name__}: {err}".split())[:300]
         problems = [p for p in gather_object([problem]) if p]
         if problems and not accelerator.is_main_process:
-            raise SystemExit(1)  # the main process says why
+            raise RunError(1)  # the main process says why
         if problems:
             shutil.rmtree(tmp, ignore_errors=True)
             older = sorted(p.name for p in root.glob(CHECKPOINT_PREFIX + "*") if p != final)
             last = f"the last checkpoint, {older[-1]}, is untouched" if older else "there is no earlier one"
             free = shutil.disk_usage(next(p for p in (root, *root.parents) if p.exists())).free / 2**30
-            raise SystemExit(f"error: writing checkpoint {final} failed ({problems[0]}; {free:.1f} GiB "
+            raise RunError(f"error: writing checkpoint {final} failed ({problems[0]}; {free:.1f} GiB "
                              f"free there): the partial copy is removed and {last}; free some space and run "
                              "the same command again to resume")
 
@@ -433,3 +433,17 @@ def open_logs(accelerator, out: Path, start_step: int) -> dict:
         for row in kept[name]:
             log.write(row)
     return logs
+
+
+
+def output_dir_problems(path: str) -> list[str]:
+    """[] if `path` can be created and written, else one message."""
+    import tempfile
+
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        return [f"--output-dir {path}: cannot write there ({err.strerror or err})"]
+    return []

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from utils import lora_scaling, masked_mean, merge_lora_state_dict, position_ids_from_mask
+from utils import lora_scaling, merge_lora_state_dict, position_ids_from_mask
 
 HEAD_FILE = "value_head.safetensors"
 
@@ -105,66 +105,3 @@ def batched_values(critic, exp, micro_batches: list[torch.Tensor]) -> torch.Tens
     critic.train(training)
     return values
 
-
-def compute_gae_advantages(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor,
-                           gamma: float = 1.0, lam: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over response tokens; returns (advantages, returns), both (B, R).
-
-    Schulman et al., arXiv:1506.02438v6, eq. 16: A_t = sum_l (gamma lam)^l delta_{t+l}, with
-    delta_t = r_t + gamma V_{t+1} - V_t. `rewards` (B, R) are per-token (the outcome sits on the last
-    valid token); past the last valid token the value is 0 (terminal), as veRL and OpenRLHF do. Masked
-    positions have no effect and come back as 0. returns = advantages + values.
-    With gamma = lam = 1 (ORZ) this is A_t = sum of rewards from t on - V_t. Example: one response of 3
-    tokens, reward 1 at the end, values [0.2, 0.5, 0.9] -> advantages [0.8, 0.5, 0.1], returns [1, 1, 1].
-    `lam` may be one per sequence, (B,) (VAPO's length-adaptive lambda, `length_adaptive_lam`).
-    """
-    mask = response_mask.to(values.dtype)
-    lam = torch.as_tensor(lam, dtype=values.dtype, device=values.device)
-    values, rewards = values * mask, rewards * mask
-    advantages = torch.zeros_like(values)
-    next_value = torch.zeros_like(values[:, 0])
-    running = torch.zeros_like(values[:, 0])
-    for t in reversed(range(values.shape[1])):
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = (delta + gamma * lam * running) * mask[:, t]
-        advantages[:, t] = running
-        next_value = values[:, t]
-    return advantages, (advantages + values) * mask
-
-
-def length_adaptive_lam(lengths: torch.Tensor, alpha: float) -> torch.Tensor:
-    """VAPO's lambda for the policy's advantages, one per sequence: 1 - 1 / (alpha * length), at least 0
-    (arXiv:2504.05118v3, sec. 4.1; alpha 0.05 there), so that the sum of the TD errors' weights grows with
-    the length. (B,) -> (B,). Example: alpha 0.05, lengths 10, 100, 1000 -> 0, 0.8, 0.98."""
-    return (1.0 - 1.0 / (alpha * lengths.float().clamp(min=1))).clamp(min=0.0)
-
-
-def compute_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                       loss_weights: torch.Tensor, clip_range: float | None = 0.2) -> tuple[torch.Tensor, dict]:
-    """PPO's value loss, clipped around the values of the rollout: 0.5 * max((V_clip - R)^2, (V - R)^2).
-
-    As ORZ runs it (clip 0.2; OpenAI baselines ppo2). `clip_range=None` is the plain 0.5 (V - R)^2.
-    `loss_weights` (B, R) is zero off the mask and sums to the loss normaliser's share of this micro-batch
-    (see `loss_weights` in train_ppo.py), so splitting a batch into micro-batches does not change the loss.
-    Example: V=0.5, V_old=0.1, R=1, clip 0.2 -> V_clip=0.3; max(0.49, 0.25) * 0.5 = 0.245 per token.
-    """
-    unclipped = (values - returns) ** 2
-    if clip_range is None:
-        per_token, clipped_more = unclipped, torch.zeros_like(unclipped, dtype=torch.bool)
-    else:
-        v_clip = old_values + (values - old_values).clamp(-clip_range, clip_range)
-        clipped = (v_clip - returns) ** 2
-        per_token, clipped_more = torch.maximum(unclipped, clipped), clipped > unclipped
-    loss = 0.5 * (per_token * loss_weights).sum()
-    mask = (loss_weights > 0).float()
-    stats = {"critic/clipfrac": masked_mean(clipped_more.float(), mask).item(),
-             "critic/values": masked_mean(values.detach(), mask).item()}
-    return loss, stats
-
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var(returns - values) / Var(returns) over the masked tokens; 1 is perfect, <= 0 is useless."""
-    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
-    diff = returns - values
-    var_diff = masked_mean((diff - masked_mean(diff, mask)) ** 2, mask)
-    return float("nan") if var_returns == 0 else (1 - var_diff / var_returns).item()

@@ -412,7 +412,7 @@ def compare_main(argv: list[str]) -> dict:
 if __name__ == "__main__":
     import sys
 
-    from utils import parse_args
+    from cli import parse_args
 
     if sys.argv[1:2] == ["compare"]:
         compare_main(sys.argv[2:])

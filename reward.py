@@ -63,6 +63,10 @@ from collections import deque
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the repetition functions import it when they run (section 8)
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -1286,7 +1290,227 @@ class RewardPool:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 8. Command line: score a JSON Lines file
+# 8. A response's reward: the judge's verdict, then the rules, in one function (`decide_reward`)
+# ----------------------------------------------------------------------------------------------------
+
+# Repetition: responses caught in a loop. ORZ (arXiv:2503.24290v2, sec. on the critic) finds that such
+# responses appear during RL and that its critic learns to give them low values; its training code logs a
+# suffix-array "repeatness" score per step. Ours is cheaper and yes/no, so that its share can be logged at
+# every step and, optionally, a degenerate response can be denied its reward. torch is imported inside these
+# functions only: the reward workers import this module and need no torch.
+
+def _padded_ids(response_ids, lengths) -> "tuple[torch.Tensor, torch.Tensor]":
+    """(B, R) long ids and (B,) lengths from a right-padded tensor (+ lengths) or a list of id lists."""
+    import torch
+
+    if torch.is_tensor(response_ids):
+        if response_ids.dim() != 2:
+            raise ValueError(f"repetition: response_ids must be (B, R), got shape {tuple(response_ids.shape)}")
+        full = torch.full((len(response_ids),), response_ids.shape[1], dtype=torch.long, device=response_ids.device)
+        lengths = full if lengths is None else torch.as_tensor(lengths, device=response_ids.device).long()
+        return response_ids.long(), lengths.clamp(min=0, max=response_ids.shape[1])
+    rows = [list(r) for r in response_ids]
+    if lengths is not None:
+        rows = [r[:int(n)] for r, n in zip(rows, lengths, strict=True)]
+    ids = torch.full((len(rows), max([len(r) for r in rows] + [1])), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return ids, torch.tensor([len(r) for r in rows], dtype=torch.long)
+
+
+def tail_loop_flags(response_ids, lengths=None, *, max_span: int = 64, min_repeats: int = 4,
+                    min_loop_tokens: int = 16) -> "torch.Tensor":
+    """Whether each response ends in a loop: its last L tokens repeat a span of p tokens (1 <= p <= max_span)
+    back to back, with L >= min_repeats * p and L >= min_loop_tokens (so a 1-token span needs 16 copies).
+
+    A cut-off last copy counts: the test is x[t] == x[t - p] over the tail, i.e. the tail has period p.
+    Vectorised over the batch; per response it reads only the last max(min_repeats * p, min_loop_tokens)
+    tokens for each p, so the cost does not grow with the response length. A response that stopped
+    normally ends with its stop (e.g. "</answer>"), so this flags mostly truncated, looping responses.
+    response_ids: (B, R) right-padded with `lengths` (B,), or a list of id lists. Returns (B,) bool.
+    """
+    import torch
+
+    ids, lengths = _padded_ids(response_ids, lengths)
+    B, R = ids.shape
+    flags = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    for p in range(1, max_span + 1):
+        need = max(min_repeats * p, min_loop_tokens)  # tail length that must have period p
+        if need > R:
+            break  # `need` grows with p: no row is long enough from here on
+        t = lengths[:, None] - need + p + torch.arange(need - p, device=ids.device)[None, :]
+        same = ids.gather(1, t.clamp(0, R - 1)) == ids.gather(1, (t - p).clamp(0, R - 1))
+        flags |= (lengths >= need) & same.all(dim=1)
+    return flags
+
+
+def compression_ratio(text: str) -> float:
+    """zlib-compressed size / UTF-8 size of `text` (1.0 for empty text). Normal math prose is ~0.4-0.6,
+    text that cycles through the same paragraphs far lower. Whisper uses the same signal (as raw/compressed,
+    threshold 2.4) to reject looping transcriptions (openai/whisper, transcribe.py)."""
+    import zlib
+
+    raw = text.encode("utf-8")
+    return len(zlib.compress(raw)) / len(raw) if raw else 1.0
+
+
+def repetition_flags(response_ids, lengths=None, texts: list[str] | None = None, *, max_span: int = 64,
+                     min_repeats: int = 4, min_loop_tokens: int = 16, max_compression_ratio: float = 0.2,
+                     min_chars: int = 300) -> "torch.Tensor":
+    """Whether each response is degenerate (caught in a loop): `tail_loop_flags`, or, when `texts` is
+    given, a text of at least `min_chars` characters whose `compression_ratio` is below
+    `max_compression_ratio` (repeated paragraphs, loops that later stopped, spans longer than max_span).
+
+    Defaults: "12 + 7 = 19 </think> <answer> \\boxed{19} </answer>" and "1, 2, 3, 4, 5, 6" pass; "the the the
+    ..." (16+ copies), "= 5 = 5 = 5 ..." (4+ copies over 16+ tokens) and text cycling through the same
+    paragraphs are flagged. Normal math text compresses to ~0.4-0.6; a 160-character paragraph written 5 times
+    comes to 0.17 (4 times: 0.20, not flagged), a 700-character solution written 3 times to 0.19; a paragraph
+    up to max_span tokens long that loops to the end is caught by the tail test from 4 copies. Cheap enough
+    for every step: O(max_span^2) tensor work per response, plus one zlib call per long text.
+
+    response_ids: (B, R) right-padded ids with `lengths` (B,) (e.g. exp.response_ids and
+    exp.response_mask.sum(1)), or a list of token id lists. texts: the decoded responses, same order.
+    Returns (B,) bool on the ids' device.
+    """
+    import torch
+
+    flags = tail_loop_flags(response_ids, lengths, max_span=max_span, min_repeats=min_repeats,
+                            min_loop_tokens=min_loop_tokens)
+    if texts is not None:
+        if len(texts) != len(flags):
+            raise ValueError(f"repetition_flags: {len(flags)} responses but {len(texts)} texts")
+        squashed = [len(t) >= min_chars and compression_ratio(t) < max_compression_ratio for t in texts]
+        flags |= torch.tensor(squashed, dtype=torch.bool, device=flags.device)
+    return flags
+
+
+def repetition_rate(response_ids, lengths=None, texts: list[str] | None = None, **kwargs) -> float:
+    """Share of responses `repetition_flags` flags (0.0 for no responses); log it as train/repetition."""
+    flags = repetition_flags(response_ids, lengths, texts, **kwargs)
+    return flags.float().mean().item() if len(flags) else 0.0
+
+
+def zero_degenerate(rewards, flags):
+    """The guard: a degenerate response gets reward 0, whatever its answer, so that a loop that happens to
+    end in a right box is never reinforced. rewards (B,) tensor or list; flags (B,) bool. Same type back."""
+    import torch
+
+    if torch.is_tensor(rewards):
+        flags = torch.as_tensor(flags, dtype=torch.bool, device=rewards.device)
+        return torch.where(flags, torch.zeros_like(rewards), rewards)
+    return [0.0 if bool(f) else r for r, f in zip(rewards, flags, strict=True)]
+
+
+def overlong_penalty(length: int, max_new_tokens: int, buffer: int, factor: float = 1.0) -> float:
+    """DAPO's soft overlong punishment (arXiv:2503.14476v1, eq. 13): 0 up to `max_new_tokens - buffer`
+    tokens, then falling linearly to -`factor` at `max_new_tokens` (a truncated response).
+    Example: budget 100, buffer 20 -> lengths 80, 90, 100 get 0, -0.5, -1."""
+    over = max(float(length) - (max_new_tokens - buffer), 0.0)
+    return -factor * min(over / max(buffer, 1), 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardRules:
+    """What turns a judge's verdict into a response's reward: the training flags of the same names."""
+
+    reward: str = "math"  # a control ('random[:P]', 'format') gives the reward in the judge's place
+    score_truncated: bool = False
+    format_reward_weight: float = 0.0
+    zero_repetitive: bool = False
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
+    max_new_tokens: int = 0
+
+    @classmethod
+    def of(cls, args) -> "RewardRules":
+        """The rules a run's arguments set (fields of the same names)."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+                      if not callable(getattr(args, f.name))})
+
+
+def decide_reward(verdict: float, response: str, ground_truth: str, *, truncated: bool, length: int,
+                  repetitive: bool, rules: RewardRules, rng=None) -> float:
+    """The reward of one response, from the judge's `verdict` (the rule, math_reward, or the user's function,
+    as RewardPool scored it), decided in this order:
+
+    1. the verdict, or a control reward in its place (`--reward random[:P]` draws from `rng`, a
+       random.Random; `--reward format` gives 1 for any final boxed answer);
+    2. truncation: a response that did not stop on its own scores 0 (ORZ), unless `score_truncated`;
+    3. format: `format_reward_weight` x `format_reward`, for a response that was not zeroed in 2;
+    4. repetition: with `zero_repetitive`, a response caught in a loop (`repetition_flags`) loses what 1-3
+       gave it, so that a loop that happens to end in a right box is never reinforced (ORZ only logs it);
+    5. overlong shaping: DAPO's length penalty (`overlong_penalty`) is added last, to every response, looping
+       or not: it is about the length alone.
+    """
+    control = control_reward(rules.reward)
+    score = verdict
+    if control is not None:  # what a spurious reward gives on the same run
+        score = (random_reward(response, ground_truth, p=control[1], rng=rng) if control[0] == "random"
+                 else boxed_format_reward(response, ground_truth))
+    if truncated and not rules.score_truncated:
+        score = 0.0
+    elif rules.format_reward_weight:
+        score += rules.format_reward_weight * format_reward(response)
+    if rules.zero_repetitive and repetitive:
+        score = 0.0
+    if rules.overlong_buffer:
+        score += overlong_penalty(length, rules.max_new_tokens, rules.overlong_buffer, rules.overlong_penalty)
+    return score
+
+
+def decide_rewards(verdicts: list[float], responses: list[str], ground_truths: list[str], *, truncated: list[bool],
+                   lengths: list[int], repetitive: list[bool], rules: RewardRules,
+                   rng=None) -> tuple[list[float], dict]:
+    """`decide_reward` for each response of a batch, and the sums a step logs: train/correct (the judge's
+    verdicts > 0, under a control reward) and train/overlong_penalty (with the shaping on)."""
+    rewards = [decide_reward(v, r, g, truncated=t, length=n, repetitive=x, rules=rules, rng=rng)
+               for v, r, g, t, n, x in zip(verdicts, responses, ground_truths, truncated, lengths, repetitive,
+                                           strict=True)]
+    stats = {}
+    if control_reward(rules.reward) is not None:
+        stats["train/correct"] = float(sum(v > 0 for v in verdicts))
+    if rules.overlong_buffer:
+        stats["train/overlong_penalty"] = sum(overlong_penalty(n, rules.max_new_tokens, rules.overlong_buffer,
+                                                               rules.overlong_penalty) for n in lengths)
+    return rewards, stats
+
+
+def answer_is_usable(answer: str) -> bool:
+    """False for a ground truth no response could match: empty, or with unbalanced braces."""
+    text = answer.replace("\\{", "").replace("\\}", "")
+    depth = 0
+    for ch in text:
+        depth += (ch == "{") - (ch == "}")
+        if depth < 0:
+            return False
+    return depth == 0 and ground_truth_answer(answer) is not None
+
+
+def audit_verdicts(responses: list[str], ground_truths: list[str], verdicts: list[float], picked: list[int],
+                   step: int, truncated: list[bool]) -> tuple[int, list[dict]]:
+    """Judge the `picked` responses again with plain math-verify (`math_verify_baseline`): (how many were
+    audited, a row for each whose verdict differs from `verdicts`, for reward_audit.jsonl, which
+    `python reward.py FILE --compare` reads). Compared are the judges' verdicts before ORZ's truncation rule.
+    Answers the pre-screen refuses as too costly are not audited: math-verify runs in the caller's process
+    (the trainer's), where a parse that never ends would stop training."""
+    # both what our judge reads (the answer region) and what math-verify reads (the last box of the text)
+    picked = [i for i in picked if not any(a is not None and too_costly(a)
+                                           for a in (final_answer(responses[i]), last_boxed_string(responses[i])))]
+    audited, differ = 0, []
+    for i in picked:
+        try:
+            plain = math_verify_baseline(responses[i], ground_truths[i])
+        except Exception:  # a failure of the audit's judge on model text is no verdict, not a crash of the run
+            continue
+        audited += 1
+        if (verdicts[i] > 0) != (plain > 0):
+            differ.append({"step": step, "response": responses[i], "ground_truth": ground_truths[i],
+                           "reward": verdicts[i], "math_verify": plain, "truncated_response": bool(truncated[i])})
+    return audited, differ
+
+
+# ----------------------------------------------------------------------------------------------------
+# 9. Command line: score a JSON Lines file
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -1445,7 +1669,7 @@ def main(args: ScoreFileArgs) -> int:
 
 
 if __name__ == "__main__":
-    from utils import parse_args
+    from cli import parse_args
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     sys.exit(main(parse_args(ScoreFileArgs, prog="reward.py", description=__doc__)))

@@ -17,17 +17,19 @@ Run it:
 """
 
 from dataclasses import dataclass, field
-from typing import Literal
 
+import algos
+from cli import parse_args
+from launch import end_launched_process
 from train_ppo import Args as PPOArgs
-from train_ppo import end_launched_process, main
-from utils import parse_args
+from train_ppo import main
 
 
 @dataclass
 class Args(PPOArgs):
-    advantage: Literal["gae", "grpo", "rloo"] = field(default="grpo", metadata={
-        "help": "gae (PPO critic), grpo (group mean/std), rloo (leave-one-out)"})
+    advantage: str = field(default="grpo", metadata={"choices": lambda: algos.ADVANTAGE_ESTIMATORS,
+        "help": "advantage estimator, a name in algos.ADVANTAGE_ESTIMATORS: gae (PPO critic), grpo (group mean/std), "
+                "rloo (leave-one-out); in Python also a function"})
     output_dir: str = field(default="runs/grpo", metadata={"help": "where metrics, samples and the final model go"})
 
 

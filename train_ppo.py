@@ -24,11 +24,10 @@ Run it:
 """
 
 import json
-import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -45,63 +44,81 @@ if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
 
 import torch  # noqa: E402 - after the OpenMP setting above
 
+import algos
 from checkpoint import (
     StopRequest,
     claim_output_dir,
     nonfinite_stop_message,
     open_logs,
+    output_dir_problems,
     parameters_finite,
     prepare_output_dir,
     releases_output_locks,
     resume,
     save_checkpoint,
 )
-from critic import (
-    ValueModel,
-    batched_values,
-    compute_gae_advantages,
-    compute_value_loss,
-    explained_variance,
-    forward_values,
-    length_adaptive_lam,
+from cli import parse_args
+from critic import ValueModel, batched_values, forward_values
+from data.loading import ORZ_STOP_STRINGS, DataArgs, load_data, read_data
+from launch import (
+    accelerate_backward,
+    configure_deepspeed,
+    deepspeed_backward,
+    deepspeed_stage,
+    describe_setup,
+    end_launched_process,
+    full_state_dict,
+    is_sharded,
+    leave_process_group,
+    make_accelerator,
+    prepare_reference,
+    read_weights_only,
+    reduce_sum,
+    stop_if_not_as_launched,
+    tracker_problems,
+    zero_stage_of,
 )
-from data.loading import ORZ_STOP_STRINGS, DataArgs
-from reward import RewardArgs, RewardPool, control_reward, reward_problems
+from reward import (
+    RewardArgs,
+    RewardPool,
+    RewardRules,
+    audit_verdicts,
+    control_reward,
+    decide_rewards,
+    repetition_flags,
+    reward_problems,
+)
 from rollout import (
     Experience,
     ModelArgs,
     SamplingArgs,
     batched_logprobs,
-    compute_grpo_advantages,
-    compute_rloo_advantages,
-    equal_reward_groups,
     forward_logprobs,
     generate_responses,
     generate_responses_refill,
     model_problems,
     plan_micro_batches,
     prepare_for_sampling,
-    repetition_flags,
     resolve_model,
     response_mask_from_lengths,
     stop_positions,
-    zero_degenerate,
 )
 from utils import (
-    add_lora,
+    RunError,
     disable_dropout,
     left_pad,
     lora_disabled,
     lora_merged,
     lora_scaling,
+    lora_summary,
     main_process_decides,
     masked_mean,
-    masked_whiten,
     merge_lora_state_dict,
     number_problems,
-    parse_args,
+    plain_args,
     timer,
     trainable_state_only,
+    with_lora,
 )
 
 SUMMED_STATS = ("loss/policy", "critic/value_loss", "policy/kl")  # shares of one batch loss, not means
@@ -124,8 +141,9 @@ class Args(RewardArgs, SamplingArgs, DataArgs, ModelArgs):
     max_prompt_tokens: int = field(default=512, metadata={"help": "longer prompts are skipped (counted and logged)"})
     output_dir: str = field(default="runs/ppo", metadata={"help": "where metrics, samples and the final model go"})
     seed: int = field(default=0, metadata={"help": "random seed"})
-    advantage: Literal["gae", "grpo", "rloo"] = field(default="gae", metadata={
-        "group": "rollout", "help": "gae (PPO critic), grpo (group mean/std), rloo (leave-one-out)"})
+    advantage: str = field(default="gae", metadata={"choices": lambda: algos.ADVANTAGE_ESTIMATORS,
+        "group": "rollout", "help": "advantage estimator, a name in algos.ADVANTAGE_ESTIMATORS: gae (PPO critic), grpo "
+                                    "(group mean/std), rloo (leave-one-out); in Python also a function"})
     max_steps: int = field(default=60, metadata={"help": "RL steps (one rollout and its updates each)"})
     prompts_per_step: int = field(default=32, metadata={"help": "prompts per step, over all processes"})
     num_generations: int = field(default=8, metadata={"help": "samples per prompt"})
@@ -169,9 +187,11 @@ class Args(RewardArgs, SamplingArgs, DataArgs, ModelArgs):
     mask_truncated: bool = field(default=False, metadata={
         "help": "leave truncated responses out of the losses (DAPO's overlong filtering) instead of only "
                 "scoring them 0; they still count in their group's baseline"})
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = field(
-        default="token-mean", metadata={"help": "token-mean over the batch, mean of per-sequence means, or "
-                                                "Dr. GRPO's constant normaliser"})
+    loss_agg: str = field(default="token-mean", metadata={"choices": lambda: algos.LOSS_AGGREGATIONS,
+        "help": "loss aggregation, a name in algos.LOSS_AGGREGATIONS: token-mean over the batch, "
+                "seq-mean-token-mean (mean of per-sequence means) or seq-mean-token-sum-norm (Dr. GRPO)"})
+    policy_loss: str = field(default="ppo", metadata={"choices": lambda: algos.POLICY_LOSSES,
+        "help": "policy loss, a name in algos.POLICY_LOSSES: ppo (the clipped surrogate)"})
     clip_low: float = field(default=0.2, metadata={"help": "ratio clip below: 1 - clip_low"})
     clip_high: float = field(default=0.2, metadata={
         "help": "ratio clip above: 1 + clip_high (DAPO's clip-higher: 0.28)"})
@@ -179,8 +199,8 @@ class Args(RewardArgs, SamplingArgs, DataArgs, ModelArgs):
         "help": "importance ratio per token (PPO) or per sequence, the exponent of the mean token log-ratio "
                 "(GSPO; its paper clips at --clip-low 3e-4 --clip-high 4e-4, with --loss-agg seq-mean-token-mean)"})
     kl_coef: float = field(default=0.0, metadata={"help": "KL to the reference model (0: none loaded, as ORZ)"})
-    kl_estimator: Literal["k3", "k1"] = field(default="k3", metadata={
-        "help": "k3 in the loss (GRPO) or k1 in the reward (classic PPO)"})
+    kl_estimator: str = field(default="k3", metadata={"choices": lambda: algos.KL_ESTIMATORS,
+        "help": "a name in algos.KL_ESTIMATORS: k3 in the loss (GRPO) or k1 in the reward (classic PPO)"})
     entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus (entropy is always logged)"})
     lr: float = field(default=1e-4, metadata={
         "group": "optimisation", "help": "policy learning rate (ORZ on real models: 1e-6)"})
@@ -247,95 +267,6 @@ class Args(RewardArgs, SamplingArgs, DataArgs, ModelArgs):
 
 
 # --------------------------------------------------------------------------------------------------
-# The math of the update: pure functions, tensors in and tensors out.
-# --------------------------------------------------------------------------------------------------
-
-def loss_weights(response_mask: torch.Tensor, mode: str, num_sequences: int, num_tokens: float,
-                 max_new_tokens: int) -> torch.Tensor:
-    """Per-token weights (B, R) that make `sum(per_token_loss * weights)` the chosen average.
-
-    `num_sequences` and `num_tokens` count the whole optimizer batch over all processes, so the loss of a
-    micro-batch is its exact share and gradient accumulation does not change the objective. Modes:
-    "token-mean" (DAPO, arXiv:2503.14476v1, eq. 12), "seq-mean-token-mean" (GRPO as written,
-    arXiv:2402.03300v3 eq. 3), "seq-mean-token-sum-norm" (Dr. GRPO's constant normaliser
-    B * max_new_tokens, arXiv:2503.20783v1 sec. 3.2). Example: masks [1,1,0],[1,0,0] in token-mean ->
-    [1/3,1/3,0],[1/3,0,0]; in seq-mean-token-mean -> [1/4,1/4,0],[1/2,0,0].
-    """
-    mask = response_mask.float()
-    if mode == "token-mean":
-        return mask / max(num_tokens, 1.0)
-    if mode == "seq-mean-token-mean":
-        return mask / mask.sum(dim=1, keepdim=True).clamp(min=1) / num_sequences
-    if mode == "seq-mean-token-sum-norm":
-        return mask / (num_sequences * max_new_tokens)
-    raise ValueError(f"unknown loss aggregation {mode!r}")
-
-
-def compute_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                        loss_weights: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.2,
-                        ratio_level: str = "token") -> tuple[torch.Tensor, dict]:
-    """PPO's clipped surrogate, with separate lower and upper clip ranges, aggregated by `loss_weights`.
-
-    arXiv:1707.06347v2 eq. 7; clip-higher from DAPO (arXiv:2503.14476v1, sec. 3.1). The log-ratio is
-    clamped to +-20 before exp so one bad token cannot overflow. All (B, R).
-    Example: logratio log(1.5), advantage 1, clip 0.2 -> ratio 1.5, loss per token -min(1.5, 1.2) = -1.2.
-
-    `ratio_level` "sequence" is GSPO (arXiv:2507.18071v2, eq. 7): one ratio per sequence, the exponent of
-    the mean token log-ratio over its tokens in the loss (weight > 0), given to each of its tokens and
-    clipped as a whole. Example: token log-ratios [log 2, 0] -> sequence ratio 2^(1/2) = 1.414 for both
-    tokens. GSPO's clip ranges are about 1000 times narrower than PPO's (3e-4 and 4e-4 in the paper).
-    """
-    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
-    if ratio_level == "sequence":
-        in_loss = (loss_weights > 0).float()
-        per_sequence = (log_ratio * in_loss).sum(dim=1, keepdim=True) / in_loss.sum(dim=1, keepdim=True).clamp(min=1)
-        log_ratio = per_sequence.expand_as(log_ratio)
-    elif ratio_level != "token":
-        raise ValueError(f"unknown ratio level {ratio_level!r}")
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    per_token = torch.maximum(unclipped, clipped)
-    loss = (per_token * loss_weights).sum()
-    mask = (loss_weights > 0).float()
-    stats = {"policy/clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
-             "policy/approx_kl": masked_mean(0.5 * log_ratio.detach() ** 2, mask).item(),
-             "policy/ratio": masked_mean(ratio.detach(), mask).item()}
-    return loss, stats
-
-
-def compute_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
-    """Per-token estimate of KL(policy || reference) from sampled tokens (Schulman, "Approximating KL
-    divergence", 2020). k1 = log p - log q; k3 = q/p - 1 - log(q/p) >= 0, unbiased in value but not in
-    gradient; both clamped. (B, R) -> (B, R). Example: log p = 0, log q = -1 ->
-    k1 = 1, k3 = e^-1 + 1 - 1 = 0.368.
-    """
-    log_ratio = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
-    if estimator == "k1":
-        return -log_ratio
-    if estimator == "k3":
-        return (torch.exp(log_ratio) - log_ratio - 1.0).clamp(max=10.0)
-    raise ValueError(f"unknown KL estimator {estimator!r}")
-
-
-def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
-    """DAPO's soft overlong punishment (arXiv:2503.14476v1, eq. 13): 0 up to `max_new_tokens - buffer`
-    tokens, then falling linearly to -`factor` at `max_new_tokens` (a truncated response). (B,) -> (B,).
-    Example: budget 100, buffer 20 -> lengths 80, 90, 100 get 0, -0.5, -1."""
-    over = (lengths.float() - (max_new_tokens - buffer)).clamp(min=0.0)
-    return -factor * (over / max(buffer, 1)).clamp(max=1.0)
-
-
-def outcome_token_rewards(rewards: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Place each sequence's reward on its last valid response token, the one whose next state is terminal
-    (value 0), not one slot after it. (B,) -> (B, R)."""
-    last = (response_mask.sum(dim=1).long() - 1).clamp(min=0)
-    token_rewards = torch.zeros_like(response_mask, dtype=rewards.dtype)
-    token_rewards[torch.arange(len(rewards)), last] = rewards
-    return token_rewards * response_mask
-
-
-# --------------------------------------------------------------------------------------------------
 # Setup helpers.
 # --------------------------------------------------------------------------------------------------
 
@@ -359,9 +290,15 @@ def check_args(args: Args, num_processes: int = 1) -> None:
                         f"--overlong-penalty {args.overlong_penalty} >= 0")
     if args.dynamic_sampling and (args.num_generations < 2 or args.max_sampling_rounds < 1):
         problems.append("--dynamic-sampling needs --num-generations >= 2 (groups) and --max-sampling-rounds >= 1")
-    if args.adaptive_lam_alpha and (args.advantage != "gae" or args.adaptive_lam_alpha < 0):
+    if args.adaptive_lam_alpha and (args.advantage != "gae" or args.adaptive_lam_alpha < 0):  # VAPO's is GAE's
         problems.append("--adaptive-lam-alpha needs --advantage gae (it sets GAE's lambda) and a value > 0")
-    if args.advantage in ("grpo", "rloo") and args.num_generations < 2:
+    for flag, table, value in (("--advantage", algos.ADVANTAGE_ESTIMATORS, args.advantage),
+                               ("--policy-loss", algos.POLICY_LOSSES, args.policy_loss),
+                               ("--kl-estimator", algos.KL_ESTIMATORS, args.kl_estimator),
+                               ("--loss-agg", algos.LOSS_AGGREGATIONS, args.loss_agg)):
+        if not callable(value) and value not in table:
+            problems.append(f"{flag} {value}: not one of {', '.join(table)}")
+    if args.advantage in algos.GROUP_ESTIMATORS and args.num_generations < 2:
         problems.append(f"--advantage {args.advantage} needs --num-generations >= 2")
     if not (0 <= args.clip_low < 1 and args.clip_high >= 0):
         problems.append("clip ranges must satisfy 0 <= --clip-low < 1 and --clip-high >= 0")
@@ -395,11 +332,11 @@ def check_args(args: Args, num_processes: int = 1) -> None:
         problems.append(f"--synthetic-difficulty {args.synthetic_difficulty} must be >= 1")
     problems += lora_problems(args)
     problems += model_problems(args.model)
-    problems += reward_problems(args.reward)
+    problems += reward_problems(args.reward) if isinstance(args.reward, str) else []
     problems += tracker_problems(args.report_to)
     problems += output_dir_problems(args.output_dir)
     if problems:
-        raise SystemExit("error: " + "; ".join(problems))
+        raise RunError("error: " + "; ".join(problems))
 
 
 def lora_problems(args: Args) -> list[str]:
@@ -426,92 +363,6 @@ def lora_problems(args: Args) -> list[str]:
         problems.append("--merge-for-generation with --bf16: the frozen base is bf16, where merging and unmerging "
                         "every step would round the base weights away from the base; drop one of the two")
     return problems
-
-
-def tracker_problems(report_to: str) -> list[str]:
-    """[] if the --report-to tracker is installed (accelerate would only warn and log nowhere)."""
-    from accelerate import utils
-
-    available = {"none": lambda: True, "tensorboard": utils.is_tensorboard_available,
-                 "wandb": utils.is_wandb_available}[report_to]
-    if available():
-        return []
-    return [f"--report-to {report_to}: {report_to} is not installed "
-            f"(pip install {report_to}, or --report-to none)"]
-
-
-def output_dir_problems(path: str) -> list[str]:
-    """[] if `path` can be created and written, else one message."""
-    import tempfile
-
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        return [f"--output-dir {path}: cannot write there ({err.strerror or err})"]
-    return []
-
-
-def read_data(args: Args) -> tuple[list, dict]:
-    """(train records, {eval set name: records}) as read from their files, before any tokenizer or model
-    is needed; a bad file stops the run with one line."""
-    from data.loading import DataError, load_dataset
-
-    load = partial(load_dataset, seed=args.seed, difficulty=args.synthetic_difficulty,
-                   question_field=args.question_field, answer_field=args.answer_field)
-    specs = [s.strip() for s in (args.eval_datasets or ("synthetic" if args.dataset == "synthetic" else "")).split(",")
-             if s.strip()]
-    try:
-        train = load(args.dataset, "train")
-        evals = {spec.partition(":")[0]: load(spec, "test") for spec in specs}
-    except DataError as err:
-        raise SystemExit(f"error: {err}") from None
-    return train, evals
-
-
-def load_data(args: Args, tokenizer, data: tuple[list, dict] | None = None):
-    """Train and eval records (`data` from `read_data`, read now if not given), each with `prompt_ids`;
-    prompts over the limit are skipped and counted."""
-    from data.loading import DataError, format_prompt
-
-    train, evals = read_data(args) if data is None else data
-    try:
-        for records in (train, *evals.values()):
-            for r in records:
-                r["prompt_ids"] = tokenizer(format_prompt(r["question"], args.prompt_template, tokenizer))["input_ids"]
-    except DataError as err:
-        raise SystemExit(f"error: {err}") from None
-    unusable = [r for r in train if not answer_is_usable(r["answer"])]
-    if unusable:
-        print(f"warning: skipped {len(unusable)} of {len(train)} training records whose answer cannot be checked "
-              f"(empty or unbalanced braces; first: record {unusable[0]['id']}, answer {unusable[0]['answer'][:40]!r})")
-        train = [r for r in train if answer_is_usable(r["answer"])]
-    kept = [r for r in train if len(r["prompt_ids"]) <= args.max_prompt_tokens]
-    if len(kept) < len(train):
-        print(f"warning: skipped {len(train) - len(kept)} of {len(train)} training prompts longer than "
-              f"--max-prompt-tokens {args.max_prompt_tokens} "
-              f"(first: record {next(r['id'] for r in train if r not in kept)})")
-    if not kept:
-        raise SystemExit(f"error: {args.dataset}: no training prompt fits in "
-                         f"--max-prompt-tokens {args.max_prompt_tokens}")
-    for name, records in evals.items():
-        records = [r for r in records if len(r["prompt_ids"]) <= args.max_prompt_tokens]
-        evals[name] = records[:args.eval_limit] if args.eval_limit else records
-    return kept, {name: records for name, records in evals.items() if records}
-
-
-def answer_is_usable(answer: str) -> bool:
-    """False for a ground truth no response could match: empty, or with unbalanced braces."""
-    from reward import ground_truth_answer
-
-    text = answer.replace("\\{", "").replace("\\}", "")
-    depth = 0
-    for ch in text:
-        depth += (ch == "{") - (ch == "}")
-        if depth < 0:
-            return False
-    return depth == 0 and ground_truth_answer(answer) is not None
 
 
 def step_prompts(records: list, step: int, per_step: int, seed: int, rank: int, world: int) -> list:
@@ -545,20 +396,6 @@ def padding_fraction(exp: Experience, micro: list[torch.Tensor]) -> float:
     return 1.0 - exp.attention_mask.sum().item() / max(computed, 1)
 
 
-def clip_gradients(accelerator, model, max_norm: float) -> float:
-    """Clip `model`'s gradients to `max_norm`, returning the norm before clipping. Under FSDP, accelerate
-    finds the model by comparing parameter lists with ==, which raises when the policy and the critic have
-    as many parameters; clip the given model directly instead."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type != DistributedType.FSDP:
-        return float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
-    if hasattr(model, "clip_grad_norm_"):  # FSDP1 wrapper
-        return float(model.clip_grad_norm_(max_norm))
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)  # FSDP2: DTensor gradients
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-
 def injected_nan_steps() -> set[int]:
     """Fault injection for tests: REASONER_ZERO_NAN_STEPS="3,4" makes the losses of those steps NaN."""
     import os
@@ -578,227 +415,6 @@ def call_seeds(seed: int, step: int, first: int, count: int, chunk: int, salt: i
     """One seed per generate call of `chunk` prompts, from the run's seed, the step and the place of the
     call's first prompt among all processes' prompts of the step: independent of the process count."""
     return [(seed * 1_000_003 + salt * 7_919 + step * 100_003 + first + i) % 2**62 for i in range(0, count, chunk)]
-
-
-def is_sharded(accelerator) -> bool:
-    """Whether the models' weights are partitioned over the processes (FSDP, DeepSpeed ZeRO-3): then every
-    process must run every forward pass, e.g. generate with synced_gpus."""
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.FSDP or deepspeed_stage(accelerator) == 3
-
-
-def deepspeed_stage(accelerator) -> int | None:
-    """The ZeRO stage the launch asked DeepSpeed for, or None without DeepSpeed."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return None
-    return int(accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage"])
-
-
-def deepspeed_process_kwargs() -> list:
-    """The Accelerator's handlers for a DeepSpeed launch on CPU processes (no CUDA; DeepSpeed then picks its
-    CPU accelerator, or DS_ACCELERATOR=cpu): the gloo backend. Without it accelerate 1.15 reports one process
-    on each rank while DeepSpeed uses all of them (`launch_problems` stops that). Also stops DeepSpeed from
-    building its shared-memory all-reduce (a C++ op compiled on first use, minutes on a small machine): gloo
-    does the same reductions. DeepSpeed keeps its op table in one module-level dict that it reads when it
-    sets up communication; marking the op unavailable there makes it fall back to torch.distributed."""
-    if not env_flag("ACCELERATE_USE_DEEPSPEED") or torch.cuda.is_available():
-        return []
-    from accelerate.utils import InitProcessGroupKwargs
-
-    if os.environ.get("DS_ACCELERATOR", "cpu") == "cpu":
-        import deepspeed.ops
-
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    return [InitProcessGroupKwargs(backend="gloo")]
-
-
-def configure_deepspeed(accelerator, args: "Args") -> None:
-    """Put what the trainer owns into DeepSpeed's engine config, before any model is prepared. The update
-    accumulates a varying number of micro-batches per optimizer step and normalises the loss over the whole
-    mini-batch itself, so the engine must not divide by a fixed accumulation count nor step on its own:
-    gradient_accumulation_steps 1 (no division) with managed_gradient_accumulation false, under which
-    `engine.backward` only adds into the (ZeRO-2/3 partitioned) gradients and `engine.step` is the boundary
-    that reduces, clips (gradient_clipping = --max-grad-norm) and steps. The micro-batch size only
-    enters DeepSpeed's sample counter."""
-    config = accelerator.state.deepspeed_plugin.deepspeed_config
-    config.update(gradient_accumulation_steps=1, managed_gradient_accumulation=False,
-                  gradient_clipping=args.max_grad_norm, train_micro_batch_size_per_gpu=1,
-                  train_batch_size=accelerator.num_processes)
-
-
-def prepare_reference(accelerator, ref):
-    """The frozen KL reference model, held like the trained ones but without optimizer or wrapper for
-    gradients: sharded under FSDP2 (accelerate's prepare wants an optimizer with each FSDP2 model, so its
-    FSDP2 step is called directly) and ZeRO-3 (an inference engine: partitioned weights), whole under
-    ZeRO-2 (which partitions only gradients and optimizer states) and otherwise. Not in checkpoints."""
-    from accelerate.utils import fsdp2_prepare_model
-
-    stage = deepspeed_stage(accelerator)
-    if stage == 3:
-        import copy
-
-        import deepspeed
-
-        config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
-        config.pop("optimizer", None)
-        config.pop("scheduler", None)
-        engine = deepspeed.initialize(model=ref, config=config)[0]
-        engine.eval()  # DeepSpeedEngine.eval returns None, not the engine
-        return engine
-    if stage is not None:
-        return ref.to(accelerator.device)
-    return (fsdp2_prepare_model(accelerator, ref) if is_sharded(accelerator)
-            else accelerator.prepare_model(ref, evaluation_mode=True))
-
-
-def read_weights_only(engine) -> None:
-    """Make a DeepSpeed engine read its checkpoint files (weights, ZeRO partitions, optimizer states) with
-    torch's weights-only unpickler, as every other checkpoint file is read: DeepSpeed's own loader uses
-    torch.load(weights_only=False), which runs whatever code a tampered file holds. Allowed besides tensors
-    and plain data: the three data-holding classes DeepSpeed 0.19.8 writes into its files (found by loading
-    ZeRO-2 and ZeRO-3 checkpoints of both models until nothing else was refused)."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    def load(path: str, map_location=None):
-        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-            return torch.load(path, map_location=map_location, weights_only=True)
-
-    engine.checkpoint_engine.load = load
-
-
-def deepspeed_backward(engine, loss: torch.Tensor, role: str, last: bool) -> dict:
-    """Backward of one micro-batch under DeepSpeed (see `configure_deepspeed`); on the mini-batch's last
-    micro-batch also the optimizer step. `loss` is already the share of the whole mini-batch's objective;
-    ZeRO averages gradients over processes as DDP does, which the caller undoes as for DDP.
-    A NaN or infinite loss or gradient: DeepSpeed's own check (ZeRO-2 and ZeRO-3 test the global gradient
-    norm before stepping, in fp32 and, with bf16's default check_grad_overflow, in bf16) skips the step and
-    clears the gradients; the engine then
-    reports the step not applied and the norm as inf, counted here as a non-finite update."""
-    engine.backward(loss)
-    if not last:
-        return {}
-    engine.step()
-    norm = engine.get_global_grad_norm()
-    norm = float("inf") if norm is None else float(norm)
-    return {f"{role}/grad_norm": norm, "train/nonfinite_updates": float(not engine.was_step_applied())}
-
-
-def accelerate_backward(accelerator, model, optimizer, loss: torch.Tensor, role: str, max_norm: float) -> dict:
-    """Backward of one micro-batch with accelerate (one process, DDP, FSDP); at the accumulation boundary
-    (the mini-batch's last micro-batch) also the step: clip to `max_norm` (a global norm, the same on all
-    processes), and skip the step, counted, when the norm is not finite (a NaN/inf loss or gradient).
-    `loss` is already the share of the whole mini-batch's objective and DDP's averaging undone by the caller;
-    accelerate divides by the accumulation steps, which is undone here."""
-    accelerator.backward(loss * accelerator.gradient_accumulation_steps)
-    if not accelerator.sync_gradients:
-        return {}
-    norm = clip_gradients(accelerator, model, max_norm)
-    if math.isfinite(norm):
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {f"{role}/grad_norm": norm, "train/nonfinite_updates": float(not math.isfinite(norm))}
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
-
-
-def allow_cpu_fsdp() -> bool:
-    """Let a launch that asks for FSDP shard on CPU processes, as it does on GPUs. accelerate 1.15 turns a
-    launch's FSDP request (ACCELERATE_USE_FSDP) into FSDP only for GPU-type process groups: CPU processes
-    (ACCELERATE_USE_CPU) come up as MULTI_CPU and the models get DistributedDataParallel instead, silently.
-    Marking the process state (gloo, on the CPU) as multi-process before the Accelerator is built lets it
-    shard as asked; FSDP2 itself runs on CPU tensors. accelerate keeps the type in a private shared
-    state, so this reaches into it; `launch_problems` checks the result. Returns whether it applied."""
-    if not (env_flag("ACCELERATE_USE_FSDP") and env_flag("ACCELERATE_USE_CPU")
-            and int(os.environ.get("WORLD_SIZE", "1")) > 1):
-        return False
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType
-
-    state = PartialState(cpu=True)
-    if state.distributed_type != DistributedType.MULTI_CPU:
-        return False
-    state._shared_state["distributed_type"] = DistributedType.MULTI_GPU
-    return True
-
-
-def fsdp_sharded(model) -> bool:
-    """Whether FSDP2 holds `model`: its parameters are DTensors (shards of the full tensors)."""
-    from torch.distributed.tensor import DTensor
-
-    return all(isinstance(p, DTensor) for p in model.parameters())
-
-
-def zero_stage_of(model) -> int | None:
-    """The ZeRO stage of the DeepSpeed engine holding `model`, or None when no engine holds it."""
-    return model.zero_optimization_stage() if hasattr(model, "zero_optimization_stage") else None
-
-
-def launch_problems(accelerator, models: dict) -> list[str]:
-    """How the distributed setup the Accelerator built differs from what the launch asked for (accelerate
-    launch's environment: WORLD_SIZE, ACCELERATE_USE_FSDP, ACCELERATE_USE_DEEPSPEED), and prepared models
-    (name -> model) that FSDP did not shard. Each mismatch would train silently wrong or not as asked."""
-    from accelerate.utils import DistributedType
-
-    got, processes = accelerator.distributed_type, accelerator.num_processes
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    problems = []
-    if launched != processes:
-        hint = ("; on CPU processes launch with ACCELERATE_USE_CPU=true (DeepSpeed without it)"
-                if not torch.cuda.is_available() and not env_flag("ACCELERATE_USE_CPU") else "")
-        problems.append(f"{launched} processes were launched (WORLD_SIZE) but accelerate sees {processes}: each "
-                        f"would train on its own or count the batch wrongly{hint}")
-    for flag, kind in (("ACCELERATE_USE_FSDP", DistributedType.FSDP),
-                       ("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED)):
-        if env_flag(flag) and got != kind:
-            # accelerate lets ACCELERATE_USE_CPU override a DeepSpeed launch: the processes then run DDP
-            hint = ("; DeepSpeed runs on CPU processes without ACCELERATE_USE_CPU (unset it)"
-                    if kind == DistributedType.DEEPSPEED and env_flag("ACCELERATE_USE_CPU") else "")
-            problems.append(f"the launch asked for {kind.value} but the processes run {got.value}{hint}")
-    if got == DistributedType.FSDP:
-        for name, model in models.items():
-            if model is not None and not fsdp_sharded(model):
-                problems.append(f"FSDP did not shard the {name} (its parameters are not DTensors)")
-    if got == DistributedType.DEEPSPEED:
-        stage = deepspeed_stage(accelerator)
-        for name, model in models.items():  # the frozen reference model has an engine only under ZeRO-3
-            if model is None or (name == "reference model" and stage != 3):
-                continue
-            held = zero_stage_of(model)
-            if held != stage:
-                problems.append(f"the launch asked for DeepSpeed ZeRO-{stage} but the {name} is held by "
-                                + (f"a ZeRO-{held} engine" if held is not None else type(model).__name__))
-    return problems
-
-
-def stop_if_not_as_launched(accelerator, models: dict) -> None:
-    problems = launch_problems(accelerator, models)
-    if problems:
-        raise SystemExit("error: this is not the run the launch asked for: " + "; ".join(problems))
-
-
-def describe_setup(accelerator, models: dict) -> str:
-    """One line: the distributed type, processes, backend and device, and how each prepared model is held."""
-    held = []
-    for name, model in models.items():
-        if model is None:
-            continue
-        if fsdp_sharded(model):
-            how = "sharded (FSDP2, DTensor parameters)"
-        elif zero_stage_of(model) is not None:
-            how = f"DeepSpeedEngine (ZeRO-{zero_stage_of(model)})"
-        else:
-            how = type(model).__name__ if type(model).__module__.startswith("torch.") else "whole"
-        held.append(f"{name} {how}")
-    backend = getattr(accelerator.state, "backend", None) or "none"
-    return (f"distributed setup: {accelerator.distributed_type.value}, {accelerator.num_processes} process(es), "
-            f"backend {backend}, device {accelerator.device}; " + ", ".join(held))
 
 
 def sample_and_score(run: "Run", step: int, metrics: dict):
@@ -824,7 +440,7 @@ def sample_and_score(run: "Run", step: int, metrics: dict):
             exp.rewards, stats, repetitive = score_rollout(run, exp, texts, drawn, key=(step, r))
         if not args.dynamic_sampling:
             return exp, texts, drawn, stats, repetitive
-        signal = ~equal_reward_groups(exp.rewards, exp.group_ids)
+        signal = ~algos.equal_reward_groups(exp.rewards, exp.group_ids)
         rounds.append((exp, texts, drawn, stats, repetitive, signal))
         with_signal += int(reduce_sum(accelerator, signal.sum().float()).item()) // samples
         if with_signal >= per_step:
@@ -915,35 +531,6 @@ def rollout(run: "Run", records: list, step: int, salt: int = 0) -> tuple[Experi
                      group_ids=torch.arange(len(records)).repeat_interleave(num_generations))
     on_device = {k: (v.to(accelerator.device) if torch.is_tensor(v) else v) for k, v in vars(exp).items()}
     return Experience(**on_device), texts
-
-
-def score(pool: RewardPool, texts: list[str], answers: list[str], truncated: torch.Tensor, args: Args,
-          extras: list[dict] | None = None, rng=None):
-    """Rewards (B,) with ORZ's rule: a truncated response scores 0 unless --score-truncated. `extras` are
-    the other fields of each response's record, passed to the reward function as keyword arguments.
-    With a control reward (--reward random[:P] or format) the pool still judges the answers, as
-    `train/correct`, while the reward is the control's, drawn from `rng` (a random.Random) for random."""
-    verdicts, stats = pool.score(texts, answers, extras)
-    return apply_rules(verdicts, stats, texts, answers, truncated, args, rng)
-
-
-def apply_rules(verdicts: list[float], stats: dict, texts: list[str], answers: list[str], truncated: torch.Tensor,
-                args: Args, rng=None):
-    """`score` after the pool: the judge's `verdicts` made rewards (B,) by the control, format and truncation
-    rules; returns (rewards, stats)."""
-    from reward import boxed_format_reward, control_reward, format_reward, random_reward
-
-    rewards = verdicts
-    if (control := control_reward(args.reward)) is not None:  # what a spurious reward gives on the same run
-        stats = {**stats, "train/correct": float(sum(r > 0 for r in rewards))}
-        rewards = [random_reward(t, a, p=control[1], rng=rng) if control[0] == "random" else boxed_format_reward(t, a)
-                   for t, a in zip(texts, answers, strict=True)]
-    rewards = torch.tensor(rewards, dtype=torch.float32)
-    if args.format_reward_weight:
-        rewards += args.format_reward_weight * torch.tensor([format_reward(t) for t in texts])
-    if not args.score_truncated:
-        rewards = torch.where(truncated, torch.zeros_like(rewards), rewards)
-    return rewards, stats
 
 
 def evaluate(run: "Run", step: int) -> dict:
@@ -1037,24 +624,20 @@ def main(args: Args) -> dict:
         # ---- 5. Values of every response token (PPO's critic) ----------------------------------------------
         with timer(metrics, "critic"):
             exp.values = batched_values(critic, exp, micro) if critic is not None else None
-        # ---- 6. Advantages, once: GAE over the values, or each group's baseline ----------------------------
-        equal = equal_reward_groups(exp.rewards, exp.group_ids)
+        # ---- 6. Advantages, once: the --advantage estimator (algos.ADVANTAGE_ESTIMATORS) ------------------
+        equal = algos.equal_reward_groups(exp.rewards, exp.group_ids)
         lengths = exp.response_mask.sum(dim=1)
         if args.drop_equal_groups and critic is None:  # a group of equal rewards has no signal: left out
             exp.response_mask = exp.response_mask * (~equal)[:, None]
         if args.mask_truncated:  # after the baselines' rewards are fixed: truncated rows count there, not in the loss
             exp.response_mask = exp.response_mask * (~exp.truncated)[:, None]
-        exp.advantages, exp.returns = compute_advantages(exp, args, sum_all)
-        if args.adaptive_lam_alpha:  # the range of VAPO's per-response lambda this step
-            lam = accelerator.gather(length_adaptive_lam(lengths, args.adaptive_lam_alpha))
-            metrics.update({"policy/lam_min": lam.min().item(), "policy/lam_mean": lam.mean().item(),
-                            "policy/lam_max": lam.max().item()})
+        exp.advantages, exp.returns = compute_advantages(run, exp, lengths, metrics)
         # ---- 7. Update the critic first (ORZ), then 8. the policy (once the critic has warmed up) -----------
         stats: dict[str, list] = {}
         with timer(metrics, "critic"):
             if critic is not None:
                 stats = update(run, exp, "critic", step)
-                metrics["critic/explained_var"] = explained_variance(exp.values, exp.returns, exp.response_mask)
+                metrics["critic/explained_var"] = algos.explained_variance(exp.values, exp.returns, exp.response_mask)
         policy_trains = critic is None or step >= args.critic_warmup_steps
         with timer(metrics, "update"):
             if policy_trains:
@@ -1075,12 +658,12 @@ def main(args: Args) -> dict:
         signalled = sum_all(float(stop.signal is not None)).item() > 0
         if nonfinite >= args.max_nonfinite_updates:
             leave_process_group()
-            raise SystemExit(nonfinite_stop_message(step, nonfinite, run.checkpoint))
+            raise RunError(nonfinite_stop_message(step, nonfinite, run.checkpoint))
         if (args.save_every and (step + 1) % args.save_every == 0) or signalled:
             run.checkpoint = checkpoint(run, step, nonfinite)
         if signalled:
             leave_process_group()
-            raise SystemExit(f"stopped by signal {stop.signal} after step {step}: "
+            raise RunError(f"stopped by signal {stop.signal} after step {step}: "
                              + (f"last checkpoint {run.checkpoint}; run the same command again to resume"
                                 if run.checkpoint else "no checkpoint to resume from"))
     return finish(run)
@@ -1090,31 +673,27 @@ def setup(args: Args) -> Run:
     """Build what the loop uses: the processes (accelerate), the checked arguments, the data, the claimed
     output directory (refusals come before any model loads), the tokenizer and models, their optimizers,
     the reward workers, and the state of the checkpoint to resume from."""
-    from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.whiten_advantages is None:  # resolved once, so that config.json records what trains
-        args = replace(args, whiten_advantages=args.advantage == "gae")
+        args = replace(args, whiten_advantages=algos.uses_critic(args.advantage))
     if args.lora_r and args.lora_alpha is None:
         args = replace(args, lora_alpha=2.0 * args.lora_r)
     # A tracker that is not installed is check_args's one-line error; accelerate would warn about it first.
     log_with = None if args.report_to == "none" or tracker_problems(args.report_to) else args.report_to
-    allow_cpu_fsdp()  # before the Accelerator: CPU processes launched for FSDP shard as asked
-    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no", log_with=log_with,
-                              project_dir=args.output_dir, kwargs_handlers=deepspeed_process_kwargs())
-    stop_if_not_as_launched(accelerator, {})  # the processes themselves: before any model loads
+    accelerator = make_accelerator(args.bf16, log_with, args.output_dir)
     world = accelerator.num_processes
     main_process_decides(accelerator, check_args, args, world)  # hub and import checks: once, for all
     data = read_data(args)  # a bad data file stops the run here, before any model is built or loaded
     # LoRA's refusals, before any model loads
     if args.lora_r and accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise SystemExit("error: LoRA runs on one process, DDP or FSDP2; with DeepSpeed it is not supported yet")
+        raise RunError("error: LoRA runs on one process, DDP or FSDP2; with DeepSpeed it is not supported yet")
     if args.merge_for_generation and accelerator.distributed_type == DistributedType.FSDP:
-        raise SystemExit("error: --merge-for-generation needs each process to hold whole weights (one process or "
+        raise RunError("error: --merge-for-generation needs each process to hold whole weights (one process or "
                          "DDP); under FSDP each holds a shard")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        configure_deepspeed(accelerator, args)
+        configure_deepspeed(accelerator, args.max_grad_norm)
     set_seed(args.seed, device_specific=True)  # each process samples differently
     out = Path(args.output_dir)
     start = claim_output_dir(accelerator, args)  # locked for this run; refusals come before any model loads
@@ -1131,7 +710,7 @@ def setup(args: Args) -> Run:
     train_records, eval_records = load_data(args, tokenizer, data)  # prompts too long: before the model too
     policy = AutoModelForCausalLM.from_pretrained(model_path, **load)
     stop_ids = prepare_for_sampling(tokenizer, policy, log=accelerator.print)
-    critic = ValueModel.from_base(model_path, **load) if args.advantage == "gae" else None
+    critic = ValueModel.from_base(model_path, **load) if algos.uses_critic(args.advantage) else None
     ref_load = {**load, "dtype": torch.bfloat16 if args.bf16 else torch.float32}  # never trained: bf16 is fine
     # With LoRA the reference is the policy with its adapters switched off (rollout_logprobs): no second copy.
     ref = (AutoModelForCausalLM.from_pretrained(model_path, **ref_load).eval().requires_grad_(False)
@@ -1176,7 +755,7 @@ def setup(args: Args) -> Run:
         state = resume(accelerator, start["checkpoint"], list(schedulers.values()))
     logs = open_logs(accelerator, out, state["step"])
     if args.report_to != "none":
-        accelerator.init_trackers("reasoner-zero", config={k: str(v) for k, v in asdict(args).items()})
+        accelerator.init_trackers("reasoner-zero", config={k: str(v) for k, v in plain_args(args).items()})
     spin = os.environ.get("GOMP_SPINCOUNT", "from OMP_WAIT_POLICY")
     accelerator.print(f"threads per process: {torch.get_num_threads()} (OMP_NUM_THREADS), OpenMP spin count "
                       + (f"{spin} (GOMP_SPINCOUNT)" if OPENMP_SETTING_APPLIED else
@@ -1194,65 +773,47 @@ def setup(args: Args) -> Run:
                peft_policy=peft_policy)
 
 
-def reduce_sum(accelerator, x) -> torch.Tensor:
-    """The sum of `x` (a number or a tensor) over all processes, as a float32 tensor."""
-    return accelerator.reduce(torch.as_tensor(x, dtype=torch.float32, device=accelerator.device), "sum")
-
-
 def score_rollout(run: Run, exp: Experience, texts: list[str], drawn: list[dict], key: tuple = (0, 0)):
-    """Rewards (B,) of a rollout on the training device (`score`, then 0 for a response caught in a loop
-    when --zero-repetitive), the reward pool's stats, and the repetition flags (B,), which are always logged.
-    `key` (step, sampling round) seeds the random control reward and the audit's choice of responses."""
+    """Rewards (B,) of a rollout on the training device, as `reward.decide_reward` decides them from the
+    pool's verdicts, the reward stats, and the repetition flags (B,), which are always logged. `key` (step,
+    sampling round) seeds the random control reward and the audit's choice of responses."""
     import random
 
     args, answers = run.args, [r["answer"] for r in drawn]
     seed = f"{args.seed}/{key[0]}/{key[1]}/{run.accelerator.process_index}"
     verdicts, stats = run.pool.score(texts, answers, [r.get("extras") or {} for r in drawn])
-    rewards, stats = apply_rules(verdicts, stats, texts, answers, exp.truncated.cpu(), args,
-                                 random.Random("reward/" + seed))
-    if args.audit_samples:
-        stats = {**stats, **audit_rewards(run, texts, answers, verdicts, exp.truncated.cpu(), key[0],
-                                          random.Random("audit/" + seed))}
-    repetitive = repetition_flags(exp.response_ids.cpu(), exp.response_mask.sum(dim=1).long().cpu(), texts)
-    if args.zero_repetitive:  # a guard against drifting into repetition; ORZ's code only logs a repeat score
-        rewards = zero_degenerate(rewards, repetitive)
-    if args.overlong_buffer:  # DAPO's soft overlong punishment, added to the rule's reward
-        penalty = overlong_penalty(exp.response_mask.sum(dim=1).cpu(), args.max_new_tokens, args.overlong_buffer,
-                                   args.overlong_penalty)
-        rewards = rewards + penalty
-        stats = {**stats, "train/overlong_penalty": penalty.sum().item()}  # a mean per response once logged
-    return rewards.to(run.accelerator.device), stats, repetitive.to(run.accelerator.device)
-
-
-def audit_rewards(run: Run, texts: list[str], answers: list[str], verdicts: list[float], truncated: torch.Tensor,
-                  step: int, rng) -> dict:
-    """Judge --audit-samples of the responses (drawn by `rng`) again with plain math-verify
-    (`reward.math_verify_baseline`) and count where its verdict and the pool's (`verdicts`) differ; the main
-    process writes its disagreeing responses to reward_audit.jsonl, which `python reward.py FILE --compare`
-    reads. Compared are the judges' verdicts before ORZ's truncation rule. Answers our pre-screen refuses as
-    too costly to parse are not audited: math-verify runs here, in the training process, where a parse that
-    never ends would stop training. Returns the counts reward/audited and reward/audit_disagreed (summed
-    over processes; reward/disagreement is their ratio)."""
-    from reward import final_answer, last_boxed_string, math_verify_baseline, too_costly
-
-    picked = sorted(rng.sample(range(len(texts)), min(run.args.audit_samples, len(texts))))
-    # both what our judge reads (the answer region) and what math-verify reads (the last box of the text)
-    picked = [i for i in picked if not any(a is not None and too_costly(a)
-                                           for a in (final_answer(texts[i]), last_boxed_string(texts[i])))]
-    audited, differ = 0, []
-    for i in picked:
-        try:
-            plain = math_verify_baseline(texts[i], answers[i])
-        except Exception:  # a failure of the audit's judge on model text is no verdict, not a crash of the run
-            continue
-        audited += 1
-        if (verdicts[i] > 0) != (plain > 0):
-            differ.append({"step": step, "response": texts[i], "ground_truth": answers[i], "reward": verdicts[i],
-                           "math_verify": plain, "truncated_response": bool(truncated[i])})
-    if run.accelerator.is_main_process:
-        for row in differ:
+    lengths, truncated = exp.response_mask.sum(dim=1).long().cpu(), exp.truncated.cpu().tolist()
+    repetitive = repetition_flags(exp.response_ids.cpu(), lengths, texts)
+    rewards, rule_stats = decide_rewards(verdicts, texts, answers, truncated=truncated, lengths=lengths.tolist(),
+                                         repetitive=repetitive.tolist(), rules=RewardRules.of(args),
+                                         rng=random.Random("reward/" + seed))
+    stats.update(rule_stats)  # train/correct and train/overlong_penalty: sums, means per response once logged
+    if args.audit_samples:  # plain math-verify judges a few responses again: reward/disagreement
+        rng = random.Random("audit/" + seed)
+        picked = sorted(rng.sample(range(len(texts)), min(args.audit_samples, len(texts))))
+        audited, differ = audit_verdicts(texts, answers, verdicts, picked, key[0], truncated)
+        stats.update({"reward/audited": float(audited), "reward/audit_disagreed": float(len(differ))})
+        for row in differ if run.accelerator.is_main_process else []:
             run.logs["reward_audit.jsonl"].write(row)
-    return {"reward/audited": float(audited), "reward/audit_disagreed": float(len(differ))}
+    device = run.accelerator.device
+    return torch.tensor(rewards, dtype=torch.float32, device=device), stats, repetitive.to(device)
+
+
+def compute_advantages(run: Run, exp: Experience, lengths: torch.Tensor, metrics: dict):
+    """(advantages, returns) of the rollout by --advantage (`algos.compute_advantages`), with the k1 KL as a
+    per-token penalty in the reward when it is on (classic PPO); logs the range of VAPO's lambda."""
+    args, accelerator = run.args, run.accelerator
+    kl_penalty = None
+    if args.kl_coef > 0 and args.kl_estimator == "k1":
+        kl_penalty = args.kl_coef * algos.compute_kl(exp.old_logprobs, exp.ref_logprobs, "k1") * exp.response_mask
+    if args.adaptive_lam_alpha:  # the range of VAPO's per-response lambda this step
+        lam = accelerator.gather(algos.length_adaptive_lam(lengths, args.adaptive_lam_alpha))
+        metrics.update({"policy/lam_min": lam.min().item(), "policy/lam_mean": lam.mean().item(),
+                        "policy/lam_max": lam.max().item()})
+    return algos.compute_advantages(
+        args.advantage, exp.rewards, exp.response_mask, exp.group_ids, exp.values, kl_penalty,
+        whiten=args.whiten_advantages, reduce=partial(reduce_sum, accelerator), gamma=args.gamma, lam=args.lam,
+        adaptive_lam_alpha=args.adaptive_lam_alpha, scale_by_std=args.scale_by_std)
 
 
 def rollout_logprobs(run: Run, exp: Experience, micro: list[torch.Tensor]):
@@ -1270,32 +831,6 @@ def rollout_logprobs(run: Run, exp: Experience, micro: list[torch.Tensor]):
         with lora_disabled(run.policy):
             ref = batched_logprobs(run.policy, exp, args.temperature, micro)
     return old, ref
-
-
-def compute_advantages(exp: Experience, args: Args, reduce=None):
-    """(advantages, returns), both (B, R): GAE over the critic's values (returns are the critic's targets),
-    or the GRPO / RLOO baseline of each group broadcast over the response (returns None). With the k1 KL,
-    the per-token penalty comes off the reward first. Whitened over the batch when --whiten-advantages
-    (`reduce` sums over processes)."""
-    mask = exp.response_mask
-    if args.kl_coef > 0 and args.kl_estimator == "k1":  # classic PPO: KL as a per-token penalty in the reward
-        kl_penalty = args.kl_coef * compute_kl(exp.old_logprobs, exp.ref_logprobs, "k1") * mask
-    else:
-        kl_penalty = torch.zeros_like(mask)
-    returns = None
-    if args.advantage == "gae":
-        token_rewards = outcome_token_rewards(exp.rewards, mask) - kl_penalty
-        advantages, returns = compute_gae_advantages(token_rewards, exp.values, mask, args.gamma, args.lam)
-        if args.adaptive_lam_alpha:  # VAPO: the policy's lambda from each length; the critic's targets keep --lam
-            lam = length_adaptive_lam(mask.sum(dim=1), args.adaptive_lam_alpha)
-            advantages, _ = compute_gae_advantages(token_rewards, exp.values, mask, args.gamma, lam)
-    else:
-        baseline = compute_grpo_advantages if args.advantage == "grpo" else compute_rloo_advantages
-        kwargs = {"scale_by_std": args.scale_by_std} if args.advantage == "grpo" else {}
-        advantages = baseline(exp.rewards - kl_penalty.sum(dim=1), exp.group_ids, **kwargs)[:, None] * mask
-    if args.whiten_advantages:
-        advantages = masked_whiten(advantages, mask, reduce=reduce)
-    return advantages, returns
 
 
 def step_metrics(accelerator, exp: Experience, lengths: torch.Tensor, equal: torch.Tensor,
@@ -1362,35 +897,8 @@ def checkpoint(run: Run, step: int, nonfinite: int) -> Path | None:
     with trainable_state_only([accelerator.unwrap_model(m) for m in (run.policy, run.critic)
                                if m is not None and run.args.lora_r]):
         return save_checkpoint(accelerator, run.out / "checkpoints", {
-            "step": step + 1, "base_accuracy": run.base_accuracy, "args": asdict(run.args),
+            "step": step + 1, "base_accuracy": run.base_accuracy, "args": plain_args(run.args),
             "schedulers": [s.state_dict() for s in run.schedulers.values()]}, run.args.keep_checkpoints)
-
-
-def with_lora(model, args: Args):
-    """The policy as a peft model with LoRA adapters, or the critic with adapters on its backbone (its value
-    head stays whole and trainable); every other weight frozen."""
-    lora = dict(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                target_modules=args.lora_target_modules)
-    if isinstance(model, ValueModel):
-        model.backbone = add_lora(model.backbone, causal_lm=False, **lora)
-        return model
-    return add_lora(model, **lora)
-
-
-def lora_summary(models: dict) -> str:
-    counts = []
-    for role, model in models.items():
-        if model is not None:
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            total = sum(p.numel() for p in model.parameters())
-            counts.append(f"{role} {trainable:,} of {total:,} ({trainable / total:.2%})")
-    return "LoRA: trainable parameters: " + ", ".join(counts)
-
-
-def full_state_dict(accelerator, model) -> dict:
-    """`model`'s full weights on the main process, for save_pretrained; every process must call it (sharded
-    models gather). Empty elsewhere under FSDP; ZeRO-3 returns None there, made empty here too."""
-    return accelerator.get_state_dict(model) or {}
 
 
 def finish(run: Run) -> dict:
@@ -1439,16 +947,6 @@ def finish(run: Run) -> dict:
     return summary
 
 
-def leave_process_group() -> None:
-    """End this process's part in the process group, on every process at the same point of a run that ends
-    well. A process that exits with the group alive can abort at exit (SIGABRT, "terminate called without an
-    active exception": gloo's worker threads outlive the interpreter, pytorch/pytorch#190489); two-process ZeRO-3
-    runs of the test suite did, now and then."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
 # --------------------------------------------------------------------------------------------------
 # The updates: epochs of mini-batches of micro-batches, the same for both roles; only the loss differs.
 # --------------------------------------------------------------------------------------------------
@@ -1471,17 +969,18 @@ def local_rows(part: torch.Tensor, rank: int, rows: int) -> torch.Tensor:
 
 
 def policy_loss(model, mb: Experience, w: torch.Tensor, args: Args) -> tuple[torch.Tensor, dict]:
-    """The clipped PPO loss of a micro-batch (with the k3 KL and the entropy bonus when on), and its stats.
-    `w` (B, R) are the tokens' loss weights (`loss_weights`)."""
+    """The --policy-loss of a micro-batch (with the KL in the loss and the entropy bonus when on), and its
+    stats. `w` (B, R) are the tokens' loss weights (`algos.loss_weights`)."""
     logprobs, entropy = forward_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1],
                                          args.temperature, with_entropy=True, entropy_grad=args.entropy_coef > 0)
     old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
-    loss, stats = compute_policy_loss(logprobs, old, mb.advantages, w, args.clip_low, args.clip_high,
-                                      args.ratio_level)
+    loss_fn = algos.lookup(algos.POLICY_LOSSES, args.policy_loss, "--policy-loss")
+    loss, stats = loss_fn(logprobs, old, mb.advantages, w, clip_low=args.clip_low, clip_high=args.clip_high,
+                          ratio_level=args.ratio_level)
     stats["loss/policy"] = loss.item()
     stats["policy/entropy"] = masked_mean(entropy.detach(), mb.response_mask).item()
-    if args.kl_coef > 0 and args.kl_estimator == "k3":
-        kl = (compute_kl(logprobs, mb.ref_logprobs, "k3") * w).sum()
+    if args.kl_coef > 0 and args.kl_estimator != "k1":  # k1 is in the reward (`compute_advantages`)
+        kl = (algos.compute_kl(logprobs, mb.ref_logprobs, args.kl_estimator) * w).sum()
         loss = loss + args.kl_coef * kl
         stats["policy/kl"] = kl.item()
     if args.entropy_coef:
@@ -1492,7 +991,8 @@ def policy_loss(model, mb: Experience, w: torch.Tensor, args: Args) -> tuple[tor
 def value_loss(model, mb: Experience, w: torch.Tensor, args: Args) -> tuple[torch.Tensor, dict]:
     """The critic's clipped value loss of a micro-batch against the GAE returns, and its stats."""
     values = forward_values(model, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1])
-    loss, stats = compute_value_loss(values, mb.values, mb.returns, w, args.value_clip if args.value_clip > 0 else None)
+    clip = args.value_clip if args.value_clip > 0 else None
+    loss, stats = algos.compute_value_loss(values, mb.values, mb.returns, w, clip)
     stats["critic/value_loss"] = loss.item()
     return loss, stats
 
@@ -1514,7 +1014,8 @@ def update(run: Run, exp: Experience, role: str, step: int) -> dict[str, list]:
         # sequences are the rows with a token in the loss: rows left out (--drop-equal-groups) have none
         kept_rows = (mini.response_mask.sum(dim=1) > 0).sum().float()
         count = accelerator.reduce(torch.stack([mini.response_mask.sum(), kept_rows]), "sum")
-        weights = loss_weights(mini.response_mask, loss_agg, int(count[1].item()), count[0].item(), args.max_new_tokens)
+        weights = algos.loss_weights(mini.response_mask, loss_agg, int(count[1].item()), count[0].item(),
+                                     args.max_new_tokens)
         micro = plan(mini, args, accelerator)
         mini_stats: dict[str, list] = {}
         accelerator.gradient_accumulation_steps = len(micro)
@@ -1544,20 +1045,6 @@ def update(run: Run, exp: Experience, role: str, step: int) -> dict[str, list]:
         for k, v in mini_stats.items():  # one value per optimizer step
             stats.setdefault(k, []).append(sum(v) if k in SUMMED_STATS + TOKEN_STATS else sum(v) / len(v))
     return stats
-
-
-def end_launched_process() -> None:
-    """After a run that ended well in a process of a multi-process launch: exit at once, without the
-    interpreter's teardown. Two-process CPU test runs (gloo) aborted now and then in that teardown
-    ("terminate called without an active exception", SIGABRT) after every output was written, even with
-    the process group destroyed (`leave_process_group`), turning a finished run into a failed launch; not
-    root-caused. Everything the run writes is closed and synced by then; stdout and stderr are flushed here."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import sys
-
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
 
 
 if __name__ == "__main__":

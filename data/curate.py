@@ -546,7 +546,7 @@ COMMANDS = {"difficulty": (DifficultyArgs, difficulty, "keep prompts by the mode
 
 
 def main(argv: list[str] | None = None):
-    from utils import parse_args
+    from cli import parse_args
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:

@@ -29,6 +29,7 @@ record, so a script can print it and exit 2:
 import json
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 # Default field names, tried in order. `solution` is deliberately absent from the answers: in MATH-style
@@ -526,3 +527,55 @@ def _first_line(err: Exception) -> str:
     """The first non-empty line of an exception's message, so our messages stay one line."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return lines[0] if lines else type(err).__name__
+
+
+# ---------------------------------------------------------------- a training run's data
+
+
+def read_data(args) -> tuple[list, dict]:
+    """(train records, {eval set name: records}) as read from their files, before any tokenizer or model
+    is needed; a bad file stops the run with one line. `args`: a training run's arguments (train_ppo.Args)."""
+    from utils import RunError
+
+    load = partial(load_dataset, seed=args.seed, difficulty=args.synthetic_difficulty,
+                   question_field=args.question_field, answer_field=args.answer_field)
+    specs = [s.strip() for s in (args.eval_datasets or ("synthetic" if args.dataset == "synthetic" else "")).split(",")
+             if s.strip()]
+    try:
+        train = load(args.dataset, "train")
+        evals = {spec.partition(":")[0]: load(spec, "test") for spec in specs}
+    except DataError as err:
+        raise RunError(f"error: {err}") from None
+    return train, evals
+
+
+def load_data(args, tokenizer, data: tuple[list, dict] | None = None):
+    """Train and eval records (`data` from `read_data`, read now if not given), each with `prompt_ids`;
+    prompts over the limit are skipped and counted."""
+    from reward import answer_is_usable
+    from utils import RunError
+
+    train, evals = read_data(args) if data is None else data
+    try:
+        for records in (train, *evals.values()):
+            for r in records:
+                r["prompt_ids"] = tokenizer(format_prompt(r["question"], args.prompt_template, tokenizer))["input_ids"]
+    except DataError as err:
+        raise RunError(f"error: {err}") from None
+    unusable = [r for r in train if not answer_is_usable(r["answer"])]
+    if unusable:
+        print(f"warning: skipped {len(unusable)} of {len(train)} training records whose answer cannot be checked "
+              f"(empty or unbalanced braces; first: record {unusable[0]['id']}, answer {unusable[0]['answer'][:40]!r})")
+        train = [r for r in train if answer_is_usable(r["answer"])]
+    kept = [r for r in train if len(r["prompt_ids"]) <= args.max_prompt_tokens]
+    if len(kept) < len(train):
+        print(f"warning: skipped {len(train) - len(kept)} of {len(train)} training prompts longer than "
+              f"--max-prompt-tokens {args.max_prompt_tokens} "
+              f"(first: record {next(r['id'] for r in train if r not in kept)})")
+    if not kept:
+        raise RunError(f"error: {args.dataset}: no training prompt fits in "
+                         f"--max-prompt-tokens {args.max_prompt_tokens}")
+    for name, records in evals.items():
+        records = [r for r in records if len(r["prompt_ids"]) <= args.max_prompt_tokens]
+        evals[name] = records[:args.eval_limit] if args.eval_limit else records
+    return kept, {name: records for name, records in evals.items() if records}

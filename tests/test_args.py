@@ -11,8 +11,8 @@ import sys
 import pytest
 from conftest import ROOT
 
+from cli import parse_args
 from train_ppo import Args, check_args
-from utils import parse_args
 
 
 def parse_error(capsys, argv: list[str], args_class=Args) -> str:

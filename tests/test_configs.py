@@ -43,9 +43,9 @@ def test_the_expected_files_are_there():
 
 
 def test_the_real_model_recipe_loads_and_its_prompt_ends_where_the_answer_starts():
+    from cli import parse_args
     from data.loading import format_prompt
     from train_ppo import Args
-    from utils import parse_args
 
     args = parse_args(Args, ["--config", str(RECIPE_DIR / "smollm2_cpu.yaml")])
     prompt = format_prompt("What is 6 + 12?", args.prompt_template)
@@ -162,9 +162,9 @@ def test_deepspeed_configs_build_the_plugin(name, stage, offload, monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipe_loads_with_orz_values(name):
+    from cli import parse_args
     from data.loading import ORZ_STOP_STRINGS
     from train_ppo import Args
-    from utils import parse_args
 
     args = parse_args(Args, ["--config", str(RECIPE_DIR / f"{name}.yaml")])  # unknown keys are an error
     assert isinstance(args, Args)
@@ -187,9 +187,9 @@ def test_recipe_loads_with_orz_values(name):
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipe_eval_set_is_shipped(name):
+    from cli import parse_args
     from data.loading import list_eval_sets
     from train_ppo import Args
-    from utils import parse_args
 
     args = parse_args(Args, ["--config", str(RECIPE_DIR / f"{name}.yaml")])
     for name in args.eval_datasets.split(","):
@@ -220,8 +220,8 @@ def with_local_paths(args, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipe_passes_check_args_for_its_launch_configs(name, tmp_path):
+    from cli import parse_args
     from train_ppo import Args, check_args
-    from utils import parse_args
 
     args = with_local_paths(parse_args(Args, ["--config", str(RECIPE_DIR / f"{name}.yaml")]), tmp_path)
     launches = recipe_launches(name)
@@ -231,8 +231,8 @@ def test_recipe_passes_check_args_for_its_launch_configs(name, tmp_path):
 
 
 def test_recipes_also_fit_two_nodes(tmp_path):
+    from cli import parse_args
     from train_ppo import Args, check_args
-    from utils import parse_args
 
     for name in ("orz_1.5b", "orz_7b"):
         args = with_local_paths(parse_args(Args, ["--config", str(RECIPE_DIR / f"{name}.yaml")]), tmp_path)
@@ -240,8 +240,8 @@ def test_recipes_also_fit_two_nodes(tmp_path):
 
 
 def test_command_line_overrides_recipe():
+    from cli import parse_args
     from train_ppo import Args
-    from utils import parse_args
 
     args = parse_args(Args, ["--config", str(RECIPE_DIR / "orz_7b.yaml"), "--max_steps", "3"])
     assert args.max_steps == 3 and args.lr == 1e-6

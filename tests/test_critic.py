@@ -8,15 +8,8 @@ import pytest
 import torch
 from transformers import AutoModel, LlamaConfig
 
-from critic import (
-    ValueModel,
-    batched_values,
-    compute_gae_advantages,
-    compute_value_loss,
-    explained_variance,
-    forward_values,
-    length_adaptive_lam,
-)
+from algos import compute_gae_advantages, compute_value_loss, explained_variance, length_adaptive_lam
+from critic import ValueModel, batched_values, forward_values
 from utils import position_ids_from_mask
 
 

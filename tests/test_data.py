@@ -581,9 +581,10 @@ def test_a_file_whose_name_starts_with_synthetic_is_read_as_a_file(tmp_path, mon
     import argparse
 
     from data.curate import load_dataset
+    from data.loading import read_data
     from data.synthetic import make_synthetic_records
     from evaluate import EvalArgs, load_eval_datasets
-    from train_ppo import Args, read_data
+    from train_ppo import Args
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "synthetic_extra.jsonl").write_text('{"question": "1 + 1", "answer": "2"}\n')

@@ -321,7 +321,7 @@ def test_launch_problems(env, got, processes, expected, monkeypatch):
 
     from accelerate.utils import DistributedType
 
-    from train_ppo import launch_problems
+    from launch import launch_problems
 
     for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_CPU", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
@@ -339,7 +339,7 @@ def test_launch_problems_names_a_model_deepspeed_does_not_hold(monkeypatch):
 
     from accelerate.utils import DistributedType
 
-    from train_ppo import launch_problems
+    from launch import launch_problems
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
@@ -390,7 +390,7 @@ def test_deepspeed_checkpoint_files_are_read_weights_only(tmp_path):
 
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    from train_ppo import read_weights_only
+    from launch import read_weights_only
 
     engine = SimpleNamespace(checkpoint_engine=SimpleNamespace(load=None))
     read_weights_only(engine)

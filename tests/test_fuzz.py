@@ -194,7 +194,7 @@ def test_a_reward_function_that_raises_hangs_or_returns_junk_costs_only_those_sa
 def test_records_whose_answer_cannot_be_checked_are_skipped_and_counted(tmp_path, tiny_base, capsys):
     from transformers import AutoTokenizer
 
-    from train_ppo import load_data
+    from data.loading import load_data
 
     path = tmp_path / "mixed.jsonl"
     answers = ["4", "\\frac{1}{2", "\\{1, 2\\}", "x}", "7"]

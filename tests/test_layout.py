@@ -1,6 +1,7 @@
-"""The files import one way: utils <- reward, data, checkpoint <- rollout, critic <- evaluate <- train_ppo <- the
-other entry points (train_grpo, benchmark, data.curate). Every import, including those inside functions, is checked, and
-every module imports alone in a fresh interpreter; no private name (`_x`) is imported across modules."""
+"""The files import one way: utils, cli, plot <- reward, data, checkpoint, algos, launch <- rollout, critic <-
+evaluate <- train_ppo <- the other entry points (train_grpo, benchmark, data.curate). Every import, including
+those inside functions, is checked, and every module imports alone in a fresh interpreter; no private name (`_x`)
+is imported across modules."""
 
 import ast
 import subprocess
@@ -10,8 +11,8 @@ import pytest
 from conftest import ROOT
 
 LAYERS = {
-    "utils": 0,
-    "reward": 1, "data.loading": 1, "data.synthetic": 1, "checkpoint": 1,
+    "utils": 0, "cli": 0, "plot": 0,
+    "reward": 1, "data.loading": 1, "data.synthetic": 1, "checkpoint": 1, "algos": 1, "launch": 1,
     "rollout": 2, "critic": 2,
     "evaluate": 3,
     "train_ppo": 4,

@@ -1,4 +1,4 @@
-"""Tests of `utils.plot_runs` and `python utils.py plot`: a valid PNG with the expected panels, runs
+"""Tests of `plot.plot_runs` and `python plot.py`: a valid PNG with the expected panels, runs
 with and without critic metrics, missing keys, and a directory without metrics.jsonl.
 
 Run: python -m pytest tests/test_plot.py -q
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-import utils
-from utils import plot_runs, read_metrics
+import plot
+from plot import plot_runs, read_metrics
 
 
 @pytest.fixture
@@ -109,16 +109,16 @@ def test_missing_metrics_file_is_a_one_line_error(tmp_path):
 def test_plot_command(tmp_path):
     run = write_run(tmp_path / "ppo", critic=True)
     out = tmp_path / "plots" / "runs.png"
-    proc = subprocess.run([sys.executable, "utils.py", "plot", str(run), "--out", str(out)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "plot.py", str(run), "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "7 panels" in proc.stdout
     assert_png(out)
     with pytest.raises(SystemExit) as err:  # in-process: a second interpreter would only cost time
-        utils.main(["plot", str(tmp_path / "nope"), "--out", str(out)])
+        plot.main([str(tmp_path / "nope"), "--out", str(out)])
     assert str(err.value) == f"error: {tmp_path / 'nope'}: no metrics.jsonl (is it a run directory?)"
     with pytest.raises(SystemExit, match="must be a .png"):
-        utils.main(["plot", str(run), "--out", str(tmp_path / "x.jpg")])
+        plot.main([str(run), "--out", str(tmp_path / "x.jpg")])
 
 
 def test_plot_one_colour_per_run_in_every_panel(tmp_path, saved_figures):
@@ -193,22 +193,22 @@ def test_plot_pass_at_k_of_base_and_rl(tmp_path, saved_figures):
                                                 "overall": {"1": 0.1, "2": 0.2, "4": 0.3, "8": 0.4}})
     rl = write_evaluation(tmp_path / "rl", {"synthetic": {"1": 0.6, "2": 0.65, "4": 0.68, "8": 0.69}})
     out = tmp_path / "passk.png"
-    proc = subprocess.run([sys.executable, "utils.py", "plot", str(base), str(rl / "results.json"), "--out", str(out)],
+    proc = subprocess.run([sys.executable, "plot.py", str(base), str(rl / "results.json"), "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "3 panels: pass@k: synthetic, pass@k: math500, pass@k: overall" in proc.stdout
     assert_png(out)
-    utils.main(["plot", str(base), str(rl), "--out", str(out)])
+    plot.main([str(base), str(rl), "--out", str(out)])
     axes = panels(saved_figures[-1])
     lines = {line.get_label(): line for line in axes["pass@k: synthetic"].get_lines()}
     assert list(lines) == ["base", "rl"] and axes["pass@k: synthetic"].get_xscale() == "log"
     assert list(lines["rl"].get_xdata()) == [1, 2, 4, 8] and list(lines["rl"].get_ydata()) == [0.6, 0.65, 0.68, 0.69]
     assert [line.get_label() for line in axes["pass@k: math500"].get_lines()] == ["base"]  # rl has no math500
     one = write_evaluation(tmp_path / "one", {"synthetic": {"1": 0.5}, "overall": {"1": 0.5}})
-    assert utils.plot_pass_at_k([one], out) == ["pass@k: synthetic"]  # one set: its "overall" is the same curve
+    assert plot.plot_pass_at_k([one], out) == ["pass@k: synthetic"]  # one set: its "overall" is the same curve
     with pytest.raises(SystemExit, match="either runs .* or evaluations"):
-        utils.main(["plot", str(base), str(write_run(tmp_path / "run")), "--out", str(out)])
+        plot.main([str(base), str(write_run(tmp_path / "run")), "--out", str(out)])
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "results.json").write_text("{}")
     with pytest.raises(SystemExit, match=r"^error: .*broken: not an evaluation with pass@k"):
-        utils.main(["plot", str(tmp_path / "broken"), "--out", str(out)])
+        plot.main([str(tmp_path / "broken"), "--out", str(out)])

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from rollout import compression_ratio, repetition_flags, repetition_rate, tail_loop_flags, zero_degenerate
+from reward import compression_ratio, repetition_flags, repetition_rate, tail_loop_flags, zero_degenerate
 
 NORMAL = " 12 + 7 = 19 </think> <answer> \\boxed{19} </answer>"
 COUNTING = " 1, 2, 3, 4, 5, 6"

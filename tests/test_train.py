@@ -190,8 +190,7 @@ def test_any_model_text_is_scored_and_written(tmp_path, tiny_base):
     import torch
     from transformers import AutoTokenizer
 
-    from reward import RewardPool
-    from train_ppo import Args, score
+    from reward import RewardPool, RewardRules, decide_rewards
     from utils import JsonlWriter
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
@@ -200,12 +199,13 @@ def test_any_model_text_is_scored_and_written(tmp_path, tiny_base):
     texts = tokenizer.batch_decode(ids, skip_special_tokens=False) + odd
     n = len(texts)
     with RewardPool("math", num_workers=0) as pool:
-        rewards, stats = score(pool, texts, ["5"] * n, torch.zeros(n, dtype=torch.bool), Args(),
-                               [{"note": t} for t in texts])
+        verdicts, stats = pool.score(texts, ["5"] * n, [{"note": t} for t in texts])
+    rewards, _ = decide_rewards(verdicts, texts, ["5"] * n, truncated=[False] * n, lengths=[48] * n,
+                                repetitive=[False] * n, rules=RewardRules())
     assert sum(stats.values()) == 0
-    assert rewards[-len(odd):].tolist() == [1.0, 0.0, 1.0, 1.0, 0.0]
+    assert rewards[-len(odd):] == [1.0, 0.0, 1.0, 1.0, 0.0]
     writer = JsonlWriter(tmp_path / "samples.jsonl")
-    for text, r in zip(texts, rewards.tolist(), strict=True):
+    for text, r in zip(texts, rewards, strict=True):
         writer.write({"response": text, "reward": r, "nested": {"texts": [text]}})
     writer.close()
     back = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -215,50 +215,40 @@ def test_any_model_text_is_scored_and_written(tmp_path, tiny_base):
 def test_control_rewards_replace_the_reward_and_the_rule_is_still_logged():
     import random
 
-    from reward import RewardPool
-    from train_ppo import Args, apply_rules, score
+    from reward import RewardPool, RewardRules, decide_rewards
 
     texts = ["\\boxed{5}", "\\boxed{4}", "no box", "\\boxed{5}"]
-    truncated = torch.tensor([False, False, False, True])
+    facts = dict(truncated=[False, False, False, True], lengths=[4] * 4, repetitive=[False] * 4)
     with RewardPool("math", num_workers=0) as pool:
-        rule, stats = score(pool, texts, ["5"] * 4, truncated, Args())
-        assert rule.tolist() == [1.0, 0.0, 0.0, 0.0] and "train/correct" not in stats
-        fmt, stats = score(pool, texts, ["5"] * 4, truncated, Args(reward="format"))
-        assert fmt.tolist() == [1.0, 1.0, 0.0, 0.0]  # any box; the truncated one still 0 (ORZ's rule)
-        assert stats["train/correct"] == 2.0  # the judge's verdicts before the truncation rule
-    verdicts = [1.0, 0.0, 0.0, 1.0]
-    draw = lambda seed: apply_rules(verdicts, {}, texts * 50, ["5"] * 200, torch.zeros(200, dtype=torch.bool),  # noqa: E731
-                                    Args(reward="random:0.25"), random.Random(seed))[0]
+        verdicts, _ = pool.score(texts, ["5"] * 4)
+    rule, stats = decide_rewards(verdicts, texts, ["5"] * 4, rules=RewardRules(), **facts)
+    assert rule == [1.0, 0.0, 0.0, 0.0] and "train/correct" not in stats
+    fmt, stats = decide_rewards(verdicts, texts, ["5"] * 4, rules=RewardRules(reward="format"), **facts)
+    assert fmt == [1.0, 1.0, 0.0, 0.0]  # any box; the truncated one still 0 (ORZ's rule)
+    assert stats["train/correct"] == 2.0  # the judge's verdicts before the truncation rule
+    verdicts = [1.0, 0.0, 0.0, 1.0] * 50
+    draw = lambda seed: decide_rewards(verdicts, texts * 50, ["5"] * 200, truncated=[False] * 200,  # noqa: E731
+                                       lengths=[4] * 200, repetitive=[False] * 200,
+                                       rules=RewardRules(reward="random:0.25"), rng=random.Random(seed))[0]
     first = draw("s")
-    assert torch.equal(first, draw("s")) and not torch.equal(first, draw("t"))  # seeded per step and process
-    assert 0.1 < first.mean().item() < 0.4  # 200 draws of p = 0.25 (sd 0.03)
+    assert first == draw("s") and first != draw("t")  # seeded per step and process
+    assert 0.1 < sum(first) / len(first) < 0.4  # 200 draws of p = 0.25 (sd 0.03)
 
 
 def test_reward_audit_counts_and_writes_the_disagreements(tmp_path):
-    import random
-    from types import SimpleNamespace
-
-    from train_ppo import audit_rewards
-    from utils import JsonlWriter
+    from reward import audit_verdicts
 
     texts = ["\\boxed{5}", "\\boxed{0.0000671}", "\\boxed{0.\\overline{3}}", "\\boxed{9^{9^{9^{9}}}}",
              "\\boxed{9^{9^{9^{9}}}} <answer>\\boxed{1}</answer> \\boxed{9^{9^{9^{9}}}}"]
     answers = ["5", "0.0000672", "\\frac13", "1", "1"]
     verdicts = [1.0, 0.0, 1.0, 0.0, 1.0]  # as math_reward judges them
-    log = JsonlWriter(tmp_path / "reward_audit.jsonl")
-    run = SimpleNamespace(args=SimpleNamespace(audit_samples=10), accelerator=SimpleNamespace(is_main_process=True),
-                          logs={"reward_audit.jsonl": log})
-    stats = audit_rewards(run, texts, answers, verdicts, torch.zeros(5, dtype=torch.bool), 3, random.Random(0))
-    log.close()
+    audited, rows = audit_verdicts(texts, answers, verdicts, list(range(5)), 3, [False] * 5)
     # a power tower is too costly to hand to math-verify in the trainer, also where only math-verify reads
     # it (the last box of the text, outside the answer): not audited
-    assert stats == {"reward/audited": 3.0, "reward/audit_disagreed": 2.0}
-    rows = [json.loads(line) for line in (tmp_path / "reward_audit.jsonl").read_text().splitlines()]
+    assert (audited, len(rows)) == (3, 2)
     assert [(r["step"], r["ground_truth"], r["reward"], r["math_verify"]) for r in rows] == [
         (3, "0.0000672", 0.0, 1.0), (3, "\\frac13", 1.0, 0.0)]
-    run.args.audit_samples = 1  # a sample of the responses, drawn by the generator
-    assert audit_rewards(run, texts, answers, verdicts, torch.zeros(5, dtype=torch.bool), 3,
-                         random.Random(0))["reward/audited"] <= 1
+    assert audit_verdicts(texts, answers, verdicts, [1], 3, [False] * 5)[0] == 1  # only the picked ones
 
 
 def test_a_control_run_logs_the_rule_next_to_its_reward(tmp_path, tiny_base):
@@ -273,8 +263,8 @@ def test_a_control_run_logs_the_rule_next_to_its_reward(tmp_path, tiny_base):
 
 
 def test_config_file_with_command_line_override(tmp_path):
+    from cli import parse_args
     from train_grpo import Args
-    from utils import parse_args
 
     config = tmp_path / "run.yaml"
     config.write_text("max_steps: 7\nlr: 0.001\nstop_strings: ['</answer>']\n")

@@ -1,0 +1,332 @@
+"""The RL objective, in one place: advantage estimators, policy and value losses, KL estimators and loss
+aggregation, each a plain tensor function, and the tables at the end that the flags read.
+
+To change the algorithm, change a function here or add one and a line to its table; a notebook can register
+its own without touching the trainer, which looks the name up in the table when it runs:
+
+    import algos
+    def my_advantages(rewards, response_mask, group_ids, values=None, **_):
+        return (rewards - rewards.mean())[:, None] * response_mask, None
+    algos.ADVANTAGE_ESTIMATORS["mine"] = my_advantages      # then Args(advantage="mine")
+
+Shapes: B responses, R response tokens (right-padded); `response_mask` (B, R) marks the tokens in the loss.
+"""
+
+import torch
+
+from utils import masked_mean, masked_whiten
+
+# --------------------------------------------------------------------------------------------------
+# Advantage kernels: group baselines and GAE, as their papers write them.
+# --------------------------------------------------------------------------------------------------
+
+def group_stats(rewards: torch.Tensor, group_ids: torch.Tensor):
+    """Per-row group size, mean and sample std of the rewards of the row's group. (B,) -> 3 x (B,)."""
+    # float64, so that a group of equal rewards such as [0.9, 0.9, 0.9] has a deviation of exactly ~0
+    # and not float32 round-off that the std division would blow up.
+    r = rewards.double()
+    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    sums = torch.zeros(len(counts), dtype=r.dtype, device=r.device).index_add_(0, inverse, r)
+    means = sums / counts
+    sq = torch.zeros_like(sums).index_add_(0, inverse, (r - means[inverse]) ** 2)
+    stds = torch.sqrt(sq / (counts - 1).clamp(min=1))
+    return counts[inverse], means[inverse], stds[inverse]
+
+
+def compute_grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, scale_by_std: bool = True,
+                            eps: float = 1e-6) -> torch.Tensor:
+    """GRPO's group baseline: (r - mean(group)) / (std(group) + eps), per sequence.
+
+    DeepSeekMath (arXiv:2402.03300v3, eq. in sec. 4.1.2), outcome supervision. Groups are the rows with
+    the same `group_ids` (the prompt id), wherever they sit in the batch. The std is the sample std, as
+    TRL computes it; `scale_by_std=False` is Dr. GRPO's unbiased variant (arXiv:2503.20783v1, sec. 3.2).
+    rewards (B,), group_ids (B,) -> (B,). Example: rewards [1, 0, 0, 0] in one group -> mean 0.25,
+    std 0.5 -> [1.5, -0.5, -0.5, -0.5].
+    """
+    counts, means, stds = group_stats(rewards, group_ids)
+    adv = rewards.double() - means
+    if scale_by_std:
+        adv = adv / (stds + eps)
+    return torch.where(counts > 1, adv, torch.zeros_like(adv)).to(rewards.dtype)
+
+
+def compute_rloo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """REINFORCE leave-one-out: r_i minus the mean of the other samples of its prompt.
+
+    Ahmadian et al., arXiv:2402.14740v2, eq. 7. Equals G/(G-1) * (r_i - group mean). (B,) -> (B,).
+    Example: rewards [1, 0, 0, 0] -> [1, -1/3, -1/3, -1/3].
+    """
+    counts, means, _ = group_stats(rewards, group_ids)
+    g = counts.double()
+    adv = (rewards.double() - means) * g / (g - 1).clamp(min=1)
+    return torch.where(counts > 1, adv, torch.zeros_like(adv)).to(rewards.dtype)
+
+
+def equal_reward_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: the row's group has all rewards equal, so a group baseline gives it zero advantage."""
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    lo = torch.full((int(inverse.max()) + 1,), float("inf"), dtype=rewards.dtype, device=rewards.device)
+    hi = torch.full_like(lo, float("-inf"))
+    lo = lo.scatter_reduce(0, inverse, rewards, "amin")
+    hi = hi.scatter_reduce(0, inverse, rewards, "amax")
+    return (lo == hi)[inverse]
+
+
+def compute_gae_advantages(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor,
+                           gamma: float = 1.0, lam: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens; returns (advantages, returns), both (B, R).
+
+    Schulman et al., arXiv:1506.02438v6, eq. 16: A_t = sum_l (gamma lam)^l delta_{t+l}, with
+    delta_t = r_t + gamma V_{t+1} - V_t. `rewards` (B, R) are per-token (the outcome sits on the last
+    valid token); past the last valid token the value is 0 (terminal), as veRL and OpenRLHF do. Masked
+    positions have no effect and come back as 0. returns = advantages + values.
+    With gamma = lam = 1 (ORZ) this is A_t = sum of rewards from t on - V_t. Example: one response of 3
+    tokens, reward 1 at the end, values [0.2, 0.5, 0.9] -> advantages [0.8, 0.5, 0.1], returns [1, 1, 1].
+    `lam` may be one per sequence, (B,) (VAPO's length-adaptive lambda, `length_adaptive_lam`).
+    """
+    mask = response_mask.to(values.dtype)
+    lam = torch.as_tensor(lam, dtype=values.dtype, device=values.device)
+    values, rewards = values * mask, rewards * mask
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    running = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+        next_value = values[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def length_adaptive_lam(lengths: torch.Tensor, alpha: float) -> torch.Tensor:
+    """VAPO's lambda for the policy's advantages, one per sequence: 1 - 1 / (alpha * length), at least 0
+    (arXiv:2504.05118v3, sec. 4.1; alpha 0.05 there), so that the sum of the TD errors' weights grows with
+    the length. (B,) -> (B,). Example: alpha 0.05, lengths 10, 100, 1000 -> 0, 0.8, 0.98."""
+    return (1.0 - 1.0 / (alpha * lengths.float().clamp(min=1))).clamp(min=0.0)
+
+
+def outcome_token_rewards(rewards: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Place each sequence's reward on its last valid response token, the one whose next state is terminal
+    (value 0), not one slot after it. (B,) -> (B, R)."""
+    last = (response_mask.sum(dim=1).long() - 1).clamp(min=0)
+    token_rewards = torch.zeros_like(response_mask, dtype=rewards.dtype)
+    token_rewards[torch.arange(len(rewards)), last] = rewards
+    return token_rewards * response_mask
+
+
+# --------------------------------------------------------------------------------------------------
+# Advantage estimators: one call each for the whole batch. Every estimator takes the same keyword
+# arguments and ignores those it does not use (`**_`); it returns (advantages (B, R), returns (B, R) or None),
+# returns being the critic's targets. rewards (B,) are the sequences' rewards; kl_penalty (B, R) the per-token
+# k1 penalty when the KL goes in the reward (zeros otherwise); values (B, R) the critic's, for estimators in
+# CRITIC_ESTIMATORS (the trainer builds a critic only for those).
+# --------------------------------------------------------------------------------------------------
+
+def gae_advantages(rewards: torch.Tensor, response_mask: torch.Tensor, values: torch.Tensor,
+                   kl_penalty: torch.Tensor, *, gamma: float = 1.0, lam: float = 1.0,
+                   adaptive_lam_alpha: float = 0.0, **_) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's GAE over the critic's values, the outcome reward on each response's last token (ORZ:
+    gamma = lam = 1). With `adaptive_lam_alpha` (VAPO) the policy's advantages use each response's
+    length-adaptive lambda, while the returns (the critic's targets) keep `lam`."""
+    token_rewards = outcome_token_rewards(rewards, response_mask) - kl_penalty
+    advantages, returns = compute_gae_advantages(token_rewards, values, response_mask, gamma, lam)
+    if adaptive_lam_alpha:
+        lam = length_adaptive_lam(response_mask.sum(dim=1), adaptive_lam_alpha)
+        advantages, _ = compute_gae_advantages(token_rewards, values, response_mask, gamma, lam)
+    return advantages, returns
+
+
+def grpo_advantages(rewards: torch.Tensor, response_mask: torch.Tensor, group_ids: torch.Tensor,
+                    kl_penalty: torch.Tensor, *, scale_by_std: bool = True, **_) -> tuple[torch.Tensor, None]:
+    """GRPO's group baseline (`compute_grpo_advantages`) given to every token of the response."""
+    advantages = compute_grpo_advantages(rewards - kl_penalty.sum(dim=1), group_ids, scale_by_std=scale_by_std)
+    return advantages[:, None] * response_mask, None
+
+
+def rloo_advantages(rewards: torch.Tensor, response_mask: torch.Tensor, group_ids: torch.Tensor,
+                    kl_penalty: torch.Tensor, **_) -> tuple[torch.Tensor, None]:
+    """The leave-one-out baseline (`compute_rloo_advantages`) given to every token of the response."""
+    advantages = compute_rloo_advantages(rewards - kl_penalty.sum(dim=1), group_ids)
+    return advantages[:, None] * response_mask, None
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses: the policy's clipped surrogate and the critic's clipped value loss, each a sum of per-token
+# terms weighted by the loss aggregation below.
+# --------------------------------------------------------------------------------------------------
+
+def compute_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                        loss_weights: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.2,
+                        ratio_level: str = "token") -> tuple[torch.Tensor, dict]:
+    """PPO's clipped surrogate, with separate lower and upper clip ranges, aggregated by `loss_weights`.
+
+    arXiv:1707.06347v2 eq. 7; clip-higher from DAPO (arXiv:2503.14476v1, sec. 3.1). The log-ratio is
+    clamped to +-20 before exp so one bad token cannot overflow. All (B, R).
+    Example: logratio log(1.5), advantage 1, clip 0.2 -> ratio 1.5, loss per token -min(1.5, 1.2) = -1.2.
+
+    `ratio_level` "sequence" is GSPO (arXiv:2507.18071v2, eq. 7): one ratio per sequence, the exponent of
+    the mean token log-ratio over its tokens in the loss (weight > 0), given to each of its tokens and
+    clipped as a whole. Example: token log-ratios [log 2, 0] -> sequence ratio 2^(1/2) = 1.414 for both
+    tokens. GSPO's clip ranges are about 1000 times narrower than PPO's (3e-4 and 4e-4 in the paper).
+    """
+    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
+    if ratio_level == "sequence":
+        in_loss = (loss_weights > 0).float()
+        per_sequence = (log_ratio * in_loss).sum(dim=1, keepdim=True) / in_loss.sum(dim=1, keepdim=True).clamp(min=1)
+        log_ratio = per_sequence.expand_as(log_ratio)
+    elif ratio_level != "token":
+        raise ValueError(f"unknown ratio level {ratio_level!r}")
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    loss = (per_token * loss_weights).sum()
+    mask = (loss_weights > 0).float()
+    stats = {"policy/clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
+             "policy/approx_kl": masked_mean(0.5 * log_ratio.detach() ** 2, mask).item(),
+             "policy/ratio": masked_mean(ratio.detach(), mask).item()}
+    return loss, stats
+
+
+def compute_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       loss_weights: torch.Tensor, clip_range: float | None = 0.2) -> tuple[torch.Tensor, dict]:
+    """PPO's value loss, clipped around the values of the rollout: 0.5 * max((V_clip - R)^2, (V - R)^2).
+
+    As ORZ runs it (clip 0.2; OpenAI baselines ppo2). `clip_range=None` is the plain 0.5 (V - R)^2.
+    `loss_weights` (B, R) is zero off the mask and sums to the loss normaliser's share of this micro-batch
+    (see `loss_weights` in train_ppo.py), so splitting a batch into micro-batches does not change the loss.
+    Example: V=0.5, V_old=0.1, R=1, clip 0.2 -> V_clip=0.3; max(0.49, 0.25) * 0.5 = 0.245 per token.
+    """
+    unclipped = (values - returns) ** 2
+    if clip_range is None:
+        per_token, clipped_more = unclipped, torch.zeros_like(unclipped, dtype=torch.bool)
+    else:
+        v_clip = old_values + (values - old_values).clamp(-clip_range, clip_range)
+        clipped = (v_clip - returns) ** 2
+        per_token, clipped_more = torch.maximum(unclipped, clipped), clipped > unclipped
+    loss = 0.5 * (per_token * loss_weights).sum()
+    mask = (loss_weights > 0).float()
+    stats = {"critic/clipfrac": masked_mean(clipped_more.float(), mask).item(),
+             "critic/values": masked_mean(values.detach(), mask).item()}
+    return loss, stats
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over the masked tokens; 1 is perfect, <= 0 is useless."""
+    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    diff = returns - values
+    var_diff = masked_mean((diff - masked_mean(diff, mask)) ** 2, mask)
+    return float("nan") if var_returns == 0 else (1 - var_diff / var_returns).item()
+
+
+# --------------------------------------------------------------------------------------------------
+# KL estimators: KL(policy || reference) per sampled token.
+# --------------------------------------------------------------------------------------------------
+
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k1 = log p - log q per token, clamped (Schulman, "Approximating KL divergence", 2020): unbiased,
+    may be negative; the classic PPO penalty in the reward. (B, R) -> (B, R). Example: log p = 0, log q = -1
+    -> 1."""
+    return -(ref_logprobs - logprobs).clamp(-20.0, 20.0)
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k3 = q/p - 1 - log(q/p) >= 0 per token, clamped (same note): unbiased in value but not in gradient;
+    GRPO's KL in the loss. (B, R) -> (B, R). Example: log p = 0, log q = -1 -> e^-1 + 1 - 1 = 0.368."""
+    log_ratio = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
+    return (torch.exp(log_ratio) - log_ratio - 1.0).clamp(max=10.0)
+
+
+def compute_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from sampled tokens by the estimator named in
+    KL_ESTIMATORS (k1, k3). (B, R) -> (B, R)."""
+    if not callable(estimator) and estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}")
+    return lookup(KL_ESTIMATORS, estimator, "--kl-estimator")(logprobs, ref_logprobs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss aggregation: per-token weights whose weighted sum is the chosen average.
+# --------------------------------------------------------------------------------------------------
+
+def token_mean_weights(response_mask: torch.Tensor, num_sequences: int, num_tokens: float,
+                       max_new_tokens: int) -> torch.Tensor:
+    """A mean over every token of the batch (DAPO, arXiv:2503.14476v1, eq. 12). Example: masks [1,1,0],
+    [1,0,0] -> [1/3,1/3,0],[1/3,0,0]."""
+    return response_mask.float() / max(num_tokens, 1.0)
+
+
+def seq_mean_token_mean_weights(response_mask: torch.Tensor, num_sequences: int, num_tokens: float,
+                                max_new_tokens: int) -> torch.Tensor:
+    """The mean over sequences of each sequence's token mean (GRPO as written, arXiv:2402.03300v3 eq. 3).
+    Example: masks [1,1,0],[1,0,0] -> [1/4,1/4,0],[1/2,0,0]."""
+    mask = response_mask.float()
+    return mask / mask.sum(dim=1, keepdim=True).clamp(min=1) / num_sequences
+
+
+def seq_mean_token_sum_norm_weights(response_mask: torch.Tensor, num_sequences: int, num_tokens: float,
+                                    max_new_tokens: int) -> torch.Tensor:
+    """Token sums over Dr. GRPO's constant normaliser B * max_new_tokens (arXiv:2503.20783v1, sec. 3.2)."""
+    return response_mask.float() / (num_sequences * max_new_tokens)
+
+
+def loss_weights(response_mask: torch.Tensor, mode: str, num_sequences: int, num_tokens: float,
+                 max_new_tokens: int) -> torch.Tensor:
+    """Per-token weights (B, R) that make `sum(per_token_loss * weights)` the average named `mode` in
+    LOSS_AGGREGATIONS. `num_sequences` and `num_tokens` count the whole optimizer batch over all processes,
+    so the loss of a micro-batch is its exact share and gradient accumulation does not change the objective."""
+    if not callable(mode) and mode not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {mode!r}")
+    return lookup(LOSS_AGGREGATIONS, mode, "--loss-agg")(response_mask, num_sequences, num_tokens, max_new_tokens)
+
+
+# --------------------------------------------------------------------------------------------------
+# The tables the flags read. The trainer looks names up here at every step, so an entry added or replaced
+# (in a notebook too) is what runs. A flag may also be given a function itself: Args(advantage=my_fn).
+# --------------------------------------------------------------------------------------------------
+
+ADVANTAGE_ESTIMATORS = {  # --advantage
+    "gae": gae_advantages,  # PPO with a critic (ORZ)
+    "grpo": grpo_advantages,  # DeepSeekMath's group baseline; Dr. GRPO with scale_by_std=False
+    "rloo": rloo_advantages,  # REINFORCE leave-one-out
+}
+CRITIC_ESTIMATORS = {"gae"}  # estimators that read the critic's values: a critic is built for these only
+GROUP_ESTIMATORS = {"grpo", "rloo"}  # estimators whose baseline is the group: they need 2+ samples per prompt
+POLICY_LOSSES = {"ppo": compute_policy_loss}  # --policy-loss: (loss, stats) from log-probs, advantages, weights
+KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}  # --kl-estimator: k1 goes in the reward, k3 in the loss
+LOSS_AGGREGATIONS = {  # --loss-agg: per-token weights that make the loss a sum
+    "token-mean": token_mean_weights,
+    "seq-mean-token-mean": seq_mean_token_mean_weights,
+    "seq-mean-token-sum-norm": seq_mean_token_sum_norm_weights,
+}
+
+
+def lookup(table: dict, name_or_fn, flag: str):
+    """The function a flag names in `table`, or the flag's value itself when it is a function."""
+    if callable(name_or_fn):
+        return name_or_fn
+    if name_or_fn not in table:
+        raise ValueError(f"{flag} {name_or_fn!r}: not one of {', '.join(table)} (add yours to algos.{flag})")
+    return table[name_or_fn]
+
+
+def uses_critic(estimator) -> bool:
+    """Whether `estimator` (a name, or a function) reads a critic's values: it is in CRITIC_ESTIMATORS."""
+    return estimator in CRITIC_ESTIMATORS
+
+
+def compute_advantages(estimator, rewards: torch.Tensor, response_mask: torch.Tensor, group_ids: torch.Tensor,
+                       values: torch.Tensor | None = None, kl_penalty: torch.Tensor | None = None, *,
+                       whiten: bool = False, reduce=None,
+                       **hyperparameters) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(advantages (B, R), returns (B, R) or None) of a batch by `estimator`, a name in ADVANTAGE_ESTIMATORS
+    or a function of the same form, which gets `hyperparameters` (gamma, lam, scale_by_std, ...) as keywords.
+    With `whiten` the advantages are whitened over every response token of the batch, over all processes
+    when `reduce` sums across them (ORZ)."""
+    fn = lookup(ADVANTAGE_ESTIMATORS, estimator, "--advantage")
+    kl_penalty = torch.zeros_like(response_mask) if kl_penalty is None else kl_penalty
+    advantages, returns = fn(rewards=rewards, response_mask=response_mask, group_ids=group_ids, values=values,
+                             kl_penalty=kl_penalty, **hyperparameters)
+    if whiten:
+        advantages = masked_whiten(advantages, response_mask, reduce=reduce)
+    return advantages, returns
