@@ -130,7 +130,7 @@ def lock_output_dir(out: Path) -> None:
         os.close(fd)
         who = f"pid {holder[0]} on {holder[1]}" if len(holder) >= 2 else "a process that has just started"
         raise RunError(f"error: --output-dir {out} is in use by another run ({who}); wait for it to end, "
-                         "or choose another --output-dir") from None
+                       "or choose another --output-dir") from None
     except OSError as err:  # file systems without flock (Lustre mounted noflock, some NFS): run unlocked
         if err.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):
             raise
@@ -176,7 +176,7 @@ def plan_output_dir(args, out: Path) -> dict:
     if args.overwrite:
         if (out / "config.json").exists() and saved is None:  # e.g. a model directory: not ours to clean
             raise RunError(f"error: --overwrite: {out} holds a config.json that is not a run's; choose "
-                             "another --output-dir")
+                           "another --output-dir")
         return {"checkpoint": None, "clean": bool(present), "continue_finished": False, "notes": []}
     ckpt, skipped = latest_checkpoint(out / "checkpoints")
     why = f" ({'; '.join(skipped)})" if skipped else ""
@@ -190,26 +190,26 @@ def plan_output_dir(args, out: Path) -> dict:
             raise RunError(f"error: --resume: no usable checkpoint in {out / 'checkpoints'}{why}")
         if finished:
             raise RunError(f"error: {out} holds a finished run (summary.json) and no usable checkpoint to "
-                             f"continue it from{why}; {ways_out}")
+                           f"continue it from{why}; {ways_out}")
         if present and not killed_before_first_checkpoint(out, args, skipped, saved):
             diffs = arg_differences(saved, args) if saved is not None else []
             other = f", of other training arguments ({'; '.join(diffs)})," if diffs else ""
             raise RunError(f"error: {out} holds a run ({', '.join(present)}){other} but no usable checkpoint "
-                             f"to resume from{why}; {ways_out}")
+                           f"to resume from{why}; {ways_out}")
         return {"checkpoint": None, "clean": bool(present), "continue_finished": False, "notes": skipped}
     state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
     diffs = arg_differences(state["args"], args)
     if diffs:
         raise RunError(f"error: {out} holds a run with other training arguments ({'; '.join(diffs)}); "
-                         f"resume it with the same ones, {ways_out}")
+                       f"resume it with the same ones, {ways_out}")
     if state["step"] > args.max_steps:
         raise RunError(f"error: --max-steps {args.max_steps} is below the step of the checkpoint to resume "
-                         f"from ({ckpt}); raise it, {ways_out}")
+                       f"from ({ckpt}); raise it, {ways_out}")
     if finished and finished_steps is None:
         raise RunError(f"error: {out} holds a finished run (summary.json, unreadable); {ways_out}")
     if finished and args.max_steps <= finished_steps:
         raise RunError(f"error: {out} holds a finished run ({finished_steps} steps); to train it further "
-                         f"from {ckpt}, raise --max-steps above {finished_steps}; or {ways_out}")
+                       f"from {ckpt}, raise --max-steps above {finished_steps}; or {ways_out}")
     return {"checkpoint": str(ckpt), "clean": False, "continue_finished": finished, "notes": skipped}
 
 
@@ -333,8 +333,8 @@ def save_checkpoint(accelerator, root: Path, state: dict, keep: int) -> Path:
             last = f"the last checkpoint, {older[-1]}, is untouched" if older else "there is no earlier one"
             free = shutil.disk_usage(next(p for p in (root, *root.parents) if p.exists())).free / 2**30
             raise RunError(f"error: writing checkpoint {final} failed ({problems[0]}; {free:.1f} GiB "
-                             f"free there): the partial copy is removed and {last}; free some space and run "
-                             "the same command again to resume")
+                           f"free there): the partial copy is removed and {last}; free some space and run "
+                           "the same command again to resume")
 
     def prepare() -> None:
         if accelerator.is_main_process:
@@ -385,6 +385,26 @@ def read_jsonl_before(path: Path, step: float) -> list[dict]:
             if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] < step:
                 rows.append(row)
     return rows
+
+
+def restores_signal_handlers(fn):
+    """Decorator: the SIGINT and SIGTERM handlers that `fn` installs (`StopRequest`) are put back as they were
+    when it returns or raises, so that in a notebook an interrupt after `main` interrupts the kernel again."""
+    import functools
+    import signal
+    import threading
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            return fn(*args, **kwargs)
+        saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+    return wrapper
 
 
 class StopRequest:
@@ -447,3 +467,31 @@ def output_dir_problems(path: str) -> list[str]:
     except OSError as err:
         return [f"--output-dir {path}: cannot write there ({err.strerror or err})"]
     return []
+
+
+def save_models(accelerator, out: Path, policy, critic, tokenizer, peft_policy=None, merge_lora: bool = False) -> None:
+    """The trained models as the run's result: policy/ (with its tokenizer) and critic/, loadable with
+    from_pretrained (`critic.ValueModel` for the critic). With LoRA (`peft_policy`) the adapters alone in
+    peft's format, or with `merge_lora` the base with the adapters merged in. Every process must call it
+    (sharded models are gathered); the main process writes."""
+    from launch import full_state_dict
+    from utils import lora_scaling, merge_lora_state_dict
+
+    model = accelerator.unwrap_model(policy)
+    save_kw = dict(is_main_process=accelerator.is_main_process, save_function=accelerator.save, safe_serialization=True)
+    state = full_state_dict(accelerator, policy)
+    if peft_policy is not None and merge_lora:  # the base model with W + (alpha / r) B A in each adapted weight
+        state = merge_lora_state_dict(state, lora_scaling(peft_policy))
+    elif peft_policy is not None:  # peft writes the adapters alone, named as in its own model
+        state, model = {"base_model.model." + k: v for k, v in state.items()}, peft_policy
+    # the saved policy keeps the checkpoint's own generation settings for whoever uses it next
+    model.generation_config = getattr(model, "reasoner_zero_original_generation_config", model.generation_config)
+    # a gathered (FSDP) state dict holds tied weights as separate tensors: save_pretrained would write both
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    state = {k: v for k, v in state.items() if k not in tied}
+    model.save_pretrained(out / "policy", state_dict=state, **save_kw)  # with LoRA unmerged: the adapters alone
+    if critic is not None:
+        accelerator.unwrap_model(critic).save_pretrained(
+            str(out / "critic"), state_dict=full_state_dict(accelerator, critic), merge_lora=merge_lora, **save_kw)
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(out / "policy")

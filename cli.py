@@ -90,12 +90,24 @@ def _config_value(value, tp):
     return value
 
 
+def script_argv() -> list[str]:
+    """The command line's arguments, or none inside a Jupyter kernel, whose sys.argv holds the kernel's own
+    (`-f .../kernel-N.json`): a script pasted whole into a notebook cell runs as `python script.py` would."""
+    if "ipykernel" in sys.modules:
+        return []
+    return sys.argv[1:]
+
+
 def field_choices(args_class, name: str) -> list | None:
     """The values a string field allows, from its metadata "choices": a list, or a function returning a table
     whose keys are the names (e.g. `lambda: algos.ADVANTAGE_ESTIMATORS`), read when the arguments are parsed, so
     that an entry a notebook adds is a valid choice. None: any string."""
-    f = next((f for f in dataclasses.fields(args_class) if f.name == name), None)
-    choices = f.metadata.get("choices") if f is not None else None
+    choices = None
+    for cls in args_class.__mro__:  # a subclass that redeclares a field (to change its default) keeps them
+        f = getattr(cls, "__dataclass_fields__", {}).get(name)
+        if f is not None and "choices" in f.metadata:
+            choices = f.metadata["choices"]
+            break
     return list(choices() if callable(choices) else choices) if choices is not None else None
 
 
@@ -238,7 +250,7 @@ def parse_args(args_class, argv: list[str] | None = None, prog: str | None = Non
     """
     import difflib
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = list(script_argv() if argv is None else argv)
     parser = build_parser(args_class, prog=prog, description=description)
     options = {s for action in parser._actions for s in action.option_strings if s.startswith("--")}
     # The underscore spelling (`--max_steps`) that earlier versions accepted still works, unlisted.

@@ -744,3 +744,46 @@ def batched_logprobs(model, exp: Experience, temperature: float, micro_batches: 
     reference log-probs. Returns (B, R), 0 outside the response mask."""
     return exp.per_token(micro_batches, lambda mb: forward_logprobs(
         model, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1], temperature)[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Which rows a process takes: the step's prompts, the generate calls' seeds, the update's mini-batches. Each
+# is a pure function of (seed, step, place among all processes' rows), so 1 and N processes, and a resumed
+# run, see the same.
+# --------------------------------------------------------------------------------------------------
+
+def step_prompts(records: list, step: int, per_step: int, seed: int, rank: int, world: int) -> list:
+    """This process's share of the prompts of `step`: a fresh permutation per epoch, a pure function of
+    (step, seed), so a resumed run sees the same prompts. A step may draw a record twice (a dataset
+    smaller than `per_step`, or a step across the end of an epoch); `rollout` makes each draw its own
+    group."""
+    local = per_step // world
+    chosen = []
+    for g in range(step * per_step + rank * local, step * per_step + (rank + 1) * local):
+        epoch, pos = divmod(g, len(records))
+        perm = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        chosen.append(records[perm[pos]])
+    return chosen
+
+
+def call_seeds(seed: int, step: int, first: int, count: int, chunk: int, salt: int = 0) -> list[int]:
+    """One seed per generate call of `chunk` prompts, from the run's seed, the step and the place of the
+    call's first prompt among all processes' prompts of the step: independent of the process count."""
+    return [(seed * 1_000_003 + salt * 7_919 + step * 100_003 + first + i) % 2**62 for i in range(0, count, chunk)]
+
+
+def mini_batch_parts(total: int, mini_batches: int, seed: int, step: int, epochs: int = 1) -> list[torch.Tensor]:
+    """The global rows of each mini-batch, epoch after epoch: a fresh shuffle per epoch, seeded by
+    (seed, step). Mini-batches are drawn from the rows of all processes (process r holds global rows
+    r*rows ..), so they hold the same rows whatever the process count."""
+    generator = torch.Generator().manual_seed(seed * 1000 + step)
+    parts = []
+    for _ in range(epochs):
+        order = torch.randperm(total, generator=generator) if mini_batches > 1 else torch.arange(total)
+        parts += list(order.chunk(mini_batches))
+    return parts
+
+
+def local_rows(part: torch.Tensor, rank: int, rows: int) -> torch.Tensor:
+    """This process's rows of a mini-batch of global rows, as indices into its own batch."""
+    return part[(part >= rank * rows) & (part < (rank + 1) * rows)] - rank * rows

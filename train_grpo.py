@@ -18,16 +18,14 @@ Run it:
 
 from dataclasses import dataclass, field
 
-import algos
 from cli import parse_args
-from launch import end_launched_process
 from train_ppo import Args as PPOArgs
-from train_ppo import main
+from train_ppo import end_launched_process, main
 
 
 @dataclass
 class Args(PPOArgs):
-    advantage: str = field(default="grpo", metadata={"choices": lambda: algos.ADVANTAGE_ESTIMATORS,
+    advantage: str = field(default="grpo", metadata={
         "help": "advantage estimator, a name in algos.ADVANTAGE_ESTIMATORS: gae (PPO critic), grpo (group mean/std), "
                 "rloo (leave-one-out); in Python also a function"})
     output_dir: str = field(default="runs/grpo", metadata={"help": "where metrics, samples and the final model go"})

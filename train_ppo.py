@@ -54,8 +54,10 @@ from checkpoint import (
     parameters_finite,
     prepare_output_dir,
     releases_output_locks,
+    restores_signal_handlers,
     resume,
     save_checkpoint,
+    save_models,
 )
 from cli import parse_args
 from critic import ValueModel, batched_values, forward_values
@@ -67,7 +69,6 @@ from launch import (
     deepspeed_stage,
     describe_setup,
     end_launched_process,
-    full_state_dict,
     is_sharded,
     leave_process_group,
     make_accelerator,
@@ -93,14 +94,18 @@ from rollout import (
     ModelArgs,
     SamplingArgs,
     batched_logprobs,
+    call_seeds,
     forward_logprobs,
     generate_responses,
     generate_responses_refill,
+    local_rows,
+    mini_batch_parts,
     model_problems,
     plan_micro_batches,
     prepare_for_sampling,
     resolve_model,
     response_mask_from_lengths,
+    step_prompts,
     stop_positions,
 )
 from utils import (
@@ -109,11 +114,10 @@ from utils import (
     left_pad,
     lora_disabled,
     lora_merged,
-    lora_scaling,
+    lora_problems,
     lora_summary,
     main_process_decides,
     masked_mean,
-    merge_lora_state_dict,
     number_problems,
     plain_args,
     timer,
@@ -267,8 +271,219 @@ class Args(RewardArgs, SamplingArgs, DataArgs, ModelArgs):
 
 
 # --------------------------------------------------------------------------------------------------
-# Setup helpers.
+# The training loop: `main` reads as its ten steps; the functions after it come in the order it calls
+# them, so the file reads top to bottom.
 # --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """What `setup` builds for the loop. `optimizers` and `schedulers` are keyed by role ("policy",
+    "critic"); `logs` holds metrics.jsonl, samples.jsonl, eval_problems.jsonl and reward_audit.jsonl on the
+    main process (empty elsewhere)."""
+
+    args: Args
+    accelerator: object
+    tokenizer: object
+    policy: torch.nn.Module
+    critic: torch.nn.Module | None
+    ref: torch.nn.Module | None
+    optimizers: dict
+    schedulers: dict
+    pool: RewardPool
+    train_records: list
+    eval_records: dict
+    stop_ids: list[int]
+    out: Path
+    start_step: int
+    base_accuracy: float | None
+    checkpoint: Path | None
+    logs: dict
+    t_start: float
+    peft_policy: object = None  # with LoRA: the peft model around `policy`, which saves the adapters
+
+
+@releases_output_locks
+@restores_signal_handlers
+def main(args: Args) -> dict:
+    from tqdm.auto import tqdm
+
+    run = setup(args)  # processes, checks, data, output directory, models, optimizers, reward workers, resume
+    args, accelerator, critic = run.args, run.accelerator, run.critic
+    sum_all = partial(reduce_sum, accelerator)
+    stop, nonfinite = StopRequest(), 0
+    bar = tqdm(range(run.start_step, args.max_steps), desc=estimator_name(args.advantage, short=True),
+               initial=run.start_step, total=args.max_steps, disable=not accelerator.is_main_process)
+    for step in bar:
+        metrics, t_step = {"step": step}, time.time()
+        # ---- 1. Evaluate: at the start and every --eval-every steps (the end is in `finish`) ----------------
+        if args.eval_every and run.eval_records and step % args.eval_every == 0:
+            with timer(metrics, "eval"):
+                metrics.update(evaluate(run, step))
+            run.base_accuracy = metrics["eval/accuracy"] if run.base_accuracy is None else run.base_accuracy
+        # ---- 2. Rollout: this process's share of the step's prompts, --num-generations samples each, and --
+        # ---- 3. Reward: one number per response (with --dynamic-sampling, rounds of both) --------------------
+        exp, texts, drawn, reward_stats, repetitive = sample_and_score(run, step, metrics)
+        # ---- 4. Log-probs of the rollout: the sampling policy's (old) and the reference model's -------------
+        with timer(metrics, "logprobs"):
+            micro = plan(exp, args, accelerator)
+            exp.old_logprobs, exp.ref_logprobs = rollout_logprobs(run, exp, micro)
+            metrics["perf/padding"] = padding_fraction(exp, micro)
+        # ---- 5. Values of every response token (PPO's critic) ----------------------------------------------
+        with timer(metrics, "critic"):
+            exp.values = batched_values(critic, exp, micro) if critic is not None else None
+        # ---- 6. Advantages, once: the --advantage estimator (algos.ADVANTAGE_ESTIMATORS) ------------------
+        equal = algos.equal_reward_groups(exp.rewards, exp.group_ids)
+        lengths = exp.response_mask.sum(dim=1)
+        if args.drop_equal_groups and critic is None:  # a group of equal rewards has no signal: left out
+            exp.response_mask = exp.response_mask * (~equal)[:, None]
+        if args.mask_truncated:  # after the baselines' rewards are fixed: truncated rows count there, not in the loss
+            exp.response_mask = exp.response_mask * (~exp.truncated)[:, None]
+        exp.advantages, exp.returns = compute_advantages(run, exp, lengths, metrics)
+        # ---- 7. Update the critic first (ORZ), then 8. the policy (once the critic has warmed up) -----------
+        stats: dict[str, list] = {}
+        with timer(metrics, "critic"):
+            if critic is not None:
+                stats = update(run, exp, "critic", step)
+                metrics["critic/explained_var"] = algos.explained_variance(exp.values, exp.returns, exp.response_mask)
+        policy_trains = critic is None or step >= args.critic_warmup_steps
+        with timer(metrics, "update"):
+            if policy_trains:
+                for k, v in update(run, exp, "policy", step).items():
+                    stats[k] = stats.get(k, []) + v  # train/nonfinite_updates: the critic's and the policy's
+        # ---- 9. Log, then advance the learning-rate schedules (once per RL step of updates) -------------------
+        metrics.update(step_metrics(accelerator, exp, lengths, equal, repetitive, reward_stats, stats))
+        metrics["lr"] = run.schedulers["policy"].get_last_lr()[0]  # the rates this step's updates used
+        if critic is not None:
+            metrics["critic/lr"] = run.schedulers["critic"].get_last_lr()[0]
+            run.schedulers["critic"].step()
+        if policy_trains:
+            run.schedulers["policy"].step()
+        metrics["time/step"] = time.time() - t_step
+        write_logs(run, step, metrics, exp, texts, drawn, lengths, bar)
+        # ---- 10. Checkpoint; stop when asked, or when updates keep failing ------------------------------------
+        nonfinite = nonfinite + 1 if metrics["train/nonfinite_updates"] > 0 else 0
+        signalled = sum_all(float(stop.signal is not None)).item() > 0
+        if nonfinite >= args.max_nonfinite_updates:
+            leave_process_group()
+            raise RunError(nonfinite_stop_message(step, nonfinite, run.checkpoint))
+        if (args.save_every and (step + 1) % args.save_every == 0) or signalled:
+            run.checkpoint = checkpoint(run, step, nonfinite)
+        if signalled:
+            leave_process_group()
+            raise RunError(f"stopped by signal {stop.signal} after step {step}: "
+                           + (f"last checkpoint {run.checkpoint}; run the same command again to resume"
+                                if run.checkpoint else "no checkpoint to resume from"))
+    return finish(run)
+
+
+def setup(args: Args) -> Run:
+    """Build what the loop uses: the processes (accelerate), the checked arguments, the data, the claimed
+    output directory (refusals come before any model loads), the tokenizer and models, their optimizers,
+    the reward workers, and the state of the checkpoint to resume from."""
+    from accelerate.utils import DistributedType, set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.whiten_advantages is None:  # resolved once, so that config.json records what trains
+        args = replace(args, whiten_advantages=algos.uses_critic(args.advantage))
+    if args.lora_r and args.lora_alpha is None:
+        args = replace(args, lora_alpha=2.0 * args.lora_r)
+    # A tracker that is not installed is check_args's one-line error; accelerate would warn about it first.
+    log_with = None if args.report_to == "none" or tracker_problems(args.report_to) else args.report_to
+    accelerator = make_accelerator(args.bf16, log_with, args.output_dir)
+    world = accelerator.num_processes
+    main_process_decides(accelerator, check_args, args, world)  # hub and import checks: once, for all
+    data = read_data(args)  # a bad data file stops the run here, before any model is built or loaded
+    # LoRA's refusals, before any model loads
+    if args.lora_r and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise RunError("error: LoRA runs on one process, DDP or FSDP2; with DeepSpeed it is not supported yet")
+    if args.merge_for_generation and accelerator.distributed_type == DistributedType.FSDP:
+        raise RunError("error: --merge-for-generation needs each process to hold whole weights (one process or "
+                       "DDP); under FSDP each holds a shard")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        configure_deepspeed(accelerator, args.max_grad_norm)
+    set_seed(args.seed, device_specific=True)  # each process samples differently
+    out = Path(args.output_dir)
+    start = claim_output_dir(accelerator, args)  # locked for this run; refusals come before any model loads
+    with accelerator.main_process_first():
+        model_path = resolve_model(args.model, log=accelerator.print)  # the tiny base or a GGUF: made once
+    t_start = time.time()  # a one-time build of the base (above) is not the run's time
+    # Trained models load in fp32 and --bf16 autocasts their forward passes: AdamW on bf16 weights loses
+    # updates of lr 1e-6 to rounding. Sharded setups (FSDP) keep fp32 masters the same way. With LoRA the
+    # base weights are frozen, so with --bf16 they load in bf16 (half the memory); peft keeps the adapters in
+    # fp32 (its autocast_adapter_dtype), and the value head is fp32 too.
+    frozen_bf16 = bool(args.lora_r and args.bf16)
+    load = dict(trust_remote_code=args.trust_remote_code, dtype=torch.bfloat16 if frozen_bf16 else torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
+    train_records, eval_records = load_data(args, tokenizer, data)  # prompts too long: before the model too
+    policy = AutoModelForCausalLM.from_pretrained(model_path, **load)
+    stop_ids = prepare_for_sampling(tokenizer, policy, log=accelerator.print)
+    critic = ValueModel.from_base(model_path, **load) if algos.uses_critic(args.advantage) else None
+    ref_load = {**load, "dtype": torch.bfloat16 if args.bf16 else torch.float32}  # never trained: bf16 is fine
+    # With LoRA the reference is the policy with its adapters switched off (rollout_logprobs): no second copy.
+    ref = (AutoModelForCausalLM.from_pretrained(model_path, **ref_load).eval().requires_grad_(False)
+           if args.kl_coef > 0 and not args.lora_r else None)
+    optimizers, schedulers, trained = {}, {}, {"policy": policy, "critic": critic}
+    for role, lr in (("policy", args.lr), ("critic", args.critic_lr)):
+        model = trained[role]
+        if model is None:
+            continue
+        if disable_dropout(model):  # the update must score the model that sampled
+            accelerator.print(f"dropout set to 0 in the {role} for training")
+        if args.lora_r:  # after disable_dropout: --lora-dropout is the adapters' own
+            model = trained[role] = with_lora(model, args)
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        optimizers[role] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                             betas=(0.9, 0.95), weight_decay=0.0)  # ORZ's
+        schedulers[role] = torch.optim.lr_scheduler.LambdaLR(optimizers[role], warmup_constant(args.warmup_steps))
+    # With LoRA the policy trains as the transformers model with peft's layers in it, not as the PeftModel
+    # around it: FSDP2 shards the prepared model as one root, and `generate` runs the inner model's forward.
+    peft_policy = trained["policy"] if args.lora_r else None
+    policy, critic = peft_policy.get_base_model() if peft_policy else trained["policy"], trained["critic"]
+    if args.lora_r:
+        accelerator.print(lora_summary(trained))
+    policy, optimizers["policy"] = accelerator.prepare(policy, optimizers["policy"])
+    if critic is not None:
+        critic, optimizers["critic"] = accelerator.prepare(critic, optimizers["critic"])
+    if ref is not None:  # frozen: no DDP wrapper; sharded like the others where they are
+        ref = prepare_reference(accelerator, ref)
+    models = {"policy": policy, "critic": critic, "reference model": ref}
+    for model in (policy, critic):
+        if zero_stage_of(model) is not None:
+            read_weights_only(model)
+    stop_if_not_as_launched(accelerator, models)  # and how each model is held
+    accelerator.print(describe_setup(accelerator, models))
+    # with a control reward the pool judges correctness all the same (train/correct, and evaluation)
+    reward_fn, workers = "math" if control_reward(args.reward) else args.reward, args.reward_workers
+    if callable(reward_fn) and workers and reward_fn.__module__ == "__main__":  # a worker process cannot import it
+        accelerator.print("note: the reward function is defined in __main__ (a notebook): it is scored in this "
+                          "process, without the workers' hard timeout; from a .py file it gets worker processes")
+        workers = 0
+    pool = RewardPool(reward_fn, num_workers=workers, timeout=args.reward_timeout)
+
+    main_process_decides(accelerator, prepare_output_dir, out, start, args)
+    with trainable_state_only([accelerator.unwrap_model(m) for m in (policy, critic) if m is not None and args.lora_r]):
+        state = resume(accelerator, start["checkpoint"], list(schedulers.values()))
+    logs = open_logs(accelerator, out, state["step"])
+    if args.report_to != "none":
+        accelerator.init_trackers("reasoner-zero", config={k: str(v) for k, v in plain_args(args).items()})
+    spin = os.environ.get("GOMP_SPINCOUNT", "from OMP_WAIT_POLICY")
+    accelerator.print(f"threads per process: {torch.get_num_threads()} (OMP_NUM_THREADS), OpenMP spin count "
+                      + (f"{spin} (GOMP_SPINCOUNT)" if OPENMP_SETTING_APPLIED else
+                         "libgomp's own: torch was imported before train_ppo (set GOMP_SPINCOUNT before that)"))
+    accelerator.print(f"training {estimator_name(args.advantage)} on {len(train_records)} prompts, "
+                      f"{world} process(es), {args.max_steps} steps of {args.prompts_per_step} x "
+                      f"{args.num_generations}")
+    if len(train_records) < args.prompts_per_step:
+        accelerator.print(f"note: {len(train_records)} training prompts, fewer than --prompts-per-step "
+                          f"{args.prompts_per_step}: each step draws some prompts more than once, and "
+                          f"each draw's {args.num_generations} samples are a group of their own")
+    return Run(args=args, accelerator=accelerator, tokenizer=tokenizer, policy=policy, critic=critic, ref=ref,
+               optimizers=optimizers, schedulers=schedulers, pool=pool, train_records=train_records,
+               eval_records=eval_records, stop_ids=stop_ids, out=out, start_step=state["step"],
+               base_accuracy=state["base_accuracy"], checkpoint=start["checkpoint"], logs=logs, t_start=t_start,
+               peft_policy=peft_policy)
+
 
 def check_args(args: Args, num_processes: int = 1) -> None:
     """Catch settings that cannot work before any model loads; one line saying what to change."""
@@ -339,85 +554,54 @@ def check_args(args: Args, num_processes: int = 1) -> None:
         raise RunError("error: " + "; ".join(problems))
 
 
-def lora_problems(args: Args) -> list[str]:
-    """What is wrong with the LoRA arguments."""
-    if not args.lora_r:
-        return [f"--{flag} merges LoRA adapters: it needs --lora-r" for flag, on in
-                (("merge-on-save", args.merge_on_save), ("merge-for-generation", args.merge_for_generation)) if on]
-    problems = []
-    if args.lora_r < 0 or (args.lora_alpha is not None and not args.lora_alpha > 0):
-        problems.append("--lora-r must be >= 0 and --lora-alpha > 0")
-    if not 0 <= args.lora_dropout < 1:
-        problems.append(f"--lora-dropout {args.lora_dropout} must be in [0, 1)")
-    # The rollout's (old) log-probs are taken without dropout; an update with dropout would then start from
-    # a ratio other than 1. With one optimizer step per rollout the update's own log-probs are the old ones.
-    if args.lora_dropout > 0 and (args.ppo_epochs * args.num_mini_batches > 1
-                                  or (args.kl_coef > 0 and args.kl_estimator == "k1")):
-        problems.append("--lora-dropout > 0 needs one optimizer step per rollout (--ppo-epochs 1 --num-mini-batches "
-                        "1, no k1 KL): the old log-probs are taken without dropout, so the PPO ratio would not "
-                        "start at 1")
-    if not any(t.strip() for t in args.lora_target_modules.split(",")):
-        problems.append("--lora-target-modules is empty")
-    # With --bf16 the frozen base is held in bf16: W + BA - BA rounds to another W each step, and the drift adds up.
-    if args.merge_for_generation and args.bf16:
-        problems.append("--merge-for-generation with --bf16: the frozen base is bf16, where merging and unmerging "
-                        "every step would round the base weights away from the base; drop one of the two")
-    return problems
-
-
-def step_prompts(records: list, step: int, per_step: int, seed: int, rank: int, world: int) -> list:
-    """This process's share of the prompts of `step`: a fresh permutation per epoch, a pure function of
-    (step, seed), so a resumed run sees the same prompts. A step may draw a record twice (a dataset
-    smaller than `per_step`, or a step across the end of an epoch); `rollout` makes each draw its own
-    group."""
-    local = per_step // world
-    chosen = []
-    for g in range(step * per_step + rank * local, step * per_step + (rank + 1) * local):
-        epoch, pos = divmod(g, len(records))
-        perm = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        chosen.append(records[perm[pos]])
-    return chosen
-
-
-def plan(exp: Experience, args: Args, accelerator) -> list[torch.Tensor]:
-    """This process's rows in micro-batches sorted by length, under --micro-batch-size rows and
-    --max-tokens-per-microbatch padded tokens; every process gets the same number of micro-batches."""
-    lengths = exp.attention_mask.sum(dim=1)
-    limits = dict(max_rows=args.micro_batch_size, max_tokens=args.max_tokens_per_microbatch,
-                  max_padding=args.max_padding, prompt_lengths=exp.prompt_mask.sum(dim=1))
-    local = len(plan_micro_batches(lengths, **limits))
-    count = int(accelerator.gather(torch.tensor([local], device=lengths.device)).max())
-    return plan_micro_batches(lengths, num_batches=count, **limits)
-
-
-def padding_fraction(exp: Experience, micro: list[torch.Tensor]) -> float:
-    """Share of the tokens computed in `micro` that are padding (trimmed micro-batches)."""
-    computed = sum(len(idx) * exp.select(idx).trim().input_ids.shape[1] for idx in micro if len(idx))
-    return 1.0 - exp.attention_mask.sum().item() / max(computed, 1)
-
-
-def injected_nan_steps() -> set[int]:
-    """Fault injection for tests: REASONER_ZERO_NAN_STEPS="3,4" makes the losses of those steps NaN."""
-    import os
-
-    return {int(x) for x in os.environ.get("REASONER_ZERO_NAN_STEPS", "").split(",") if x.strip()}
-
-
 def warmup_constant(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
+def estimator_name(advantage, short: bool = False) -> str:
+    """How the console names the algorithm that --advantage selects: --advantage gae is PPO."""
+    name = getattr(advantage, "__name__", advantage)
+    long = {"gae": "PPO (GAE critic)", "grpo": "GRPO", "rloo": "RLOO"}.get(name, f"--advantage {name}")
+    return {"gae": "ppo"}.get(name, name) if short else long
+
+
 # --------------------------------------------------------------------------------------------------
-# Rollout and evaluation.
+# Steps 1-3: evaluation, rollout and reward.
 # --------------------------------------------------------------------------------------------------
 
-def call_seeds(seed: int, step: int, first: int, count: int, chunk: int, salt: int = 0) -> list[int]:
-    """One seed per generate call of `chunk` prompts, from the run's seed, the step and the place of the
-    call's first prompt among all processes' prompts of the step: independent of the process count."""
-    return [(seed * 1_000_003 + salt * 7_919 + step * 100_003 + first + i) % 2**62 for i in range(0, count, chunk)]
+def evaluate(run: Run, step: int) -> dict:
+    """avg@k, pass@k and maj@k on each held-out set, as `python evaluate.py` computes them; each process
+    samples its share of the batches (the same batches and seeds whatever the process count) and the
+    per-problem counts are gathered (and written to eval_problems.jsonl). `eval/accuracy` is the avg@k over
+    all sets pooled."""
+    from accelerate.utils import gather_object
+
+    from evaluate import aggregate_eval, evaluate_datasets
+
+    args, tokenizer, stop_ids, accelerator = run.args, run.tokenizer, run.stop_ids, run.accelerator
+    generate_kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                           top_k=args.top_k, stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id,
+                           stop_strings=args.stop_strings, tokenizer=tokenizer, synced_gpus=is_sharded(accelerator))
+    policy = accelerator.unwrap_model(run.policy)
+    with accelerator.autocast(), lora_merged(policy, args.merge_for_generation):
+        result = evaluate_datasets(policy, tokenizer, run.eval_records, pool=run.pool,
+                                   generate_kwargs=generate_kwargs,
+                                   num_samples=args.eval_num_samples, batch_size=args.prompts_per_step,
+                                   seed=args.seed * 1_000 + step + 1, score_truncated=args.score_truncated,
+                                   progress=False, rank=accelerator.process_index, world=accelerator.num_processes)
+    metrics, pooled, per_problem = {}, [], {}
+    for name in run.eval_records:
+        rows = per_problem[name] = gather_object(result["per_problem"][name])
+        agg = aggregate_eval(rows)
+        metrics.update({f"eval/{name}/{k}": v for k, v in agg.items() if "@" in k})
+        pooled += rows
+    metrics["eval/accuracy"] = aggregate_eval(pooled)[f"avg@{args.eval_num_samples}"]
+    if accelerator.is_main_process:  # what `python evaluate.py compare` bootstraps over
+        run.logs["eval_problems.jsonl"].write({"step": step, "per_problem": per_problem})
+    return metrics
 
 
-def sample_and_score(run: "Run", step: int, metrics: dict):
+def sample_and_score(run: Run, step: int, metrics: dict):
     """The step's experience with its rewards: (exp, texts, drawn records, reward stats, repetition flags),
     this process's share. One round of `rollout` and `score_rollout`; with --dynamic-sampling (DAPO,
     arXiv:2503.14476v1, sec. 3.2) more rounds of fresh prompts until the step holds --prompts-per-step
@@ -448,7 +632,71 @@ def sample_and_score(run: "Run", step: int, metrics: dict):
     return deal_groups(run, rounds, metrics)
 
 
-def deal_groups(run: "Run", rounds: list, metrics: dict):
+def rollout(run: Run, records: list, step: int, salt: int = 0) -> tuple[Experience, list[str]]:
+    """--num-generations responses per record, sampled by the policy: the experience batch (no rewards yet,
+    on the training device) and the texts. Each generate call is seeded by `call_seeds`.
+
+    Each record's responses are one group, keyed by the record's place in `records` rather than its id: a
+    record drawn twice in a step gives two groups, each with its own baseline, as two distinct prompts
+    would."""
+    args, tokenizer, stop_ids, accelerator = run.args, run.tokenizer, run.stop_ids, run.accelerator
+    num_generations, synced = args.num_generations, is_sharded(accelerator)
+    first = accelerator.process_index * len(records)  # this process's first prompt among all processes'
+    seeds = call_seeds(args.seed, step, first, len(records), args.generation_batch_size or len(records), salt)
+    prompt_ids, prompt_mask = left_pad([r["prompt_ids"] for r in records], tokenizer.pad_token_id)
+    # refill cannot keep processes in lockstep, which sharded (FSDP) generation needs: plain generate there
+    refill = args.generation == "refill" and not synced
+    generate = (partial(generate_responses_refill, refill_fraction=args.refill_fraction) if refill
+                else generate_responses)
+    policy = accelerator.unwrap_model(run.policy)
+    with accelerator.autocast(), lora_merged(policy, args.merge_for_generation):
+        response_ids = generate(
+            policy, prompt_ids, prompt_mask, num_generations=num_generations,
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id, stop_strings=args.stop_strings,
+            tokenizer=tokenizer, batch_size=args.generation_batch_size or None, seeds=seeds, synced_gpus=synced)
+    lengths, truncated = stop_positions(response_ids, stop_ids, args.stop_strings, tokenizer)
+    width = int(lengths.max())
+    response_ids = response_ids[:, :width]
+    mask = response_mask_from_lengths(lengths, width)
+    response_ids = torch.where(mask.bool(), response_ids, tokenizer.pad_token_id)  # nothing after a stop
+    texts = tokenizer.batch_decode([ids[:n] for ids, n in zip(response_ids.tolist(), lengths.tolist(), strict=True)],
+                                   skip_special_tokens=True)
+    exp = Experience(prompt_ids=prompt_ids.repeat_interleave(num_generations, 0),
+                     prompt_mask=prompt_mask.repeat_interleave(num_generations, 0),
+                     response_ids=response_ids, response_mask=mask, truncated=truncated,
+                     group_ids=torch.arange(len(records)).repeat_interleave(num_generations))
+    on_device = {k: (v.to(accelerator.device) if torch.is_tensor(v) else v) for k, v in vars(exp).items()}
+    return Experience(**on_device), texts
+
+
+def score_rollout(run: Run, exp: Experience, texts: list[str], drawn: list[dict], key: tuple = (0, 0)):
+    """Rewards (B,) of a rollout on the training device, as `reward.decide_reward` decides them from the
+    pool's verdicts, the reward stats, and the repetition flags (B,), which are always logged. `key` (step,
+    sampling round) seeds the random control reward and the audit's choice of responses."""
+    import random
+
+    args, answers = run.args, [r["answer"] for r in drawn]
+    seed = f"{args.seed}/{key[0]}/{key[1]}/{run.accelerator.process_index}"
+    verdicts, stats = run.pool.score(texts, answers, [r.get("extras") or {} for r in drawn])
+    lengths, truncated = exp.response_mask.sum(dim=1).long().cpu(), exp.truncated.cpu().tolist()
+    repetitive = repetition_flags(exp.response_ids.cpu(), lengths, texts)
+    rewards, rule_stats = decide_rewards(verdicts, texts, answers, truncated=truncated, lengths=lengths.tolist(),
+                                         repetitive=repetitive.tolist(), rules=RewardRules.of(args),
+                                         rng=random.Random("reward/" + seed))
+    stats.update(rule_stats)  # train/correct and train/overlong_penalty: sums, means per response once logged
+    if args.audit_samples:  # plain math-verify judges a few responses again: reward/disagreement
+        rng = random.Random("audit/" + seed)
+        picked = sorted(rng.sample(range(len(texts)), min(args.audit_samples, len(texts))))
+        audited, differ = audit_verdicts(texts, answers, verdicts, picked, key[0], truncated)
+        stats.update({"reward/audited": float(audited), "reward/audit_disagreed": float(len(differ))})
+        for row in differ if run.accelerator.is_main_process else []:
+            run.logs["reward_audit.jsonl"].write(row)
+    device = run.accelerator.device
+    return torch.tensor(rewards, dtype=torch.float32, device=device), stats, repetitive.to(device)
+
+
+def deal_groups(run: Run, rounds: list, metrics: dict):
     """Dynamic sampling's batch from its rounds (see `sample_and_score`): every process's groups are
     gathered, the batch is chosen from all of them and each process keeps its share."""
     from accelerate.utils import gather_object
@@ -495,308 +743,42 @@ def deal_groups(run: "Run", rounds: list, metrics: dict):
             torch.tensor([g["repetitive"][i] for g, i in rows], device=device))
 
 
-def rollout(run: "Run", records: list, step: int, salt: int = 0) -> tuple[Experience, list[str]]:
-    """--num-generations responses per record, sampled by the policy: the experience batch (no rewards yet,
-    on the training device) and the texts. Each generate call is seeded by `call_seeds`.
-
-    Each record's responses are one group, keyed by the record's place in `records` rather than its id: a
-    record drawn twice in a step gives two groups, each with its own baseline, as two distinct prompts
-    would."""
-    args, tokenizer, stop_ids, accelerator = run.args, run.tokenizer, run.stop_ids, run.accelerator
-    num_generations, synced = args.num_generations, is_sharded(accelerator)
-    first = accelerator.process_index * len(records)  # this process's first prompt among all processes'
-    seeds = call_seeds(args.seed, step, first, len(records), args.generation_batch_size or len(records), salt)
-    prompt_ids, prompt_mask = left_pad([r["prompt_ids"] for r in records], tokenizer.pad_token_id)
-    # refill cannot keep processes in lockstep, which sharded (FSDP) generation needs: plain generate there
-    refill = args.generation == "refill" and not synced
-    generate = (partial(generate_responses_refill, refill_fraction=args.refill_fraction) if refill
-                else generate_responses)
-    policy = accelerator.unwrap_model(run.policy)
-    with accelerator.autocast(), lora_merged(policy, args.merge_for_generation):
-        response_ids = generate(
-            policy, prompt_ids, prompt_mask, num_generations=num_generations,
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-            stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id, stop_strings=args.stop_strings,
-            tokenizer=tokenizer, batch_size=args.generation_batch_size or None, seeds=seeds, synced_gpus=synced)
-    lengths, truncated = stop_positions(response_ids, stop_ids, args.stop_strings, tokenizer)
-    width = int(lengths.max())
-    response_ids = response_ids[:, :width]
-    mask = response_mask_from_lengths(lengths, width)
-    response_ids = torch.where(mask.bool(), response_ids, tokenizer.pad_token_id)  # nothing after a stop
-    texts = tokenizer.batch_decode([ids[:n] for ids, n in zip(response_ids.tolist(), lengths.tolist(), strict=True)],
-                                   skip_special_tokens=True)
-    exp = Experience(prompt_ids=prompt_ids.repeat_interleave(num_generations, 0),
-                     prompt_mask=prompt_mask.repeat_interleave(num_generations, 0),
-                     response_ids=response_ids, response_mask=mask, truncated=truncated,
-                     group_ids=torch.arange(len(records)).repeat_interleave(num_generations))
-    on_device = {k: (v.to(accelerator.device) if torch.is_tensor(v) else v) for k, v in vars(exp).items()}
-    return Experience(**on_device), texts
-
-
-def evaluate(run: "Run", step: int) -> dict:
-    """avg@k, pass@k and maj@k on each held-out set, as `python evaluate.py` computes them; each process
-    samples its share of the batches (the same batches and seeds whatever the process count) and the
-    per-problem counts are gathered (and written to eval_problems.jsonl). `eval/accuracy` is the avg@k over
-    all sets pooled."""
-    from accelerate.utils import gather_object
-
-    from evaluate import aggregate_eval, evaluate_datasets
-
-    args, tokenizer, stop_ids, accelerator = run.args, run.tokenizer, run.stop_ids, run.accelerator
-    generate_kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                           top_k=args.top_k, stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id,
-                           stop_strings=args.stop_strings, tokenizer=tokenizer, synced_gpus=is_sharded(accelerator))
-    policy = accelerator.unwrap_model(run.policy)
-    with accelerator.autocast(), lora_merged(policy, args.merge_for_generation):
-        result = evaluate_datasets(policy, tokenizer, run.eval_records, pool=run.pool,
-                                   generate_kwargs=generate_kwargs,
-                                   num_samples=args.eval_num_samples, batch_size=args.prompts_per_step,
-                                   seed=args.seed * 1_000 + step + 1, score_truncated=args.score_truncated,
-                                   progress=False, rank=accelerator.process_index, world=accelerator.num_processes)
-    metrics, pooled, per_problem = {}, [], {}
-    for name in run.eval_records:
-        rows = per_problem[name] = gather_object(result["per_problem"][name])
-        agg = aggregate_eval(rows)
-        metrics.update({f"eval/{name}/{k}": v for k, v in agg.items() if "@" in k})
-        pooled += rows
-    metrics["eval/accuracy"] = aggregate_eval(pooled)[f"avg@{args.eval_num_samples}"]
-    if accelerator.is_main_process:  # what `python evaluate.py compare` bootstraps over
-        run.logs["eval_problems.jsonl"].write({"step": step, "per_problem": per_problem})
-    return metrics
-
-
 # --------------------------------------------------------------------------------------------------
-# The training loop: `setup` builds what it uses, `main` runs it, `finish` evaluates and saves.
+# Steps 4-6: log-probs, values and advantages.
 # --------------------------------------------------------------------------------------------------
 
-@dataclass
-class Run:
-    """What `setup` builds for the loop. `optimizers` and `schedulers` are keyed by role ("policy",
-    "critic"); `logs` holds metrics.jsonl, samples.jsonl, eval_problems.jsonl and reward_audit.jsonl on the
-    main process (empty elsewhere)."""
-
-    args: Args
-    accelerator: object
-    tokenizer: object
-    policy: torch.nn.Module
-    critic: torch.nn.Module | None
-    ref: torch.nn.Module | None
-    optimizers: dict
-    schedulers: dict
-    pool: RewardPool
-    train_records: list
-    eval_records: dict
-    stop_ids: list[int]
-    out: Path
-    start_step: int
-    base_accuracy: float | None
-    checkpoint: Path | None
-    logs: dict
-    t_start: float
-    peft_policy: object = None  # with LoRA: the peft model around `policy`, which saves the adapters
+def plan(exp: Experience, args: Args, accelerator) -> list[torch.Tensor]:
+    """This process's rows in micro-batches sorted by length, under --micro-batch-size rows and
+    --max-tokens-per-microbatch padded tokens; every process gets the same number of micro-batches."""
+    lengths = exp.attention_mask.sum(dim=1)
+    limits = dict(max_rows=args.micro_batch_size, max_tokens=args.max_tokens_per_microbatch,
+                  max_padding=args.max_padding, prompt_lengths=exp.prompt_mask.sum(dim=1))
+    local = len(plan_micro_batches(lengths, **limits))
+    count = int(accelerator.gather(torch.tensor([local], device=lengths.device)).max())
+    return plan_micro_batches(lengths, num_batches=count, **limits)
 
 
-@releases_output_locks
-def main(args: Args) -> dict:
-    from tqdm.auto import tqdm
-
-    run = setup(args)  # processes, checks, data, output directory, models, optimizers, reward workers, resume
-    args, accelerator, critic = run.args, run.accelerator, run.critic
-    sum_all = partial(reduce_sum, accelerator)
-    stop, nonfinite = StopRequest(), 0
-    bar = tqdm(range(run.start_step, args.max_steps), desc=args.advantage, initial=run.start_step,
-               total=args.max_steps, disable=not accelerator.is_main_process)
-    for step in bar:
-        metrics, t_step = {"step": step}, time.time()
-        # ---- 1. Evaluate: at the start and every --eval-every steps (the end is in `finish`) ----------------
-        if args.eval_every and run.eval_records and step % args.eval_every == 0:
-            with timer(metrics, "eval"):
-                metrics.update(evaluate(run, step))
-            run.base_accuracy = metrics["eval/accuracy"] if run.base_accuracy is None else run.base_accuracy
-        # ---- 2. Rollout: this process's share of the step's prompts, --num-generations samples each, and --
-        # ---- 3. Reward: one number per response (with --dynamic-sampling, rounds of both) --------------------
-        exp, texts, drawn, reward_stats, repetitive = sample_and_score(run, step, metrics)
-        # ---- 4. Log-probs of the rollout: the sampling policy's (old) and the reference model's -------------
-        with timer(metrics, "logprobs"):
-            micro = plan(exp, args, accelerator)
-            exp.old_logprobs, exp.ref_logprobs = rollout_logprobs(run, exp, micro)
-            metrics["perf/padding"] = padding_fraction(exp, micro)
-        # ---- 5. Values of every response token (PPO's critic) ----------------------------------------------
-        with timer(metrics, "critic"):
-            exp.values = batched_values(critic, exp, micro) if critic is not None else None
-        # ---- 6. Advantages, once: the --advantage estimator (algos.ADVANTAGE_ESTIMATORS) ------------------
-        equal = algos.equal_reward_groups(exp.rewards, exp.group_ids)
-        lengths = exp.response_mask.sum(dim=1)
-        if args.drop_equal_groups and critic is None:  # a group of equal rewards has no signal: left out
-            exp.response_mask = exp.response_mask * (~equal)[:, None]
-        if args.mask_truncated:  # after the baselines' rewards are fixed: truncated rows count there, not in the loss
-            exp.response_mask = exp.response_mask * (~exp.truncated)[:, None]
-        exp.advantages, exp.returns = compute_advantages(run, exp, lengths, metrics)
-        # ---- 7. Update the critic first (ORZ), then 8. the policy (once the critic has warmed up) -----------
-        stats: dict[str, list] = {}
-        with timer(metrics, "critic"):
-            if critic is not None:
-                stats = update(run, exp, "critic", step)
-                metrics["critic/explained_var"] = algos.explained_variance(exp.values, exp.returns, exp.response_mask)
-        policy_trains = critic is None or step >= args.critic_warmup_steps
-        with timer(metrics, "update"):
-            if policy_trains:
-                for k, v in update(run, exp, "policy", step).items():
-                    stats[k] = stats.get(k, []) + v  # train/nonfinite_updates: the critic's and the policy's
-        # ---- 9. Log, then advance the learning-rate schedules (once per RL step of updates) -------------------
-        metrics.update(step_metrics(accelerator, exp, lengths, equal, repetitive, reward_stats, stats))
-        metrics["lr"] = run.schedulers["policy"].get_last_lr()[0]  # the rates this step's updates used
-        if critic is not None:
-            metrics["critic/lr"] = run.schedulers["critic"].get_last_lr()[0]
-            run.schedulers["critic"].step()
-        if policy_trains:
-            run.schedulers["policy"].step()
-        metrics["time/step"] = time.time() - t_step
-        write_logs(run, step, metrics, exp, texts, drawn, lengths, bar)
-        # ---- 10. Checkpoint; stop when asked, or when updates keep failing ------------------------------------
-        nonfinite = nonfinite + 1 if metrics["train/nonfinite_updates"] > 0 else 0
-        signalled = sum_all(float(stop.signal is not None)).item() > 0
-        if nonfinite >= args.max_nonfinite_updates:
-            leave_process_group()
-            raise RunError(nonfinite_stop_message(step, nonfinite, run.checkpoint))
-        if (args.save_every and (step + 1) % args.save_every == 0) or signalled:
-            run.checkpoint = checkpoint(run, step, nonfinite)
-        if signalled:
-            leave_process_group()
-            raise RunError(f"stopped by signal {stop.signal} after step {step}: "
-                             + (f"last checkpoint {run.checkpoint}; run the same command again to resume"
-                                if run.checkpoint else "no checkpoint to resume from"))
-    return finish(run)
+def padding_fraction(exp: Experience, micro: list[torch.Tensor]) -> float:
+    """Share of the tokens computed in `micro` that are padding (trimmed micro-batches)."""
+    computed = sum(len(idx) * exp.select(idx).trim().input_ids.shape[1] for idx in micro if len(idx))
+    return 1.0 - exp.attention_mask.sum().item() / max(computed, 1)
 
 
-def setup(args: Args) -> Run:
-    """Build what the loop uses: the processes (accelerate), the checked arguments, the data, the claimed
-    output directory (refusals come before any model loads), the tokenizer and models, their optimizers,
-    the reward workers, and the state of the checkpoint to resume from."""
-    from accelerate.utils import DistributedType, set_seed
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if args.whiten_advantages is None:  # resolved once, so that config.json records what trains
-        args = replace(args, whiten_advantages=algos.uses_critic(args.advantage))
-    if args.lora_r and args.lora_alpha is None:
-        args = replace(args, lora_alpha=2.0 * args.lora_r)
-    # A tracker that is not installed is check_args's one-line error; accelerate would warn about it first.
-    log_with = None if args.report_to == "none" or tracker_problems(args.report_to) else args.report_to
-    accelerator = make_accelerator(args.bf16, log_with, args.output_dir)
-    world = accelerator.num_processes
-    main_process_decides(accelerator, check_args, args, world)  # hub and import checks: once, for all
-    data = read_data(args)  # a bad data file stops the run here, before any model is built or loaded
-    # LoRA's refusals, before any model loads
-    if args.lora_r and accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise RunError("error: LoRA runs on one process, DDP or FSDP2; with DeepSpeed it is not supported yet")
-    if args.merge_for_generation and accelerator.distributed_type == DistributedType.FSDP:
-        raise RunError("error: --merge-for-generation needs each process to hold whole weights (one process or "
-                         "DDP); under FSDP each holds a shard")
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        configure_deepspeed(accelerator, args.max_grad_norm)
-    set_seed(args.seed, device_specific=True)  # each process samples differently
-    out = Path(args.output_dir)
-    start = claim_output_dir(accelerator, args)  # locked for this run; refusals come before any model loads
-    t_start = time.time()
-    with accelerator.main_process_first():
-        model_path = resolve_model(args.model, log=accelerator.print)  # the tiny base or a GGUF: made once
-    # Trained models load in fp32 and --bf16 autocasts their forward passes: AdamW on bf16 weights loses
-    # updates of lr 1e-6 to rounding. Sharded setups (FSDP) keep fp32 masters the same way. With LoRA the
-    # base weights are frozen, so with --bf16 they load in bf16 (half the memory); peft keeps the adapters in
-    # fp32 (its autocast_adapter_dtype), and the value head is fp32 too.
-    frozen_bf16 = bool(args.lora_r and args.bf16)
-    load = dict(trust_remote_code=args.trust_remote_code, dtype=torch.bfloat16 if frozen_bf16 else torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
-    train_records, eval_records = load_data(args, tokenizer, data)  # prompts too long: before the model too
-    policy = AutoModelForCausalLM.from_pretrained(model_path, **load)
-    stop_ids = prepare_for_sampling(tokenizer, policy, log=accelerator.print)
-    critic = ValueModel.from_base(model_path, **load) if algos.uses_critic(args.advantage) else None
-    ref_load = {**load, "dtype": torch.bfloat16 if args.bf16 else torch.float32}  # never trained: bf16 is fine
-    # With LoRA the reference is the policy with its adapters switched off (rollout_logprobs): no second copy.
-    ref = (AutoModelForCausalLM.from_pretrained(model_path, **ref_load).eval().requires_grad_(False)
-           if args.kl_coef > 0 and not args.lora_r else None)
-    optimizers, schedulers, trained = {}, {}, {"policy": policy, "critic": critic}
-    for role, lr in (("policy", args.lr), ("critic", args.critic_lr)):
-        model = trained[role]
-        if model is None:
-            continue
-        if disable_dropout(model):  # the update must score the model that sampled
-            accelerator.print(f"dropout set to 0 in the {role} for training")
-        if args.lora_r:  # after disable_dropout: --lora-dropout is the adapters' own
-            model = trained[role] = with_lora(model, args)
-        if args.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        optimizers[role] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                             betas=(0.9, 0.95), weight_decay=0.0)  # ORZ's
-        schedulers[role] = torch.optim.lr_scheduler.LambdaLR(optimizers[role], warmup_constant(args.warmup_steps))
-    # With LoRA the policy trains as the transformers model with peft's layers in it, not as the PeftModel
-    # around it: FSDP2 shards the prepared model as one root, and `generate` runs the inner model's forward.
-    peft_policy = trained["policy"] if args.lora_r else None
-    policy, critic = peft_policy.get_base_model() if peft_policy else trained["policy"], trained["critic"]
-    if args.lora_r:
-        accelerator.print(lora_summary(trained))
-    policy, optimizers["policy"] = accelerator.prepare(policy, optimizers["policy"])
-    if critic is not None:
-        critic, optimizers["critic"] = accelerator.prepare(critic, optimizers["critic"])
-    if ref is not None:  # frozen: no DDP wrapper; sharded like the others where they are
-        ref = prepare_reference(accelerator, ref)
-    models = {"policy": policy, "critic": critic, "reference model": ref}
-    for model in (policy, critic):
-        if zero_stage_of(model) is not None:
-            read_weights_only(model)
-    stop_if_not_as_launched(accelerator, models)  # and how each model is held
-    accelerator.print(describe_setup(accelerator, models))
-    # with a control reward the pool judges correctness all the same (train/correct, and evaluation)
-    pool = RewardPool("math" if control_reward(args.reward) else args.reward, num_workers=args.reward_workers,
-                      timeout=args.reward_timeout)
-
-    main_process_decides(accelerator, prepare_output_dir, out, start, args)
-    with trainable_state_only([accelerator.unwrap_model(m) for m in (policy, critic) if m is not None and args.lora_r]):
-        state = resume(accelerator, start["checkpoint"], list(schedulers.values()))
-    logs = open_logs(accelerator, out, state["step"])
-    if args.report_to != "none":
-        accelerator.init_trackers("reasoner-zero", config={k: str(v) for k, v in plain_args(args).items()})
-    spin = os.environ.get("GOMP_SPINCOUNT", "from OMP_WAIT_POLICY")
-    accelerator.print(f"threads per process: {torch.get_num_threads()} (OMP_NUM_THREADS), OpenMP spin count "
-                      + (f"{spin} (GOMP_SPINCOUNT)" if OPENMP_SETTING_APPLIED else
-                         "libgomp's own: torch was imported before train_ppo (set GOMP_SPINCOUNT before that)"))
-    accelerator.print(f"training {args.advantage} on {len(train_records)} prompts, {world} process(es), "
-                      f"{args.max_steps} steps of {args.prompts_per_step} x {args.num_generations}")
-    if len(train_records) < args.prompts_per_step:
-        accelerator.print(f"note: {len(train_records)} training prompts, fewer than --prompts-per-step "
-                          f"{args.prompts_per_step}: each step draws some prompts more than once, and "
-                          f"each draw's {args.num_generations} samples are a group of their own")
-    return Run(args=args, accelerator=accelerator, tokenizer=tokenizer, policy=policy, critic=critic, ref=ref,
-               optimizers=optimizers, schedulers=schedulers, pool=pool, train_records=train_records,
-               eval_records=eval_records, stop_ids=stop_ids, out=out, start_step=state["step"],
-               base_accuracy=state["base_accuracy"], checkpoint=start["checkpoint"], logs=logs, t_start=t_start,
-               peft_policy=peft_policy)
-
-
-def score_rollout(run: Run, exp: Experience, texts: list[str], drawn: list[dict], key: tuple = (0, 0)):
-    """Rewards (B,) of a rollout on the training device, as `reward.decide_reward` decides them from the
-    pool's verdicts, the reward stats, and the repetition flags (B,), which are always logged. `key` (step,
-    sampling round) seeds the random control reward and the audit's choice of responses."""
-    import random
-
-    args, answers = run.args, [r["answer"] for r in drawn]
-    seed = f"{args.seed}/{key[0]}/{key[1]}/{run.accelerator.process_index}"
-    verdicts, stats = run.pool.score(texts, answers, [r.get("extras") or {} for r in drawn])
-    lengths, truncated = exp.response_mask.sum(dim=1).long().cpu(), exp.truncated.cpu().tolist()
-    repetitive = repetition_flags(exp.response_ids.cpu(), lengths, texts)
-    rewards, rule_stats = decide_rewards(verdicts, texts, answers, truncated=truncated, lengths=lengths.tolist(),
-                                         repetitive=repetitive.tolist(), rules=RewardRules.of(args),
-                                         rng=random.Random("reward/" + seed))
-    stats.update(rule_stats)  # train/correct and train/overlong_penalty: sums, means per response once logged
-    if args.audit_samples:  # plain math-verify judges a few responses again: reward/disagreement
-        rng = random.Random("audit/" + seed)
-        picked = sorted(rng.sample(range(len(texts)), min(args.audit_samples, len(texts))))
-        audited, differ = audit_verdicts(texts, answers, verdicts, picked, key[0], truncated)
-        stats.update({"reward/audited": float(audited), "reward/audit_disagreed": float(len(differ))})
-        for row in differ if run.accelerator.is_main_process else []:
-            run.logs["reward_audit.jsonl"].write(row)
-    device = run.accelerator.device
-    return torch.tensor(rewards, dtype=torch.float32, device=device), stats, repetitive.to(device)
+def rollout_logprobs(run: Run, exp: Experience, micro: list[torch.Tensor]):
+    """(old, ref): the sampling policy's log-probs of the rollout when the update needs them (several
+    optimizer steps per rollout, or the k1 KL in the reward; with one update on one batch the update's own
+    log-probs, detached, are exactly the old ones), and the reference model's when a KL is on. (B, R) or None."""
+    args, old, ref = run.args, None, None
+    if args.ppo_epochs * args.num_mini_batches > 1 or (args.kl_coef > 0 and args.kl_estimator == "k1"):
+        run.policy.eval()
+        old = batched_logprobs(run.policy, exp, args.temperature, micro)
+        run.policy.train()
+    if run.ref is not None:
+        ref = batched_logprobs(run.ref, exp, args.temperature, micro)
+    elif args.kl_coef > 0:  # LoRA: the reference is the policy without its adapters
+        with lora_disabled(run.policy):
+            ref = batched_logprobs(run.policy, exp, args.temperature, micro)
+    return old, ref
 
 
 def compute_advantages(run: Run, exp: Experience, lengths: torch.Tensor, metrics: dict):
@@ -816,22 +798,100 @@ def compute_advantages(run: Run, exp: Experience, lengths: torch.Tensor, metrics
         adaptive_lam_alpha=args.adaptive_lam_alpha, scale_by_std=args.scale_by_std)
 
 
-def rollout_logprobs(run: Run, exp: Experience, micro: list[torch.Tensor]):
-    """(old, ref): the sampling policy's log-probs of the rollout when the update needs them (several
-    optimizer steps per rollout, or the k1 KL in the reward; with one update on one batch the update's own
-    log-probs, detached, are exactly the old ones), and the reference model's when a KL is on. (B, R) or None."""
-    args, old, ref = run.args, None, None
-    if args.ppo_epochs * args.num_mini_batches > 1 or (args.kl_coef > 0 and args.kl_estimator == "k1"):
-        run.policy.eval()
-        old = batched_logprobs(run.policy, exp, args.temperature, micro)
-        run.policy.train()
-    if run.ref is not None:
-        ref = batched_logprobs(run.ref, exp, args.temperature, micro)
-    elif args.kl_coef > 0:  # LoRA: the reference is the policy without its adapters
-        with lora_disabled(run.policy):
-            ref = batched_logprobs(run.policy, exp, args.temperature, micro)
-    return old, ref
+# --------------------------------------------------------------------------------------------------
+# Steps 7-8, the updates: epochs of mini-batches of micro-batches, the same for both roles; only the
+# loss differs.
+# --------------------------------------------------------------------------------------------------
 
+def update(run: Run, exp: Experience, role: str, step: int) -> dict[str, list]:
+    """Optimizer steps of the policy or the critic over one rollout: epochs of mini-batches, each accumulated
+    over micro-batches. Returns lists of stats, one value per optimizer step."""
+    args, accelerator = run.args, run.accelerator
+    model, optimizer = (run.policy if role == "policy" else run.critic), run.optimizers[role]
+    loss_fn, loss_agg = (policy_loss, args.loss_agg) if role == "policy" else (value_loss, "token-mean")
+    epochs, mini_batches = ((args.ppo_epochs, args.num_mini_batches) if role == "policy"
+                            else (args.critic_epochs, args.critic_mini_batches))
+    rows, world, rank = len(exp.response_ids), accelerator.num_processes, accelerator.process_index
+    device, deepspeed = exp.response_ids.device, deepspeed_stage(accelerator) is not None
+    stats: dict[str, list] = {}
+    model.train()
+    for part in mini_batch_parts(rows * world, mini_batches, args.seed, step, epochs):
+        mini = exp.select(local_rows(part, rank, rows).to(device))  # processes may get unequal shares
+        # sequences are the rows with a token in the loss: rows left out (--drop-equal-groups) have none
+        kept_rows = (mini.response_mask.sum(dim=1) > 0).sum().float()
+        count = accelerator.reduce(torch.stack([mini.response_mask.sum(), kept_rows]), "sum")
+        weights = algos.loss_weights(mini.response_mask, loss_agg, int(count[1].item()), count[0].item(),
+                                     args.max_new_tokens)
+        micro = plan(mini, args, accelerator)
+        mini_stats: dict[str, list] = {}
+        accelerator.gradient_accumulation_steps = len(micro)
+        accelerator.step = 0  # align accumulation boundaries with this mini-batch
+        for i, idx in enumerate(micro):
+            # an empty micro-batch (another process has more) runs one row with zero weight, so that
+            # every process makes the same number of forward and backward passes
+            if len(idx):
+                mb, w = mini.select(idx).trim(), weights[idx]
+            else:
+                mb = exp.select(torch.zeros(1, dtype=torch.long, device=device)).trim()
+                w = torch.zeros_like(mb.response_mask)
+            with nullcontext() if deepspeed else accelerator.accumulate(model):
+                loss, s = loss_fn(model, mb, w[:, :mb.response_ids.shape[1]], args)
+                if step in injected_nan_steps():
+                    loss = loss * float("nan")
+                # the weights normalise over the whole mini-batch of all processes, so the averaging over
+                # processes (DDP, ZeRO) is undone by `world`
+                if deepspeed:  # the engine accumulates, clips and steps (or skips a non-finite step)
+                    s.update(deepspeed_backward(model, loss * world, role, last=i == len(micro) - 1))
+                else:
+                    s.update(accelerate_backward(accelerator, model, optimizer, loss * world, role,
+                                                 args.max_grad_norm))
+            share = mb.response_mask.sum().item() * float(len(idx) > 0) / max(count[0].item(), 1.0)
+            for k, v in s.items():
+                mini_stats.setdefault(k, []).append(v * share if k in TOKEN_STATS else v)
+        for k, v in mini_stats.items():  # one value per optimizer step
+            stats.setdefault(k, []).append(sum(v) if k in SUMMED_STATS + TOKEN_STATS else sum(v) / len(v))
+    return stats
+
+
+def policy_loss(model, mb: Experience, w: torch.Tensor, args: Args) -> tuple[torch.Tensor, dict]:
+    """The --policy-loss of a micro-batch (with the KL in the loss and the entropy bonus when on), and its
+    stats. `w` (B, R) are the tokens' loss weights (`algos.loss_weights`)."""
+    logprobs, entropy = forward_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1],
+                                         args.temperature, with_entropy=True, entropy_grad=args.entropy_coef > 0)
+    old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
+    loss_fn = algos.lookup(algos.POLICY_LOSSES, args.policy_loss, "--policy-loss")
+    loss, stats = loss_fn(logprobs, old, mb.advantages, w, clip_low=args.clip_low, clip_high=args.clip_high,
+                          ratio_level=args.ratio_level)
+    stats["loss/policy"] = loss.item()
+    stats["policy/entropy"] = masked_mean(entropy.detach(), mb.response_mask).item()
+    if args.kl_coef > 0 and args.kl_estimator != "k1":  # k1 is in the reward (`compute_advantages`)
+        kl = (algos.compute_kl(logprobs, mb.ref_logprobs, args.kl_estimator) * w).sum()
+        loss = loss + args.kl_coef * kl
+        stats["policy/kl"] = kl.item()
+    if args.entropy_coef:
+        loss = loss - args.entropy_coef * (entropy * w).sum()
+    return loss, stats
+
+
+def value_loss(model, mb: Experience, w: torch.Tensor, args: Args) -> tuple[torch.Tensor, dict]:
+    """The critic's clipped value loss of a micro-batch against the GAE returns, and its stats."""
+    values = forward_values(model, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1])
+    clip = args.value_clip if args.value_clip > 0 else None
+    loss, stats = algos.compute_value_loss(values, mb.values, mb.returns, w, clip)
+    stats["critic/value_loss"] = loss.item()
+    return loss, stats
+
+
+def injected_nan_steps() -> set[int]:
+    """Fault injection for tests: REASONER_ZERO_NAN_STEPS="3,4" makes the losses of those steps NaN."""
+    import os
+
+    return {int(x) for x in os.environ.get("REASONER_ZERO_NAN_STEPS", "").split(",") if x.strip()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Steps 9-10: logs and checkpoints, and the end of the run.
+# --------------------------------------------------------------------------------------------------
 
 def step_metrics(accelerator, exp: Experience, lengths: torch.Tensor, equal: torch.Tensor,
                  repetitive: torch.Tensor, reward_stats: dict, update_stats: dict[str, list]) -> dict:
@@ -912,25 +972,8 @@ def finish(run: Run) -> dict:
         if args.report_to != "none":
             accelerator.log(final, step=args.max_steps)
     accelerator.wait_for_everyone()
-    policy = accelerator.unwrap_model(run.policy)
-    save_kw = dict(is_main_process=accelerator.is_main_process, save_function=accelerator.save, safe_serialization=True)
-    state = full_state_dict(accelerator, run.policy)
-    if args.lora_r and args.merge_on_save:  # the base model with W + (alpha / r) B A in each adapted weight
-        state = merge_lora_state_dict(state, lora_scaling(run.peft_policy))
-    elif args.lora_r:  # peft writes the adapters alone, named as in its own model
-        state, policy = {"base_model.model." + k: v for k, v in state.items()}, run.peft_policy
-    # the saved policy keeps the checkpoint's own generation settings for whoever uses it next
-    policy.generation_config = getattr(policy, "reasoner_zero_original_generation_config", policy.generation_config)
-    # a gathered (FSDP) state dict holds tied weights as separate tensors: save_pretrained would write both
-    tied = getattr(policy, "all_tied_weights_keys", None) or {}
-    state = {k: v for k, v in state.items() if k not in tied}
-    policy.save_pretrained(out / "policy", state_dict=state, **save_kw)  # with LoRA unmerged: the adapters alone
-    if run.critic is not None:
-        accelerator.unwrap_model(run.critic).save_pretrained(
-            str(out / "critic"), state_dict=full_state_dict(accelerator, run.critic),
-            merge_lora=bool(args.lora_r and args.merge_on_save), **save_kw)
-    if accelerator.is_main_process:
-        run.tokenizer.save_pretrained(out / "policy")
+    save_models(accelerator, out, run.policy, run.critic, run.tokenizer, peft_policy=run.peft_policy,
+                merge_lora=bool(args.lora_r and args.merge_on_save))
     run.pool.close()
     summary = {"base_accuracy": run.base_accuracy, "final_accuracy": final.get("eval/accuracy"),
                "steps": args.max_steps, "minutes": (time.time() - run.t_start) / 60, "output_dir": str(out)}
@@ -940,111 +983,12 @@ def finish(run: Run) -> dict:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         acc = (f"held-out accuracy {summary['base_accuracy']:.1%} -> {summary['final_accuracy']:.1%}"
                if summary["final_accuracy"] is not None else "no evaluation set")
-        print(f"done: {args.advantage}, {acc}, {args.max_steps} steps in {summary['minutes']:.1f} min; outputs "
+        print(f"done: {estimator_name(args.advantage)}, {acc}, {args.max_steps} steps in "
+              f"{summary['minutes']:.1f} min; outputs "
               f"in {out}/ (metrics.jsonl, samples.jsonl, policy/{', critic/' if run.critic is not None else ''})")
     accelerator.end_training()
     leave_process_group()
     return summary
-
-
-# --------------------------------------------------------------------------------------------------
-# The updates: epochs of mini-batches of micro-batches, the same for both roles; only the loss differs.
-# --------------------------------------------------------------------------------------------------
-
-def mini_batch_parts(total: int, mini_batches: int, seed: int, step: int, epochs: int = 1) -> list[torch.Tensor]:
-    """The global rows of each mini-batch, epoch after epoch: a fresh shuffle per epoch, seeded by
-    (seed, step). Mini-batches are drawn from the rows of all processes (process r holds global rows
-    r*rows ..), so they hold the same rows whatever the process count."""
-    generator = torch.Generator().manual_seed(seed * 1000 + step)
-    parts = []
-    for _ in range(epochs):
-        order = torch.randperm(total, generator=generator) if mini_batches > 1 else torch.arange(total)
-        parts += list(order.chunk(mini_batches))
-    return parts
-
-
-def local_rows(part: torch.Tensor, rank: int, rows: int) -> torch.Tensor:
-    """This process's rows of a mini-batch of global rows, as indices into its own batch."""
-    return part[(part >= rank * rows) & (part < (rank + 1) * rows)] - rank * rows
-
-
-def policy_loss(model, mb: Experience, w: torch.Tensor, args: Args) -> tuple[torch.Tensor, dict]:
-    """The --policy-loss of a micro-batch (with the KL in the loss and the entropy bonus when on), and its
-    stats. `w` (B, R) are the tokens' loss weights (`algos.loss_weights`)."""
-    logprobs, entropy = forward_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1],
-                                         args.temperature, with_entropy=True, entropy_grad=args.entropy_coef > 0)
-    old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
-    loss_fn = algos.lookup(algos.POLICY_LOSSES, args.policy_loss, "--policy-loss")
-    loss, stats = loss_fn(logprobs, old, mb.advantages, w, clip_low=args.clip_low, clip_high=args.clip_high,
-                          ratio_level=args.ratio_level)
-    stats["loss/policy"] = loss.item()
-    stats["policy/entropy"] = masked_mean(entropy.detach(), mb.response_mask).item()
-    if args.kl_coef > 0 and args.kl_estimator != "k1":  # k1 is in the reward (`compute_advantages`)
-        kl = (algos.compute_kl(logprobs, mb.ref_logprobs, args.kl_estimator) * w).sum()
-        loss = loss + args.kl_coef * kl
-        stats["policy/kl"] = kl.item()
-    if args.entropy_coef:
-        loss = loss - args.entropy_coef * (entropy * w).sum()
-    return loss, stats
-
-
-def value_loss(model, mb: Experience, w: torch.Tensor, args: Args) -> tuple[torch.Tensor, dict]:
-    """The critic's clipped value loss of a micro-batch against the GAE returns, and its stats."""
-    values = forward_values(model, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1])
-    clip = args.value_clip if args.value_clip > 0 else None
-    loss, stats = algos.compute_value_loss(values, mb.values, mb.returns, w, clip)
-    stats["critic/value_loss"] = loss.item()
-    return loss, stats
-
-
-def update(run: Run, exp: Experience, role: str, step: int) -> dict[str, list]:
-    """Optimizer steps of the policy or the critic over one rollout: epochs of mini-batches, each accumulated
-    over micro-batches. Returns lists of stats, one value per optimizer step."""
-    args, accelerator = run.args, run.accelerator
-    model, optimizer = (run.policy if role == "policy" else run.critic), run.optimizers[role]
-    loss_fn, loss_agg = (policy_loss, args.loss_agg) if role == "policy" else (value_loss, "token-mean")
-    epochs, mini_batches = ((args.ppo_epochs, args.num_mini_batches) if role == "policy"
-                            else (args.critic_epochs, args.critic_mini_batches))
-    rows, world, rank = len(exp.response_ids), accelerator.num_processes, accelerator.process_index
-    device, deepspeed = exp.response_ids.device, deepspeed_stage(accelerator) is not None
-    stats: dict[str, list] = {}
-    model.train()
-    for part in mini_batch_parts(rows * world, mini_batches, args.seed, step, epochs):
-        mini = exp.select(local_rows(part, rank, rows).to(device))  # processes may get unequal shares
-        # sequences are the rows with a token in the loss: rows left out (--drop-equal-groups) have none
-        kept_rows = (mini.response_mask.sum(dim=1) > 0).sum().float()
-        count = accelerator.reduce(torch.stack([mini.response_mask.sum(), kept_rows]), "sum")
-        weights = algos.loss_weights(mini.response_mask, loss_agg, int(count[1].item()), count[0].item(),
-                                     args.max_new_tokens)
-        micro = plan(mini, args, accelerator)
-        mini_stats: dict[str, list] = {}
-        accelerator.gradient_accumulation_steps = len(micro)
-        accelerator.step = 0  # align accumulation boundaries with this mini-batch
-        for i, idx in enumerate(micro):
-            # an empty micro-batch (another process has more) runs one row with zero weight, so that
-            # every process makes the same number of forward and backward passes
-            if len(idx):
-                mb, w = mini.select(idx).trim(), weights[idx]
-            else:
-                mb = exp.select(torch.zeros(1, dtype=torch.long, device=device)).trim()
-                w = torch.zeros_like(mb.response_mask)
-            with nullcontext() if deepspeed else accelerator.accumulate(model):
-                loss, s = loss_fn(model, mb, w[:, :mb.response_ids.shape[1]], args)
-                if step in injected_nan_steps():
-                    loss = loss * float("nan")
-                # the weights normalise over the whole mini-batch of all processes, so the averaging over
-                # processes (DDP, ZeRO) is undone by `world`
-                if deepspeed:  # the engine accumulates, clips and steps (or skips a non-finite step)
-                    s.update(deepspeed_backward(model, loss * world, role, last=i == len(micro) - 1))
-                else:
-                    s.update(accelerate_backward(accelerator, model, optimizer, loss * world, role,
-                                                 args.max_grad_norm))
-            share = mb.response_mask.sum().item() * float(len(idx) > 0) / max(count[0].item(), 1.0)
-            for k, v in s.items():
-                mini_stats.setdefault(k, []).append(v * share if k in TOKEN_STATS else v)
-        for k, v in mini_stats.items():  # one value per optimizer step
-            stats.setdefault(k, []).append(sum(v) if k in SUMMED_STATS + TOKEN_STATS else sum(v) / len(v))
-    return stats
 
 
 if __name__ == "__main__":

@@ -235,6 +235,32 @@ def lora_summary(models: dict) -> str:
     return "LoRA: trainable parameters: " + ", ".join(counts)
 
 
+def lora_problems(args) -> list[str]:
+    """What is wrong with the LoRA arguments."""
+    if not args.lora_r:
+        return [f"--{flag} merges LoRA adapters: it needs --lora-r" for flag, on in
+                (("merge-on-save", args.merge_on_save), ("merge-for-generation", args.merge_for_generation)) if on]
+    problems = []
+    if args.lora_r < 0 or (args.lora_alpha is not None and not args.lora_alpha > 0):
+        problems.append("--lora-r must be >= 0 and --lora-alpha > 0")
+    if not 0 <= args.lora_dropout < 1:
+        problems.append(f"--lora-dropout {args.lora_dropout} must be in [0, 1)")
+    # The rollout's (old) log-probs are taken without dropout; an update with dropout would then start from
+    # a ratio other than 1. With one optimizer step per rollout the update's own log-probs are the old ones.
+    if args.lora_dropout > 0 and (args.ppo_epochs * args.num_mini_batches > 1
+                                  or (args.kl_coef > 0 and args.kl_estimator == "k1")):
+        problems.append("--lora-dropout > 0 needs one optimizer step per rollout (--ppo-epochs 1 --num-mini-batches "
+                        "1, no k1 KL): the old log-probs are taken without dropout, so the PPO ratio would not "
+                        "start at 1")
+    if not any(t.strip() for t in args.lora_target_modules.split(",")):
+        problems.append("--lora-target-modules is empty")
+    # With --bf16 the frozen base is held in bf16: W + BA - BA rounds to another W each step, and the drift adds up.
+    if args.merge_for_generation and args.bf16:
+        problems.append("--merge-for-generation with --bf16: the frozen base is bf16, where merging and unmerging "
+                        "every step would round the base weights away from the base; drop one of the two")
+    return problems
+
+
 def cache_root() -> Path:
     """Where built models are cached: $REASONER_ZERO_CACHE, else $XDG_CACHE_HOME/reasoner-zero (~/.cache)."""
     return Path(os.environ.get("REASONER_ZERO_CACHE")

@@ -574,7 +574,7 @@ def load_data(args, tokenizer, data: tuple[list, dict] | None = None):
               f"(first: record {next(r['id'] for r in train if r not in kept)})")
     if not kept:
         raise RunError(f"error: {args.dataset}: no training prompt fits in "
-                         f"--max-prompt-tokens {args.max_prompt_tokens}")
+                       f"--max-prompt-tokens {args.max_prompt_tokens}")
     for name, records in evals.items():
         records = [r for r in records if len(r["prompt_ids"]) <= args.max_prompt_tokens]
         evals[name] = records[:args.eval_limit] if args.eval_limit else records
