@@ -1,4 +1,4 @@
-"""The critic of PPO: a value model, GAE, and the value loss.
+"""The critic of PPO: the value model and its forward passes (GAE and the value loss are in algos.py).
 
 The value model is the policy's base checkpoint (its transformer backbone, fully fine-tuned) plus a
 bias-free linear head from the last hidden state to one value per token, as in Open-Reasoner-Zero

@@ -275,7 +275,7 @@ def evaluate_datasets(model, tokenizer, datasets: dict[str, list[dict]], *, pool
 @dataclass
 class EvalArgs(RewardArgs, SamplingArgs, DataArgs, ModelArgs):
     """Arguments of `python evaluate.py`: the model, data, sampling and reward arguments every command
-    shares (parsed by utils.parse_args, like train_ppo.Args), then evaluation's own."""
+    shares (parsed by cli.parse_args, like train_ppo.Args), then evaluation's own."""
 
     datasets: str = field(default="math500", metadata={
         "group": "model and data",

@@ -1531,7 +1531,7 @@ class RewardArgs:
 
 @dataclasses.dataclass
 class ScoreFileArgs(RewardArgs):
-    """Arguments of `python reward.py FILE.jsonl` (parsed by utils.parse_args)."""
+    """Arguments of `python reward.py FILE.jsonl` (parsed by cli.parse_args)."""
 
     file: str = dataclasses.field(kw_only=True, metadata={
         "positional": True, "help": "JSONL file of {response, ground_truth[, expected]} records"})

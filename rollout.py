@@ -35,7 +35,7 @@ LOGIT_CHUNK_ELEMENTS = 2**25
 @dataclass
 class ModelArgs:
     """The model arguments of every command that loads one (training, evaluation, curation); parsed by
-    utils.parse_args, like every argument class."""
+    cli.parse_args, like every argument class."""
 
     model: str = field(default="tiny", metadata={
         "group": "model and data", "help": "hub id, local path, or 'tiny' (built-in, made offline)"})

@@ -166,7 +166,7 @@ class Args(RewardArgs, SamplingArgs, DataArgs, ModelArgs):
     format_reward_weight: float = field(default=0.0, metadata={
         "group": "reward", "help": "weight of the optional format reward"})
     zero_repetitive: bool = field(default=False, metadata={
-        "help": "reward 0 for a response caught in a loop (rollout.repetition_flags); repetition is always logged "
+        "help": "reward 0 for a response caught in a loop (reward.repetition_flags); repetition is always logged "
                 "as train/repetition"})
     gamma: float = field(default=1.0, metadata={"group": "advantages and losses", "help": "GAE discount (ORZ: 1)"})
     lam: float = field(default=1.0, metadata={"help": "GAE lambda (ORZ: 1)"})
