@@ -300,14 +300,45 @@ def nonfinite_stop_message(step: int, count: int, last_saved: Path | None) -> st
             f"skipped (steps {first}-{step}); stopping without saving this state; {where}")
 
 
-def save_checkpoint(accelerator, root: Path, state: dict, keep: int) -> Path:
+class TiedWeightsNote:
+    """A logging filter, on while a checkpoint is written: drops accelerate's note "Removed shared tensor
+    {'lm_head.weight'} while saving" when every name it lists is a weight tied to another one in the model
+    (`tied`, e.g. transformers' `all_tied_weights_keys`). The checkpoint holds the weight it is tied to and
+    loading ties them again (the resume tests check it), so the note said nothing, at every checkpoint."""
+
+    def __init__(self, tied):
+        self.tied = set(tied)
+
+    def filter(self, record) -> bool:
+        import re
+
+        message = record.getMessage()
+        if "Removed shared tensor" not in message:  # accelerate prefixes "[RANK 0] "
+            return True
+        names = re.findall(r"'([^']+)'", message.partition(" while saving")[0])
+        return not names or not all(any(n == t or n.endswith("." + t) for t in self.tied) for n in names)
+
+
+def save_checkpoint(accelerator, root: Path, state: dict, keep: int, tied=()) -> Path:
     """Everything needed to continue at `state["step"]`: models, optimizers, every process's RNG states
     (accelerate's `save_state`: weights as safetensors, or under FSDP and DeepSpeed in their formats;
     everything is read back with torch's weights-only loader), `state` as JSON (with the schedulers:
     nothing is unpickled on resume) and, last, a manifest of every file's size and hash. Written to a
     temporary directory, fsynced, then renamed, so a kill at any
     instant leaves the previous checkpoint whole. A failed write (a full disk) removes the temporary
-    directory and stops every process with one line; the previous checkpoints are untouched."""
+    directory and stops every process with one line; the previous checkpoints are untouched. `tied`: the
+    names of weights tied to others (`TiedWeightsNote`)."""
+    import logging
+
+    note = TiedWeightsNote(tied)
+    logging.getLogger("accelerate.utils.other").addFilter(note)
+    try:
+        return _save_checkpoint(accelerator, root, state, keep)
+    finally:
+        logging.getLogger("accelerate.utils.other").removeFilter(note)
+
+
+def _save_checkpoint(accelerator, root: Path, state: dict, keep: int) -> Path:
     import shutil
 
     from accelerate.utils import gather_object

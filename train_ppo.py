@@ -575,6 +575,7 @@ def evaluate(run: Run, step: int) -> dict:
     per-problem counts are gathered (and written to eval_problems.jsonl). `eval/accuracy` is the avg@k over
     all sets pooled."""
     from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
 
     from evaluate import aggregate_eval, evaluate_datasets
 
@@ -598,6 +599,9 @@ def evaluate(run: Run, step: int) -> dict:
     metrics["eval/accuracy"] = aggregate_eval(pooled)[f"avg@{args.eval_num_samples}"]
     if accelerator.is_main_process:  # what `python evaluate.py compare` bootstraps over
         run.logs["eval_problems.jsonl"].write({"step": step, "per_problem": per_problem})
+        sets = [f"{name} {metrics[f'eval/{name}/avg@{args.eval_num_samples}']:.1%}" for name in run.eval_records]
+        tqdm.write(f"step {step}: held-out accuracy {metrics['eval/accuracy']:.1%}"  # a line that stays
+                   + (f" ({', '.join(sets)})" if len(sets) > 1 else ""))
     return metrics
 
 
@@ -884,8 +888,6 @@ def value_loss(model, mb: Experience, w: torch.Tensor, args: Args) -> tuple[torc
 
 def injected_nan_steps() -> set[int]:
     """Fault injection for tests: REASONER_ZERO_NAN_STEPS="3,4" makes the losses of those steps NaN."""
-    import os
-
     return {int(x) for x in os.environ.get("REASONER_ZERO_NAN_STEPS", "").split(",") if x.strip()}
 
 
@@ -954,11 +956,12 @@ def checkpoint(run: Run, step: int, nonfinite: int) -> Path | None:
         return run.checkpoint
     # With LoRA a checkpoint holds what trains (adapters, value head, their optimizer states); the frozen base
     # is the model the run starts from.
+    tied = getattr(accelerator.unwrap_model(run.policy), "all_tied_weights_keys", None) or {}
     with trainable_state_only([accelerator.unwrap_model(m) for m in (run.policy, run.critic)
                                if m is not None and run.args.lora_r]):
         return save_checkpoint(accelerator, run.out / "checkpoints", {
             "step": step + 1, "base_accuracy": run.base_accuracy, "args": plain_args(run.args),
-            "schedulers": [s.state_dict() for s in run.schedulers.values()]}, run.args.keep_checkpoints)
+            "schedulers": [s.state_dict() for s in run.schedulers.values()]}, run.args.keep_checkpoints, tied)
 
 
 def finish(run: Run) -> dict:
