@@ -291,6 +291,8 @@ class EvalArgs(RewardArgs, SamplingArgs, DataArgs, ModelArgs):
                 "penalty...: the settings a model card reports with), ignoring --temperature/--top-p/--top-k; "
                 "off: softmax(logits / T) only, as training samples"})
     output_dir: str = field(default="runs/eval", metadata={"help": "where results.json and completions.jsonl go"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace an evaluation already in --output-dir (without it, one there stops the command)"})
 
 
 def load_eval_datasets(args: EvalArgs) -> dict[str, list[dict]]:
@@ -335,9 +337,9 @@ def main(args: EvalArgs) -> dict:
     import json
     from dataclasses import asdict
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from data.loading import ORZ_STOP_STRINGS
+    from data.loading import ORZ_STOP_STRINGS, context_problems
     from reward import RewardPool, reward_problems
     from utils import JsonlWriter, number_problems, seed_everything
 
@@ -349,12 +351,19 @@ def main(args: EvalArgs) -> dict:
     if args.temperature < 0 or (args.temperature == 0 and args.num_samples > 1):
         raise SystemExit("error: --temperature must be >= 0, and 0 (greedy) needs --num-samples 1")
     problems = model_problems(args.model) + reward_problems(args.reward)  # before the model loads
+    if (Path(args.output_dir) / "results.json").exists() and not args.overwrite:
+        problems.append(f"--output-dir {args.output_dir} holds an evaluation (results.json): name another, or "
+                        "--overwrite to replace it")
     if problems:
         raise SystemExit("error: " + problems[0])
     datasets = load_eval_datasets(args)
     seed_everything(args.seed)
     model_path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
+    problems = context_problems(AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code),
+                                args.max_new_tokens)
+    if problems:
+        raise SystemExit("error: " + problems[0])
     model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
     stop_ids = prepare_for_sampling(tokenizer, model, checkpoint_settings=args.checkpoint_sampling)
     sampling = (dict(temperature=None, top_p=None, top_k=None) if args.checkpoint_sampling else

@@ -381,7 +381,7 @@ def setup(args: Args) -> Run:
     output directory (refusals come before any model loads), the tokenizer and models, their optimizers,
     the reward workers, and the state of the checkpoint to resume from."""
     from accelerate.utils import DistributedType, set_seed
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if args.whiten_advantages is None:  # resolved once, so that config.json records what trains
         args = replace(args, whiten_advantages=algos.uses_critic(args.advantage))
@@ -414,7 +414,8 @@ def setup(args: Args) -> Run:
     frozen_bf16 = bool(args.lora_r and args.bf16)
     load = dict(trust_remote_code=args.trust_remote_code, dtype=torch.bfloat16 if frozen_bf16 else torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
-    train_records, eval_records = load_data(args, tokenizer, data)  # prompts too long: before the model too
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
+    train_records, eval_records = load_data(args, tokenizer, data, config)  # too long for it: before it loads
     policy = AutoModelForCausalLM.from_pretrained(model_path, **load)
     stop_ids = prepare_for_sampling(tokenizer, policy, log=accelerator.print)
     critic = ValueModel.from_base(model_path, **load) if algos.uses_critic(args.advantage) else None

@@ -532,6 +532,17 @@ def _first_line(err: Exception) -> str:
 # ---------------------------------------------------------------- a training run's data
 
 
+def context_problems(config, max_new_tokens: int, longest_prompt: int = 0) -> list[str]:
+    """[] if the longest prompt and --max-new-tokens fit in the model's context (`max_position_embeddings` of
+    its config, when it has one); else one message. Decoding past it goes on for minutes and gives noise."""
+    context = getattr(config, "max_position_embeddings", None)
+    if not context or longest_prompt + max_new_tokens <= context:
+        return []
+    prompt = f" plus the longest prompt's {longest_prompt} tokens" if longest_prompt else ""
+    return [f"--max-new-tokens {max_new_tokens}{prompt} exceed(s) the model's context of {context} positions "
+            f"(max_position_embeddings): lower --max-new-tokens, or use a model with a longer context"]
+
+
 def read_data(args) -> tuple[list, dict]:
     """(train records, {eval set name: records}) as read from their files, before any tokenizer or model
     is needed; a bad file stops the run with one line. `args`: a training run's arguments (train_ppo.Args)."""
@@ -549,9 +560,10 @@ def read_data(args) -> tuple[list, dict]:
     return train, evals
 
 
-def load_data(args, tokenizer, data: tuple[list, dict] | None = None):
+def load_data(args, tokenizer, data: tuple[list, dict] | None = None, config=None):
     """Train and eval records (`data` from `read_data`, read now if not given), each with `prompt_ids`;
-    prompts over the limit are skipped and counted."""
+    prompts over the limit are skipped and counted. With the model's `config`, a longest prompt and
+    --max-new-tokens beyond its context stop the run (`context_problems`)."""
     from reward import answer_is_usable
     from utils import RunError
 
@@ -578,4 +590,8 @@ def load_data(args, tokenizer, data: tuple[list, dict] | None = None):
     for name, records in evals.items():
         records = [r for r in records if len(r["prompt_ids"]) <= args.max_prompt_tokens]
         evals[name] = records[:args.eval_limit] if args.eval_limit else records
+    longest = max(len(r["prompt_ids"]) for records in (kept, *evals.values()) for r in records)
+    problems = context_problems(config, args.max_new_tokens, longest) if config is not None else []
+    if problems:
+        raise RunError("error: " + problems[0])
     return kept, {name: records for name, records in evals.items() if records}
