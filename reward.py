@@ -873,7 +873,8 @@ def load_reward_fn(spec: str) -> Callable[..., float]:
             import latex2sympy2_extended  # noqa: F401
             import math_verify  # noqa: F401
         except ImportError as e:
-            raise ValueError(f"reward 'math' needs math-verify ({e}): pip install 'math-verify[antlr4_13_2]'") from e
+            raise ValueError(f"reward 'math' needs math-verify ({e}): "
+                             "pip install math-verify antlr4-python3-runtime==4.13.2") from e
         return math_reward
     if not isinstance(spec, str) or ":" not in spec:
         raise ValueError(
