@@ -418,26 +418,6 @@ def read_jsonl_before(path: Path, step: float) -> list[dict]:
     return rows
 
 
-def restores_signal_handlers(fn):
-    """Decorator: the SIGINT and SIGTERM handlers that `fn` installs (`StopRequest`) are put back as they were
-    when it returns or raises, so that in a notebook an interrupt after `main` interrupts the kernel again."""
-    import functools
-    import signal
-    import threading
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        if threading.current_thread() is not threading.main_thread():
-            return fn(*args, **kwargs)
-        saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            for sig, handler in saved.items():
-                signal.signal(sig, handler)
-    return wrapper
-
-
 class StopRequest:
     """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the step and exits."""
 

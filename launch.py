@@ -301,7 +301,37 @@ def make_accelerator(bf16: bool, log_with: str | None, project_dir: str):
     from accelerate import Accelerator
 
     allow_cpu_fsdp()  # before the Accelerator: CPU processes launched for FSDP shard as asked
-    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", log_with=log_with, project_dir=project_dir,
-                              kwargs_handlers=deepspeed_process_kwargs())
+    # Processes launched on a machine without a GPU (notebook_launcher, or a launch without ACCELERATE_USE_CPU)
+    # are CPU processes; FSDP and DeepSpeed launches say so themselves (`allow_cpu_fsdp`, DS_ACCELERATOR).
+    cpu = (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+           and not env_flag("ACCELERATE_USE_FSDP") and not env_flag("ACCELERATE_USE_DEEPSPEED"))
+    accelerator = Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no", log_with=log_with,
+                              project_dir=project_dir, kwargs_handlers=deepspeed_process_kwargs())
     stop_if_not_as_launched(accelerator, {})  # the processes themselves: before any model loads
     return accelerator
+
+
+def leaves_the_process_as_found(fn):
+    """Decorator for `main`, so that a notebook can call it again, or accelerate's notebook_launcher after it:
+    the SIGINT and SIGTERM handlers that `fn` installs (checkpoint.StopRequest) are put back when it returns or
+    raises (an interrupt after `main` interrupts the kernel again), and accelerate's process-wide state is
+    cleared in a process of its own (notebook_launcher refuses to start beside an Accelerator built before)."""
+    import functools
+    import signal
+    import threading
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        main_thread = threading.current_thread() is threading.main_thread()
+        saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+            if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+                from accelerate.state import AcceleratorState, GradientState
+
+                AcceleratorState._reset_state(reset_partial_state=True)
+                GradientState._reset_state()
+    return wrapper

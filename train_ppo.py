@@ -54,7 +54,6 @@ from checkpoint import (
     parameters_finite,
     prepare_output_dir,
     releases_output_locks,
-    restores_signal_handlers,
     resume,
     save_checkpoint,
     save_models,
@@ -71,6 +70,7 @@ from launch import (
     end_launched_process,
     is_sharded,
     leave_process_group,
+    leaves_the_process_as_found,
     make_accelerator,
     prepare_reference,
     read_weights_only,
@@ -303,7 +303,7 @@ class Run:
 
 
 @releases_output_locks
-@restores_signal_handlers
+@leaves_the_process_as_found
 def main(args: Args) -> dict:
     from tqdm.auto import tqdm
 

@@ -48,3 +48,22 @@ def test_a_script_pasted_whole_into_a_cell_runs_as_the_command_and_restores_sign
     assert "-f" in seen["argv"] and seen["same"], seen  # the kernel's argument was there, and ignored
     summary = json.loads((tmp_path / "runs" / "grpo" / "summary.json").read_text())
     assert summary["steps"] == 60 and summary["final_accuracy"] > summary["base_accuracy"] + 0.3, summary
+
+
+def test_notebook_launcher_after_main_in_the_same_kernel_runs_two_cpu_processes(tiny_base, tmp_path):
+    """main() in a kernel, then accelerate's notebook_launcher with 2 processes in the same kernel, on a machine
+    without a GPU and without ACCELERATE_USE_CPU set by hand: the launcher starts (no Accelerator is left
+    behind by main) and the two processes train as one run of 2 processes (gloo)."""
+    common = ("max_steps=2, eval_every=0, prompts_per_step=4, num_generations=2, num_mini_batches=1, "
+              "critic_mini_batches=1, save_every=0, reward_workers=0")
+    nb = run_cells([f"import os, sys; sys.path.insert(0, {str(ROOT)!r})\n"
+                    "from train_grpo import Args\nfrom train_ppo import main\n"
+                    f"main(Args(output_dir={str(tmp_path / 'one')!r}, {common}))",
+                    "from accelerate import notebook_launcher\n"
+                    f"notebook_launcher(main, (Args(output_dir={str(tmp_path / 'two')!r}, {common}),), "
+                    "num_processes=2)\nprint('ACCELERATE_USE_CPU' in os.environ)"], tmp_path)
+    assert nb.cells[-1].outputs[-1]["text"].strip().endswith("False")
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1]
+    log = "".join(o.get("text", "") for o in nb.cells[-1].outputs)
+    assert "2 process(es), backend gloo" in log, log[-2000:]
