@@ -1,5 +1,8 @@
-"""Tests for reward.py: the judged cases, extraction, bad and pathological input, security, the worker pool,
-reward-function loading, and the command line.
+"""Unit tests of reward.py: the judged cases, extraction, bad and pathological input, security, the worker pool,
+reward-function loading, the command line (`python reward.py`, no model), the control rewards, deciding a
+response's reward (`decide_rewards`: the rule, controls, truncation) and the audit's judge, DAPO's overlong
+penalty, and the repetition check (the tail-loop test, the compression test, the share, and the guard that
+zeroes the reward of degenerate responses; hand-made responses, both outcomes).
 
 Run: python -m pytest tests/test_reward.py -q
 """
@@ -8,27 +11,33 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import textwrap
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import ROOT, run_script
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the scripts run from a checkout; nothing is installed
-
-import reward  # noqa: E402
-from reward import (  # noqa: E402
+import reward
+from reward import (
     RewardPool,
     answers_match,
+    compression_ratio,
     extract_answer,
     format_reward,
     load_reward_fn,
     math_reward,
     math_verify_baseline,
+    overlong_penalty,
+    repetition_flags,
+    repetition_rate,
+    tail_loop_flags,
+    zero_degenerate,
 )
+
+REPO = ROOT
 
 CASES_FILE = REPO / "tests" / "reward_cases.jsonl"
 # Wall-clock bounds here catch a hang (a judge stuck for minutes, a deadline that never fires), not slowness:
@@ -521,7 +530,7 @@ def test_interpreter_exit_without_close_does_not_hang(bad_rewards_file, tmp_path
         )
     )
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    out = run_script(script, cwd=None, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "[2.0, 3.0]" in out.stdout
     assert time.perf_counter() - start < HANG_S  # the hung item sleeps 60 s: exit did not wait for it
@@ -566,13 +575,7 @@ def test_load_reward_fn_errors_name_the_spec(spec, message, bad_rewards_file):
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "reward.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
+    return run_script(REPO / "reward.py", *args, timeout=120)
 
 
 def test_cli_scores_a_file_with_baseline(tmp_path):
@@ -667,3 +670,211 @@ def test_cli_reports_bad_input_with_exit_code_2(tmp_path):
     good.write_text('{"response": "\\\\boxed{1}", "ground_truth": "1"}\n')
     out = _run_cli(str(good), "--reward", "nowhere.py:f")
     assert out.returncode == 2 and "nowhere.py:f" in out.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# Deciding a response's reward (decide_rewards) and the reward audit
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_any_model_text_is_scored_and_written(tmp_path, tiny_base):
+    """Model output is arbitrary text: decoded random token ids, and what a decoder of another tokenizer
+    might give (a lone surrogate, NUL, a direction mark) are scored and written to samples.jsonl, which
+    escapes what UTF-8 cannot hold, so they read back unchanged; nothing raises."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from reward import RewardPool, RewardRules, decide_rewards
+    from utils import JsonlWriter
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    ids = torch.randint(0, len(tokenizer), (16, 48), generator=torch.Generator().manual_seed(0))
+    odd = ["\\boxed{5}\ud800", "\udfff", "\x00<answer>\\boxed{5}</answer>", "\u202e\\boxed{5}", "\\boxed{\ud800}"]
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=False) + odd
+    n = len(texts)
+    with RewardPool("math", num_workers=0) as pool:
+        verdicts, stats = pool.score(texts, ["5"] * n, [{"note": t} for t in texts])
+    rewards, _ = decide_rewards(verdicts, texts, ["5"] * n, truncated=[False] * n, lengths=[48] * n,
+                                repetitive=[False] * n, rules=RewardRules())
+    assert sum(stats.values()) == 0
+    assert rewards[-len(odd):] == [1.0, 0.0, 1.0, 1.0, 0.0]
+    writer = JsonlWriter(tmp_path / "samples.jsonl")
+    for text, r in zip(texts, rewards, strict=True):
+        writer.write({"response": text, "reward": r, "nested": {"texts": [text]}})
+    writer.close()
+    back = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [b["response"] for b in back] == texts and [b["nested"]["texts"][0] for b in back] == texts
+
+
+def test_control_rewards_replace_the_reward_and_the_rule_is_still_logged():
+    import random
+
+    from reward import RewardPool, RewardRules, decide_rewards
+
+    texts = ["\\boxed{5}", "\\boxed{4}", "no box", "\\boxed{5}"]
+    facts = dict(truncated=[False, False, False, True], lengths=[4] * 4, repetitive=[False] * 4)
+    with RewardPool("math", num_workers=0) as pool:
+        verdicts, _ = pool.score(texts, ["5"] * 4)
+    rule, stats = decide_rewards(verdicts, texts, ["5"] * 4, rules=RewardRules(), **facts)
+    assert rule == [1.0, 0.0, 0.0, 0.0] and "train/correct" not in stats
+    fmt, stats = decide_rewards(verdicts, texts, ["5"] * 4, rules=RewardRules(reward="format"), **facts)
+    assert fmt == [1.0, 1.0, 0.0, 0.0]  # any box; the truncated one still 0 (ORZ's rule)
+    assert stats["train/correct"] == 2.0  # the judge's verdicts before the truncation rule
+    verdicts = [1.0, 0.0, 0.0, 1.0] * 50
+    draw = lambda seed: decide_rewards(verdicts, texts * 50, ["5"] * 200, truncated=[False] * 200,  # noqa: E731
+                                       lengths=[4] * 200, repetitive=[False] * 200,
+                                       rules=RewardRules(reward="random:0.25"), rng=random.Random(seed))[0]
+    first = draw("s")
+    assert first == draw("s") and first != draw("t")  # seeded per step and process
+    assert 0.1 < sum(first) / len(first) < 0.4  # 200 draws of p = 0.25 (sd 0.03)
+
+
+def test_reward_audit_counts_and_writes_the_disagreements(tmp_path):
+    from reward import audit_verdicts
+
+    texts = ["\\boxed{5}", "\\boxed{0.0000671}", "\\boxed{0.\\overline{3}}", "\\boxed{9^{9^{9^{9}}}}",
+             "\\boxed{9^{9^{9^{9}}}} <answer>\\boxed{1}</answer> \\boxed{9^{9^{9^{9}}}}"]
+    answers = ["5", "0.0000672", "\\frac13", "1", "1"]
+    verdicts = [1.0, 0.0, 1.0, 0.0, 1.0]  # as math_reward judges them
+    audited, rows = audit_verdicts(texts, answers, verdicts, list(range(5)), 3, [False] * 5)
+    # a power tower is too costly to hand to math-verify in the trainer, also where only math-verify reads
+    # it (the last box of the text, outside the answer): not audited
+    assert (audited, len(rows)) == (3, 2)
+    assert [(r["step"], r["ground_truth"], r["reward"], r["math_verify"]) for r in rows] == [
+        (3, "0.0000672", 0.0, 1.0), (3, "\\frac13", 1.0, 0.0)]
+    assert audit_verdicts(texts, answers, verdicts, [1], 3, [False] * 5)[0] == 1  # only the picked ones
+
+
+# ----------------------------------------------------------------------------------------------------
+# DAPO's overlong penalty
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_overlong_penalty_hand_computed():
+    """DAPO eq. 13 with a budget of 100 tokens, a buffer of 20 and factor 0.5: nothing up to 80 tokens, then
+    linear to -0.5 at 100 (truncated)."""
+    lengths = [10, 80, 81, 90, 99, 100]
+    expected = [0.0, 0.0, -0.025, -0.25, -0.475, -0.5]
+    assert [overlong_penalty(n, 100, 20, 0.5) for n in lengths] == pytest.approx(expected, abs=1e-12)
+    assert [overlong_penalty(n, 100, 100) for n in lengths] == pytest.approx([-n / 100 for n in lengths])  # all
+
+
+# ----------------------------------------------------------------------------------------------------
+# The repetition check
+# ----------------------------------------------------------------------------------------------------
+
+
+NORMAL = " 12 + 7 = 19 </think> <answer> \\boxed{19} </answer>"
+COUNTING = " 1, 2, 3, 4, 5, 6"
+PARAGRAPH = ("Let me reconsider the problem. We have x + y = 10 and x - y = 2, so adding gives 2x = 12 and x = 6. "
+             "Then y = 4, and x y = 24. Checking: 6 + 4 = 10 and 6 - 4 = 2. ")
+SOLUTION = (
+    "We need the number of positive integers n below 100 such that n^2 + 3n + 2 is divisible by 6. Note that "
+    "n^2 + 3n + 2 = (n+1)(n+2), a product of two consecutive integers, so it is always even. So we need "
+    "(n+1)(n+2) to be divisible by 3, which happens when n is not a multiple of 3. Check: n = 1 gives 2 * 3 = 6, "
+    "divisible; n = 3 gives 4 * 5 = 20, not divisible. Among 1, ..., 99 there are 33 multiples of 3, so the "
+    "count is 99 - 33 = 66. </think> <answer> \\boxed{66} </answer>")
+
+
+def word_ids(texts: list[str]) -> list[list[int]]:
+    """A word-level 'tokenizer' shared by the texts: each distinct whitespace-separated word is one id."""
+    vocab: dict[str, int] = {}
+    return [[vocab.setdefault(w, len(vocab)) for w in t.split()] for t in texts]
+
+
+def flags_of(texts: list[str], with_texts: bool = True) -> list[bool]:
+    return repetition_flags(word_ids(texts), texts=texts if with_texts else None).tolist()
+
+
+def test_normal_answers_pass():
+    texts = [NORMAL, COUNTING, " " + ", ".join(str(i) for i in range(1, 150)), SOLUTION,
+             " 1000000 + 2000000 = 3000000 </think> <answer> \\boxed{3000000} </answer>", ""]
+    assert flags_of(texts) == [False] * len(texts)
+    assert all(compression_ratio(t) > 0.4 for t in texts[2:4])  # ordinary text compresses to ~0.4-0.6
+
+
+def test_loops_are_flagged():
+    texts = [" the" * 30,                 # one-token span, 30 copies
+             " = 5" * 10,                 # two-token span
+             SOLUTION[:200] + " = 5" * 8,  # a loop at the end of a normal start
+             PARAGRAPH * 6]               # cycling paragraphs: longer than max_span words, caught by compression
+    assert flags_of(texts) == [True, True, True, True]
+    # Without the texts only the tail test runs: the paragraph (40 words) loops 6 times, within max_span.
+    assert flags_of(texts, with_texts=False) == [True, True, True, True]
+    assert flags_of([PARAGRAPH * 6], with_texts=False) == [True]
+    assert repetition_flags(word_ids([PARAGRAPH * 6]), max_span=16).tolist() == [False]  # span too long
+    assert repetition_flags(word_ids([PARAGRAPH * 6]), texts=[PARAGRAPH * 6], max_span=16).tolist() == [True]
+
+
+def test_thresholds_both_ways():
+    # A one-token span needs min_loop_tokens (16) copies; a 2-token span needs 4 copies covering 16 tokens.
+    assert flags_of([" the" * 15, " the" * 16]) == [False, True]
+    assert flags_of([" = 5" * 7, " = 5" * 8]) == [False, True]
+    # A longer span needs min_repeats (4) copies.
+    unit = " a b c d e f g h i j"
+    assert flags_of([unit * 3, unit * 4]) == [False, True]
+    # Compression: a 160-character paragraph 4 times is 0.20 (kept), 5 times 0.17 (flagged); too short: kept.
+    loose = repetition_flags(word_ids([PARAGRAPH * 4, PARAGRAPH * 5]), texts=[PARAGRAPH * 4, PARAGRAPH * 5],
+                             max_span=16)
+    assert loose.tolist() == [False, True]
+    assert repetition_flags([[1]], texts=["ab" * 100]).tolist() == [False]  # 200 chars < min_chars
+    assert repetition_flags([[1]], texts=["ab" * 150]).tolist() == [True]
+
+
+def test_cut_off_copy_and_stop_after_loop():
+    loop = word_ids([" x = 5 ;" * 6])[0]
+    assert tail_loop_flags([loop[:-2]]).tolist() == [True]  # truncated inside the last copy
+    # A loop that then stopped: the tail ends with the stop, so only the compression test can see it.
+    text = " = 5" * 100 + " </answer>"
+    ids = word_ids([text])
+    assert tail_loop_flags(ids).tolist() == [False]
+    assert repetition_flags(ids, texts=[text]).tolist() == [True]
+
+
+def test_tensor_with_lengths_matches_lists():
+    texts = [NORMAL, " the" * 30, " = 5" * 10, COUNTING]
+    rows = word_ids(texts)
+    width = max(len(r) for r in rows) + 5
+    # Padding after each length is a run of one token: it must not count as a loop.
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    lengths = torch.tensor([len(r) for r in rows])
+    from_tensor = repetition_flags(ids, lengths, texts=texts)
+    assert from_tensor.tolist() == repetition_flags(rows, texts=texts).tolist() == [False, True, True, False]
+    assert from_tensor.dtype == torch.bool and from_tensor.shape == (4,)
+    # A list with lengths cuts each row; an empty batch is fine.
+    assert repetition_flags([r + [0] * 20 for r in rows], lengths.tolist()).tolist() == [False, True, True, False]
+    assert repetition_flags([]).tolist() == []
+    assert repetition_rate([]) == 0.0
+    with pytest.raises(ValueError, match="texts"):
+        repetition_flags(rows, texts=texts[:2])
+
+
+def test_rate_and_guard():
+    texts = [NORMAL, " the" * 30, " = 5" * 10, COUNTING]
+    assert repetition_rate(word_ids(texts), texts=texts) == 0.5
+    flags = repetition_flags(word_ids(texts), texts=texts)
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    assert zero_degenerate(rewards, flags).tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert rewards.tolist() == [1.0, 1.0, 0.0, 1.0]  # not modified in place
+    assert zero_degenerate([1.0, 1.0, 0.5, 1.0], flags.tolist()) == [1.0, 0.0, 0.0, 1.0]
+
+
+def test_with_the_tiny_tokenizer(tiny_base):
+    """Token ids as a model samples them: a loop repeats the same ids (retokenised text may not)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_base))
+    texts = [NORMAL, COUNTING, " = 5" * 10, " the" * 30]
+    ids = [tok(NORMAL)["input_ids"], tok(COUNTING)["input_ids"], tok(" = 5")["input_ids"] * 10,
+           tok(" the")["input_ids"] * 30]
+    assert repetition_flags(ids, texts=texts).tolist() == [False, False, True, True]
+
+
+def test_cheap_for_a_large_batch():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 1000, (512, 4096))
+    ids[:8, -200:] = torch.tensor([7, 8, 9, 10]).repeat(50)  # 8 looping rows
+    start = time.perf_counter()
+    flags = repetition_flags(ids, torch.full((512,), 4096))
+    assert flags.sum().item() == 8 and flags[:8].all()
+    assert time.perf_counter() - start < 60  # ~0.2 s here; a hang, not slowness (benchmark.py times speed)
