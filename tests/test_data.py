@@ -1,25 +1,34 @@
-"""Tests for data/loading.py: every source format, the shipped eval sets, error messages, prompt templates.
+"""Unit tests of data/loading.py and data/synthetic.py: every source format, the shipped eval sets, error
+messages, hundreds of malformed data files (each one ends in well-formed records or in one `DataError` line that
+names the file, never a traceback from deep inside a library), prompt templates, the one loader of the built-in
+task or a file, records whose answer cannot be checked, and the tiny base model's cache (processes building it at
+once, leftovers of a killed build, the progress bar; a very small base in its own cache directory, never the
+shared one).
 
 Run: python -m pytest tests/test_data.py -q
 """
 
 import hashlib
 import json
-import sys
+import random
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, start_script
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the scripts run from a checkout; nothing is installed
-
-from data.loading import (  # noqa: E402
+from data.loading import (
     ORZ_TEMPLATE,
     DataError,
     format_prompt,
     list_eval_sets,
     load_records,
 )
+from data.synthetic import build_tiny_base, tiny_base_path
+from train_ppo import Args
+
+REPO = ROOT
 
 SAMPLES = REPO / "tests" / "data"
 
@@ -496,6 +505,88 @@ def test_limit_must_be_positive():
         load_records("math500", limit=0)
 
 
+# ---------------------------------------------------------------- fuzzing: malformed data files
+
+
+VALID_ORZ = json.dumps([
+    [{"from": "human", "value": f"What is {i} + {i}?"}, {"from": "assistant", "ground_truth": {"value": str(2 * i)}}]
+    for i in range(4)])
+VALID_JSONL = "\n".join(json.dumps({"question": f"What is {i} + 1?", "answer": i + 1}) for i in range(4))
+ODD_VALUES = [None, 0, -1.5, True, [], {}, [1, 2], {"value": None}, "", "\x00", "é" * 3, {"nested": {"x": 1}}]
+
+
+def mutate(text: str, rng: random.Random) -> str:
+    """One random corruption of a file's text."""
+    kind = rng.randrange(7)
+    if kind == 0:  # truncated at a random byte
+        return text[:rng.randrange(len(text))]
+    if kind == 1:  # a character deleted or duplicated
+        i = rng.randrange(len(text))
+        return text[:i] + text[i + 1:] if rng.random() < 0.5 else text[:i] + text[i] * 2 + text[i:]
+    if kind == 2:  # garbage inserted
+        i = rng.randrange(len(text))
+        return text[:i] + rng.choice(["}", "]", "{", "\"", ",", "\\", "\n", "nul", "\ufeff"]) + text[i:]
+    if kind == 3:  # empty or blank
+        return rng.choice(["", " ", "\n\n", "[]", "{}", "null", "42", "\"text\""])
+    if kind == 4:  # a value replaced by one of the wrong type
+        data = [json.loads(line) for line in text.splitlines()] if text.lstrip()[0] == "{" else json.loads(text)
+        return json.dumps(replace_random_value(data, rng)) if text.lstrip()[0] == "[" else "\n".join(
+            json.dumps(d) for d in replace_random_value(data, rng))
+    if kind == 5:  # a key removed or renamed
+        return text.replace(rng.choice(["\"question\"", "\"answer\"", "\"value\"", "\"ground_truth\"", "\"from\""]),
+                            rng.choice(["\"q\"", "\"\"", "\"Question \""]), 1)
+    return text.replace("\n", rng.choice(["\n\n", "\n{\n", "\n[1]\n"]), 1)  # a bad JSONL line
+
+
+def replace_random_value(data, rng: random.Random):
+    """A copy of `data` with one scalar or container somewhere inside replaced by an odd value."""
+    data = json.loads(json.dumps(data))
+    node, path = data, []
+    while isinstance(node, (list, dict)) and node and rng.random() < 0.8:
+        key = rng.randrange(len(node)) if isinstance(node, list) else rng.choice(list(node))
+        path.append((node, key))
+        node = node[key]
+    if path:
+        parent, key = path[-1]
+        parent[key] = rng.choice(ODD_VALUES)
+    return data
+
+
+@pytest.mark.parametrize("base,suffix", [(VALID_ORZ, ".json"), (VALID_JSONL, ".jsonl")])
+def test_malformed_data_files_give_records_or_one_line_errors(base, suffix, tmp_path):
+    rng = random.Random(0)
+    outcomes = {"records": 0, "errors": 0}
+    for case in range(150):
+        text = mutate(base, rng)
+        path = tmp_path / f"case{case}{suffix}"
+        path.write_text(text, encoding="utf-8")
+        try:
+            records = load_records(str(path))
+        except DataError as err:
+            message = str(err)
+            assert "\n" not in message and str(path) in message, (text, message)
+            outcomes["errors"] += 1
+            continue
+        except Exception as err:  # noqa: BLE001 - exactly what must not happen
+            pytest.fail(f"case {case}: {type(err).__name__}: {err}\n--- input ---\n{text}")
+        for r in records:
+            assert isinstance(r["question"], str) and r["question"].strip(), (text, r)
+            assert isinstance(r["answer"], str) and r["answer"].strip(), (text, r)
+        outcomes["records"] += 1
+    assert outcomes["errors"] > 50 and outcomes["records"] > 10, outcomes  # both kinds of outcome were exercised
+
+
+def test_binary_and_wrong_format_files(tmp_path):
+    cases = {"garbage.parquet": b"PAR1 not really", "binary.json": bytes(range(256)),
+             "latin1.jsonl": "é".encode("latin-1"), "notes.txt": b"hello"}
+    for name, content in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(DataError) as err:
+            load_records(str(path))
+        assert "\n" not in str(err.value) and name in str(err.value)
+
+
 # ---------------------------------------------------------------- prompt templates
 
 
@@ -607,3 +698,73 @@ def test_one_loader_for_the_built_in_task_or_a_file():
     assert load_dataset("synthetic", "test") == make_synthetic_records("test", 512)
     with pytest.raises(DataError, match="synthetic:dev"):
         load_dataset("synthetic:dev", "train")
+
+
+def test_records_whose_answer_cannot_be_checked_are_skipped_and_counted(tmp_path, tiny_base, capsys):
+    from transformers import AutoTokenizer
+
+    from data.loading import load_data
+
+    path = tmp_path / "mixed.jsonl"
+    answers = ["4", "\\frac{1}{2", "\\{1, 2\\}", "x}", "7"]
+    path.write_text("\n".join(json.dumps({"question": f"q{i}?", "answer": a}) for i, a in enumerate(answers)))
+    args = Args(dataset=str(path), output_dir=str(tmp_path / "out"))
+    train, _ = load_data(args, AutoTokenizer.from_pretrained(tiny_base))
+    assert [r["answer"] for r in train] == ["4", "\\{1, 2\\}", "7"]
+    assert "skipped 2 of 5 training records whose answer cannot be checked" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- the tiny base model's cache (data/synthetic.py)
+
+
+SMALL = dict(steps=30, hidden_size=32, num_layers=1, batch_size=8)  # seconds to build, not minutes
+
+# Each process imports everything first, then waits for the other at a file barrier, so that both look for
+# the cache at the same moment (as tests and a training run started together on a fresh machine do).
+BUILD_AFTER_BARRIER = """
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from data.synthetic import build_tiny_base
+cache, barrier, me, overrides = sys.argv[2], Path(sys.argv[3]), sys.argv[4], json.loads(sys.argv[5])
+(barrier / me).touch()
+while len(list(barrier.iterdir())) < 2:
+    time.sleep(0.005)
+print("PATH", build_tiny_base(cache_dir=cache, **overrides))
+"""
+
+
+def test_two_processes_building_at_once_share_one_build(tmp_path):
+    cache, barrier = tmp_path / "cache", tmp_path / "barrier"
+    cache.mkdir()
+    barrier.mkdir()
+    # A build killed earlier left its temporary directory: it is removed, not kept forever.
+    entry = tiny_base_path(str(cache), **SMALL)
+    stale = entry.with_name(entry.name + ".tmp4194305")
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")
+    argv = ["-c", BUILD_AFTER_BARRIER, str(ROOT), str(cache), str(barrier)]
+    procs = [start_script(*argv, name, json.dumps(SMALL), cwd=tmp_path, env={"OMP_NUM_THREADS": "1"},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+    results = [p.communicate(timeout=600) for p in procs]
+    for proc, (_, err) in zip(procs, results, strict=True):
+        assert proc.returncode == 0, err[-2000:]
+    paths = {line.removeprefix("PATH ") for out, _ in results for line in out.splitlines()
+             if line.startswith("PATH ")}
+    assert paths == {str(entry)}
+    assert (Path(paths.pop()) / "model.safetensors").is_file()
+    # One process built it (with a progress bar: steps done of the total, and the time left); the other
+    # waited for it and used the finished cache.
+    built = [out + err for out, err in results if "building the tiny base model once" in out]
+    assert len(built) == 1, results
+    assert re.search(r"30/30 \[\d+:\d+<\d+:\d+", built[0]), built[0][-2000:]
+    assert not [p.name for p in cache.iterdir() if ".tmp" in p.name]
+
+
+def test_a_finished_cache_is_reused_without_building(tmp_path):
+    logged = []
+    first = build_tiny_base(cache_dir=str(tmp_path), log=logged.append, **SMALL)
+    assert any("building" in line for line in logged)
+    logged.clear()
+    assert build_tiny_base(cache_dir=str(tmp_path), log=logged.append, **SMALL) == first
+    assert logged == []

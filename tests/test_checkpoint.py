@@ -1,0 +1,55 @@
+"""Unit tests of checkpoint.py: the output-directory lock on a file system without locks, reading back the logs
+of a killed run, and the finite-weights check before a checkpoint (ZeRO-3 partitions).
+
+Run: python -m pytest tests/test_checkpoint.py -q
+"""
+
+import json
+
+import torch
+
+
+def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    import checkpoint
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    lock = checkpoint.releases_output_locks(checkpoint.lock_output_dir)  # held only during the call
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    lock(tmp_path / "run")
+    assert "cannot lock files" in capsys.readouterr().out
+    monkeypatch.undo()
+    lock(tmp_path / "run")
+    assert "cannot lock files" not in capsys.readouterr().out
+
+
+def test_reading_back_the_logs_of_a_killed_run_keeps_whole_records_before_the_step(tmp_path):
+    """A kill can tear the last line of samples.jsonl inside a multi-byte character; a garbled line may hold
+    JSON that is not a record. Neither stops the resume."""
+    from checkpoint import read_jsonl_before
+
+    path = tmp_path / "samples.jsonl"
+    records = [{"step": 0, "response": "é"}, {"step": 1}, {"step": 2}]
+    torn = json.dumps({"step": 2, "response": "ééé"}, ensure_ascii=False).encode()[:-3]  # ends mid-character
+    text = "\n".join([json.dumps(records[0], ensure_ascii=False), json.dumps(records[1]), "[1, 2]", "7",
+                      json.dumps(records[2])]) + "\n"
+    path.write_bytes(text.encode() + torn)
+    assert read_jsonl_before(path, 2) == records[:2]
+
+
+def test_weights_check_before_a_checkpoint_sees_zero3_partitions():
+    """Under ZeRO-3 a parameter is an empty placeholder and this process's part of the weights is its
+    `ds_tensor`: a NaN there must count as non-finite weights (no checkpoint is then written)."""
+    from checkpoint import parameters_finite
+
+    model = torch.nn.Linear(2, 2)
+    for p in model.parameters():
+        p.ds_tensor = p.data.clone().flatten()
+        p.data = torch.empty(0)
+    assert parameters_finite(model)
+    model.weight.ds_tensor[1] = float("nan")
+    assert not parameters_finite(model)
