@@ -4,11 +4,9 @@ those inside functions, is checked, and every module imports alone in a fresh in
 is imported across modules."""
 
 import ast
-import subprocess
-import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 LAYERS = {
     "utils": 0, "cli": 0, "plot": 0,
@@ -56,6 +54,5 @@ def test_imports_flow_one_way_without_private_names(name):
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_each_module_imports_alone(name):
-    result = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
+    result = run_script("-c", f"import {name}", timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,15 +1,14 @@
-"""Tests of `plot.plot_runs` and `python plot.py`: a valid PNG with the expected panels, runs
+"""Unit tests of plot.py, `plot.plot_runs` and `python plot.py`: a valid PNG with the expected panels, runs
 with and without critic metrics, missing keys, and a directory without metrics.jsonl.
 
 Run: python -m pytest tests/test_plot.py -q
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_script
 
 import plot
 from plot import plot_runs, read_metrics
@@ -46,7 +45,6 @@ def texts(ax) -> list[str]:
     legend = [t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else []
     return [t.get_text() for t in ax.texts] + legend
 
-ROOT = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BASE_PANELS = ["train reward", "eval accuracy", "response length", "entropy", "clip fraction"]
 
@@ -109,8 +107,7 @@ def test_missing_metrics_file_is_a_one_line_error(tmp_path):
 def test_plot_command(tmp_path):
     run = write_run(tmp_path / "ppo", critic=True)
     out = tmp_path / "plots" / "runs.png"
-    proc = subprocess.run([sys.executable, "plot.py", str(run), "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = run_script("plot.py", str(run), "--out", str(out), timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "7 panels" in proc.stdout
     assert_png(out)
@@ -193,8 +190,7 @@ def test_plot_pass_at_k_of_base_and_rl(tmp_path, saved_figures):
                                                 "overall": {"1": 0.1, "2": 0.2, "4": 0.3, "8": 0.4}})
     rl = write_evaluation(tmp_path / "rl", {"synthetic": {"1": 0.6, "2": 0.65, "4": 0.68, "8": 0.69}})
     out = tmp_path / "passk.png"
-    proc = subprocess.run([sys.executable, "plot.py", str(base), str(rl / "results.json"), "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = run_script("plot.py", str(base), str(rl / "results.json"), "--out", str(out), timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "3 panels: pass@k: synthetic, pass@k: math500, pass@k: overall" in proc.stdout
     assert_png(out)
