@@ -1,4 +1,5 @@
-"""Two processes under `accelerate launch` on the CPU against one, same global batch and seed.
+"""End to end: two processes under `accelerate launch` on the CPU against one, same global batch and seed; and
+real launches of the shipped accelerate configs on CUDA GPUs (skipped without).
 
 (`accelerate launch --cpu --num_processes 2` starts a single process in accelerate 1.15; two CPU processes
 need the multi-process launcher with ACCELERATE_USE_CPU set, which this test uses and checks. DeepSpeed
@@ -10,20 +11,13 @@ loss, and the parameters after the update. The runs differ only in how rows are 
 and padded, which changes summation order, not values.
 """
 
-import importlib.util
 import json
-import os
 import socket
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ACCEL_DIR, ACCEL_EXPECTED, ROOT, needs_deepspeed, run_script
 from safetensors.torch import load_file
-
-needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                                     reason="deepspeed is not installed (pip install deepspeed==0.19.8)")
 
 COMMON = ["--max-steps", "2", "--prompts-per-step", "4", "--num-generations", "4", "--generation-batch-size", "2",
           "--eval-every", "0", "--samples-per-step", "16", "--lr", "1e-3", "--critic-lr", "1e-3",
@@ -52,18 +46,18 @@ slow = pytest.mark.slow
 
 
 def run(out, processes: int, *args: str, mode: str = "ddp", expect_error: bool = False, **env_extra: str) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", **env_extra}
+    env, unset = {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", **env_extra}, ()
     if processes > 1 and mode.startswith("zero"):
         del env["ACCELERATE_USE_CPU"]
+        unset = ("ACCELERATE_USE_CPU",)
         env["DS_ACCELERATOR"] = "cpu"
     if processes == 1:
-        cmd = [sys.executable, "train_ppo.py"]
+        cmd = ["train_ppo.py"]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", *LAUNCH[mode], "--num_processes", str(processes),
+        cmd = ["-m", "accelerate.commands.launch", *LAUNCH[mode], "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port()), "train_ppo.py"]
-    result = subprocess.run([*cmd, "--output-dir", str(out), *COMMON, *args], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = run_script(*cmd, "--output-dir", str(out), *COMMON, *args, env=env, unset=unset, timeout=600)
     if expect_error:
         assert result.returncode != 0
         return result.stderr
@@ -292,11 +286,9 @@ def test_a_launch_that_is_not_what_it_asked_stops_with_one_line(tmp_path, tiny_b
     config = tmp_path / "cpu.yaml"
     text = (ROOT / "configs" / "accelerate" / "fsdp.yaml").read_text()
     config.write_text(text.replace("use_cpu: false", "use_cpu: true").replace("num_processes: 8", "num_processes: 2"))
-    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
-    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                             "--mixed_precision", "no", "--main_process_port", str(free_port()), "train_grpo.py",
-                             "--output-dir", str(tmp_path / "out"), *COMMON], cwd=ROOT,
-                            env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    result = run_script("-m", "accelerate.commands.launch", "--config_file", str(config), "--mixed_precision", "no",
+                        "--main_process_port", str(free_port()), "train_grpo.py", "--output-dir", str(tmp_path / "out"),
+                        *COMMON, unset=("ACCELERATE_USE_CPU",), env={"OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode != 0
     errors = {line for line in result.stderr.splitlines() if line.startswith("error: ")}
     assert len(errors) == 1, result.stderr[-3000:]  # one line (printed by each process)
@@ -306,97 +298,24 @@ def test_a_launch_that_is_not_what_it_asked_stops_with_one_line(tmp_path, tiny_b
     assert not (tmp_path / "out" / "config.json").exists()
 
 
-@pytest.mark.parametrize("env, got, processes, expected", [
-    ({"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2"}, "MULTI_CPU", 2, "asked for FSDP but the processes run "
-                                                                          "MULTI_CPU"),
-    ({"ACCELERATE_USE_DEEPSPEED": "true", "WORLD_SIZE": "2"}, "MULTI_CPU", 2, "asked for DEEPSPEED"),
-    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_USE_CPU": "true", "WORLD_SIZE": "2"}, "MULTI_CPU", 2,
-     "DeepSpeed runs on CPU processes without ACCELERATE_USE_CPU"),
-    ({"WORLD_SIZE": "2"}, "NO", 1, "2 processes were launched (WORLD_SIZE) but accelerate sees 1"),
-    ({"WORLD_SIZE": "2"}, "MULTI_CPU", 2, None),
-    ({}, "NO", 1, None),
-])
-def test_launch_problems(env, got, processes, expected, monkeypatch):
-    from types import SimpleNamespace
+# --------------------------------------------------------------------------------------------------
+# Real launches of the shipped accelerate configs: CUDA GPUs only (tiny built-in model, one step).
+# --------------------------------------------------------------------------------------------------
 
-    from accelerate.utils import DistributedType
-
-    from launch import launch_problems
-
-    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_CPU", "WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    accelerator = SimpleNamespace(distributed_type=DistributedType(got), num_processes=processes)
-    problems = launch_problems(accelerator, {})
-    assert (problems == []) if expected is None else any(expected in p for p in problems), problems
-
-
-def test_launch_problems_names_a_model_deepspeed_does_not_hold(monkeypatch):
-    """Under DeepSpeed every trained model must be an engine of the stage the launch asked for, and so must
-    the reference model under ZeRO-3 (under ZeRO-2 it stays whole)."""
-    from types import SimpleNamespace
-
-    from accelerate.utils import DistributedType
-
-    from launch import launch_problems
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
-
-    def accelerator(stage):
-        plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": stage}})
-        return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=2,
-                               state=SimpleNamespace(deepspeed_plugin=plugin))
-
-    def engine(stage):
-        return SimpleNamespace(zero_optimization_stage=lambda: stage)
-
-    plain = torch.nn.Linear(1, 1)
-    held = {"policy": engine(3), "critic": engine(3), "reference model": engine(3)}
-    assert launch_problems(accelerator(3), held) == []
-    assert launch_problems(accelerator(2), {"policy": engine(2), "critic": None, "reference model": plain}) == []
-    problems = launch_problems(accelerator(3), {"policy": engine(2), "critic": plain, "reference model": plain})
-    assert problems == ["the launch asked for DeepSpeed ZeRO-3 but the policy is held by a ZeRO-2 engine",
-                        "the launch asked for DeepSpeed ZeRO-3 but the critic is held by Linear",
-                        "the launch asked for DeepSpeed ZeRO-3 but the reference model is held by Linear"]
-
-
-def test_weights_check_before_a_checkpoint_sees_zero3_partitions():
-    """Under ZeRO-3 a parameter is an empty placeholder and this process's part of the weights is its
-    `ds_tensor`: a NaN there must count as non-finite weights (no checkpoint is then written)."""
-    from checkpoint import parameters_finite
-
-    model = torch.nn.Linear(2, 2)
-    for p in model.parameters():
-        p.ds_tensor = p.data.clone().flatten()
-        p.data = torch.empty(0)
-    assert parameters_finite(model)
-    model.weight.ds_tensor[1] = float("nan")
-    assert not parameters_finite(model)
-
-
-class Payload:  # stands for any class a tampered checkpoint file might name
-    pass
-
-
-@needs_deepspeed
-def test_deepspeed_checkpoint_files_are_read_weights_only(tmp_path):
-    """The engines' loader (`read_weights_only`) reads tensors and DeepSpeed's own data classes, and refuses
-    a file that names any other class, where DeepSpeed's loader would unpickle it."""
-    import pickle
-    from types import SimpleNamespace
-
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-
-    from launch import read_weights_only
-
-    engine = SimpleNamespace(checkpoint_engine=SimpleNamespace(load=None))
-    read_weights_only(engine)
-    torch.save({"w": torch.ones(2), "stage": ZeroStageEnum(2)}, tmp_path / "good.pt")
-    loaded = engine.checkpoint_engine.load(str(tmp_path / "good.pt"))
-    assert torch.equal(loaded["w"], torch.ones(2)) and loaded["stage"] == ZeroStageEnum(2)
-    torch.save({"w": torch.ones(2), "x": Payload()}, tmp_path / "bad.pt")
-    with pytest.raises(pickle.UnpicklingError, match="Payload"):
-        engine.checkpoint_engine.load(str(tmp_path / "bad.pt"))
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs")
+@pytest.mark.parametrize("name", ["1gpu", "8gpu_ddp", "fsdp"])
+def test_launch_tiny_run(name, tmp_path):
+    processes = ACCEL_EXPECTED[name][1]
+    if processes > 1 and torch.cuda.device_count() < 2:
+        pytest.skip("needs at least 2 CUDA GPUs")
+    processes = min(processes, torch.cuda.device_count())
+    cmd = ["-m", "accelerate.commands.launch", "--config_file", str(ACCEL_DIR / f"{name}.yaml"),
+           "--num_processes", str(processes), str(ROOT / "train_ppo.py"), "--max_steps", "1",
+           "--prompts_per_step", str(2 * processes), "--num_generations", "2", "--micro_batch_size", "2",
+           "--critic_mini_batches", "1", "--eval_every", "0", "--bf16", "--output_dir", str(tmp_path)]
+    if name == "fsdp":
+        cmd[cmd.index("--config_file") + 2:cmd.index("--config_file") + 2] = ["--fsdp_transformer_layer_cls_to_wrap",
+                                                                             "LlamaDecoderLayer"]  # the tiny model
+    result = run_script(*cmd, timeout=1800)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (tmp_path / "policy" / "model.safetensors").is_file()

@@ -1,28 +1,26 @@
-"""Output directories: one run per directory. `--overwrite` starts clean, a resume needs the same training
-arguments, a finished or foreign run is never reused or wiped silently, and two runs cannot share a
+"""End to end: output directories, one run per directory. `--overwrite` starts clean, a resume needs the same
+training arguments, a finished or foreign run is never reused or wiped silently, and two runs cannot share a
 directory at once. Every refusal is one line and changes nothing in the directory.
 """
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 
-from conftest import ROOT
+from conftest import run_script, start_script
 
 SMALL = ["--max-steps", "2", "--prompts-per-step", "4", "--num-generations", "4", "--max-new-tokens", "16",
          "--eval-every", "0", "--reward-workers", "0", "--save-every", "1", "--seed", "3"]
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def command(out, *args: str, script: str = "train_ppo.py") -> list[str]:
-    return [sys.executable, script, "--output-dir", str(out), *SMALL, *args]  # later flags win
+    return [script, "--output-dir", str(out), *SMALL, *args]  # later flags win
 
 
 def run(out, *args: str, script: str = "train_ppo.py") -> subprocess.CompletedProcess:
-    return subprocess.run(command(out, *args, script=script), cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return run_script(*command(out, *args, script=script), env=ONE_THREAD, timeout=600)
 
 
 def steps(out) -> list[int]:
@@ -99,9 +97,8 @@ def test_a_finished_or_foreign_run_is_not_reused(tmp_path, tiny_base):
 
 def test_one_run_per_directory_and_a_dead_runs_lock_does_not_block(tmp_path, tiny_base):
     out = tmp_path / "run"
-    first = subprocess.Popen(command(out, "--max-steps", "1000", "--save-every", "1000"), cwd=ROOT,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    first = start_script(*command(out, "--max-steps", "1000", "--save-every", "1000"), env=ONE_THREAD,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
         while first.poll() is None and time.time() < deadline and not (
@@ -147,21 +144,3 @@ def test_overwrite_refuses_a_directory_that_is_not_a_runs(tmp_path, tiny_base):
     line = refusal(run(out, "--overwrite"))
     assert "not a run's" in line
     assert snapshot(out) == before
-
-
-def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch, capsys):
-    import errno
-    import fcntl
-
-    import checkpoint
-
-    def no_flock(fd, op):
-        raise OSError(errno.ENOSYS, "Function not implemented")
-
-    lock = checkpoint.releases_output_locks(checkpoint.lock_output_dir)  # held only during the call
-    monkeypatch.setattr(fcntl, "flock", no_flock)
-    lock(tmp_path / "run")
-    assert "cannot lock files" in capsys.readouterr().out
-    monkeypatch.undo()
-    lock(tmp_path / "run")
-    assert "cannot lock files" not in capsys.readouterr().out

@@ -6,16 +6,14 @@ These runs take minutes on 2 cores, so they carry the `real_model` mark: `python
 """
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, run_script, start_script
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.real_model
@@ -80,7 +78,7 @@ FLAGS = ["--max-steps", "2", "--save-every", "1", "--keep-checkpoints", "1", "--
 
 
 def command(out: Path, gguf: Path, advantage: str, template: str) -> list[str]:
-    return [sys.executable, "train_ppo.py", "--model", str(gguf), "--advantage", advantage,
+    return ["train_ppo.py", "--model", str(gguf), "--advantage", advantage,
             "--prompt-template", template, "--output-dir", str(out), *FLAGS]
 
 
@@ -99,10 +97,9 @@ def test_the_real_model_trains_evaluates_saves_reloads_and_resumes_exactly(advan
 
     from critic import ValueModel
 
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env = {"OMP_NUM_THREADS": "2"}
     straight = tmp_path / "straight"
-    done = subprocess.run(command(straight, smollm2_gguf, advantage, template), cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    done = run_script(*command(straight, smollm2_gguf, advantage, template), env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "converting" not in done.stdout  # the copy made by the fixture is reused
     rows = metrics(straight)
@@ -124,16 +121,15 @@ def test_the_real_model_trains_evaluates_saves_reloads_and_resumes_exactly(advan
     if not resume:
         return
     stopped = tmp_path / "stopped"
-    proc = subprocess.Popen(command(stopped, smollm2_gguf, advantage, template), cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_script(*command(stopped, smollm2_gguf, advantage, template), env=env, stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     while not metrics(stopped) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode != 0 and "run the same command again to resume" in stderr, stderr[-3000:]
-    resumed = subprocess.run(command(stopped, smollm2_gguf, advantage, template), cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=900)
+    resumed = run_script(*command(stopped, smollm2_gguf, advantage, template), env=env, timeout=900)
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-3000:]
     assert metrics(stopped) == rows
     parts = ["policy/model.safetensors"] + (["critic/value_head.safetensors"] if advantage == "gae" else [])
@@ -151,10 +147,9 @@ def test_the_real_model_trains_lora_adapters(smollm2, smollm2_gguf, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "lora"
-    done = subprocess.run([*command(out, smollm2_gguf, "gae", "orz"), "--lora-r", "8", "--kl-coef", "0.05",
-                           "--merge-for-generation", "--gradient-checkpointing", "--lr", "1e-3"],
-                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True,
-                          timeout=900)
+    done = run_script(*command(out, smollm2_gguf, "gae", "orz"), "--lora-r", "8", "--kl-coef", "0.05",
+                      "--merge-for-generation", "--gradient-checkpointing", "--lr", "1e-3",
+                      env={"OMP_NUM_THREADS": "2"}, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = metrics(out)
     assert rows[0]["policy/kl"] == 0.0 and all(r["train/nonfinite_updates"] == 0 for r in rows[:2]), rows

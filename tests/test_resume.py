@@ -1,6 +1,6 @@
-"""A run killed at a random instant (SIGKILL, also in the middle of a checkpoint write) and started again
-with the same command ends exactly where an uninterrupted run ends: the same metrics.jsonl values
-(timings aside) and the same final parameters. Also SIGTERM, and NaN losses.
+"""End to end: a run killed at a random instant (SIGKILL, also in the middle of a checkpoint write) and started
+again with the same command ends exactly where an uninterrupted run ends: the same metrics.jsonl values (timings
+aside) and the same final parameters. Also SIGTERM, NaN losses, damaged checkpoints and a full disk.
 """
 
 import json
@@ -9,31 +9,26 @@ import random
 import resource
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-from conftest import ROOT
+from conftest import run_script, start_script
 from safetensors.torch import load_file
 
 STEPS = 5
 COMMON = ["--max-steps", str(STEPS), "--save-every", "1", "--keep-checkpoints", "2", "--prompts-per-step", "4",
           "--num-generations", "4", "--max-new-tokens", "24", "--eval-every", "3", "--eval-limit", "8",
           "--eval-num-samples", "2", "--reward-workers", "0", "--samples-per-step", "4", "--seed", "5"]
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def command(out, advantage: str) -> list[str]:
-    return [sys.executable, "train_ppo.py", "--output-dir", str(out), "--advantage", advantage, *COMMON]
-
-
-def env(**extra) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+    return ["train_ppo.py", "--output-dir", str(out), "--advantage", advantage, *COMMON]
 
 
 def run(out, advantage: str, *args: str, **extra) -> subprocess.CompletedProcess:
     """The run with `args` added to COMMON (later flags win) and `extra` in its environment."""
-    return subprocess.run(command(out, advantage) + list(args), cwd=ROOT, env=env(**extra),
-                          capture_output=True, text=True, timeout=600)
+    return run_script(*command(out, advantage), *args, env={**ONE_THREAD, **extra}, timeout=600)
 
 
 def metric_lines(out) -> list[dict]:
@@ -48,8 +43,8 @@ def comparable(rows: list[dict]) -> list[dict]:
 def killed_run(out, advantage: str, when: str, rng: random.Random) -> str:
     """Start a run and SIGKILL it: after a random number of finished steps plus a random delay, or as
     soon as a checkpoint is being written. Returns a description of the kill point."""
-    proc = subprocess.Popen(command(out, advantage), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = start_script(*command(out, advantage), env=ONE_THREAD, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
     target, delay = rng.randint(1, STEPS - 2), rng.uniform(0.0, 1.0)
     deadline = time.time() + 300
     try:
@@ -124,8 +119,8 @@ def test_many_kill_points(advantage, when, tmp_path, reference):
 
 def test_sigterm_checkpoints_and_exits_then_resumes(tmp_path, reference):
     out = tmp_path / "term"
-    proc = subprocess.Popen(command(out, "grpo"), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_script(*command(out, "grpo"), env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        text=True)
     while len(metric_lines(out)) < 1 and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
@@ -232,8 +227,8 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_good_one(fai
     def limit_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 
-    result = subprocess.run(command(out, "grpo") + ["--max-steps", "4"], cwd=ROOT, env=env(),
-                            capture_output=True, text=True, timeout=600, preexec_fn=limit_file_size)
+    result = run_script(*command(out, "grpo"), "--max-steps", "4", env=ONE_THREAD, timeout=600,
+                        preexec_fn=limit_file_size)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
@@ -244,20 +239,6 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_good_one(fai
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step-000002" in result.stdout
     assert_same_run(out, reference["grpo"], "grpo")
-
-
-def test_reading_back_the_logs_of_a_killed_run_keeps_whole_records_before_the_step(tmp_path):
-    """A kill can tear the last line of samples.jsonl inside a multi-byte character; a garbled line may hold
-    JSON that is not a record. Neither stops the resume."""
-    from checkpoint import read_jsonl_before
-
-    path = tmp_path / "samples.jsonl"
-    records = [{"step": 0, "response": "é"}, {"step": 1}, {"step": 2}]
-    torn = json.dumps({"step": 2, "response": "ééé"}, ensure_ascii=False).encode()[:-3]  # ends mid-character
-    text = "\n".join([json.dumps(records[0], ensure_ascii=False), json.dumps(records[1]), "[1, 2]", "7",
-                      json.dumps(records[2])]) + "\n"
-    path.write_bytes(text.encode() + torn)
-    assert read_jsonl_before(path, 2) == records[:2]
 
 
 def test_nan_updates_of_the_critic_are_counted_too(tmp_path):

@@ -1,24 +1,23 @@
-"""End to end: the real training scripts in a subprocess on the built-in task, small budgets.
+"""End to end: the real training scripts (train_ppo.py, train_grpo.py) run on the built-in task with small
+budgets, as a user runs them (a subprocess, through the shared runner in conftest.py) or through `main`: learning,
+the files a run writes, estimators and algorithm options, rewards, LoRA, the trainers' command line and every
+input refused in one line before any model loads, and the process setup of the entry points. Resuming and output
+directories are in test_resume.py, several processes in test_distributed.py, the real model in test_real_model.py.
 
-The two learning tests (one per estimator) run in CI; the full default runs are marked slow.
+The learning tests (one per estimator) run in CI; the full default runs are marked slow.
 """
 
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import dropout_model, option_blocks, run_script, train
 from safetensors.torch import load_file
 
+from train_ppo import Args, check_args
 
-def train(script: str, tmp_path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    return subprocess.run([sys.executable, str(ROOT / script), "--output-dir", str(tmp_path), *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def metrics(tmp_path) -> list[dict]:
@@ -58,6 +57,15 @@ def check_outputs(tmp_path, steps: int, critic: bool) -> list[dict]:
     return rows
 
 
+def write_jsonl(path, rows: list[dict]):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Learning, and the files a run writes
+# --------------------------------------------------------------------------------------------------
+
 @pytest.mark.parametrize("script,critic", [("train_grpo.py", False), ("train_ppo.py", True)])
 def test_learns_on_a_small_budget(script, critic, tmp_path, tiny_base):
     """Held-out accuracy (avg of 4 samples, temperature 1) clearly rises above the base in 20 steps."""
@@ -72,6 +80,16 @@ def test_learns_on_a_small_budget(script, critic, tmp_path, tiny_base):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["base_accuracy"] == base and summary["final_accuracy"] == final
     assert "held-out accuracy" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["train_grpo.py", "train_ppo.py"])
+def test_default_run_reaches_90_percent(script, tmp_path, tiny_base):
+    """The no-argument default: base at most 50%, final at least 90% held-out accuracy."""
+    result = train(script, tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["base_accuracy"] <= 0.5 and summary["final_accuracy"] >= 0.9, summary
 
 
 def test_estimator_is_a_flag_on_either_script(tmp_path, tiny_base):
@@ -104,10 +122,25 @@ def test_ppo_script_runs_grpo_and_loads_the_policy(tmp_path, tiny_base):
     AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
 
 
-def write_jsonl(path, rows: list[dict]):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
+def test_tensorboard_gets_every_row_of_metrics_jsonl(tmp_path, tiny_base):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    out = tmp_path / "run"
+    result = run_script("train_grpo.py", "--max-steps", "2", "--prompts-per-step", "4", "--num-generations",
+                        "4", "--max-new-tokens", "16", "--eval-every", "1", "--eval-limit", "4",
+                        "--eval-num-samples", "1", "--reward-workers", "0", "--report-to", "tensorboard",
+                        "--output-dir", str(out), env=ONE_THREAD, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(out / "reasoner-zero")).Reload()
+    logged = [e.step for e in events.Scalars("eval/accuracy")]
+    assert logged == [r["step"] for r in rows if "eval/accuracy" in r] == [0, 1, 2]  # the final eval too
+    assert [e.step for e in events.Scalars("train/reward")] == [0, 1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Rewards: a custom function, the draws of a prompt, controls, a function that misbehaves
+# --------------------------------------------------------------------------------------------------
 
 WEIGHT_REWARD = """
 def by_weight(response, ground_truth, **extras):  # scores by a field of the record, not by the response
@@ -167,90 +200,6 @@ def test_each_draw_of_a_prompt_is_its_own_group(tmp_path, tiny_base):
         assert [s["advantage"] for s in group] == pytest.approx([s["reward"] - mean for s in group], abs=1e-4)
 
 
-@pytest.mark.parametrize("field", ["question", "answer"])
-def test_bad_text_in_the_data_stops_before_training_with_one_line(field, tmp_path):
-    """A lone surrogate (a broken \\u escape) in a question used to be a tokenizer traceback, in an answer a
-    crash part-way through training when a sample holding it was written."""
-    rows = [{"question": "What is 1 + 1?", "answer": "2"}, {"question": "What is 2 + 2?", "answer": "4"}]
-    rows[1][field] += "\ud800"
-    data = write_jsonl(tmp_path / "bad.jsonl", rows)
-    result = train("train_ppo.py", tmp_path / "run", "--dataset", str(data), "--max-steps", "2",
-                   "--prompts-per-step", "2", "--num-generations", "2", "--max-new-tokens", "8",
-                   "--eval-every", "0", "--reward-workers", "0", "--samples-per-step", "4")
-    assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: {data}: record 1: {field} '{field}' has an invalid character"), \
-        result.stderr[-2000:]
-
-
-def test_any_model_text_is_scored_and_written(tmp_path, tiny_base):
-    """Model output is arbitrary text: decoded random token ids, and what a decoder of another tokenizer
-    might give (a lone surrogate, NUL, a direction mark) are scored and written to samples.jsonl, which
-    escapes what UTF-8 cannot hold, so they read back unchanged; nothing raises."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from reward import RewardPool, RewardRules, decide_rewards
-    from utils import JsonlWriter
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
-    ids = torch.randint(0, len(tokenizer), (16, 48), generator=torch.Generator().manual_seed(0))
-    odd = ["\\boxed{5}\ud800", "\udfff", "\x00<answer>\\boxed{5}</answer>", "\u202e\\boxed{5}", "\\boxed{\ud800}"]
-    texts = tokenizer.batch_decode(ids, skip_special_tokens=False) + odd
-    n = len(texts)
-    with RewardPool("math", num_workers=0) as pool:
-        verdicts, stats = pool.score(texts, ["5"] * n, [{"note": t} for t in texts])
-    rewards, _ = decide_rewards(verdicts, texts, ["5"] * n, truncated=[False] * n, lengths=[48] * n,
-                                repetitive=[False] * n, rules=RewardRules())
-    assert sum(stats.values()) == 0
-    assert rewards[-len(odd):] == [1.0, 0.0, 1.0, 1.0, 0.0]
-    writer = JsonlWriter(tmp_path / "samples.jsonl")
-    for text, r in zip(texts, rewards, strict=True):
-        writer.write({"response": text, "reward": r, "nested": {"texts": [text]}})
-    writer.close()
-    back = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert [b["response"] for b in back] == texts and [b["nested"]["texts"][0] for b in back] == texts
-
-
-def test_control_rewards_replace_the_reward_and_the_rule_is_still_logged():
-    import random
-
-    from reward import RewardPool, RewardRules, decide_rewards
-
-    texts = ["\\boxed{5}", "\\boxed{4}", "no box", "\\boxed{5}"]
-    facts = dict(truncated=[False, False, False, True], lengths=[4] * 4, repetitive=[False] * 4)
-    with RewardPool("math", num_workers=0) as pool:
-        verdicts, _ = pool.score(texts, ["5"] * 4)
-    rule, stats = decide_rewards(verdicts, texts, ["5"] * 4, rules=RewardRules(), **facts)
-    assert rule == [1.0, 0.0, 0.0, 0.0] and "train/correct" not in stats
-    fmt, stats = decide_rewards(verdicts, texts, ["5"] * 4, rules=RewardRules(reward="format"), **facts)
-    assert fmt == [1.0, 1.0, 0.0, 0.0]  # any box; the truncated one still 0 (ORZ's rule)
-    assert stats["train/correct"] == 2.0  # the judge's verdicts before the truncation rule
-    verdicts = [1.0, 0.0, 0.0, 1.0] * 50
-    draw = lambda seed: decide_rewards(verdicts, texts * 50, ["5"] * 200, truncated=[False] * 200,  # noqa: E731
-                                       lengths=[4] * 200, repetitive=[False] * 200,
-                                       rules=RewardRules(reward="random:0.25"), rng=random.Random(seed))[0]
-    first = draw("s")
-    assert first == draw("s") and first != draw("t")  # seeded per step and process
-    assert 0.1 < sum(first) / len(first) < 0.4  # 200 draws of p = 0.25 (sd 0.03)
-
-
-def test_reward_audit_counts_and_writes_the_disagreements(tmp_path):
-    from reward import audit_verdicts
-
-    texts = ["\\boxed{5}", "\\boxed{0.0000671}", "\\boxed{0.\\overline{3}}", "\\boxed{9^{9^{9^{9}}}}",
-             "\\boxed{9^{9^{9^{9}}}} <answer>\\boxed{1}</answer> \\boxed{9^{9^{9^{9}}}}"]
-    answers = ["5", "0.0000672", "\\frac13", "1", "1"]
-    verdicts = [1.0, 0.0, 1.0, 0.0, 1.0]  # as math_reward judges them
-    audited, rows = audit_verdicts(texts, answers, verdicts, list(range(5)), 3, [False] * 5)
-    # a power tower is too costly to hand to math-verify in the trainer, also where only math-verify reads
-    # it (the last box of the text, outside the answer): not audited
-    assert (audited, len(rows)) == (3, 2)
-    assert [(r["step"], r["ground_truth"], r["reward"], r["math_verify"]) for r in rows] == [
-        (3, "0.0000672", 0.0, 1.0), (3, "\\frac13", 1.0, 0.0)]
-    assert audit_verdicts(texts, answers, verdicts, [1], 3, [False] * 5)[0] == 1  # only the picked ones
-
-
 def test_a_control_run_logs_the_rule_next_to_its_reward(tmp_path, tiny_base):
     result = train("train_grpo.py", tmp_path, "--reward", "random:1", "--max-steps", "2", "--eval-every", "2",
                    "--eval-limit", "8")
@@ -262,41 +211,49 @@ def test_a_control_run_logs_the_rule_next_to_its_reward(tmp_path, tiny_base):
     assert rows[0]["eval/accuracy"] < 1  # evaluation judges with the rule, not the control
 
 
-def test_config_file_with_command_line_override(tmp_path):
-    from cli import parse_args
-    from train_grpo import Args
+BAD_REWARD = '''
+import os
+import time
+from pathlib import Path
 
-    config = tmp_path / "run.yaml"
-    config.write_text("max_steps: 7\nlr: 0.001\nstop_strings: ['</answer>']\n")
-    args = parse_args(Args, ["--config", str(config), "--lr", "0.002"])
-    assert (args.max_steps, args.lr, args.stop_strings, args.advantage) == (7, 0.002, ["</answer>"], "grpo")
-    config.write_text("max_stepz: 7\n")
-    with pytest.raises(SystemExit):
-        parse_args(Args, ["--config", str(config)])
+CALLS = 0
 
 
-@pytest.mark.parametrize("bad,message", [
-    (["--prompts-per-step", "5", "--num-mini-batches", "3"], "must split"),
-    (["--advantage", "grpo", "--num-generations", "1"], "--num-generations >= 2"),
-    (["--clip-low", "1.5"], "clip ranges"),
-    (["--model", "./no/such/model"], "no such path"),
-])
-def test_bad_arguments_fail_fast_with_one_line(bad, message, tmp_path):
-    result = train("train_ppo.py", tmp_path, *bad, timeout=120)
-    assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and message in last, result.stderr[-2000:]
+def score(response, ground_truth, **extras):
+    """In each worker: raises on its 1st call, returns junk on its 2nd; the first call of the run that
+    finds no marker file hangs; every other call returns 1.0."""
+    global CALLS
+    CALLS += 1
+    if CALLS == 1:
+        raise RuntimeError("boom")
+    if CALLS == 2:
+        return "not a number"
+    marker = Path(os.environ["BAD_REWARD_MARKER"])
+    if not marker.exists():
+        marker.write_text("hung once")
+        time.sleep(60)
+    return 1.0
+'''
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("script", ["train_grpo.py", "train_ppo.py"])
-def test_default_run_reaches_90_percent(script, tmp_path, tiny_base):
-    """The no-argument default: base at most 50%, final at least 90% held-out accuracy."""
-    result = train(script, tmp_path, timeout=900)
+def test_a_reward_function_that_raises_hangs_or_returns_junk_costs_only_those_samples(tmp_path, tiny_base):
+    (tmp_path / "bad_reward.py").write_text(BAD_REWARD)
+    out = tmp_path / "run"
+    result = run_script("train_grpo.py", "--output-dir", str(out), "--reward",
+                        str(tmp_path / "bad_reward.py") + ":score", "--reward-timeout", "1", "--max-steps", "1",
+                        "--prompts-per-step", "4", "--num-generations", "4", "--eval-every", "0",
+                        env={"BAD_REWARD_MARKER": str(tmp_path / "hung")}, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["base_accuracy"] <= 0.5 and summary["final_accuracy"] >= 0.9, summary
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    totals = {k: sum(r[k] for r in rows) for k in ("reward/errors", "reward/timeouts", "reward/invalid")}
+    assert all(v > 0 for v in totals.values()), totals
+    assert all(0.0 <= r["train/reward"] <= 1.0 for r in rows)
+    assert all(r["time/reward"] < 30 for r in rows)  # a hang costs the timeout, not the step
 
+
+# --------------------------------------------------------------------------------------------------
+# Estimators and algorithm options on the loop
+# --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("script", ["train_ppo.py", "train_grpo.py"])
 def test_grpo_groups_with_equal_rewards_get_zero_advantage_from_both_scripts(script, tmp_path, tiny_base):
@@ -316,19 +273,6 @@ def test_grpo_groups_with_equal_rewards_get_zero_advantage_from_both_scripts(scr
     assert json.loads((tmp_path / "config.json").read_text())["whiten_advantages"] is False
 
 
-def dropout_model(tiny_base, out):
-    """A small random GPT-2 with dropout everywhere (embeddings, attention, residuals), the tiny tokenizer."""
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=256,
-                        resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, eos_token_id=tokenizer.eos_token_id,
-                        bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    GPT2LMHeadModel(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 def test_policy_ratio_is_one_on_the_first_update_of_a_model_with_dropout(tmp_path, tiny_base):
     """Rollout and old log-probs run in eval mode; the update must see the same model, so before any
     optimizer step the PPO ratio is exactly 1 (the k1 KL makes the run compute old log-probs)."""
@@ -340,26 +284,6 @@ def test_policy_ratio_is_one_on_the_first_update_of_a_model_with_dropout(tmp_pat
     row = metrics(tmp_path / "run")[0]
     assert row["policy/ratio"] == pytest.approx(1.0, abs=1e-6)
     assert row["policy/approx_kl"] == pytest.approx(0.0, abs=1e-10)
-
-
-def test_disable_dropout_makes_train_mode_forward_equal_eval_mode(tmp_path, tiny_base):
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    from utils import disable_dropout
-
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=2, attention_dropout=0.5))
-    for model, expected in ((AutoModelForCausalLM.from_pretrained(dropout_model(tiny_base, tmp_path / "gpt2")), 7),
-                            (llama, 2)):
-        ids = torch.randint(0, 50, (2, 12))
-        model.train()
-        torch.manual_seed(0)
-        assert not torch.equal(model(ids).logits, model.eval()(ids).logits)  # dropout is really there
-        assert disable_dropout(model) == expected
-        eval_logits = model(ids).logits
-        torch.testing.assert_close(model.train()(ids).logits, eval_logits, rtol=0, atol=0)
-        assert disable_dropout(model) == 0
 
 
 def test_seq_mean_loss_averages_over_the_kept_sequences_only(tmp_path, tiny_base):
@@ -459,6 +383,270 @@ def test_warmup_counts_rl_steps_and_lr_is_the_one_used(tmp_path, tiny_base):
     assert [r["critic/lr"] for r in rows] == pytest.approx([2e-4 * k / 4 for k in (1, 2, 3)])
 
 
+# --------------------------------------------------------------------------------------------------
+# LoRA (peft): adapters on the policy and on the critic's backbone, the reference model for free, saving
+# adapters or merged weights, checkpoints of what trains, exact resume
+# --------------------------------------------------------------------------------------------------
+
+LORA = ["--lora-r", "4", "--lora-alpha", "8"]  # scaling alpha / r = 2
+LORA_LR = "3e-3"  # the learning tests' rate with LoRA rank 16 (full fine-tuning: 3e-4)
+SHORT = ["--max-steps", "2", "--prompts-per-step", "4", "--num-generations", "4", "--eval-every", "0",
+         "--reward-workers", "0", "--seed", "3"]
+
+
+def test_ppo_with_lora_trains_only_adapters_and_the_reference_is_the_policy_without_them(tmp_path, tiny_base):
+    """PPO with a k3 KL: no reference model is loaded, the KL of the first update is exactly 0 (the policy
+    before any update is the base), checkpoints hold only the adapters and the value head, and the merged
+    policy is the base plus scaling x B A in each adapted weight, every other weight the base's exactly."""
+    result = train("train_ppo.py", tmp_path, *SHORT, *LORA, "--kl-coef", "0.05", "--merge-on-save",
+                   "--save-every", "2", "--lr", "1e-2", "--critic-lr", "1e-2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    setup = next(line for line in result.stdout.splitlines() if line.startswith("distributed setup"))
+    assert "policy whole, critic whole" in setup and "reference" not in setup
+    assert "LoRA: trainable parameters: policy" in result.stdout
+    rows = metrics(tmp_path)
+    assert rows[0]["policy/kl"] == 0.0 and rows[1]["policy/kl"] > 0
+    saved = tmp_path / "checkpoints" / "step-000002"
+    policy, critic = load_file(saved / "model.safetensors"), load_file(saved / "model_1.safetensors")
+    assert policy and all(".lora_A." in k or ".lora_B." in k for k in policy)
+    assert "value_head.weight" in critic and all("lora_" in k or k == "value_head.weight" for k in critic)
+    base, merged = load_file(tiny_base / "model.safetensors"), load_file(tmp_path / "policy" / "model.safetensors")
+    assert merged.keys() == base.keys()
+    moved = 0.0
+    for key in base:
+        module = key.rsplit(".", 1)[0]  # the policy trains as the base model class with peft's layers in it
+        if f"{module}.lora_A.default.weight" not in policy:
+            assert torch.equal(merged[key], base[key]), key
+            continue
+        delta = 2.0 * policy[f"{module}.lora_B.default.weight"] @ policy[f"{module}.lora_A.default.weight"]
+        torch.testing.assert_close(merged[key], base[key] + delta, rtol=0, atol=1e-6)
+        moved = max(moved, delta.abs().max().item())
+    assert moved > 1e-4  # the adapters did train
+
+    from critic import ValueModel
+
+    critic_model = ValueModel.from_pretrained(str(tmp_path / "critic"))  # merged: a plain model, no peft
+    assert type(critic_model.backbone).__name__ == "LlamaModel"
+
+
+def test_lora_adapters_load_with_peft_and_a_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_base):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from critic import ValueModel
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    args = [*SHORT, *LORA, "--advantage", "gae", "--save-every", "1", "--lr", "1e-2", "--critic-lr", "1e-2"]
+    assert train("train_ppo.py", whole, *args).returncode == 0
+    assert train("train_ppo.py", resumed, *args, "--max-steps", "1").returncode == 0
+    result = train("train_ppo.py", resumed, *args)
+    assert result.returncode == 0 and "resuming from" in result.stdout, result.stderr[-3000:]
+
+    def comparable(run_dir):
+        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in metrics(run_dir)]
+
+    assert comparable(resumed) == comparable(whole)
+    for part in ("policy/adapter_model.safetensors", "critic/adapter_model.safetensors",
+                 "critic/value_head.safetensors"):
+        a, b = load_file(resumed / part), load_file(whole / part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    assert not (whole / "policy" / "model.safetensors").exists()  # the adapters alone
+
+    ids = torch.randint(5, 100, (2, 7))
+    base = AutoModelForCausalLM.from_pretrained(tiny_base)
+    with_peft = PeftModel.from_pretrained(base, str(whole / "policy"))
+    auto = AutoModelForCausalLM.from_pretrained(whole / "policy")  # transformers' peft integration
+    torch.testing.assert_close(auto(ids).logits, with_peft(ids).logits)
+    with with_peft.disable_adapter():
+        assert not torch.allclose(with_peft(ids).logits, auto(ids).logits, atol=1e-4)  # they trained
+    critic = ValueModel.from_pretrained(str(whole / "critic"))
+    assert type(critic.backbone).__name__ == "PeftModel"
+    assert critic(ids, torch.ones_like(ids)).shape == (2, 7)
+
+
+def test_a_run_that_merges_for_generation_samples_what_an_unmerged_run_does(tmp_path, tiny_base):
+    """The same LoRA run with and without --merge-for-generation: the same responses at every step (the
+    update in between included), and the same rewards."""
+    runs = {}
+    for merge in (False, True):
+        out = tmp_path / str(merge)
+        result = train("train_grpo.py", out, *SHORT, *LORA, "--lr", "1e-2", "--samples-per-step", "16",
+                       *(["--merge-for-generation"] * merge))
+        assert result.returncode == 0, result.stderr[-3000:]
+        samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+        runs[merge] = ([(r["step"], r["response"]) for r in samples], [r["train/reward"] for r in metrics(out)])
+    assert len(runs[False][0]) >= 2 and {step for step, _ in runs[False][0]} == {0, 1}
+    assert runs[True] == runs[False]
+
+
+def test_lora_with_dropout_checkpointing_and_bf16_starts_at_ratio_one(tmp_path, tiny_base):
+    result = train("train_grpo.py", tmp_path, *SHORT, *LORA, "--lora-dropout", "0.3", "--gradient-checkpointing",
+                   "--bf16", "--lr", "1e-2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = metrics(tmp_path)
+    assert rows[0]["policy/ratio"] == 1.0  # the update's own log-probs are the old ones
+    assert all(r["train/nonfinite_updates"] == 0 for r in rows[:-1])
+    adapters = load_file(tmp_path / "policy" / "adapter_model.safetensors")
+    assert max(v.abs().max().item() for k, v in adapters.items() if "lora_B" in k) > 0  # gradients reached them
+    config = json.loads((tmp_path / "policy" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["lora_dropout"] == 0.3
+
+
+@pytest.mark.parametrize("bad,message", [
+    (["--lora-dropout", "0.1", "--num-mini-batches", "2"], "--lora-dropout > 0 needs one optimizer step"),
+    (["--merge-on-save"], "--merge-on-save merges LoRA adapters: it needs --lora-r"),
+    (["--lora-r", "4", "--lora-target-modules", " , "], "--lora-target-modules is empty"),
+    (["--merge-for-generation"], "--merge-for-generation merges LoRA adapters: it needs --lora-r"),
+    (["--lora-r", "4", "--merge-for-generation", "--bf16"], "--merge-for-generation with --bf16: the frozen base"),
+])
+def test_bad_lora_arguments_fail_fast_with_one_line(bad, message, tmp_path):
+    result = train("train_grpo.py", tmp_path, *(["--lora-r", "4"] if "--lora-dropout" in bad else []), *bad)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and message in last, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("script,critic", [("train_grpo.py", False), ("train_ppo.py", True)])
+def test_lora_learns_on_a_small_budget(script, critic, tmp_path, tiny_base):
+    """As the full fine-tune's learning test: held-out accuracy clearly rises in 20 steps, adapters only."""
+    steps = 20
+    result = train(script, tmp_path, "--max-steps", str(steps), "--eval-every", str(steps), "--lora-r", "16",
+                   "--lr", LORA_LR, "--critic-lr", LORA_LR)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = metrics(tmp_path)
+    base, final = rows[0]["eval/accuracy"], rows[-1]["eval/accuracy"]
+    assert base <= 0.5 and final >= base + 0.3, (base, final)
+    assert (tmp_path / "policy" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "critic" / "adapter_model.safetensors").exists() == critic
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["train_grpo.py", "train_ppo.py"])
+def test_default_run_with_lora_reaches_90_percent(script, tmp_path, tiny_base):
+    """The default with --lora-r 16 and 20 times the full fine-tune's learning rate (README: LoRA)."""
+    result = train(script, tmp_path, "--lora-r", "16", "--lr", "2e-3", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["base_accuracy"] <= 0.5 and summary["final_accuracy"] >= 0.9, summary
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainers' command line, and bad input stopping the run in one line before any model loads
+# --------------------------------------------------------------------------------------------------
+
+def test_unknown_flag_in_the_real_script_is_one_line_without_traceback():
+    result = run_script("train_ppo.py", "--max-stesp", "5", env=ONE_THREAD, timeout=300)
+    assert result.returncode == 2
+    expected = "error: unknown argument --max-stesp (did you mean --max-steps?)"
+    assert result.stderr.strip() == expected, result.stderr
+
+
+def test_grpo_help_keeps_the_groups_and_its_own_defaults():
+    result = run_script("train_grpo.py", "--help", env=ONE_THREAD, timeout=300)
+    assert result.returncode == 0, result.stderr
+    blocks = option_blocks(result.stdout)
+    assert "(default: grpo)" in blocks["--advantage"] and "off for grpo" in blocks["--whiten-advantages"]
+    lines = result.stdout.splitlines()
+    assert lines.index("model and data:") < lines.index("rollout:")
+    assert result.stdout.splitlines()[2].startswith("Train a base LM to reason with GRPO")
+
+
+@pytest.mark.parametrize("bad,message", [
+    (["--prompts-per-step", "5", "--num-mini-batches", "3"], "must split"),
+    (["--advantage", "grpo", "--num-generations", "1"], "--num-generations >= 2"),
+    (["--clip-low", "1.5"], "clip ranges"),
+    (["--model", "./no/such/model"], "no such path"),
+])
+def test_bad_arguments_fail_fast_with_one_line(bad, message, tmp_path):
+    result = train("train_ppo.py", tmp_path, *bad, timeout=120)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and message in last, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("field", ["question", "answer"])
+def test_bad_text_in_the_data_stops_before_training_with_one_line(field, tmp_path):
+    """A lone surrogate (a broken \\u escape) in a question used to be a tokenizer traceback, in an answer a
+    crash part-way through training when a sample holding it was written."""
+    rows = [{"question": "What is 1 + 1?", "answer": "2"}, {"question": "What is 2 + 2?", "answer": "4"}]
+    rows[1][field] += "\ud800"
+    data = write_jsonl(tmp_path / "bad.jsonl", rows)
+    result = train("train_ppo.py", tmp_path / "run", "--dataset", str(data), "--max-steps", "2",
+                   "--prompts-per-step", "2", "--num-generations", "2", "--max-new-tokens", "8",
+                   "--eval-every", "0", "--reward-workers", "0", "--samples-per-step", "4")
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {data}: record 1: {field} '{field}' has an invalid character"), \
+        result.stderr[-2000:]
+
+
+def test_hub_id_that_cannot_be_resolved_offline_stops_before_any_model_loads(tmp_path):
+    result = run_script("train_ppo.py", "--model", "nobody-here/no-such-model-xyz", "--output-dir",
+                        str(tmp_path / "out"), timeout=300,
+                        env={**ONE_THREAD, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: --model nobody-here/no-such-model-xyz"), result.stderr
+    assert "HF_HUB_OFFLINE" in lines[0]
+
+
+def test_reward_module_that_exits_at_import_is_one_line(tmp_path):
+    (tmp_path / "exits.py").write_text("import os\nos._exit(9)\n\n"
+                                       "def score(response, ground_truth, **extras):\n    return 1.0\n")
+    (tmp_path / "raises.py").write_text("raise SystemExit('bye')\n")
+    for name, expected in (("exits.py", "exit code 9"), ("raises.py", "bye")):
+        result = run_script("train_ppo.py", "--reward", f"{tmp_path / name}:score", "--output-dir",
+                            str(tmp_path / "out"), env=ONE_THREAD, timeout=300)
+        assert result.returncode == 1, (name, result.returncode, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert lines[-1].startswith("error: --reward") and expected in lines[-1], result.stderr
+        assert name in lines[-1]
+    args = Args(output_dir=str(tmp_path / "out"), reward=f"{tmp_path / 'exits.py'}:score")
+    with pytest.raises(SystemExit, match="exit code 9"):
+        check_args(args, 1)  # in this very process: the import is tried elsewhere
+
+
+def test_data_file_errors_stop_the_run_before_any_model_loads(tmp_path):
+    model = tmp_path / "model"  # passes the --model check, but no tokenizer or weights could load from it
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?"}\n')
+    result = run_script("train_ppo.py", "--model", str(model), "--dataset", str(data), "--output-dir",
+                        str(tmp_path / "out"), env=ONE_THREAD, timeout=300)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "bad.jsonl" in lines[-1], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_math_reward_without_math_verify_is_one_line_before_any_model_loads(tmp_path):
+    """Without math-verify every answer that is not a plain number would score 0: stop at the start."""
+    code = ("import sys; sys.modules['math_verify'] = None; import train_ppo; "
+            f"train_ppo.main(train_ppo.Args(output_dir={str(tmp_path / 'run')!r}))")
+    result = run_script("-c", code, timeout=300)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "math-verify" in last and "pip install" in last, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_unwritable_output_dir_and_unknown_reward_stop_before_any_model_loads(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    result = run_script("train_ppo.py", "--output-dir", str(blocker / "out"), "--reward", "my_rewards.py:score",
+                        timeout=120)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "--output-dir" in last and "my_rewards.py" in last
+    assert "training" not in result.stdout and "Loading weights" not in result.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# The process setup of the entry points
+# --------------------------------------------------------------------------------------------------
+
 WATCH_TORCH_IMPORT = """
 import importlib.abc, os, sys
 class Watch(importlib.abc.MetaPathFinder):
@@ -477,8 +665,7 @@ def test_openmp_spin_count_is_set_before_torch_loads(module, env, expected):
     """A run beside another CPU-heavy process must not lose most of its time to OpenMP threads spinning
     (benchmark.py load): the entry points set a short spin count before torch loads libgomp, which reads
     it once, unless the user chose one."""
-    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
-    result = subprocess.run([sys.executable, "-c", WATCH_TORCH_IMPORT.format(module=module)], cwd=ROOT,
-                            env={**base, **env}, capture_output=True, text=True, timeout=120)
+    result = run_script("-c", WATCH_TORCH_IMPORT.format(module=module), env=env,
+                        unset=("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"), timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.splitlines()[0] == f"at torch import: {expected}"
