@@ -67,3 +67,46 @@ def test_notebook_launcher_after_main_in_the_same_kernel_runs_two_cpu_processes(
     assert [r["step"] for r in rows] == [0, 1]
     log = "".join(o.get("text", "") for o in nb.cells[-1].outputs)
     assert "2 process(es), backend gloo" in log, log[-2000:]
+
+
+def test_an_interrupt_in_a_notebook_stops_at_a_checkpoint_and_the_same_call_resumes_exactly(tiny_base, tmp_path):
+    """The stop button (SIGINT to the kernel) during main(args): the step ends, a checkpoint is written and
+    main raises a RunError saying so; main(args) again resumes and ends as the uninterrupted run does."""
+    import time
+
+    from jupyter_client.manager import start_new_kernel
+
+    common = ("max_steps=12, eval_every=0, prompts_per_step=8, num_generations=4, num_mini_batches=1, "
+              "critic_mini_batches=1, save_every=100, reward_workers=0")
+    km, kc = start_new_kernel(kernel_name="python3", cwd=str(tmp_path))
+    try:
+        def run(code: str, timeout: float = 600) -> dict:
+            msg_id = kc.execute(code)
+            return kc.get_shell_msg(timeout=timeout)["content"] if msg_id else {}
+
+        run(f"import sys; sys.path.insert(0, {str(ROOT)!r})\nfrom train_grpo import Args\nfrom train_ppo import main\n"
+            f"args = Args(output_dir={str(tmp_path / 'cut')!r}, {common})")
+        kc.execute("main(args)")
+        metrics = tmp_path / "cut" / "metrics.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+            time.sleep(0.2)
+        km.interrupt_kernel()
+        reply = kc.get_shell_msg(timeout=300)["content"]
+        assert reply["status"] == "error" and "stopped by signal 2" in reply["evalue"], reply
+        assert reply["ename"] == "RunError"
+        cut = len(metrics.read_text().splitlines())
+        assert cut < 12
+        assert run("summary = main(args)")["status"] == "ok"
+        assert run(f"main(Args(output_dir={str(tmp_path / 'whole')!r}, {common}))")["status"] == "ok"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    cut_rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    whole_rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in cut_rows] == list(range(12))
+    assert [r["train/reward"] for r in cut_rows] == [r["train/reward"] for r in whole_rows]
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / d / "policy" / "model.safetensors") for d in ("cut", "whole"))
+    assert all(a[k].equal(b[k]) for k in a)
