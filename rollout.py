@@ -12,6 +12,7 @@ Layout of a batch row:  [pad pad p0 p1 ... p_{P-1} | r0 r1 ... r_k pad pad]
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -695,7 +696,8 @@ def output_head(model) -> torch.nn.Linear | None:
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     config = getattr(inner, "config", None)
     changes_logits = any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale"))
-    if not isinstance(head, torch.nn.Linear) or head.bias is not None or changes_logits:
+    if (not isinstance(head, torch.nn.Linear) or head.bias is not None or changes_logits
+            or getattr(inner, "reasoner_zero_changes_head_output", False)):
         return None
     return head
 
@@ -719,10 +721,13 @@ def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     if head is not None:
         chunk = max(1, logit_chunk // head.out_features)
 
+        given = []
+
         def head_forward(hidden):  # (B, R + 1, H) -> (B, R, 2): log-prob and entropy per response token
             flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
             out = ChunkedLogprobs.apply(flat, head.weight, tokens.reshape(-1), temperature or 1.0, chunk)
-            return out.view(*tokens.shape, 2)
+            given.append(out.view(*tokens.shape, 2))
+            return given[-1]
 
         head.forward = head_forward
     try:
@@ -732,6 +737,18 @@ def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     finally:
         if head is not None:
             del head.forward
+    if head is not None and not (out is given[-1] or torch.equal(out, given[-1])):
+        # The model changed what its head gave (a scaling such as Granite's logits_scaling or FalconH1's
+        # lm_head_multiplier, a softcap): the chunks' log-probs would be of other logits. This model's
+        # log-probs come from its full logits from now on, this call included.
+        inner = model
+        while isinstance(getattr(inner, "module", None), torch.nn.Module):
+            inner = inner.module
+        inner.reasoner_zero_changes_head_output = True
+        warnings.warn(f"{type(inner).__name__} transforms its LM head's output (a logit scaling or softcap): "
+                      "its log-probs are computed from the full logits, not in chunks", stacklevel=2)
+        return forward_logprobs(model, input_ids, attention_mask, response_len, temperature, with_entropy,
+                                entropy_grad, logit_chunk)
     if head is None:
         return logprobs_from_logits(out[:, :-1], tokens, temperature, with_entropy, entropy_grad)
     entropy = out[..., 1] if entropy_grad and torch.is_grad_enabled() else out[..., 1].detach()

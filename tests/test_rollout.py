@@ -678,3 +678,36 @@ def test_a_plain_checkpoint_has_no_generation_settings_to_report(tiny_base):
     from rollout import neutral_generation_config
 
     assert neutral_generation_config(AutoModelForCausalLM.from_pretrained(tiny_base)) == []
+
+
+@pytest.mark.parametrize("config_name,model_name,scaling", [
+    ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 8.0}),  # divides the head's output
+    ("GraniteMoeConfig", "GraniteMoeForCausalLM", {"logits_scaling": 8.0}),
+    ("HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", {"logits_scaling": 0.25}),  # multiplies it
+    ("FalconH1Config", "FalconH1ForCausalLM", {"lm_head_multiplier": 3.0}),
+    ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.25}),
+])
+def test_chunked_logprobs_of_models_that_scale_their_logits_are_those_of_their_logits(config_name, model_name,
+                                                                                      scaling):
+    """A model that transforms its head's output gets the log-probs of its own logits: the chunked head
+    sees the transform (its output comes back changed) and the call is made again with the full logits."""
+    import warnings
+
+    import transformers
+
+    from utils import position_ids_from_mask
+
+    config = getattr(transformers, config_name)(vocab_size=50, hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                                                max_position_embeddings=64, **scaling)
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(config).eval()
+    ids = torch.randint(1, 50, (2, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    expected, _ = logprobs_from_logits(logits[:, -5:-1], ids[:, -4:], 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got, _ = forward_logprobs(model, ids, mask, 4, 1.0)
+    torch.testing.assert_close(got, expected)
+    assert output_head(model) is None  # remembered: no chunks for this model from now on
