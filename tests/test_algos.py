@@ -525,3 +525,61 @@ def test_outcome_token_rewards_on_last_valid_token():
                              [0.0, 0.0, 0.0, -1.0],  # length 4 -> column 3 (truncated: still the last)
                              [0.0, 0.0, 0.0, 0.0]])  # empty response: nowhere to put it
     torch.testing.assert_close(outcome_token_rewards(rewards, mask), expected)
+
+
+# --------------------------------------------------------------------------------------------------
+# The tables the flags read
+# --------------------------------------------------------------------------------------------------
+
+def test_an_estimator_registered_in_the_table_or_passed_as_a_function_is_what_runs(monkeypatch):
+    import algos
+
+    rewards, groups = torch.tensor([1.0, 0.0, 0.0, 0.0]), torch.tensor([0, 0, 0, 0])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
+
+    def centred(rewards, response_mask, kl_penalty, **_):
+        return (rewards - rewards.mean())[:, None] * response_mask, None
+
+    monkeypatch.setitem(algos.ADVANTAGE_ESTIMATORS, "centred", centred)
+    by_name, returns = algos.compute_advantages("centred", rewards, mask, groups)
+    by_function, _ = algos.compute_advantages(centred, rewards, mask, groups)
+    expected = torch.tensor([[0.75, 0.75], [-0.25, 0.0], [-0.25, -0.25], [-0.25, -0.25]])
+    assert returns is None and torch.equal(by_name, expected) and torch.equal(by_function, expected)
+    # the built-in entries look their kernels up when they run: a replaced kernel is used
+    monkeypatch.setattr(algos, "compute_grpo_advantages", lambda rewards, group_ids, scale_by_std: rewards * 10)
+    assert algos.compute_advantages("grpo", rewards, mask, groups)[0][0, 0].item() == 10.0
+    with pytest.raises(ValueError, match=r"--advantage 'nope': not one of gae, grpo, rloo, centred"):
+        algos.compute_advantages("nope", rewards, mask, groups)
+
+
+def test_the_built_in_estimators_match_their_kernels_and_whitening_is_over_all_tokens():
+    import algos
+
+    rewards, groups = torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.tensor([0, 0, 1, 1])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    grpo, _ = algos.compute_advantages("grpo", rewards, mask, groups, scale_by_std=True)
+    # group 0: mean 0.5, sample std 0.7071 -> +-0.7071; group 1 equal rewards -> 0
+    assert torch.allclose(grpo[:, 0], torch.tensor([0.70710, -0.70710, 0.0, 0.0]), atol=1e-4)
+    assert torch.equal(grpo * (1 - mask), torch.zeros_like(grpo))
+    rloo, _ = algos.compute_advantages("rloo", rewards, mask, groups)
+    assert torch.allclose(rloo[:, 0], torch.tensor([1.0, -1.0, 0.0, 0.0]))
+    values = torch.tensor([[0.2, 0.5, 0.0], [0.1, 0.1, 0.1], [0.5, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    gae, returns = algos.compute_advantages("gae", rewards, mask, groups, values, gamma=1.0, lam=1.0)
+    assert torch.allclose(gae[0, :2], torch.tensor([0.8, 0.5])) and torch.allclose(returns[0, :2], torch.ones(2))
+    white, _ = algos.compute_advantages("rloo", rewards, mask, groups, whiten=True)
+    tokens = white[mask.bool()]
+    assert abs(tokens.mean().item()) < 1e-6 and abs(tokens.std(correction=0).item() - 1) < 1e-5  # over 8 tokens
+    assert algos.uses_critic("gae") and not algos.uses_critic("grpo") and not algos.uses_critic(len)
+
+
+def test_kl_and_aggregation_tables_are_what_compute_kl_and_loss_weights_use(monkeypatch):
+    import algos
+
+    logp, ref = torch.tensor([[0.0]]), torch.tensor([[-1.0]])
+    assert algos.compute_kl(logp, ref, "k1").item() == 1.0
+    monkeypatch.setitem(algos.KL_ESTIMATORS, "twice_k1", lambda lp, rp: 2 * algos.kl_k1(lp, rp))
+    assert algos.compute_kl(logp, ref, "twice_k1").item() == 2.0
+    monkeypatch.setitem(algos.LOSS_AGGREGATIONS, "sum", lambda mask, *_: mask.float())
+    assert torch.equal(algos.loss_weights(torch.ones(2, 2), "sum", 2, 4.0, 2), torch.ones(2, 2))
+    with pytest.raises(ValueError, match="unknown loss aggregation"):
+        algos.loss_weights(torch.ones(1, 1), "nope", 1, 1.0, 1)

@@ -53,3 +53,20 @@ def test_weights_check_before_a_checkpoint_sees_zero3_partitions():
     assert parameters_finite(model)
     model.weight.ds_tensor[1] = float("nan")
     assert not parameters_finite(model)
+
+
+def test_the_note_about_a_tied_weight_is_dropped_and_any_other_kept():
+    import logging
+
+    from checkpoint import TiedWeightsNote
+
+    note = TiedWeightsNote({"lm_head.weight": "model.embed_tokens.weight"})
+
+    def record(message):
+        return logging.LogRecord("accelerate.utils.other", logging.WARNING, __file__, 1, message, None, None)
+
+    tied = "[RANK 0] Removed shared tensor {'lm_head.weight'} while saving. This should be OK, but check ..."
+    assert not note.filter(record(tied))
+    assert not note.filter(record(tied.replace("'lm_head.weight'", "'module.lm_head.weight'")))  # DDP's prefix
+    assert note.filter(record(tied.replace("lm_head.weight", "decoder.weight")))  # not tied: the note stays
+    assert note.filter(record("[RANK 0] something else"))

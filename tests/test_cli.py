@@ -282,3 +282,30 @@ def test_command_line_overrides_recipe():
 
     args = parse_args(Args, ["--config", str(RECIPE_DIR / "orz_7b.yaml"), "--max_steps", "3"])
     assert args.max_steps == 3 and args.lr == 1e-6
+
+
+def test_a_flag_reads_its_choices_from_the_table_when_it_is_parsed(monkeypatch, tmp_path):
+    import algos
+    from cli import field_choices
+
+    assert field_choices(Args, "advantage") == ["gae", "grpo", "rloo"]
+    monkeypatch.setitem(algos.ADVANTAGE_ESTIMATORS, "mine", lambda **_: None)
+    assert parse_args(Args, ["--advantage", "mine"]).advantage == "mine"  # registered before parsing: a choice
+    config = tmp_path / "run.yaml"
+    config.write_text("advantage: mine\nloss_agg: token-mean\n")
+    assert parse_args(Args, ["--config", str(config)]).advantage == "mine"
+    from train_grpo import Args as GRPOArgs  # redeclares the field for its default and keeps the choices
+
+    assert field_choices(GRPOArgs, "advantage") == ["gae", "grpo", "rloo", "mine"]
+
+
+def test_in_a_jupyter_kernel_the_kernels_own_arguments_are_not_ours(monkeypatch):
+    import sys
+    import types
+
+    from cli import script_argv
+
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/tmp/kernel-1.json"])
+    assert script_argv() == ["-f", "/tmp/kernel-1.json"]
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    assert script_argv() == [] and parse_args(Args).max_steps == Args().max_steps

@@ -52,6 +52,17 @@ def test_eval_command_writes_results(tiny_base, tmp_path):
     # The built-in model answers some synthetic problems right in 24 tokens; the rewards must show it.
     assert any(r["reward"] == 1 and r["answer"] == r["ground_truth"] for r in rows if r["dataset"] == "synthetic")
 
+    again = run_script(*cmd, timeout=300)  # an evaluation is never replaced silently
+    assert again.returncode == 1 and again.stderr.strip() == (
+        f"error: --output-dir {out} holds an evaluation (results.json): name another, or --overwrite to replace it")
+    assert json.loads((out / "results.json").read_text()) == results
+    assert run_script(*cmd, "--overwrite", timeout=300).returncode == 0
+    # beyond the tiny model's context of 1024 positions: refused at once, not decoded for minutes
+    long = run_script(*cmd[:-2], "--max-new-tokens", "8000", "--output-dir", str(tmp_path / "long"), timeout=300)
+    assert long.returncode == 1 and long.stderr.strip().startswith(
+        "error: --max-new-tokens 8000 exceed(s) the model's context of 1024 positions"), long.stderr[-2000:]
+    assert not (tmp_path / "long").exists()
+
 
 def test_eval_uses_the_checkpoints_sampling_settings_only_when_asked(tiny_base, tmp_path):
     """A checkpoint whose generation_config says top-k 1: by default evaluation samples (the 4 samples of

@@ -878,3 +878,47 @@ def test_cheap_for_a_large_batch():
     flags = repetition_flags(ids, torch.full((512,), 4096))
     assert flags.sum().item() == 8 and flags[:8].all()
     assert time.perf_counter() - start < 60  # ~0.2 s here; a hang, not slowness (benchmark.py times speed)
+
+
+# --------------------------------------------------------------------------------------------------
+# decide_reward: the rules after the judge, in their order
+# --------------------------------------------------------------------------------------------------
+
+WELL_FORMED = "12 + 7 = 19 </think> <answer> \\boxed{19} </answer>"  # format_reward 1.0
+
+
+@pytest.mark.parametrize("verdict,truncated,repetitive,length,rules,expected", [
+    (1.0, False, False, 10, {}, 1.0),
+    (1.0, True, False, 10, {}, 0.0),  # ORZ: a truncated response scores 0
+    (1.0, True, False, 10, {"score_truncated": True}, 1.0),
+    (1.0, False, False, 10, {"format_reward_weight": 0.5}, 1.5),  # format after the rule
+    (0.0, True, False, 10, {"format_reward_weight": 0.5}, 0.0),  # ... but not for a truncated one
+    (1.0, False, True, 10, {"format_reward_weight": 0.5}, 1.5),  # repetition logged, off by default
+    (1.0, False, True, 10, {"format_reward_weight": 0.5, "zero_repetitive": True}, 0.0),  # loses rule + format
+    # overlong shaping last, on every response: budget 100, buffer 20, length 90 -> -0.5 x 2
+    (1.0, False, False, 90, {"overlong_buffer": 20, "overlong_penalty": 2.0, "max_new_tokens": 100}, 0.0),
+    (1.0, False, True, 90, {"overlong_buffer": 20, "overlong_penalty": 2.0, "max_new_tokens": 100,
+                            "zero_repetitive": True}, -1.0),
+    (1.0, True, False, 100, {"overlong_buffer": 20, "max_new_tokens": 100}, -1.0),
+    (1.0, False, False, 10, {"reward": "format"}, 1.0),  # a control in the judge's place
+    (0.0, False, False, 10, {"reward": "format"}, 1.0),
+    (0.0, True, False, 10, {"reward": "format"}, 0.0),  # and the truncation rule after it
+])
+def test_decide_reward_applies_the_rules_in_order(verdict, truncated, repetitive, length, rules, expected):
+    from reward import RewardRules, decide_reward
+
+    got = decide_reward(verdict, WELL_FORMED, "19", truncated=truncated, length=length, repetitive=repetitive,
+                        rules=RewardRules(**rules))
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_reward_rules_of_a_run_skip_a_function_given_as_the_reward():
+    from types import SimpleNamespace
+
+    from reward import RewardRules
+
+    args = SimpleNamespace(reward=lambda response, ground_truth: 1.0, score_truncated=True, format_reward_weight=0.2,
+                           zero_repetitive=False, overlong_buffer=4, overlong_penalty=0.5, max_new_tokens=32)
+    rules = RewardRules.of(args)
+    assert rules == RewardRules(reward="math", score_truncated=True, format_reward_weight=0.2, overlong_buffer=4,
+                                overlong_penalty=0.5, max_new_tokens=32)

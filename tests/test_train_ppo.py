@@ -154,3 +154,15 @@ def test_mini_batch_parts_cover_each_row_once_per_epoch(mini_batches, world):
     mine = [local_rows(first, r, rows) + r * rows for r in range(world)]
     assert sorted(torch.cat(mine).tolist()) == sorted(first.tolist())
     assert all(((m >= r * rows) & (m < (r + 1) * rows)).all() for r, m in enumerate(mine))
+
+
+def test_the_console_names_the_algorithm_not_the_flag():
+    from train_ppo import estimator_name
+
+    assert [estimator_name(a) for a in ("gae", "grpo", "rloo")] == ["PPO (GAE critic)", "GRPO", "RLOO"]
+    assert estimator_name("gae", short=True) == "ppo"
+
+    def centred(**_):
+        return None
+
+    assert estimator_name(centred) == "--advantage centred"

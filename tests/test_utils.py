@@ -253,3 +253,38 @@ def test_generation_with_the_adapters_merged_samples_the_same_tokens():
             torch.testing.assert_close(after[key], value, rtol=0, atol=1e-6)  # the base: roundings only
     with lora_merged(model, enabled=False):
         assert not any(getattr(layer, "merged", False) for layer in model.modules())
+
+
+def test_run_error_is_a_one_line_exit_for_the_command_line_and_an_exception_for_a_notebook():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    from utils import RunError
+
+    with pytest.raises(Exception, match="error: x"):  # `except Exception` in a notebook catches it
+        raise RunError("error: x")
+    result = subprocess.run([sys.executable, "-c", "from utils import RunError; raise RunError('error: bad')"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stderr.strip() == "error: bad"  # no traceback
+
+
+def test_plain_args_records_a_function_by_name():
+    import dataclasses
+    import json
+
+    from utils import plain_args
+
+    @dataclasses.dataclass
+    class A:
+        reward: str = "math"
+        lr: float = 1e-4
+
+    def my_reward(response, ground_truth):
+        return 1.0
+
+    record = plain_args(A(reward=my_reward))
+    assert record == {"reward": f"python:{__name__}.test_plain_args_records_a_function_by_name.<locals>.my_reward",
+                      "lr": 1e-4}
+    assert json.loads(json.dumps(record)) == record
