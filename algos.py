@@ -330,3 +330,12 @@ def compute_advantages(estimator, rewards: torch.Tensor, response_mask: torch.Te
     if whiten:
         advantages = masked_whiten(advantages, response_mask, reduce=reduce)
     return advantages, returns
+
+
+def gspo_note(ratio_level: str, clip_low: float, clip_high: float, loss_agg) -> str | None:
+    """One line for a run whose sequence-level ratio (GSPO) keeps settings GSPO's paper does not use
+    (arXiv:2507.18071v2, sec. 5: clip ranges 3e-4 / 4e-4 and a mean over sequences), or None."""
+    if ratio_level != "sequence" or (clip_low, clip_high, loss_agg) == (3e-4, 4e-4, "seq-mean-token-mean"):
+        return None
+    return (f"note: --ratio-level sequence (GSPO) with --clip-low {clip_low} --clip-high {clip_high} --loss-agg "
+            f"{loss_agg}; GSPO's paper uses --clip-low 3e-4 --clip-high 4e-4 --loss-agg seq-mean-token-mean")

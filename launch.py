@@ -151,12 +151,18 @@ def configure_deepspeed(accelerator, max_grad_norm: float) -> None:
     mini-batch itself, so the engine must not divide by a fixed accumulation count nor step on its own:
     gradient_accumulation_steps 1 (no division) with managed_gradient_accumulation false, under which
     `engine.backward` only adds into the (ZeRO-2/3 partitioned) gradients and `engine.step` is the boundary
-    that reduces, clips (gradient_clipping = `max_grad_norm`) and steps. The micro-batch size only
+    that reduces, clips (gradient_clipping = `max_grad_norm`) and steps. Under ZeRO-3 the weights are
+    gathered for the final save. The micro-batch size only
     enters DeepSpeed's sample counter."""
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     config.update(gradient_accumulation_steps=1, managed_gradient_accumulation=False,
                   gradient_clipping=max_grad_norm, train_micro_batch_size_per_gpu=1,
                   train_batch_size=accelerator.num_processes)
+    # The run ends by saving whole weights (checkpoint.save_models), which ZeRO-3 gathers only with this on.
+    # accelerate's --zero_stage 3 flag and `accelerate config`'s default leave it off: the run then trained to
+    # the end and crashed there without writing its model.
+    if config.get("zero_optimization", {}).get("stage") == 3:
+        config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
 
 
 def prepare_reference(accelerator, ref):

@@ -122,6 +122,7 @@ from utils import (
     plain_args,
     timer,
     trainable_state_only,
+    warmup_constant,
     with_lora,
 )
 
@@ -441,8 +442,9 @@ def setup(args: Args) -> Run:
     # around it: FSDP2 shards the prepared model as one root, and `generate` runs the inner model's forward.
     peft_policy = trained["policy"] if args.lora_r else None
     policy, critic = peft_policy.get_base_model() if peft_policy else trained["policy"], trained["critic"]
-    if args.lora_r:
-        accelerator.print(lora_summary(trained))
+    for note in filter(None, (lora_summary(trained) if args.lora_r else None,
+                              algos.gspo_note(args.ratio_level, args.clip_low, args.clip_high, args.loss_agg))):
+        accelerator.print(note)
     policy, optimizers["policy"] = accelerator.prepare(policy, optimizers["policy"])
     if critic is not None:
         critic, optimizers["critic"] = accelerator.prepare(critic, optimizers["critic"])
@@ -553,10 +555,6 @@ def check_args(args: Args, num_processes: int = 1) -> None:
     problems += output_dir_problems(args.output_dir)
     if problems:
         raise RunError("error: " + "; ".join(problems))
-
-
-def warmup_constant(warmup_steps: int):
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
 def estimator_name(advantage, short: bool = False) -> str:

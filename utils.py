@@ -261,6 +261,11 @@ def lora_problems(args) -> list[str]:
     return problems
 
 
+def warmup_constant(warmup_steps: int):
+    """LambdaLR's factor: linear warm-up over `warmup_steps` scheduler steps, then constant."""
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
 def cache_root() -> Path:
     """Where built models are cached: $REASONER_ZERO_CACHE, else $XDG_CACHE_HOME/reasoner-zero (~/.cache)."""
     return Path(os.environ.get("REASONER_ZERO_CACHE")

@@ -583,3 +583,13 @@ def test_kl_and_aggregation_tables_are_what_compute_kl_and_loss_weights_use(monk
     assert torch.equal(algos.loss_weights(torch.ones(2, 2), "sum", 2, 4.0, 2), torch.ones(2, 2))
     with pytest.raises(ValueError, match="unknown loss aggregation"):
         algos.loss_weights(torch.ones(1, 1), "nope", 1, 1.0, 1)
+
+
+def test_a_sequence_level_ratio_with_ppos_settings_says_what_gspo_uses():
+    from algos import gspo_note
+
+    assert gspo_note("token", 0.2, 0.2, "token-mean") is None
+    assert gspo_note("sequence", 3e-4, 4e-4, "seq-mean-token-mean") is None
+    assert gspo_note("sequence", 0.2, 0.2, "token-mean") == (
+        "note: --ratio-level sequence (GSPO) with --clip-low 0.2 --clip-high 0.2 --loss-agg token-mean; GSPO's "
+        "paper uses --clip-low 3e-4 --clip-high 4e-4 --loss-agg seq-mean-token-mean")

@@ -39,6 +39,7 @@ LAUNCH = {
               "LlamaDecoderLayer"],
     "zero2": ["--config_file", "configs/accelerate/zero2.yaml"],
     "zero3": ["--config_file", "configs/accelerate/zero3.yaml"],
+    "zero3-flags": ["--use_deepspeed", "--zero_stage", "3"],  # accelerate's flags, no config file
 }
 MODES = ["ddp", "fsdp2", pytest.param("zero2", marks=needs_deepspeed), pytest.param("zero3", marks=needs_deepspeed)]
 # The default test command runs each mode at least once; the repeats of a check in other modes are slow.
@@ -319,3 +320,14 @@ def test_launch_tiny_run(name, tmp_path):
     result = run_script(*cmd, timeout=1800)
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "policy" / "model.safetensors").is_file()
+
+
+@needs_deepspeed
+def test_zero3_launched_with_accelerates_flags_saves_its_model(tmp_path, tiny_base):
+    """`accelerate launch --use_deepspeed --zero_stage 3` leaves stage3_gather_16bit_weights_on_model_save off,
+    as `accelerate config`'s default answer does; the run sets it, so its final save gathers the weights."""
+    from safetensors.torch import load_file
+
+    run(tmp_path / "out", 2, "--advantage", "grpo", "--max-steps", "2", mode="zero3-flags")
+    weights = load_file(tmp_path / "out" / "policy" / "model.safetensors")
+    assert weights and all(t.numel() > 0 for t in weights.values())
