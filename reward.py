@@ -1429,6 +1429,19 @@ class RewardRules:
                       if not callable(getattr(args, f.name))})
 
 
+def outcome_reward(verdict: float, response: str, ground_truth: str, *, truncated: bool, rules: RewardRules,
+                   rng=None) -> float:
+    """Steps 1 and 2 of `decide_reward`: the verdict (or the control reward) and the truncation rule, before
+    any shaping. DAPO's dynamic sampling reads it as a response's accuracy (a group has signal when its
+    responses' outcomes differ)."""
+    control = control_reward(rules.reward)
+    score = verdict
+    if control is not None:  # what a spurious reward gives on the same run
+        score = (random_reward(response, ground_truth, p=control[1], rng=rng) if control[0] == "random"
+                 else boxed_format_reward(response, ground_truth))
+    return 0.0 if truncated and not rules.score_truncated else score
+
+
 def decide_reward(verdict: float, response: str, ground_truth: str, *, truncated: bool, length: int,
                   repetitive: bool, rules: RewardRules, rng=None) -> float:
     """The reward of one response, from the judge's `verdict` (the rule, math_reward, or the user's function,
@@ -1443,14 +1456,15 @@ def decide_reward(verdict: float, response: str, ground_truth: str, *, truncated
     5. overlong shaping: DAPO's length penalty (`overlong_penalty`) is added last, to every response, looping
        or not: it is about the length alone.
     """
-    control = control_reward(rules.reward)
-    score = verdict
-    if control is not None:  # what a spurious reward gives on the same run
-        score = (random_reward(response, ground_truth, p=control[1], rng=rng) if control[0] == "random"
-                 else boxed_format_reward(response, ground_truth))
-    if truncated and not rules.score_truncated:
-        score = 0.0
-    elif rules.format_reward_weight:
+    score = outcome_reward(verdict, response, ground_truth, truncated=truncated, rules=rules, rng=rng)  # 1, 2
+    return shaped_reward(score, response, truncated=truncated, length=length, repetitive=repetitive, rules=rules)
+
+
+def shaped_reward(outcome: float, response: str, *, truncated: bool, length: int, repetitive: bool,
+                  rules: RewardRules) -> float:
+    """Steps 3 to 5 of `decide_reward` on a response's `outcome_reward`: format, repetition, overlong shaping."""
+    score = outcome
+    if rules.format_reward_weight and not (truncated and not rules.score_truncated):
         score += rules.format_reward_weight * format_reward(response)
     if rules.zero_repetitive and repetitive:
         score = 0.0
@@ -1461,19 +1475,21 @@ def decide_reward(verdict: float, response: str, ground_truth: str, *, truncated
 
 def decide_rewards(verdicts: list[float], responses: list[str], ground_truths: list[str], *, truncated: list[bool],
                    lengths: list[int], repetitive: list[bool], rules: RewardRules,
-                   rng=None) -> tuple[list[float], dict]:
-    """`decide_reward` for each response of a batch, and the sums a step logs: train/correct (the judge's
-    verdicts > 0, under a control reward) and train/overlong_penalty (with the shaping on)."""
-    rewards = [decide_reward(v, r, g, truncated=t, length=n, repetitive=x, rules=rules, rng=rng)
-               for v, r, g, t, n, x in zip(verdicts, responses, ground_truths, truncated, lengths, repetitive,
-                                           strict=True)]
+                   rng=None) -> tuple[list[float], list[float], dict]:
+    """`decide_reward` for each response of a batch, its `outcome_reward` (from the same draw of a random
+    control), and the sums a step logs: train/correct (the judge's verdicts > 0, under a control reward) and
+    train/overlong_penalty (with the shaping on)."""
+    outcomes = [outcome_reward(v, r, g, truncated=t, rules=rules, rng=rng)
+                for v, r, g, t in zip(verdicts, responses, ground_truths, truncated, strict=True)]
+    rewards = [shaped_reward(o, r, truncated=t, length=n, repetitive=x, rules=rules)
+               for o, r, t, n, x in zip(outcomes, responses, truncated, lengths, repetitive, strict=True)]
     stats = {}
     if control_reward(rules.reward) is not None:
         stats["train/correct"] = float(sum(v > 0 for v in verdicts))
     if rules.overlong_buffer:
         stats["train/overlong_penalty"] = sum(overlong_penalty(n, rules.max_new_tokens, rules.overlong_buffer,
                                                                rules.overlong_penalty) for n in lengths)
-    return rewards, stats
+    return rewards, outcomes, stats
 
 
 def answer_is_usable(answer: str) -> bool:

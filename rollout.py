@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-from utils import position_ids_from_mask
+from utils import left_pad, position_ids_from_mask
 
 LOGIT_CHUNK = 16  # rows per chunk of the full-vocabulary log-softmax: fp32 logits of all rows at once would not fit
 # Full-vocabulary logits per chunk of tokens in the log-prob passes (ChunkedLogprobs): 2**25 fp32 values,
@@ -569,6 +569,26 @@ def generate_responses_refill(model, prompt_ids: torch.Tensor, prompt_mask: torc
     width = max(max((len(o) for o in outputs), default=0), 1)
     return torch.tensor([o + [pad_token_id] * (width - len(o)) for o in outputs], dtype=torch.long,
                         device=prompt_ids.device)
+
+
+def groups_experience(prompts: list[list[int]], responses: list[list[list[int]]], truncated: list[list[bool]],
+                      rewards: list[list[float]], pad_token_id: int, device) -> Experience:
+    """An experience batch from groups given as token id lists: group g is `prompts[g]` with its samples
+    `responses[g]` (each without padding), their truncation flags and rewards; rows in group order."""
+    samples = len(responses[0])
+    flat = [r for group in responses for r in group]
+    lengths = torch.tensor([len(r) for r in flat])
+    response_ids = torch.full((len(flat), max(int(lengths.max()), 1)), pad_token_id, dtype=torch.long)
+    for k, r in enumerate(flat):
+        response_ids[k, :len(r)] = torch.tensor(r, dtype=torch.long)
+    prompt_ids, prompt_mask = left_pad(prompts, pad_token_id)
+    return Experience(prompt_ids=prompt_ids.repeat_interleave(samples, 0).to(device),
+                      prompt_mask=prompt_mask.repeat_interleave(samples, 0).to(device),
+                      response_ids=response_ids.to(device),
+                      response_mask=response_mask_from_lengths(lengths, response_ids.shape[1]).to(device),
+                      truncated=torch.tensor([t for group in truncated for t in group], device=device),
+                      group_ids=torch.arange(len(prompts), device=device).repeat_interleave(samples),
+                      rewards=torch.tensor([x for group in rewards for x in group], device=device))
 
 
 def stop_positions(response_ids: torch.Tensor, stop_token_ids: list[int],

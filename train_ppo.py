@@ -86,6 +86,7 @@ from reward import (
     audit_verdicts,
     control_reward,
     decide_rewards,
+    overlong_penalty,
     repetition_flags,
     reward_problems,
 )
@@ -98,6 +99,7 @@ from rollout import (
     forward_logprobs,
     generate_responses,
     generate_responses_refill,
+    groups_experience,
     local_rows,
     mini_batch_parts,
     model_problems,
@@ -608,9 +610,9 @@ def sample_and_score(run: Run, step: int, metrics: dict):
     """The step's experience with its rewards: (exp, texts, drawn records, reward stats, repetition flags),
     this process's share. One round of `rollout` and `score_rollout`; with --dynamic-sampling (DAPO,
     arXiv:2503.14476v1, sec. 3.2) more rounds of fresh prompts until the step holds --prompts-per-step
-    groups whose rewards differ, or --max-sampling-rounds were drawn. The batch is then the first groups
-    with signal, in the order (round, place among all processes' prompts), topped up with groups without
-    signal if too few (they get advantage 0 from a group baseline), and dealt out to the processes in
+    groups whose outcomes differ (0 < accuracy < 1), or --max-sampling-rounds were drawn. The batch is then
+    the first groups with signal, in the order (round, place among all processes' prompts), topped up with
+    groups without signal if too few (advantage 0 from a group baseline), and dealt out to the processes in
     that order: the same batch for 1 and N processes. Round r > 0 draws its prompts from a permutation of
     its own and seeds generation with salt r. Logs train/sampling_rounds and train/signal_groups (the
     share of the batch's groups with signal)."""
@@ -624,11 +626,13 @@ def sample_and_score(run: Run, step: int, metrics: dict):
             exp, texts = rollout(run, records, step, salt=r)
         with timer(metrics, "reward"):
             drawn = [records[i // samples] for i in range(len(texts))]  # each row's record
-            exp.rewards, stats, repetitive = score_rollout(run, exp, texts, drawn, key=(step, r))
+            exp.rewards, stats, repetitive, per_response = score_rollout(run, exp, texts, drawn, key=(step, r))
         if not args.dynamic_sampling:
             return exp, texts, drawn, stats, repetitive
-        signal = ~algos.equal_reward_groups(exp.rewards, exp.group_ids)
-        rounds.append((exp, texts, drawn, stats, repetitive, signal))
+        # DAPO keeps a group whose accuracy is strictly between 0 and 1: its outcomes differ, whatever the
+        # format or length shaping added (veRL's recipe filters on acc)
+        signal = ~algos.equal_reward_groups(per_response["outcome"], exp.group_ids)
+        rounds.append((exp, texts, drawn, stats, repetitive, signal, per_response["correct"]))
         with_signal += int(reduce_sum(accelerator, signal.sum().float()).item()) // samples
         if with_signal >= per_step:
             break
@@ -675,8 +679,9 @@ def rollout(run: Run, records: list, step: int, salt: int = 0) -> tuple[Experien
 
 def score_rollout(run: Run, exp: Experience, texts: list[str], drawn: list[dict], key: tuple = (0, 0)):
     """Rewards (B,) of a rollout on the training device, as `reward.decide_reward` decides them from the
-    pool's verdicts, the reward stats, and the repetition flags (B,), which are always logged. `key` (step,
-    sampling round) seeds the random control reward and the audit's choice of responses."""
+    pool's verdicts, the reward stats, the repetition flags (B,), which are always logged, and per response
+    its outcome (`reward.outcome_reward`) and whether the judge found it correct. `key` (step, sampling round)
+    seeds the random control reward and the audit's choice of responses."""
     import random
 
     args, answers = run.args, [r["answer"] for r in drawn]
@@ -684,9 +689,9 @@ def score_rollout(run: Run, exp: Experience, texts: list[str], drawn: list[dict]
     verdicts, stats = run.pool.score(texts, answers, [r.get("extras") or {} for r in drawn])
     lengths, truncated = exp.response_mask.sum(dim=1).long().cpu(), exp.truncated.cpu().tolist()
     repetitive = repetition_flags(exp.response_ids.cpu(), lengths, texts)
-    rewards, rule_stats = decide_rewards(verdicts, texts, answers, truncated=truncated, lengths=lengths.tolist(),
-                                         repetitive=repetitive.tolist(), rules=RewardRules.of(args),
-                                         rng=random.Random("reward/" + seed))
+    rewards, outcomes, rule_stats = decide_rewards(
+        verdicts, texts, answers, truncated=truncated, lengths=lengths.tolist(), repetitive=repetitive.tolist(),
+        rules=RewardRules.of(args), rng=random.Random("reward/" + seed))
     stats.update(rule_stats)  # train/correct and train/overlong_penalty: sums, means per response once logged
     if args.audit_samples:  # plain math-verify judges a few responses again: reward/disagreement
         rng = random.Random("audit/" + seed)
@@ -696,7 +701,9 @@ def score_rollout(run: Run, exp: Experience, texts: list[str], drawn: list[dict]
         for row in differ if run.accelerator.is_main_process else []:
             run.logs["reward_audit.jsonl"].write(row)
     device = run.accelerator.device
-    return torch.tensor(rewards, dtype=torch.float32, device=device), stats, repetitive.to(device)
+    per_response = {"outcome": torch.tensor(outcomes, device=device),  # dynamic sampling's signal
+                    "correct": torch.tensor([v > 0 for v in verdicts], device=device)}  # the judge's, for the log
+    return torch.tensor(rewards, dtype=torch.float32, device=device), stats, repetitive.to(device), per_response
 
 
 def deal_groups(run: Run, rounds: list, metrics: dict):
@@ -707,7 +714,7 @@ def deal_groups(run: Run, rounds: list, metrics: dict):
     args, accelerator, pad = run.args, run.accelerator, run.tokenizer.pad_token_id
     samples, local = args.num_generations, args.prompts_per_step // accelerator.num_processes
     groups = []
-    for r, (exp, texts, drawn, _, repetitive, signal) in enumerate(rounds):
+    for r, (exp, texts, drawn, _, repetitive, signal, correct) in enumerate(rounds):
         lengths = exp.response_mask.sum(dim=1).long()
         for g in range(len(exp.rewards) // samples):
             rows = range(g * samples, (g + 1) * samples)
@@ -717,31 +724,26 @@ def deal_groups(run: Run, rounds: list, metrics: dict):
                 "responses": [exp.response_ids[i, :lengths[i]].tolist() for i in rows],
                 "truncated": [bool(exp.truncated[i]) for i in rows], "rewards": [float(exp.rewards[i]) for i in rows],
                 "texts": [texts[i] for i in rows], "drawn": drawn[rows[0]],
-                "repetitive": [bool(repetitive[i]) for i in rows]})
+                "repetitive": [bool(repetitive[i]) for i in rows], "correct": [bool(correct[i]) for i in rows]})
     everyone = sorted(gather_object(groups), key=lambda g: g["order"])
     batch = [g for g in everyone if g["signal"]][:args.prompts_per_step]
     batch += [g for g in everyone if not g["signal"]][:args.prompts_per_step - len(batch)]
     mine = batch[accelerator.process_index * local:(accelerator.process_index + 1) * local]
     metrics["train/sampling_rounds"] = len(rounds)
     metrics["train/signal_groups"] = sum(g["signal"] for g in batch) / len(batch)
-    rows = [(g, i) for g in mine for i in range(samples)]
-    lengths = torch.tensor([len(g["responses"][i]) for g, i in rows])
-    response_ids = torch.full((len(rows), max(int(lengths.max()), 1)), pad, dtype=torch.long)
-    for k, (g, i) in enumerate(rows):
-        response_ids[k, :lengths[k]] = torch.tensor(g["responses"][i], dtype=torch.long)
-    prompt_ids, prompt_mask = left_pad([g["prompt"] for g in mine], pad)
-    device = accelerator.device
-    exp = Experience(prompt_ids=prompt_ids.repeat_interleave(samples, 0).to(device),
-                     prompt_mask=prompt_mask.repeat_interleave(samples, 0).to(device),
-                     response_ids=response_ids.to(device),
-                     response_mask=response_mask_from_lengths(lengths, response_ids.shape[1]).to(device),
-                     truncated=torch.tensor([g["truncated"][i] for g, i in rows], device=device),
-                     group_ids=torch.arange(len(mine), device=device).repeat_interleave(samples),
-                     rewards=torch.tensor([g["rewards"][i] for g, i in rows], device=device))
-    stats = {}  # the reward pool's counts over every response scored in the step's rounds
-    for *_, round_stats, _, _ in rounds:
+    rows, device = [(g, i) for g in mine for i in range(samples)], accelerator.device
+    exp = groups_experience([g["prompt"] for g in mine], [g["responses"] for g in mine],
+                            [g["truncated"] for g in mine], [g["rewards"] for g in mine], pad, device)
+    lengths = exp.response_mask.sum(dim=1).long().tolist()
+    stats = {}  # the reward pool's counts over every response scored in the step's rounds ...
+    for _, _, _, round_stats, *_ in rounds:
         for key, value in round_stats.items():
             stats[key] = stats.get(key, 0) + value
+    if "train/correct" in stats:  # ... but the per-response sums over this batch's rows: they become its means
+        stats["train/correct"] = float(sum(g["correct"][i] for g, i in rows))
+    if "train/overlong_penalty" in stats:
+        stats["train/overlong_penalty"] = sum(overlong_penalty(n, args.max_new_tokens, args.overlong_buffer,
+                                                               args.overlong_penalty) for n in lengths)
     return (exp, [g["texts"][i] for g, i in rows], [g["drawn"] for g, i in rows], stats,
             torch.tensor([g["repetitive"][i] for g, i in rows], device=device))
 

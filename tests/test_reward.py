@@ -694,7 +694,7 @@ def test_any_model_text_is_scored_and_written(tmp_path, tiny_base):
     n = len(texts)
     with RewardPool("math", num_workers=0) as pool:
         verdicts, stats = pool.score(texts, ["5"] * n, [{"note": t} for t in texts])
-    rewards, _ = decide_rewards(verdicts, texts, ["5"] * n, truncated=[False] * n, lengths=[48] * n,
+    rewards, _, _ = decide_rewards(verdicts, texts, ["5"] * n, truncated=[False] * n, lengths=[48] * n,
                                 repetitive=[False] * n, rules=RewardRules())
     assert sum(stats.values()) == 0
     assert rewards[-len(odd):] == [1.0, 0.0, 1.0, 1.0, 0.0]
@@ -715,9 +715,10 @@ def test_control_rewards_replace_the_reward_and_the_rule_is_still_logged():
     facts = dict(truncated=[False, False, False, True], lengths=[4] * 4, repetitive=[False] * 4)
     with RewardPool("math", num_workers=0) as pool:
         verdicts, _ = pool.score(texts, ["5"] * 4)
-    rule, stats = decide_rewards(verdicts, texts, ["5"] * 4, rules=RewardRules(), **facts)
+    rule, outcomes, stats = decide_rewards(verdicts, texts, ["5"] * 4, rules=RewardRules(), **facts)
+    assert outcomes == rule
     assert rule == [1.0, 0.0, 0.0, 0.0] and "train/correct" not in stats
-    fmt, stats = decide_rewards(verdicts, texts, ["5"] * 4, rules=RewardRules(reward="format"), **facts)
+    fmt, _, stats = decide_rewards(verdicts, texts, ["5"] * 4, rules=RewardRules(reward="format"), **facts)
     assert fmt == [1.0, 1.0, 0.0, 0.0]  # any box; the truncated one still 0 (ORZ's rule)
     assert stats["train/correct"] == 2.0  # the judge's verdicts before the truncation rule
     verdicts = [1.0, 0.0, 0.0, 1.0] * 50
@@ -922,3 +923,19 @@ def test_reward_rules_of_a_run_skip_a_function_given_as_the_reward():
     rules = RewardRules.of(args)
     assert rules == RewardRules(reward="math", score_truncated=True, format_reward_weight=0.2, overlong_buffer=4,
                                 overlong_penalty=0.5, max_new_tokens=32)
+
+
+def test_the_outcome_is_the_rule_before_the_shaping_so_a_group_all_wrong_has_no_signal():
+    """DAPO keeps a group when 0 < accuracy < 1: four wrong answers of different lengths inside the overlong
+    buffer get different rewards, but the same outcome, so dynamic sampling sees no signal in them."""
+    from algos import equal_reward_groups
+    from reward import RewardRules, decide_rewards
+
+    rules = RewardRules(overlong_buffer=10, max_new_tokens=20, format_reward_weight=0.5)
+    texts = ["\\boxed{4} </think> <answer> \\boxed{4} </answer>", "\\boxed{3}", "\\boxed{2}", "no box"]
+    rewards, outcomes, _ = decide_rewards([0.0] * 4, texts, ["5"] * 4, truncated=[False] * 4, lengths=[12, 14, 16, 18],
+                                          repetitive=[False] * 4, rules=rules)
+    assert rewards == pytest.approx([0.5 - 0.2, -0.4, -0.6, -0.8]) and outcomes == [0.0] * 4
+    groups = torch.zeros(4, dtype=torch.long)
+    assert not equal_reward_groups(torch.tensor(rewards), groups).any()  # what the signal read before
+    assert equal_reward_groups(torch.tensor(outcomes), groups).all()

@@ -359,6 +359,20 @@ def test_dynamic_sampling_fills_the_batch_with_groups_that_have_signal(tmp_path,
     assert len([s for s in samples if s["step"] == 0]) == 32  # 8 groups of 4, whatever the rounds drew
 
 
+def test_dynamic_sampling_logs_the_means_of_its_batch_not_of_every_round(tmp_path, tiny_base):
+    """At 8 new tokens almost every response is cut off (outcome 0, ORZ's rule) and none is right: no group
+    has signal, so all 3 rounds are drawn, though the lengths, and so the overlong penalties, differ (they
+    made signal before). The logged penalty is the mean over the batch's responses, each in [-1, 0], not the
+    sum over the rounds divided by the batch (about -2.9 before)."""
+    result = train("train_grpo.py", tmp_path, "--max-steps", "1", "--prompts-per-step", "4", "--num-generations",
+                   "4", "--eval-every", "0", "--reward-workers", "0", "--max-new-tokens", "8", "--overlong-buffer",
+                   "8", "--dynamic-sampling", "--max-sampling-rounds", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = metrics(tmp_path)[0]
+    assert row["train/truncated"] > 0.9 and row["train/sampling_rounds"] == 3
+    assert -1.0 <= row["train/overlong_penalty"] < -0.9 and row["train/reward"] == row["train/overlong_penalty"]
+
+
 def test_vapo_length_adaptive_lambda_on_the_loop(tmp_path, tiny_base):
     """PPO with --adaptive-lam-alpha: the logged lambdas are VAPO's for the step's lengths (alpha 0.1 and at
     most 16 tokens: between 0 and 1 - 1/1.6), and the critic still trains against its own targets."""
