@@ -131,12 +131,10 @@ def build_tokenizer(texts: list[str], vocab_size: int = 768):
 
 TINY_DEFAULTS = dict(difficulty=1, p_correct=0.3, hidden_size=128, num_layers=4, steps=600,
                      batch_size=64, lr=3e-3, seed=0)
-# The base is pre-trained with this many CPU threads whatever the machine or OMP_NUM_THREADS says: the order of
-# a matmul's sums depends on how many threads split it, and 600 steps of other round-off gave other weights
-# (max |dw| 0.22 between a 1- and a 2-thread build), with which RL went elsewhere. 2 is what the README's
-# figures were measured with. BASE_SHA256 is the hash of model.safetensors that build gave on an x86-64 CPU
-# with AVX-512 (torch 2.13): a CPU whose kernels round otherwise builds other weights, and is told so.
-BUILD_THREADS = 2
+# The hash of model.safetensors of the default base the README's figures were measured with (x86-64 with
+# AVX-512, torch 2.13, the versions of constraints.txt). Built with 1 and with 2 threads here it is the same
+# (checked on 2026-12-07: the same bytes); a CPU whose kernels round otherwise, or other versions, build
+# other weights, with which RL goes elsewhere: a build that differs says so.
 BASE_SHA256 = "16762ee803335b2745f5f2e31afb56dd76a05750ec5a082e9142696ca97f7764"
 
 
@@ -186,12 +184,7 @@ def _build_tiny_base(tmp: Path, path: Path, settings: dict, log, progress: bool)
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(settings["seed"])
     model = LlamaForCausalLM(config)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(BUILD_THREADS)
-    try:
-        loss = _pretrain(model, tokenizer, examples, settings, rng, progress)
-    finally:
-        torch.set_num_threads(threads)
+    loss = _pretrain(model, tokenizer, examples, settings, rng, progress)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "reasoner_zero_base.json").write_text(json.dumps(settings, indent=2))
@@ -199,8 +192,8 @@ def _build_tiny_base(tmp: Path, path: Path, settings: dict, log, progress: bool)
     digest = hashlib.sha256((tmp / "model.safetensors").read_bytes()).hexdigest()
     if settings == TINY_DEFAULTS and digest != BASE_SHA256:
         log(f"note: this machine built other weights than the base the README's figures were measured with "
-            f"(model.safetensors sha256 {digest[:12]}, there {BASE_SHA256[:12]}): its CPU rounds otherwise; "
-            "the default runs learn as well, but their accuracies differ from the README's")
+            f"(model.safetensors sha256 {digest[:12]}, there {BASE_SHA256[:12]}): another CPU or other versions "
+            "than constraints.txt's; the default runs learn as well, but their accuracies differ from the README's")
 
 
 def _pretrain(model, tokenizer, examples: list, settings: dict, rng: random.Random, progress: bool) -> float:

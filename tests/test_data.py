@@ -768,3 +768,23 @@ def test_a_finished_cache_is_reused_without_building(tmp_path):
     logged.clear()
     assert build_tiny_base(cache_dir=str(tmp_path), log=logged.append, **SMALL) == first
     assert logged == []
+
+
+def test_context_problems_count_the_longest_prompt_and_the_new_tokens():
+    from types import SimpleNamespace
+
+    from data.loading import context_problems
+
+    config = SimpleNamespace(max_position_embeddings=1024)
+    assert context_problems(config, 1000, 24) == [] and context_problems(SimpleNamespace(), 10**6, 10) == []
+    assert context_problems(config, 1020, 14) == [
+        "--max-new-tokens 1020 plus the longest prompt's 14 tokens exceed(s) the model's context of 1024 positions "
+        "(max_position_embeddings): lower --max-new-tokens, or use a model with a longer context"]
+
+
+def test_the_tiny_base_is_the_one_the_readmes_figures_were_measured_with(tiny_base):
+    """The default base built in this session has the bytes recorded in data.synthetic.BASE_SHA256: a change
+    to the builder, the versions or the machine that changes it makes the README's tables stale."""
+    from data.synthetic import BASE_SHA256
+
+    assert hashlib.sha256((Path(tiny_base) / "model.safetensors").read_bytes()).hexdigest() == BASE_SHA256
