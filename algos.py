@@ -310,6 +310,13 @@ def lookup(table: dict, name_or_fn, flag: str):
     return table[name_or_fn]
 
 
+def estimator_name(advantage, short: bool = False) -> str:
+    """How the console names the algorithm that --advantage selects: --advantage gae is PPO."""
+    name = getattr(advantage, "__name__", advantage)
+    long = {"gae": "PPO (GAE critic)", "grpo": "GRPO", "rloo": "RLOO"}.get(name, f"--advantage {name}")
+    return {"gae": "ppo"}.get(name, name) if short else long
+
+
 def uses_critic(estimator) -> bool:
     """Whether `estimator` (a name, or a function) reads a critic's values: it is in CRITIC_ESTIMATORS."""
     return estimator in CRITIC_ESTIMATORS

@@ -824,3 +824,10 @@ def mini_batch_parts(total: int, mini_batches: int, seed: int, step: int, epochs
 def local_rows(part: torch.Tensor, rank: int, rows: int) -> torch.Tensor:
     """This process's rows of a mini-batch of global rows, as indices into its own batch."""
     return part[(part >= rank * rows) & (part < (rank + 1) * rows)] - rank * rows
+
+
+
+def padding_fraction(exp: Experience, micro: list[torch.Tensor]) -> float:
+    """Share of the tokens computed in `micro` that are padding (trimmed micro-batches)."""
+    computed = sum(len(idx) * exp.select(idx).trim().input_ids.shape[1] for idx in micro if len(idx))
+    return 1.0 - exp.attention_mask.sum().item() / max(computed, 1)

@@ -103,6 +103,7 @@ from rollout import (
     local_rows,
     mini_batch_parts,
     model_problems,
+    padding_fraction,
     plan_micro_batches,
     prepare_for_sampling,
     resolve_model,
@@ -272,6 +273,10 @@ class Args(RewardArgs, SamplingArgs, DataArgs, ModelArgs):
     max_nonfinite_updates: int = field(default=3, metadata={
         "help": "stop after this many updates in a row with a NaN/inf loss or gradient (each one is skipped)"})
 
+    def __post_init__(self):  # checked when built, before anything is read or written
+        if problems := value_problems(self):
+            raise RunError("error: " + "; ".join(problems))
+
 
 # --------------------------------------------------------------------------------------------------
 # The training loop: `main` reads as its ten steps; the functions after it come in the order it calls
@@ -314,7 +319,7 @@ def main(args: Args) -> dict:
     args, accelerator, critic = run.args, run.accelerator, run.critic
     sum_all = partial(reduce_sum, accelerator)
     stop, nonfinite = StopRequest(), 0
-    bar = tqdm(range(run.start_step, args.max_steps), desc=estimator_name(args.advantage, short=True),
+    bar = tqdm(range(run.start_step, args.max_steps), desc=algos.estimator_name(args.advantage, short=True),
                initial=run.start_step, total=args.max_steps, disable=not accelerator.is_main_process)
     for step in bar:
         metrics, t_step = {"step": step}, time.time()
@@ -476,7 +481,7 @@ def setup(args: Args) -> Run:
     accelerator.print(f"threads per process: {torch.get_num_threads()} (OMP_NUM_THREADS), OpenMP spin count "
                       + (f"{spin} (GOMP_SPINCOUNT)" if OPENMP_SETTING_APPLIED else
                          "libgomp's own: torch was imported before train_ppo (set GOMP_SPINCOUNT before that)"))
-    accelerator.print(f"training {estimator_name(args.advantage)} on {len(train_records)} prompts, "
+    accelerator.print(f"training {algos.estimator_name(args.advantage)} on {len(train_records)} prompts, "
                       f"{world} process(es), {args.max_steps} steps of {args.prompts_per_step} x "
                       f"{args.num_generations}")
     if len(train_records) < args.prompts_per_step:
@@ -491,7 +496,7 @@ def setup(args: Args) -> Run:
 
 
 def check_args(args: Args, num_processes: int = 1) -> None:
-    """Catch settings that cannot work before any model loads; one line saying what to change."""
+    """`value_problems`, and what depends on the process count, files, hub and imports: one line, then exit."""
     problems = []
     if args.prompts_per_step % num_processes or args.prompts_per_step < num_processes:
         problems.append(f"--prompts-per-step {args.prompts_per_step} must divide by the {num_processes} processes")
@@ -499,6 +504,24 @@ def check_args(args: Args, num_processes: int = 1) -> None:
     for name, parts in (("num_mini_batches", args.num_mini_batches), ("critic_mini_batches", args.critic_mini_batches)):
         if parts < 1 or rows % parts:
             problems.append(f"--{name.replace('_', '-')} {parts} must split the {rows} rollout rows per process evenly")
+    problems += value_problems(args)
+    for name, spec in [("--dataset", args.dataset),
+                       *(("--eval-datasets", s) for s in (args.eval_datasets or "").split(","))]:
+        if (spec.strip().lower().endswith((".json", ".jsonl", ".parquet"))
+                and not Path(spec.strip()).expanduser().is_file()):
+            problems.append(f"{name} {spec.strip()}: no such file")
+    problems += [p for p in number_problems(args, num_processes) if p.startswith("--seed")]  # with the processes
+    problems += model_problems(args.model)
+    problems += reward_problems(args.reward) if isinstance(args.reward, str) else []
+    problems += tracker_problems(args.report_to)
+    problems += output_dir_problems(args.output_dir)
+    if problems:
+        raise RunError("error: " + "; ".join(problems))
+
+
+def value_problems(args: Args) -> list[str]:
+    """What is wrong with the arguments on any launch, from their values alone (`Args` checks it when built)."""
+    problems = []
     if not 0 < args.refill_fraction < 1:
         problems.append("--refill-fraction must be in (0, 1)")
     if not 0 < args.max_padding <= 1:
@@ -542,28 +565,11 @@ def check_args(args: Args, num_processes: int = 1) -> None:
     if min(args.eval_every, args.save_every, args.eval_limit, args.generation_batch_size, args.samples_per_step,
            args.warmup_steps, args.critic_warmup_steps, args.reward_workers, args.audit_samples) < 0:
         problems.append("counts (--eval-every, --save-every, --eval-limit, --generation-batch-size, ...) must be >= 0")
-    for name, spec in [("--dataset", args.dataset),
-                       *(("--eval-datasets", s) for s in (args.eval_datasets or "").split(","))]:
-        if (spec.strip().lower().endswith((".json", ".jsonl", ".parquet"))
-                and not Path(spec.strip()).expanduser().is_file()):
-            problems.append(f"{name} {spec.strip()}: no such file")
-    problems += number_problems(args, num_processes)  # NaN passes every comparison above, inf most of them
+    problems += [p for p in number_problems(args) if not p.startswith("--seed")]  # NaN, inf
     if args.synthetic_difficulty < 1:
         problems.append(f"--synthetic-difficulty {args.synthetic_difficulty} must be >= 1")
     problems += lora_problems(args)
-    problems += model_problems(args.model)
-    problems += reward_problems(args.reward) if isinstance(args.reward, str) else []
-    problems += tracker_problems(args.report_to)
-    problems += output_dir_problems(args.output_dir)
-    if problems:
-        raise RunError("error: " + "; ".join(problems))
-
-
-def estimator_name(advantage, short: bool = False) -> str:
-    """How the console names the algorithm that --advantage selects: --advantage gae is PPO."""
-    name = getattr(advantage, "__name__", advantage)
-    long = {"gae": "PPO (GAE critic)", "grpo": "GRPO", "rloo": "RLOO"}.get(name, f"--advantage {name}")
-    return {"gae": "ppo"}.get(name, name) if short else long
+    return problems
 
 
 # --------------------------------------------------------------------------------------------------
@@ -761,12 +767,6 @@ def plan(exp: Experience, args: Args, accelerator) -> list[torch.Tensor]:
     local = len(plan_micro_batches(lengths, **limits))
     count = int(accelerator.gather(torch.tensor([local], device=lengths.device)).max())
     return plan_micro_batches(lengths, num_batches=count, **limits)
-
-
-def padding_fraction(exp: Experience, micro: list[torch.Tensor]) -> float:
-    """Share of the tokens computed in `micro` that are padding (trimmed micro-batches)."""
-    computed = sum(len(idx) * exp.select(idx).trim().input_ids.shape[1] for idx in micro if len(idx))
-    return 1.0 - exp.attention_mask.sum().item() / max(computed, 1)
 
 
 def rollout_logprobs(run: Run, exp: Experience, micro: list[torch.Tensor]):
@@ -987,7 +987,7 @@ def finish(run: Run) -> dict:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         acc = (f"held-out accuracy {summary['base_accuracy']:.1%} -> {summary['final_accuracy']:.1%}"
                if summary["final_accuracy"] is not None else "no evaluation set")
-        print(f"done: {estimator_name(args.advantage)}, {acc}, {args.max_steps} steps in "
+        print(f"done: {algos.estimator_name(args.advantage)}, {acc}, {args.max_steps} steps in "
               f"{summary['minutes']:.1f} min; outputs "
               f"in {out}/ (metrics.jsonl, samples.jsonl, policy/{', critic/' if run.critic is not None else ''})")
     accelerator.end_training()

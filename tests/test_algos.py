@@ -593,3 +593,15 @@ def test_a_sequence_level_ratio_with_ppos_settings_says_what_gspo_uses():
     assert gspo_note("sequence", 0.2, 0.2, "token-mean") == (
         "note: --ratio-level sequence (GSPO) with --clip-low 0.2 --clip-high 0.2 --loss-agg token-mean; GSPO's "
         "paper uses --clip-low 3e-4 --clip-high 4e-4 --loss-agg seq-mean-token-mean")
+
+
+def test_the_console_names_the_algorithm_not_the_flag():
+    from algos import estimator_name
+
+    assert [estimator_name(a) for a in ("gae", "grpo", "rloo")] == ["PPO (GAE critic)", "GRPO", "RLOO"]
+    assert estimator_name("gae", short=True) == "ppo"
+
+    def centred(**_):
+        return None
+
+    assert estimator_name(centred) == "--advantage centred"

@@ -123,9 +123,10 @@ def test_no_prefix_matching(capsys):
 
 def test_flag_forms():
     args = parse_args(Args, ["--max-steps", "3", "--no-whiten-advantages", "--bf16", "--stop-strings", "a",
-                             "b c", "--advantage", "rloo", "--lr", "-0.001"])
-    got = (args.max_steps, args.whiten_advantages, args.bf16, args.stop_strings, args.advantage, args.lr)
-    assert got == (3, False, True, ["a", "b c"], "rloo", -0.001)
+                             "b c", "--advantage", "rloo", "--format-reward-weight", "-0.001"])
+    got = (args.max_steps, args.whiten_advantages, args.bf16, args.stop_strings, args.advantage,
+           args.format_reward_weight)
+    assert got == (3, False, True, ["a", "b c"], "rloo", -0.001)  # a negative number is a value, not a flag
     assert parse_args(Args, []) == Args()
     assert parse_args(Args, ["--max_steps", "3", "--no_whiten_advantages"]).max_steps == 3  # old spelling
 

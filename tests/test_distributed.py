@@ -82,7 +82,8 @@ REFERENCE = {"fsdp2": "reference model sharded (FSDP2, DTensor parameters)",
 
 
 @pytest.mark.parametrize("advantage,mode", [
-    ("grpo", "ddp"), ("gae", "ddp"), ("grpo", "fsdp2"), ("gae", "fsdp2"),
+    pytest.param("grpo", "ddp", marks=slow), ("gae", "ddp"), pytest.param("grpo", "fsdp2", marks=slow),
+    ("gae", "fsdp2"),
     pytest.param("grpo", "zero2", marks=needs_deepspeed), pytest.param("gae", "zero3", marks=needs_deepspeed),
     pytest.param("gae", "zero2", marks=[needs_deepspeed, slow]),
     pytest.param("grpo", "zero3", marks=[needs_deepspeed, slow])])
@@ -127,7 +128,7 @@ def test_two_processes_match_one(advantage, mode, tmp_path, tiny_base):
     assert torch.isfinite(torch.tensor([m2[-1]["loss/policy"]]))
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp2", marks=slow)])
 def test_two_processes_match_one_with_lora(mode, tmp_path, tiny_base):
     """PPO with LoRA adapters on the policy and the critic's backbone and a KL to the policy without its
     adapters: two processes against one give the same metrics, adapters and value head. Under DDP both sample
@@ -177,7 +178,8 @@ def test_process_whose_rows_are_all_in_the_first_critic_mini_batch(mode, tmp_pat
         assert m1[0][k] == pytest.approx(m2[0][k], rel=1e-4, abs=1e-5), k
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2", pytest.param("zero3", marks=[needs_deepspeed, slow])])
+@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp2", marks=slow),
+                                  pytest.param("zero3", marks=[needs_deepspeed, slow])])
 def test_evaluation_does_not_depend_on_the_process_count(mode, tmp_path, tiny_base):
     """The step-0 evaluation (before any update) of the same model scores the same samples with one and two
     processes: 3 eval batches of 4 problems, so one process gets two batches and the other one (under FSDP2

@@ -193,7 +193,8 @@ DAMAGE = {
 }
 
 
-@pytest.mark.parametrize("damage", ["none", "truncated-weights", pytest.param("missing-state", marks=pytest.mark.slow),
+@pytest.mark.parametrize("damage", ["none", pytest.param("truncated-weights", marks=pytest.mark.slow),
+                                    pytest.param("missing-state", marks=pytest.mark.slow),
                                     pytest.param("garbled-state", marks=pytest.mark.slow)])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(damage, tmp_path, reference):
     """A finished 3-step run, continued to 5 steps (its newest checkpoint damaged or not), ends exactly where
