@@ -194,7 +194,7 @@ def compute_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
 
     As ORZ runs it (clip 0.2; OpenAI baselines ppo2). `clip_range=None` is the plain 0.5 (V - R)^2.
     `loss_weights` (B, R) is zero off the mask and sums to the loss normaliser's share of this micro-batch
-    (see `loss_weights` in train_ppo.py), so splitting a batch into micro-batches does not change the loss.
+    (see `loss_weights` below), so splitting a batch into micro-batches does not change the loss.
     Example: V=0.5, V_old=0.1, R=1, clip 0.2 -> V_clip=0.3; max(0.49, 0.25) * 0.5 = 0.245 per token.
     """
     unclipped = (values - returns) ** 2

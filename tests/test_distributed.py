@@ -128,7 +128,7 @@ def test_two_processes_match_one(advantage, mode, tmp_path, tiny_base):
     assert torch.isfinite(torch.tensor([m2[-1]["loss/policy"]]))
 
 
-@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp2", marks=slow)])
+@pytest.mark.parametrize("mode", [pytest.param("ddp", marks=slow), pytest.param("fsdp2", marks=slow)])
 def test_two_processes_match_one_with_lora(mode, tmp_path, tiny_base):
     """PPO with LoRA adapters on the policy and the critic's backbone and a KL to the policy without its
     adapters: two processes against one give the same metrics, adapters and value head. Under DDP both sample

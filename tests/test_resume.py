@@ -104,7 +104,8 @@ def check_kill_and_resume(tmp_path, reference, advantage: str, when: str, seed: 
     print(f"{advantage}: killed {point}: resumed run matches exactly")
 
 
-@pytest.mark.parametrize("advantage,when", [("grpo", "random"), ("gae", "checkpoint-write")])
+@pytest.mark.parametrize("advantage,when", [("grpo", "random"),
+                                            pytest.param("gae", "checkpoint-write", marks=pytest.mark.slow)])
 def test_sigkill_then_resume_matches_an_uninterrupted_run(advantage, when, tmp_path, reference):
     check_kill_and_resume(tmp_path, reference, advantage, when, seed=0)
 

@@ -520,7 +520,7 @@ def test_bad_lora_arguments_fail_fast_with_one_line(bad, message, tmp_path):
     assert last.startswith("error:") and message in last, result.stderr[-2000:]
 
 
-@pytest.mark.parametrize("script,critic", [("train_grpo.py", False),
+@pytest.mark.parametrize("script,critic", [pytest.param("train_grpo.py", False, marks=pytest.mark.slow),
                                            pytest.param("train_ppo.py", True, marks=pytest.mark.slow)])
 def test_lora_learns_on_a_small_budget(script, critic, tmp_path, tiny_base):
     """As the full fine-tune's learning test: held-out accuracy clearly rises in 20 steps, adapters only."""
