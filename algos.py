@@ -188,6 +188,23 @@ def compute_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, adva
     return loss, stats
 
 
+def tis_weights(old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling: per token min(pi_old / pi_sampler, cap), detached. It corrects the
+    policy loss for a sampler whose probabilities differ from the trainer's (another engine, another
+    precision): Yao et al., "Your efficient RL framework secretly brings you off-policy RL training" (2025).
+    Multiplies the tokens' loss weights. All (B, R). Example: old log 0.5, sampler log 0.25, cap 1.5 ->
+    ratio 2, weight 1.5; old log 0.25, sampler log 0.5 -> 0.5."""
+    return torch.exp((old_logprobs - sampler_logprobs).clamp(max=20.0)).clamp(max=cap).detach()
+
+
+def logprob_mismatch(trainer_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor,
+                     mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum, count, max) of |trainer - sampler| log-prob over the masked tokens, for
+    `rollout/logprob_diff_mean` (sum / count over all processes) and `rollout/logprob_diff_max`."""
+    diff = (trainer_logprobs - sampler_logprobs).abs() * mask
+    return diff.sum(), mask.sum(), diff.max() if diff.numel() else diff.new_zeros(())
+
+
 def compute_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                        loss_weights: torch.Tensor, clip_range: float | None = 0.2) -> tuple[torch.Tensor, dict]:
     """PPO's value loss, clipped around the values of the rollout: 0.5 * max((V_clip - R)^2, (V - R)^2).

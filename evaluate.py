@@ -188,7 +188,8 @@ def format_comparison(result: dict, name_a: str = "a", name_b: str = "b") -> str
 
 def evaluate_datasets(model, tokenizer, datasets: dict[str, list[dict]], *, pool, generate_kwargs: dict,
                       num_samples: int = 1, batch_size: int = 8, seed: int = 0, score_truncated: bool = False,
-                      prompt_template: str = "orz", progress: bool = True, rank: int = 0, world: int = 1) -> dict:
+                      prompt_template: str = "orz", progress: bool = True, rank: int = 0, world: int = 1,
+                      generate=generate_responses) -> dict:
     """Sample `num_samples` responses per problem, score them with `pool`, and report avg@k/pass@k/maj@k.
 
     datasets: name -> records as data/loading.py makes them ({"id", "question", "answer", ...}); a record
@@ -204,6 +205,9 @@ def evaluate_datasets(model, tokenizer, datasets: dict[str, list[dict]], *, pool
         batch `rank`. Batches and their seeds are those of one process, so the samples, and the metrics of
         the gathered `per_problem` rows, do not depend on the number of processes. With `synced_gpus`, a
         process short of a batch repeats one and discards it, so that all make the same generate calls.
+
+    generate: the sampler, `rollout.generate_responses` or one with its arguments and result
+        (`vllm_engine.generate_responses`, whose `model` is the engine).
 
     Majority voting uses the final answers of responses that stopped on their own; maj@k is right when
     the first sample carrying the majority answer scored 1. Returns
@@ -239,7 +243,7 @@ def evaluate_datasets(model, tokenizer, datasets: dict[str, list[dict]], *, pool
             prompts = [r["prompt_ids"] if "prompt_ids" in r else
                        tokenizer(format_prompt(r["question"], prompt_template, tokenizer))["input_ids"] for r in chunk]
             ids, mask = left_pad(prompts, tokenizer.pad_token_id)
-            out = generate_responses(model, ids, mask, num_generations=num_samples,
+            out = generate(model, ids, mask, num_generations=num_samples, batch_size=batch_size,
                                      seeds=[seed * 1_000_003 + d * 100_003 + start], **generate_kwargs)
             if call >= len(mine):
                 continue

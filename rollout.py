@@ -15,6 +15,7 @@ import os
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Literal
 
 # The OpenMP spin setting of train_ppo.py (see there), before torch loads, for the entry points that import
 # this module first (evaluate.py, data/curate.py).
@@ -60,6 +61,32 @@ class SamplingArgs:
 
 
 @dataclass
+class RolloutArgs:
+    """How training generates its rollouts (the engine, HF generate's batching), and how the update corrects
+    for a sampler whose log-probs differ from the trainer's."""
+
+    generation: Literal["generate", "refill"] = field(default="refill", metadata={
+        "group": "rollout", "help": "refill: rows still running when most have stopped continue in a smaller call, "
+                "so little decoding is spent on finished rows (rollout.generate_responses_refill; same sampling); "
+                "generate: plain batched HF generate (also used under FSDP, and for models with linear-attention or "
+                "convolution layers)"})
+    rollout_engine: Literal["hf", "vllm"] = field(default="hf", metadata={
+        "help": "hf: HF generate (the trained model's own code); vllm: a vLLM engine in this process, given the "
+                "policy's weights after every update (vllm_engine.py; install requirements-vllm.txt)"})
+    rollout_dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={
+        "help": "vllm: the engine's precision (the update's is --bf16's)"})
+    refill_fraction: float = field(default=0.85, metadata={
+        "help": "refill: end a call when at most this share of its rows is still running"})
+    generation_batch_size: int = field(default=0, metadata={
+        "help": "prompts per generate call (0: all of the process's prompts at once); each call is seeded from "
+                "(seed, step, its first prompt's place), so with a size that divides every process's share, 1 and N "
+                "processes sample the same tokens"})
+    tis_cap: float = field(default=0.0, metadata={
+        "help": "truncated importance sampling: each token's policy loss weighed by min(pi_old / pi_sampler, C), "
+                "for a sampler that differs from the trainer (0: off)"})
+
+
+@dataclass
 class Experience:
     """One rollout: B = prompts x samples per prompt rows, on this process."""
 
@@ -71,6 +98,7 @@ class Experience:
     group_ids: torch.Tensor  # (B,) rows with the same id were sampled from the same draw of a prompt
     rewards: torch.Tensor | None = None  # (B,)
     old_logprobs: torch.Tensor | None = None  # (B, R)
+    sampler_logprobs: torch.Tensor | None = None  # (B, R) the sampler's own log-probs of the response tokens
     ref_logprobs: torch.Tensor | None = None  # (B, R)
     values: torch.Tensor | None = None  # (B, R)
     advantages: torch.Tensor | None = None  # (B, R)
@@ -415,7 +443,8 @@ def generate_responses(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
                        max_new_tokens: int, temperature: float | None, top_p: float | None, top_k: int | None,
                        stop_token_ids: list[int], pad_token_id: int, stop_strings: list[str] | None = None,
                        tokenizer=None, batch_size: int | None = None,
-                       seeds: list[int] | None = None, synced_gpus: bool = False) -> torch.Tensor:
+                       seeds: list[int] | None = None, synced_gpus: bool = False,
+                       logprobs_out: dict | None = None) -> torch.Tensor:
     """Sample `num_generations` responses per prompt; returns (B * G, R) ids, rows grouped by prompt.
 
     Generates in eval mode with the KV cache on: with gradient checkpointing in train mode HF drops the
@@ -427,7 +456,11 @@ def generate_responses(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
     config, which `prepare_for_sampling` otherwise empties.
     `synced_gpus` keeps every process stepping until all are done, which sharded models (FSDP) need:
     each decoding step gathers parameters from all processes.
+    `logprobs_out`, if given, receives "logprobs": (B * G, R), the sampler's log-prob of each returned token
+    (`SamplerLogprobs`; 0 in the padding).
     """
+    from transformers import LogitsProcessorList
+
     was_training = model.training
     model.eval()
     do_sample = temperature is None or temperature > 0
@@ -440,7 +473,10 @@ def generate_responses(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
         kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
     if stop_strings:
         kwargs.update(stop_strings=stop_strings, tokenizer=tokenizer)
-    chunks = []
+    recorder = SamplerLogprobs(temperature or 1.0) if logprobs_out is not None else None
+    if recorder is not None:
+        kwargs.update(logits_processor=LogitsProcessorList([recorder]))
+    chunks, logprobs = [], []
     step = batch_size or len(prompt_ids)
     for n, start in enumerate(range(0, len(prompt_ids), step)):
         ids, mask = prompt_ids[start:start + step], prompt_mask[start:start + step]
@@ -451,9 +487,47 @@ def generate_responses(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
         out = model.generate(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                              cache=growing_kv_cache(model), **kwargs)
         chunks.append(out[:, ids.shape[1]:])
+        if recorder is not None:
+            logprobs.append(recorder.finish(chunks[-1]))
     model.train(was_training)
     width = max(c.shape[1] for c in chunks)
+    if recorder is not None:
+        logprobs_out["logprobs"] = torch.cat([F.pad(c, (0, width - c.shape[1])) for c in logprobs])
     return torch.cat([F.pad(c, (0, width - c.shape[1]), value=pad_token_id) for c in chunks])
+
+
+class SamplerLogprobs:
+    """Logits processor that records the sampler's log-prob of each token it samples, under softmax(logits / T)
+    of the logits `generate` computed (the distribution the trainer replays; top-p/top-k are not applied, as
+    the trainer does not apply them): the trainer's recomputed log-probs are compared with these
+    (`rollout/logprob_diff_*`) and truncated importance sampling (--tis-cap) weighs by them.
+
+    HF runs custom processors before its temperature and top-p/top-k warpers, on fp32 logits. At step t the
+    token drawn at t - 1 is the last of `input_ids`: its log-prob is read from the one step kept; `finish`
+    reads the last step's. `steps` ends as a list of (rows,) tensors, one per decoding step."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature if temperature and temperature > 0 else 1.0
+        self.last, self.steps = None, []
+
+    def _read(self, input_ids: torch.Tensor) -> None:
+        if self.last is not None:
+            self.steps.append(self.last.gather(-1, input_ids[:, -1:]).squeeze(-1))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._read(input_ids)
+        self.last = (scores.float() / self.temperature).log_softmax(-1)
+        return scores
+
+    def finish(self, new_ids: torch.Tensor) -> torch.Tensor:
+        """(rows, n) log-probs of a call's n new tokens `new_ids` (rows, n), the part of `generate`'s output
+        after the prompt; the last token's comes from the step kept."""
+        if self.last is not None and len(self.steps) < new_ids.shape[1]:
+            self._read(new_ids[:, :len(self.steps) + 1])
+        self.last = None
+        out = torch.stack(self.steps, dim=1) if self.steps else new_ids.new_zeros((len(new_ids), 0), dtype=torch.float)
+        self.steps = []
+        return out[:, :new_ids.shape[1]]
 
 
 class RefillStop:
@@ -487,7 +561,7 @@ def generate_responses_refill(model, prompt_ids: torch.Tensor, prompt_mask: torc
                               stop_token_ids: list[int], pad_token_id: int, stop_strings: list[str] | None = None,
                               tokenizer=None, batch_size: int | None = None, seeds: list[int] | None = None,
                               synced_gpus: bool = False, refill_fraction: float = 0.85,
-                              stats: dict | None = None) -> torch.Tensor:
+                              stats: dict | None = None, logprobs_out: dict | None = None) -> torch.Tensor:
     """`generate_responses` with the same signature and return ((B * G, R) ids, rows grouped by prompt),
     wasting little decode work on rows that have already stopped.
 
@@ -506,9 +580,10 @@ def generate_responses_refill(model, prompt_ids: torch.Tensor, prompt_mask: torc
     need every process to run the same calls): use `generate_responses` there, as this function itself does
     for models whose cache `growing_kv_cache` leaves to HF (linear attention, convolutions, or a cache
     implementation in the generation config). `stats`, if given, receives "row_steps" (rows x decode steps
-    run), "tokens" (generated tokens up to each row's stop) and "calls".
+    run), "tokens" (generated tokens up to each row's stop) and "calls"; `logprobs_out` as in
+    `generate_responses`.
     """
-    from transformers import StoppingCriteriaList
+    from transformers import LogitsProcessorList, StoppingCriteriaList
     from transformers.generation.stopping_criteria import StopStringCriteria
 
     if synced_gpus:
@@ -519,7 +594,8 @@ def generate_responses_refill(model, prompt_ids: torch.Tensor, prompt_mask: torc
         return generate_responses(model, prompt_ids, prompt_mask, num_generations=num_generations,
                                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                   stop_token_ids=stop_token_ids, pad_token_id=pad_token_id,
-                                  stop_strings=stop_strings, tokenizer=tokenizer, batch_size=batch_size, seeds=seeds)
+                                  stop_strings=stop_strings, tokenizer=tokenizer, batch_size=batch_size, seeds=seeds,
+                                  logprobs_out=logprobs_out)
     was_training = model.training
     model.eval()
     do_sample = temperature > 0
@@ -527,8 +603,12 @@ def generate_responses_refill(model, prompt_ids: torch.Tensor, prompt_mask: torc
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
     string_stop = StopStringCriteria(tokenizer, stop_strings) if stop_strings else None
+    recorder = SamplerLogprobs(temperature) if logprobs_out is not None else None
+    if recorder is not None:
+        kwargs.update(logits_processor=LogitsProcessorList([recorder]))
     step = batch_size or len(prompt_ids)
     outputs: list[list[int]] = [[] for _ in range(len(prompt_ids) * num_generations)]
+    logprobs: list[list[float]] = [[] for _ in outputs]
     row_steps = calls = 0
     for n, start in enumerate(range(0, len(prompt_ids), step)):
         ids, mask = prompt_ids[start:start + step], prompt_mask[start:start + step]
@@ -551,8 +631,11 @@ def generate_responses_refill(model, prompt_ids: torch.Tensor, prompt_mask: torc
             steps = new.shape[1]
             row_steps += rows * steps
             calls += 1
+            new_logprobs = recorder.finish(new).tolist() if recorder is not None else None
             for j, r in enumerate(active):  # a stopped row keeps its padded tail: stop_positions cuts it
                 outputs[r] += new[j].tolist()
+                if new_logprobs is not None:
+                    logprobs[r] += new_logprobs[j]
             running = (~criterion.finished).nonzero().flatten()
             active = [active[j] for j in running.tolist()]
             budget -= steps
@@ -567,14 +650,38 @@ def generate_responses_refill(model, prompt_ids: torch.Tensor, prompt_mask: torc
                      tokens=sum(int(stop_positions(torch.tensor([o or [pad_token_id]]), stop_token_ids,
                                                    stop_strings, tokenizer)[0]) for o in outputs))
     width = max(max((len(o) for o in outputs), default=0), 1)
+    if recorder is not None:
+        logprobs_out["logprobs"] = torch.tensor([x + [0.0] * (width - len(x)) for x in logprobs])
     return torch.tensor([o + [pad_token_id] * (width - len(o)) for o in outputs], dtype=torch.long,
                         device=prompt_ids.device)
 
 
+def rollout_experience(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
+                       sampler_logprobs: torch.Tensor | None, num_generations: int, stop_token_ids: list[int],
+                       stop_strings: list[str] | None, tokenizer) -> tuple[Experience, list[str]]:
+    """The experience batch (no rewards yet) of sampled responses, (B * G, R) ids grouped by prompt as
+    `generate_responses` returns them, and their texts: each response cut at its first stop (`stop_positions`),
+    padding after it; each prompt's responses one group."""
+    lengths, truncated = stop_positions(response_ids, stop_token_ids, stop_strings, tokenizer)
+    width = int(lengths.max())
+    mask = response_mask_from_lengths(lengths, width)
+    response_ids = torch.where(mask.bool(), response_ids[:, :width], tokenizer.pad_token_id)  # nothing after a stop
+    texts = tokenizer.batch_decode([ids[:n] for ids, n in zip(response_ids.tolist(), lengths.tolist(), strict=True)],
+                                   skip_special_tokens=True)
+    exp = Experience(prompt_ids=prompt_ids.repeat_interleave(num_generations, 0),
+                     prompt_mask=prompt_mask.repeat_interleave(num_generations, 0),
+                     response_ids=response_ids, response_mask=mask, truncated=truncated,
+                     group_ids=torch.arange(len(prompt_ids)).repeat_interleave(num_generations),
+                     sampler_logprobs=None if sampler_logprobs is None else sampler_logprobs[:, :width] * mask)
+    return exp, texts
+
+
 def groups_experience(prompts: list[list[int]], responses: list[list[list[int]]], truncated: list[list[bool]],
-                      rewards: list[list[float]], pad_token_id: int, device) -> Experience:
+                      rewards: list[list[float]], pad_token_id: int, device,
+                      sampler_logprobs: list[list[list[float]]] | None = None) -> Experience:
     """An experience batch from groups given as token id lists: group g is `prompts[g]` with its samples
-    `responses[g]` (each without padding), their truncation flags and rewards; rows in group order."""
+    `responses[g]` (each without padding), their truncation flags, rewards and, if given, the sampler's
+    log-probs of their tokens; rows in group order."""
     samples = len(responses[0])
     flat = [r for group in responses for r in group]
     lengths = torch.tensor([len(r) for r in flat])
@@ -582,13 +689,55 @@ def groups_experience(prompts: list[list[int]], responses: list[list[list[int]]]
     for k, r in enumerate(flat):
         response_ids[k, :len(r)] = torch.tensor(r, dtype=torch.long)
     prompt_ids, prompt_mask = left_pad(prompts, pad_token_id)
+    sampler = None
+    if sampler_logprobs is not None:
+        sampler = torch.zeros(response_ids.shape)
+        for k, x in enumerate(x for group in sampler_logprobs for x in group):
+            sampler[k, :len(x)] = torch.tensor(x)
     return Experience(prompt_ids=prompt_ids.repeat_interleave(samples, 0).to(device),
                       prompt_mask=prompt_mask.repeat_interleave(samples, 0).to(device),
                       response_ids=response_ids.to(device),
                       response_mask=response_mask_from_lengths(lengths, response_ids.shape[1]).to(device),
                       truncated=torch.tensor([t for group in truncated for t in group], device=device),
                       group_ids=torch.arange(len(prompts), device=device).repeat_interleave(samples),
-                      rewards=torch.tensor([x for group in rewards for x in group], device=device))
+                      rewards=torch.tensor([x for group in rewards for x in group], device=device),
+                      sampler_logprobs=None if sampler is None else sampler.to(device))
+
+
+def deal_groups(rounds: list, *, rank: int, world: int, per_step: int, pad_token_id: int, device):
+    """Dynamic sampling's batch from its rounds of (exp, texts, drawn records, stats, repetition flags, signal,
+    correct) per process: every process's groups are gathered, ordered by (round, place among all processes'
+    prompts), the first `per_step` with signal are taken, topped up with groups without signal if too few,
+    and each process keeps its share in that order: the same batch for 1 and N processes. Returns this
+    process's (exp, texts, drawn, repetition flags, correct flags) and the batch's share of groups with signal."""
+    from accelerate.utils import gather_object
+
+    local, groups = per_step // world, []
+    for r, (exp, texts, drawn, _, repetitive, signal, correct) in enumerate(rounds):
+        samples = int((exp.group_ids == exp.group_ids[0]).sum())
+        lengths = exp.response_mask.sum(dim=1).long()
+        for g in range(len(exp.rewards) // samples):
+            rows = range(g * samples, (g + 1) * samples)
+            groups.append({
+                "order": (r, rank * local + g), "signal": bool(signal[rows[0]]),
+                "prompt": exp.prompt_ids[rows[0]][exp.prompt_mask[rows[0]].bool()].tolist(),
+                "responses": [exp.response_ids[i, :lengths[i]].tolist() for i in rows],
+                "sampler": None if exp.sampler_logprobs is None else
+                           [exp.sampler_logprobs[i, :lengths[i]].tolist() for i in rows],
+                "truncated": [bool(exp.truncated[i]) for i in rows], "rewards": [float(exp.rewards[i]) for i in rows],
+                "texts": [texts[i] for i in rows], "drawn": drawn[rows[0]],
+                "repetitive": [bool(repetitive[i]) for i in rows], "correct": [bool(correct[i]) for i in rows]})
+    everyone = sorted(gather_object(groups), key=lambda g: g["order"])
+    batch = [g for g in everyone if g["signal"]][:per_step]
+    batch += [g for g in everyone if not g["signal"]][:per_step - len(batch)]
+    mine = batch[rank * local:(rank + 1) * local]
+    exp = groups_experience([g["prompt"] for g in mine], [g["responses"] for g in mine],
+                            [g["truncated"] for g in mine], [g["rewards"] for g in mine], pad_token_id, device,
+                            None if mine[0]["sampler"] is None else [g["sampler"] for g in mine])
+    rows = [(g, i) for g in mine for i in range(len(g["responses"]))]
+    return (exp, [g["texts"][i] for g, i in rows], [g["drawn"] for g, i in rows],
+            torch.tensor([g["repetitive"][i] for g, i in rows], device=device), [g["correct"][i] for g, i in rows],
+            sum(g["signal"] for g in batch) / len(batch))
 
 
 def stop_positions(response_ids: torch.Tensor, stop_token_ids: list[int],

@@ -93,13 +93,13 @@ from reward import (
 from rollout import (
     Experience,
     ModelArgs,
+    RolloutArgs,
     SamplingArgs,
     batched_logprobs,
     call_seeds,
     forward_logprobs,
     generate_responses,
     generate_responses_refill,
-    groups_experience,
     local_rows,
     mini_batch_parts,
     model_problems,
@@ -107,9 +107,11 @@ from rollout import (
     plan_micro_batches,
     prepare_for_sampling,
     resolve_model,
-    response_mask_from_lengths,
+    rollout_experience,
     step_prompts,
-    stop_positions,
+)
+from rollout import (
+    deal_groups as rollout_deal_groups,
 )
 from utils import (
     RunError,
@@ -128,16 +130,19 @@ from utils import (
     warmup_constant,
     with_lora,
 )
+from vllm_engine import VLLMEngine, vllm_problems
+from vllm_engine import generate_responses as vllm_generate
 
 SUMMED_STATS = ("loss/policy", "critic/value_loss", "policy/kl")  # shares of one batch loss, not means
 # Token means, computed per micro-batch and weighted by its share of the mini-batch's tokens (all processes),
 # so that they too are summed: then they do not depend on how the batch is split.
-TOKEN_STATS = ("policy/clipfrac", "policy/approx_kl", "policy/ratio", "policy/entropy",
-               "critic/clipfrac", "critic/values")
+TOKEN_STATS = ("policy/clipfrac", "policy/approx_kl", "policy/ratio", "policy/entropy", "policy/tis_weight",
+               "critic/clipfrac", "critic/values", "rollout/logprob_diff_mean")
+MAX_STATS = ("rollout/logprob_diff_max",)  # the largest over micro-batches and processes
 
 
 @dataclass
-class Args(RewardArgs, SamplingArgs, DataArgs, ModelArgs):
+class Args(RewardArgs, RolloutArgs, SamplingArgs, DataArgs, ModelArgs):
     """Arguments of a run: the model, data, sampling and reward arguments every command shares, then
     training's own. A field's "group" metadata starts a group of --help (it lasts until the next)."""
 
@@ -157,16 +162,6 @@ class Args(RewardArgs, SamplingArgs, DataArgs, ModelArgs):
     num_generations: int = field(default=8, metadata={"help": "samples per prompt"})
     stop_strings: list[str] = field(default_factory=lambda: list(ORZ_STOP_STRINGS), metadata={
         "help": "strings that end a response (kept in it)"})
-    generation: Literal["generate", "refill"] = field(default="refill", metadata={
-        "help": "refill: rows still running when most have stopped continue in a smaller call, so little decoding "
-                "is spent on finished rows (rollout.generate_responses_refill; same sampling); generate: plain batched "
-                "HF generate (also used under FSDP, and for models with linear-attention or convolution layers)"})
-    refill_fraction: float = field(default=0.85, metadata={
-        "help": "refill: end a call when at most this share of its rows is still running"})
-    generation_batch_size: int = field(default=0, metadata={
-        "help": "prompts per generate call (0: all of the process's prompts at once); each call is seeded from "
-                "(seed, step, its first prompt's place), so with a size that divides every process's share, 1 and N "
-                "processes sample the same tokens"})
     format_reward_weight: float = field(default=0.0, metadata={
         "group": "reward", "help": "weight of the optional format reward"})
     zero_repetitive: bool = field(default=False, metadata={
@@ -308,6 +303,7 @@ class Run:
     logs: dict
     t_start: float
     peft_policy: object = None  # with LoRA: the peft model around `policy`, which saves the adapters
+    engine: object = None  # --rollout-engine vllm: the vllm_engine.VLLMEngine
 
 
 @releases_output_locks
@@ -336,6 +332,7 @@ def main(args: Args) -> dict:
             micro = plan(exp, args, accelerator)
             exp.old_logprobs, exp.ref_logprobs = rollout_logprobs(run, exp, micro)
             metrics["perf/padding"] = padding_fraction(exp, micro)
+            metrics.update(mismatch_metrics(accelerator, exp))  # without old log-probs `policy_loss` measures it
         # ---- 5. Values of every response token (PPO's critic) ----------------------------------------------
         with timer(metrics, "critic"):
             exp.values = batched_values(critic, exp, micro) if critic is not None else None
@@ -407,6 +404,9 @@ def setup(args: Args) -> Run:
     if args.merge_for_generation and accelerator.distributed_type == DistributedType.FSDP:
         raise RunError("error: --merge-for-generation needs each process to hold whole weights (one process or "
                        "DDP); under FSDP each holds a shard")
+    if args.rollout_engine == "vllm" and is_sharded(accelerator):
+        raise RunError("error: --rollout-engine vllm needs each process to hold whole weights (one process or DDP); "
+                       "under FSDP and ZeRO-3 each holds a shard: use --rollout-engine hf there")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator, args.max_grad_norm)
     set_seed(args.seed, device_specific=True)  # each process samples differently
@@ -475,6 +475,9 @@ def setup(args: Args) -> Run:
     with trainable_state_only([accelerator.unwrap_model(m) for m in (policy, critic) if m is not None and args.lora_r]):
         state = resume(accelerator, start["checkpoint"], list(schedulers.values()))
     logs = open_logs(accelerator, out, state["step"])
+    longest = max(len(r["prompt_ids"]) for records in (train_records, *eval_records.values()) for r in records)
+    engine = None if args.rollout_engine != "vllm" else VLLMEngine(  # given the policy's weights as they change
+        model_path, dtype=args.rollout_dtype, seed=args.seed, max_model_len=longest + args.max_new_tokens)
     if args.report_to != "none":
         accelerator.init_trackers("reasoner-zero", config={k: str(v) for k, v in plain_args(args).items()})
     spin = os.environ.get("GOMP_SPINCOUNT", "from OMP_WAIT_POLICY")
@@ -492,7 +495,7 @@ def setup(args: Args) -> Run:
                optimizers=optimizers, schedulers=schedulers, pool=pool, train_records=train_records,
                eval_records=eval_records, stop_ids=stop_ids, out=out, start_step=state["step"],
                base_accuracy=state["base_accuracy"], checkpoint=start["checkpoint"], logs=logs, t_start=t_start,
-               peft_policy=peft_policy)
+               peft_policy=peft_policy, engine=engine)
 
 
 def check_args(args: Args, num_processes: int = 1) -> None:
@@ -515,6 +518,7 @@ def check_args(args: Args, num_processes: int = 1) -> None:
     problems += reward_problems(args.reward) if isinstance(args.reward, str) else []
     problems += tracker_problems(args.report_to)
     problems += output_dir_problems(args.output_dir)
+    problems += vllm_problems() if args.rollout_engine == "vllm" else []
     if problems:
         raise RunError("error: " + "; ".join(problems))
 
@@ -524,6 +528,8 @@ def value_problems(args: Args) -> list[str]:
     problems = []
     if not 0 < args.refill_fraction < 1:
         problems.append("--refill-fraction must be in (0, 1)")
+    if args.tis_cap < 0:
+        problems.append(f"--tis-cap {args.tis_cap} must be > 0 (or 0: off)")
     if not 0 < args.max_padding <= 1:
         problems.append(f"--max-padding {args.max_padding} must be in (0, 1]")
     if args.micro_batch_size < 1 or args.max_tokens_per_microbatch < 0:
@@ -590,9 +596,11 @@ def evaluate(run: Run, step: int) -> dict:
     generate_kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            top_k=args.top_k, stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id,
                            stop_strings=args.stop_strings, tokenizer=tokenizer, synced_gpus=is_sharded(accelerator))
-    policy = accelerator.unwrap_model(run.policy)
-    with accelerator.autocast(), lora_merged(policy, args.merge_for_generation):
-        result = evaluate_datasets(policy, tokenizer, run.eval_records, pool=run.pool,
+    policy, generate = accelerator.unwrap_model(run.policy), generate_responses
+    if run.engine is not None:
+        generate, policy = vllm_generate, run.engine.following(policy, run.schedulers["policy"].last_epoch)
+    with accelerator.autocast(), lora_merged(policy, args.merge_for_generation and run.engine is None):
+        result = evaluate_datasets(policy, tokenizer, run.eval_records, pool=run.pool, generate=generate,
                                    generate_kwargs=generate_kwargs,
                                    num_samples=args.eval_num_samples, batch_size=args.prompts_per_step,
                                    seed=args.seed * 1_000 + step + 1, score_truncated=args.score_truncated,
@@ -661,26 +669,18 @@ def rollout(run: Run, records: list, step: int, salt: int = 0) -> tuple[Experien
     refill = args.generation == "refill" and not synced
     generate = (partial(generate_responses_refill, refill_fraction=args.refill_fraction) if refill
                 else generate_responses)
-    policy = accelerator.unwrap_model(run.policy)
-    with accelerator.autocast(), lora_merged(policy, args.merge_for_generation):
+    policy, sampler = accelerator.unwrap_model(run.policy), {}
+    if run.engine is not None:
+        generate, policy = vllm_generate, run.engine.following(policy, run.schedulers["policy"].last_epoch)
+    with accelerator.autocast(), lora_merged(policy, args.merge_for_generation and run.engine is None):
         response_ids = generate(
-            policy, prompt_ids, prompt_mask, num_generations=num_generations,
+            policy, prompt_ids, prompt_mask, num_generations=num_generations, logprobs_out=sampler,
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id, stop_strings=args.stop_strings,
             tokenizer=tokenizer, batch_size=args.generation_batch_size or None, seeds=seeds, synced_gpus=synced)
-    lengths, truncated = stop_positions(response_ids, stop_ids, args.stop_strings, tokenizer)
-    width = int(lengths.max())
-    response_ids = response_ids[:, :width]
-    mask = response_mask_from_lengths(lengths, width)
-    response_ids = torch.where(mask.bool(), response_ids, tokenizer.pad_token_id)  # nothing after a stop
-    texts = tokenizer.batch_decode([ids[:n] for ids, n in zip(response_ids.tolist(), lengths.tolist(), strict=True)],
-                                   skip_special_tokens=True)
-    exp = Experience(prompt_ids=prompt_ids.repeat_interleave(num_generations, 0),
-                     prompt_mask=prompt_mask.repeat_interleave(num_generations, 0),
-                     response_ids=response_ids, response_mask=mask, truncated=truncated,
-                     group_ids=torch.arange(len(records)).repeat_interleave(num_generations))
-    on_device = {k: (v.to(accelerator.device) if torch.is_tensor(v) else v) for k, v in vars(exp).items()}
-    return Experience(**on_device), texts
+    exp, texts = rollout_experience(prompt_ids, prompt_mask, response_ids, sampler["logprobs"], num_generations,
+                                    stop_ids, args.stop_strings, tokenizer)
+    return Experience(**{k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in vars(exp).items()}), texts
 
 
 def score_rollout(run: Run, exp: Experience, texts: list[str], drawn: list[dict], key: tuple = (0, 0)):
@@ -713,45 +713,24 @@ def score_rollout(run: Run, exp: Experience, texts: list[str], drawn: list[dict]
 
 
 def deal_groups(run: Run, rounds: list, metrics: dict):
-    """Dynamic sampling's batch from its rounds (see `sample_and_score`): every process's groups are
-    gathered, the batch is chosen from all of them and each process keeps its share."""
-    from accelerate.utils import gather_object
-
-    args, accelerator, pad = run.args, run.accelerator, run.tokenizer.pad_token_id
-    samples, local = args.num_generations, args.prompts_per_step // accelerator.num_processes
-    groups = []
-    for r, (exp, texts, drawn, _, repetitive, signal, correct) in enumerate(rounds):
-        lengths = exp.response_mask.sum(dim=1).long()
-        for g in range(len(exp.rewards) // samples):
-            rows = range(g * samples, (g + 1) * samples)
-            groups.append({
-                "order": (r, accelerator.process_index * local + g), "signal": bool(signal[rows[0]]),
-                "prompt": exp.prompt_ids[rows[0]][exp.prompt_mask[rows[0]].bool()].tolist(),
-                "responses": [exp.response_ids[i, :lengths[i]].tolist() for i in rows],
-                "truncated": [bool(exp.truncated[i]) for i in rows], "rewards": [float(exp.rewards[i]) for i in rows],
-                "texts": [texts[i] for i in rows], "drawn": drawn[rows[0]],
-                "repetitive": [bool(repetitive[i]) for i in rows], "correct": [bool(correct[i]) for i in rows]})
-    everyone = sorted(gather_object(groups), key=lambda g: g["order"])
-    batch = [g for g in everyone if g["signal"]][:args.prompts_per_step]
-    batch += [g for g in everyone if not g["signal"]][:args.prompts_per_step - len(batch)]
-    mine = batch[accelerator.process_index * local:(accelerator.process_index + 1) * local]
-    metrics["train/sampling_rounds"] = len(rounds)
-    metrics["train/signal_groups"] = sum(g["signal"] for g in batch) / len(batch)
-    rows, device = [(g, i) for g in mine for i in range(samples)], accelerator.device
-    exp = groups_experience([g["prompt"] for g in mine], [g["responses"] for g in mine],
-                            [g["truncated"] for g in mine], [g["rewards"] for g in mine], pad, device)
-    lengths = exp.response_mask.sum(dim=1).long().tolist()
-    stats = {}  # the reward pool's counts over every response scored in the step's rounds ...
+    """Dynamic sampling's batch from its rounds (`rollout.deal_groups`), with the reward stats of the rounds:
+    the pool's counts over every response scored, the per-response sums over the batch's rows."""
+    args, accelerator = run.args, run.accelerator
+    exp, texts, drawn, repetitive, correct, signal_share = rollout_deal_groups(
+        rounds, rank=accelerator.process_index, world=accelerator.num_processes, per_step=args.prompts_per_step,
+        pad_token_id=run.tokenizer.pad_token_id, device=accelerator.device)
+    metrics["train/sampling_rounds"], metrics["train/signal_groups"] = len(rounds), signal_share
+    stats = {}
     for _, _, _, round_stats, *_ in rounds:
         for key, value in round_stats.items():
             stats[key] = stats.get(key, 0) + value
-    if "train/correct" in stats:  # ... but the per-response sums over this batch's rows: they become its means
-        stats["train/correct"] = float(sum(g["correct"][i] for g, i in rows))
+    if "train/correct" in stats:  # these two become means over the batch's rows
+        stats["train/correct"] = float(sum(correct))
     if "train/overlong_penalty" in stats:
         stats["train/overlong_penalty"] = sum(overlong_penalty(n, args.max_new_tokens, args.overlong_buffer,
-                                                               args.overlong_penalty) for n in lengths)
-    return (exp, [g["texts"][i] for g, i in rows], [g["drawn"] for g, i in rows], stats,
-            torch.tensor([g["repetitive"][i] for g, i in rows], device=device))
+                                                               args.overlong_penalty)
+                                              for n in exp.response_mask.sum(dim=1).long().tolist())
+    return exp, texts, drawn, stats, repetitive
 
 
 # --------------------------------------------------------------------------------------------------
@@ -784,6 +763,16 @@ def rollout_logprobs(run: Run, exp: Experience, micro: list[torch.Tensor]):
         with lora_disabled(run.policy):
             ref = batched_logprobs(run.policy, exp, args.temperature, micro)
     return old, ref
+
+
+def mismatch_metrics(accelerator, exp: Experience) -> dict:
+    """rollout/logprob_diff_mean and _max: |old - sampler's log-prob| over all processes' response tokens."""
+    if exp.old_logprobs is None or exp.sampler_logprobs is None:
+        return {}
+    total, count, biggest = algos.logprob_mismatch(exp.old_logprobs, exp.sampler_logprobs, exp.response_mask)
+    sums = reduce_sum(accelerator, torch.stack([total, count]))
+    return {"rollout/logprob_diff_mean": (sums[0] / sums[1].clamp(min=1)).item(),
+            "rollout/logprob_diff_max": accelerator.gather(biggest[None]).max().item()}
 
 
 def compute_advantages(run: Run, exp: Experience, lengths: torch.Tensor, metrics: dict):
@@ -854,7 +843,8 @@ def update(run: Run, exp: Experience, role: str, step: int) -> dict[str, list]:
             for k, v in s.items():
                 mini_stats.setdefault(k, []).append(v * share if k in TOKEN_STATS else v)
         for k, v in mini_stats.items():  # one value per optimizer step
-            stats.setdefault(k, []).append(sum(v) if k in SUMMED_STATS + TOKEN_STATS else sum(v) / len(v))
+            stats.setdefault(k, []).append(max(v) if k in MAX_STATS else sum(v) if k in SUMMED_STATS + TOKEN_STATS
+                                           else sum(v) / len(v))
     return stats
 
 
@@ -864,9 +854,18 @@ def policy_loss(model, mb: Experience, w: torch.Tensor, args: Args) -> tuple[tor
     logprobs, entropy = forward_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1],
                                          args.temperature, with_entropy=True, entropy_grad=args.entropy_coef > 0)
     old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
+    sampler, tis, stats = mb.sampler_logprobs, 1.0, {}
+    if mb.old_logprobs is None and sampler is not None:  # the one pass over these rows: old = these, measured here
+        total, count, biggest = algos.logprob_mismatch(old, sampler, mb.response_mask)
+        stats = {"rollout/logprob_diff_mean": (total / count.clamp(min=1)).item(),
+                 "rollout/logprob_diff_max": biggest.item()}
+    if args.tis_cap and sampler is not None:  # each token's policy loss weighed by pi_old / pi_sampler, capped
+        tis = algos.tis_weights(old, sampler, args.tis_cap)
+        stats["policy/tis_weight"] = masked_mean(tis, mb.response_mask).item()
     loss_fn = algos.lookup(algos.POLICY_LOSSES, args.policy_loss, "--policy-loss")
-    loss, stats = loss_fn(logprobs, old, mb.advantages, w, clip_low=args.clip_low, clip_high=args.clip_high,
-                          ratio_level=args.ratio_level)
+    loss, loss_stats = loss_fn(logprobs, old, mb.advantages, w * tis, clip_low=args.clip_low, clip_high=args.clip_high,
+                               ratio_level=args.ratio_level)
+    stats.update(loss_stats)
     stats["loss/policy"] = loss.item()
     stats["policy/entropy"] = masked_mean(entropy.detach(), mb.response_mask).item()
     if args.kl_coef > 0 and args.kl_estimator != "k1":  # k1 is in the reward (`compute_advantages`)
@@ -917,7 +916,8 @@ def step_metrics(accelerator, exp: Experience, lengths: torch.Tensor, equal: tor
     update_stats = dict(update_stats)
     metrics["train/nonfinite_updates"] = sum(update_stats.pop("train/nonfinite_updates", []))
     for k, v in update_stats.items():
-        metrics[k] = sum_all(sum(v) / len(v)).item() / (1 if k in SUMMED_STATS + TOKEN_STATS else world)
+        metrics[k] = (accelerator.gather(torch.tensor([max(v)], device=lengths.device)).max().item() if k in MAX_STATS
+                      else sum_all(sum(v) / len(v)).item() / (1 if k in SUMMED_STATS + TOKEN_STATS else world))
     return metrics
 
 

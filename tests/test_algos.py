@@ -20,8 +20,10 @@ from algos import (
     equal_reward_groups,
     explained_variance,
     length_adaptive_lam,
+    logprob_mismatch,
     loss_weights,
     outcome_token_rewards,
+    tis_weights,
 )
 
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
@@ -605,3 +607,37 @@ def test_the_console_names_the_algorithm_not_the_flag():
         return None
 
     assert estimator_name(centred) == "--advantage centred"
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampler/trainer mismatch: the diff metrics and truncated importance sampling (--tis-cap)
+# ---------------------------------------------------------------------------------------------
+
+def test_tis_weights_hand_computed():
+    old = torch.log(torch.tensor([[0.5, 0.25, 0.3]]))
+    sampler = torch.log(torch.tensor([[0.25, 0.5, 0.3]]))
+    w = tis_weights(old, sampler, cap=1.5)
+    assert torch.allclose(w, torch.tensor([[1.5, 0.5, 1.0]]))  # ratio 2 capped; 0.5 kept; equal -> 1
+    assert torch.allclose(tis_weights(old, sampler, cap=3.0), torch.tensor([[2.0, 0.5, 1.0]]))
+
+
+def test_tis_weights_scale_the_policy_gradient_and_are_detached():
+    """The weighted loss's gradient at logprobs = old (ratio 1, nothing clipped) is -A * w_tis * w per token:
+    advantage 2, token weights 0.5, TIS weights [1.5, 0.5] -> d loss / d logprob = [-1.5, -0.5]."""
+    logprobs = torch.log(torch.tensor([[0.5, 0.25]])).requires_grad_()
+    old = logprobs.detach().clone()
+    sampler = torch.log(torch.tensor([[0.25, 0.5]]))
+    weights = torch.full((1, 2), 0.5) * tis_weights(old, sampler, cap=1.5)
+    loss, _ = compute_policy_loss(logprobs, old, torch.full((1, 2), 2.0), weights)
+    loss.backward()
+    assert torch.allclose(logprobs.grad, torch.tensor([[-1.5, -0.5]]))
+    assert not tis_weights(logprobs, sampler, 2.0).requires_grad
+
+
+def test_logprob_mismatch_hand_computed():
+    trainer = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -9.0]])
+    sampler = torch.tensor([[-1.1, -2.0, -2.5], [-0.25, -0.5, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # the last token is padding: its 9.0 is ignored
+    total, count, biggest = logprob_mismatch(trainer, sampler, mask)
+    assert math.isclose(total.item(), 0.1 + 0 + 0.5 + 0.25 + 0, abs_tol=1e-6)
+    assert count.item() == 5 and math.isclose(biggest.item(), 0.5, abs_tol=1e-6)

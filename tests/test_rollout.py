@@ -711,3 +711,26 @@ def test_chunked_logprobs_of_models_that_scale_their_logits_are_those_of_their_l
         got, _ = forward_logprobs(model, ids, mask, 4, 1.0)
     torch.testing.assert_close(got, expected)
     assert output_head(model) is None  # remembered: no chunks for this model from now on
+
+
+@pytest.mark.parametrize("refill", [False, True])
+def test_sampler_logprobs_match_the_trainers(setup, refill):
+    """The log-prob `generate` sampled each token with (SamplerLogprobs) equals the trainer's recomputed
+    one, softmax(logits / T), on every response token up to its stop (fp32, same model: only batch-shape
+    rounding apart), and recording it changes no sampled token."""
+    model, tokenizer, ids, mask, kw = setup
+    kw = {**kw, "temperature": 0.7}
+    fn = generate_responses_refill if refill else generate_responses
+    out = {}
+    plain = fn(model, ids, mask, **kw, stop_strings=STOP_STRINGS, seeds=[5])
+    recorded = fn(model, ids, mask, **kw, stop_strings=STOP_STRINGS, seeds=[5], logprobs_out=out)
+    assert torch.equal(plain, recorded)
+    assert out["logprobs"].shape == recorded.shape
+    lengths, _ = stop_positions(recorded, kw["stop_token_ids"], STOP_STRINGS, tokenizer)
+    response_mask = response_mask_from_lengths(lengths, recorded.shape[1])
+    prompt_ids, prompt_mask = ids.repeat_interleave(6, 0), mask.repeat_interleave(6, 0)
+    trainer, _ = forward_logprobs(model, torch.cat([prompt_ids, recorded], 1),
+                                  torch.cat([prompt_mask, response_mask.long()], 1), recorded.shape[1], 0.7)
+    diff = (out["logprobs"] - trainer).abs() * response_mask
+    assert response_mask.sum() > 50 and diff.max() < 1e-4, diff.max()
+    assert (out["logprobs"] * response_mask <= 0).all() and (out["logprobs"][response_mask.bool()] < -1e-3).any()
