@@ -277,11 +277,20 @@ def tracker_problems(report_to: str) -> list[str]:
             f"(pip install {report_to}, or --report-to none)"]
 
 
-def leave_process_group() -> None:
+BEFORE_LEAVING: list = []  # callables run once, first, by `leave_process_group` (a vLLM engine's shutdown)
+
+
+def leave_process_group(accelerator=None) -> None:
     """End this process's part in the process group, on every process at the same point of a run that ends
     well. A process that exits with the group alive can abort at exit (SIGABRT, "terminate called without an
     active exception": gloo's worker threads outlive the interpreter, pytorch/pytorch#190489); two-process ZeRO-3
-    runs of the test suite did, now and then."""
+    runs of the test suite did, now and then. What registered in BEFORE_LEAVING runs first: a vLLM engine
+    tears down its own process groups, which it cannot do once the default group is gone. With `accelerator`
+    its trackers end too (`end_training`, which also leaves the group)."""
+    while BEFORE_LEAVING:
+        BEFORE_LEAVING.pop()()
+    if accelerator is not None:
+        accelerator.end_training()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

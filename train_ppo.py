@@ -990,8 +990,7 @@ def finish(run: Run) -> dict:
         print(f"done: {algos.estimator_name(args.advantage)}, {acc}, {args.max_steps} steps in "
               f"{summary['minutes']:.1f} min; outputs "
               f"in {out}/ (metrics.jsonl, samples.jsonl, policy/{', critic/' if run.critic is not None else ''})")
-    accelerator.end_training()
-    leave_process_group()
+    leave_process_group(accelerator)  # and its trackers
     return summary
 
 

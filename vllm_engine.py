@@ -18,8 +18,21 @@ import torch
 INSTALL = "pip install --no-deps -r requirements-vllm.txt"
 
 
+def vllm_environment(kv_cache_gib: int = 2) -> None:
+    """vLLM's settings for an engine in this process, where the user has not set them; before vLLM is imported
+    (it reads some of them then)."""
+    # In-process: a separate engine process would need its own copy of the weights sent to it over a socket
+    # after every update, and on 2 cores it would compete with the trainer for them.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its INFO and WARNING lines would drown the run's own
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    # else vLLM's CPU backend drops torch to 1 thread, the trainer's threads with it
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
+
 def vllm_problems() -> list[str]:
     """One line if vLLM cannot be imported here."""
+    vllm_environment()
     try:
         import vllm  # noqa: F401
     except Exception as e:  # an ImportError, or a build that does not match this torch
@@ -35,20 +48,17 @@ class VLLMEngine:
     `gpu_memory_utilization` of the device's memory, shared with training."""
 
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int, seed: int = 0,
-                 kv_cache_gib: float = 2.0, gpu_memory_utilization: float = 0.3):
-        # In-process: a separate engine process would need its own copy of the weights sent to it over a
-        # socket after every update, and on 2 cores it would compete with the trainer for them.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
-        threads = torch.get_num_threads()
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # else vLLM's CPU backend drops torch to 1 thread
+                 kv_cache_gib: int = 2, gpu_memory_utilization: float = 0.3):
+        vllm_environment(kv_cache_gib)
         from vllm import LLM
 
         self.llm = LLM(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
                        enforce_eager=True,  # no CUDA graphs or compilation: they would need re-capture on reload
                        logprobs_mode="processed_logprobs",  # after temperature, as the trainer computes them
                        gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=False)
-        torch.set_num_threads(threads)
+        from launch import BEFORE_LEAVING
+
+        BEFORE_LEAVING.append(self.close)
         self.version = None  # the policy version whose weights the engine holds (None: the checkpoint's)
 
     def following(self, model: torch.nn.Module, version: int) -> "VLLMEngine":
@@ -58,6 +68,10 @@ class VLLMEngine:
             self.load_weights(policy_weights(model))
             self.version = version
         return self
+
+    def close(self) -> None:
+        """Shut the engine down, its vLLM process groups with it (again: nothing)."""
+        self.llm.llm_engine.engine_core.shutdown()
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Replace the engine's weights with these (the HF names of the policy's full, unsharded weights).
