@@ -1,0 +1,216 @@
+"""The vLLM rollout engine (vllm_engine.py, --rollout-engine vllm): its weights follow the policy, it samples as HF
+generate does (greedy rows equal, stop ids and strings, one seed per prompt whatever the batch), its log-probs
+agree with the trainer's, and runs with it learn, resume exactly and match on 1 and 2 processes.
+
+Needs requirements-vllm.txt (marker `vllm`, not in the default suite); without vLLM these tests fail, they do
+not skip. Run: python -m pytest -m vllm
+"""
+
+import json
+
+import pytest
+import torch
+
+from conftest import ROOT, script_env, train
+from data.loading import format_prompt
+from rollout import forward_logprobs, generate_responses, prepare_for_sampling, stop_positions
+from utils import left_pad
+
+pytestmark = pytest.mark.vllm
+
+QUESTIONS = ("What is 1 + 2?", "Tom has 12 apples and gets 7 more. How many apples does Tom have now?",
+             "Compute 3 - 1.", "What is 40 + 2?")
+STOPS = ["</answer>", "User:"]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_base):
+    """One engine for the module (vLLM keeps one in-process engine at a time), the tiny base and prompts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_engine import VLLMEngine
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    stop_ids = prepare_for_sampling(tokenizer, model, log=lambda *_: None)
+    ids, mask = left_pad([tokenizer(format_prompt(q, "orz", tokenizer))["input_ids"] for q in QUESTIONS],
+                         tokenizer.pad_token_id)
+    engine = VLLMEngine(str(tiny_base), max_model_len=512, seed=0)
+    kw = dict(max_new_tokens=40, top_p=1.0, top_k=0, stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id,
+              stop_strings=STOPS, tokenizer=tokenizer)
+    yield engine, model, tokenizer, ids, mask, kw
+    engine.close()
+
+
+def responses(out: torch.Tensor, kw: dict) -> list[list[int]]:
+    lengths, _ = stop_positions(out, kw["stop_token_ids"], kw["stop_strings"], kw["tokenizer"])
+    return [row[:n] for row, n in zip(out.tolist(), lengths.tolist(), strict=True)]
+
+
+def perturbed(model, seed: int, scale: float = 0.02):
+    """`model` with every weight moved by seeded noise, as an update would move it."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def test_weights_follow_the_policy_greedy_rows_equal_hf(setup):
+    """After the policy changes, `following` gives the engine its weights: greedy rows equal HF generate's on
+    the changed policy (and differ from the base's, so the check can fail); the same version is not reloaded."""
+    import copy
+
+    from vllm_engine import generate_responses as vllm_generate
+
+    engine, base, tokenizer, ids, mask, kw = setup
+    greedy = dict(kw, num_generations=1, temperature=0.0)
+    before = responses(generate_responses(base, ids, mask, **greedy), kw)
+    assert responses(vllm_generate(engine.following(base, 0), ids, mask, **greedy, seeds=[1]), kw) == before
+    policy = perturbed(copy.deepcopy(base), seed=1)
+    after = responses(generate_responses(policy, ids, mask, **greedy), kw)
+    assert after != before, "the perturbation should change the greedy rows"
+    assert responses(vllm_generate(engine.following(policy, 1), ids, mask, **greedy, seeds=[1]), kw) == after
+    other = perturbed(copy.deepcopy(base), seed=2, scale=0.05)  # same version: the engine keeps what it has
+    assert responses(vllm_generate(engine.following(other, 1), ids, mask, **greedy, seeds=[1]), kw) == after
+    engine.following(base, 2)
+
+
+def test_lora_adapters_are_merged_into_the_engines_weights(setup):
+    """A LoRA policy's engine samples the merged model: greedy rows equal HF's on the peft model, whose
+    adapters (B set non-zero) change them."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from vllm_engine import generate_responses as vllm_generate
+    from vllm_engine import policy_weights
+
+    engine, base, tokenizer, ids, mask, kw = setup
+    greedy = dict(kw, num_generations=1, temperature=0.0)
+    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    inner = peft.get_base_model()
+    names = [n for n, _ in policy_weights(inner)]
+    assert names == list(base.state_dict()) and not any("lora" in n or "base_layer" in n for n in names)
+    hf = responses(generate_responses(inner, ids, mask, **greedy), kw)
+    assert hf != responses(generate_responses(base, ids, mask, **greedy), kw)
+    assert responses(vllm_generate(engine.following(inner, 10), ids, mask, **greedy, seeds=[1]), kw) == hf
+    engine.following(base, 11)
+
+
+def test_sampled_rows_stop_as_hf_and_their_logprobs_match_the_trainers(setup):
+    """Sampling at T = 0.8: every row ends at its first stop token or stop string (kept) or at the length
+    limit; the engine's log-prob of each token is the trainer's softmax(logits / T) log-prob (fp32)."""
+    from vllm_engine import generate_responses as vllm_generate
+
+    engine, base, tokenizer, ids, mask, kw = setup
+    engine.following(base, 20)
+    got = {}
+    out = vllm_generate(engine, ids, mask, **kw, num_generations=4, temperature=0.8, seeds=[5], logprobs_out=got)
+    lengths, truncated = stop_positions(out, kw["stop_token_ids"], STOPS, tokenizer)
+    stop = torch.tensor(kw["stop_token_ids"])
+    for row, n, cut in zip(out, lengths.tolist(), truncated.tolist(), strict=True):
+        assert not torch.isin(row[:n - 1], stop).any()
+        assert (row[n:] == kw["pad_token_id"]).all(), "nothing after the first stop"
+        if cut:
+            assert n == kw["max_new_tokens"]
+    mask_r = (torch.arange(out.shape[1])[None] < lengths[:, None]).float()
+    rows = ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0)
+    trainer, _ = forward_logprobs(base, torch.cat([rows[0], out], 1), torch.cat([rows[1], mask_r.long()], 1),
+                                  out.shape[1], 0.8)
+    diff = (trainer - got["logprobs"]).abs() * mask_r
+    assert mask_r.sum() > 40 and diff.max() < 1e-3, diff.max()
+
+
+def test_a_prompts_samples_depend_on_its_seed_not_on_its_batch(setup):
+    from vllm_engine import generate_responses as vllm_generate
+
+    engine, base, tokenizer, ids, mask, kw = setup
+    engine.following(base, 30)
+    sample = dict(kw, num_generations=3, temperature=1.0)
+    together = vllm_generate(engine, ids, mask, **sample, batch_size=1, seeds=[7, 8, 9, 10])
+    alone = vllm_generate(engine, ids[2:3], mask[2:3], **sample, batch_size=1, seeds=[9])
+    assert responses(together, kw)[6:9] == responses(alone, kw)
+    again = vllm_generate(engine, ids, mask, **sample, batch_size=1, seeds=[7, 8, 9, 11])
+    assert responses(again, kw)[:9] == responses(together, kw)[:9]
+    assert responses(again, kw)[9:] != responses(together, kw)[9:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs with the engine (subprocesses: each has its own engine)
+# ---------------------------------------------------------------------------------------------
+
+RUN = ("--rollout-engine", "vllm", "--prompts-per-step", "16", "--num-generations", "4", "--eval-limit", "64",
+       "--eval-every", "2", "--generation-batch-size", "8")
+
+
+def rows(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def same_run(a: list[dict], b: list[dict], skip=("time/", "perf/")) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        for k in x:
+            if not k.startswith(skip):
+                assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), (x["step"], k)
+
+
+@pytest.mark.parametrize("script", ["train_grpo.py", "train_ppo.py"])
+def test_a_run_with_the_engine_learns_logs_its_mismatch_and_resumes_exactly(script, tmp_path):
+    """6 steps straight, and 4 steps then the same command with --max-steps 6: the same metrics at every step
+    and bitwise the same policy. The mismatch is logged every step, small and finite (fp32 engine)."""
+    straight = train(script, tmp_path / "a", *RUN, "--max-steps", "6", "--save-every", "2")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = train(script, tmp_path / "b", *RUN, "--max-steps", "4", "--save-every", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = train(script, tmp_path / "b", *RUN, "--max-steps", "6", "--save-every", "2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = rows(tmp_path / "a"), rows(tmp_path / "b")
+    same_run(a, b)
+    steps = [r for r in a if "train/reward" in r]
+    assert len(steps) == 6 and all(0 <= r["rollout/logprob_diff_mean"] < 1e-4 for r in steps)
+    assert all(0 <= r["rollout/logprob_diff_max"] < 1e-2 for r in steps)
+    assert a[-1]["eval/accuracy"] > a[0]["eval/accuracy"]
+    assert ((tmp_path / "a" / "policy" / "model.safetensors").read_bytes()
+            == (tmp_path / "b" / "policy" / "model.safetensors").read_bytes())
+
+
+def test_two_processes_sample_and_train_as_one(tmp_path):
+    import subprocess
+    import sys
+
+    one = train("train_grpo.py", tmp_path / "one", *RUN, "--max-steps", "2", "--eval-every", "0")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          str(ROOT / "train_grpo.py"), "--output-dir", str(tmp_path / "two"), *RUN,
+                          "--max-steps", "2", "--eval-every", "0"],
+                         cwd=ROOT, env=script_env({"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}),
+                         capture_output=True, text=True, timeout=900)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
+    assert [r["train/reward"] for r in a] == [r["train/reward"] for r in b]  # the same samples
+    # each process audits --audit-samples of its own; the trainer's log-probs round with the batch's shape
+    same_run(a, b, skip=("time/", "perf/", "reward/audit", "rollout/logprob_diff"))
+
+
+def test_sharded_training_refuses_the_engine_in_one_line(tmp_path):
+    """Under FSDP each process holds a shard: the engine would need the whole weights gathered every step,
+    which is not built; the run says so before it trains."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                          str(ROOT / "configs/accelerate/fsdp.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+                          "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer", str(ROOT / "train_grpo.py"),
+                          "--output-dir", str(tmp_path / "f"), "--rollout-engine", "vllm", "--max-steps", "1"],
+                         cwd=ROOT, env=script_env({"ACCELERATE_USE_CPU": "true"}), capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode != 0
+    assert "--rollout-engine vllm needs each process to hold whole weights" in out.stderr
