@@ -10,8 +10,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import ROOT, script_env, train
+
 from data.loading import format_prompt
 from rollout import forward_logprobs, generate_responses, prepare_for_sampling, stop_positions
 from utils import left_pad
