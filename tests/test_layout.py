@@ -1,7 +1,7 @@
 """The files import one way: utils, cli, plot <- reward, data, checkpoint, algos, launch <- rollout, critic,
-vllm_engine <- evaluate <- train_ppo <- the other entry points (train_grpo, benchmark, data.curate). Every import, including
-those inside functions, is checked, and every module imports alone in a fresh interpreter; no private name (`_x`)
-is imported across modules."""
+vllm_engine <- evaluate <- train_ppo <- the other entry points (train_grpo, benchmark, data.curate). Every
+import, including those inside functions, is checked, and every module imports alone in a fresh interpreter;
+no private name (`_x`) is imported across modules."""
 
 import ast
 
