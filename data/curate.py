@@ -26,7 +26,7 @@ from pathlib import Path
 
 from data.loading import DataArgs, DataError, is_synthetic, list_eval_sets
 from reward import RewardArgs, reward_problems
-from rollout import ModelArgs, SamplingArgs
+from rollout import EngineArgs, ModelArgs, SamplingArgs
 
 # ---------------------------------------------------------------- loading and writing records
 
@@ -154,9 +154,13 @@ def _sample_pending(pending: list[dict], args, progress_path: Path, initial: int
     from data.loading import ORZ_STOP_STRINGS
     from evaluate import evaluate_datasets
     from reward import RewardPool
+    from rollout import resolve_model
     from utils import JsonlWriter
+    from vllm_engine import sampler
 
     model, tokenizer, stop_ids = _load_sampler(args.model, args.trust_remote_code)
+    model_or_engine, generate = sampler(args, model, resolve_model(args.model),
+                                        getattr(model.config, "max_position_embeddings", 4096))
     generate_kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            top_k=args.top_k,
                            stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id,
@@ -167,7 +171,7 @@ def _sample_pending(pending: list[dict], args, progress_path: Path, initial: int
         for start in range(0, len(pending), args.batch_size):
             chunk = pending[start:start + args.batch_size]
             try:
-                result = evaluate_datasets(model, tokenizer, {"curate": chunk}, pool=pool,
+                result = evaluate_datasets(model_or_engine, tokenizer, {"curate": chunk}, pool=pool, generate=generate,
                                            generate_kwargs=generate_kwargs, num_samples=args.num_samples,
                                            batch_size=len(chunk), seed=args.seed * 100_003 + chunk[0]["id"],
                                            score_truncated=args.score_truncated,
@@ -203,7 +207,9 @@ def difficulty(args) -> list[dict]:
         raise SystemExit("error: --temperature must be > 0 to draw several different samples")
     if args.model != "tiny" and args.model.startswith((".", "/", "~")) and not Path(args.model).expanduser().exists():
         raise SystemExit(f"error: --model {args.model}: no such path")
-    problems = reward_problems(args.reward)  # before any sampling: a bad spec would end the run at scoring
+    from vllm_engine import engine_problems
+
+    problems = reward_problems(args.reward) + engine_problems(args)  # before any sampling, not at scoring
     if problems:
         raise SystemExit("error: " + problems[0])
     records = load_dataset(args.dataset, args)
@@ -498,7 +504,7 @@ class CurateArgs(DataArgs):
 
 
 @dataclass
-class DifficultyArgs(RewardArgs, SamplingArgs, ModelArgs, CurateArgs):
+class DifficultyArgs(RewardArgs, EngineArgs, SamplingArgs, ModelArgs, CurateArgs):
     """`difficulty`: the model, sampling and reward arguments of training and evaluation, then its own."""
 
     output: str = field(kw_only=True, metadata={

@@ -3,7 +3,7 @@ generate does (greedy rows equal, stop ids and strings, one seed per prompt what
 agree with the trainer's, and runs with it learn, resume exactly and match on 1 and 2 processes.
 
 Needs requirements-vllm.txt (marker `vllm`, not in the default suite); without vLLM these tests fail, they do
-not skip. Run: python -m pytest -m vllm
+not skip. Run: python -m pytest -m vllm. The refusals without vLLM are in the default suite (unmarked).
 """
 
 import json
@@ -16,7 +16,24 @@ from data.loading import format_prompt
 from rollout import forward_logprobs, generate_responses, prepare_for_sampling, stop_positions
 from utils import left_pad
 
-pytestmark = pytest.mark.vllm
+vllm = pytest.mark.vllm
+
+
+def test_without_vllm_the_engine_is_refused_in_one_line_naming_the_install(monkeypatch):
+    import sys
+
+    from vllm_engine import engine_problems, vllm_problems
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError, as when it is missing
+    problems = vllm_problems()
+    assert len(problems) == 1 and "pip install --no-deps -r requirements-vllm.txt" in problems[0]
+
+    class Args:
+        rollout_engine, checkpoint_sampling = "vllm", True
+
+    assert "use --rollout-engine hf" in engine_problems(Args)[0]
+    Args.rollout_engine = "hf"
+    assert engine_problems(Args) == []
 
 QUESTIONS = ("What is 1 + 2?", "Tom has 12 apples and gets 7 more. How many apples does Tom have now?",
              "Compute 3 - 1.", "What is 40 + 2?")
@@ -56,6 +73,7 @@ def perturbed(model, seed: int, scale: float = 0.02):
     return model
 
 
+@vllm
 def test_weights_follow_the_policy_greedy_rows_equal_hf(setup):
     """After the policy changes, `following` gives the engine its weights: greedy rows equal HF generate's on
     the changed policy (and differ from the base's, so the check can fail); the same version is not reloaded."""
@@ -76,6 +94,7 @@ def test_weights_follow_the_policy_greedy_rows_equal_hf(setup):
     engine.following(base, 2)
 
 
+@vllm
 def test_lora_adapters_are_merged_into_the_engines_weights(setup):
     """A LoRA policy's engine samples the merged model: greedy rows equal HF's on the peft model, whose
     adapters (B set non-zero) change them."""
@@ -103,6 +122,7 @@ def test_lora_adapters_are_merged_into_the_engines_weights(setup):
     engine.following(base, 11)
 
 
+@vllm
 def test_sampled_rows_stop_as_hf_and_their_logprobs_match_the_trainers(setup):
     """Sampling at T = 0.8: every row ends at its first stop token or stop string (kept) or at the length
     limit; the engine's log-prob of each token is the trainer's softmax(logits / T) log-prob (fp32)."""
@@ -127,6 +147,7 @@ def test_sampled_rows_stop_as_hf_and_their_logprobs_match_the_trainers(setup):
     assert mask_r.sum() > 40 and diff.max() < 1e-3, diff.max()
 
 
+@vllm
 def test_a_prompts_samples_depend_on_its_seed_not_on_its_batch(setup):
     from vllm_engine import generate_responses as vllm_generate
 
@@ -161,6 +182,7 @@ def same_run(a: list[dict], b: list[dict], skip=("time/", "perf/")) -> None:
                 assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), (x["step"], k)
 
 
+@vllm
 @pytest.mark.parametrize("script", ["train_grpo.py", "train_ppo.py"])
 def test_a_run_with_the_engine_learns_logs_its_mismatch_and_resumes_exactly(script, tmp_path):
     """6 steps straight, and 4 steps then the same command with --max-steps 6: the same metrics at every step
@@ -181,6 +203,7 @@ def test_a_run_with_the_engine_learns_logs_its_mismatch_and_resumes_exactly(scri
             == (tmp_path / "b" / "policy" / "model.safetensors").read_bytes())
 
 
+@vllm
 def test_two_processes_sample_and_train_as_one(tmp_path):
     import subprocess
     import sys
@@ -200,6 +223,7 @@ def test_two_processes_sample_and_train_as_one(tmp_path):
     same_run(a, b, skip=("time/", "perf/", "reward/audit", "rollout/logprob_diff"))
 
 
+@vllm
 def test_sharded_training_refuses_the_engine_in_one_line(tmp_path):
     """Under FSDP each process holds a shard: the engine would need the whole weights gathered every step,
     which is not built; the run says so before it trains."""
@@ -216,6 +240,7 @@ def test_sharded_training_refuses_the_engine_in_one_line(tmp_path):
     assert "--rollout-engine vllm needs each process to hold whole weights" in out.stderr
 
 
+@vllm
 @pytest.mark.parametrize("advantage,dtype", [("grpo", "float32"), ("gae", "bfloat16")])
 def test_the_real_model_trains_with_the_engine(advantage, dtype, tmp_path):
     """SmolLM2-135M (requirements-model.txt), 2 steps with the engine in fp32 (GRPO) and bf16 (PPO): the run
@@ -240,3 +265,22 @@ def test_the_real_model_trains_with_the_engine(advantage, dtype, tmp_path):
 
     base, policy = load_file(convert_gguf(gguf) / "model.safetensors"), load_file(out / "policy" / "model.safetensors")
     assert any(not torch.equal(base[k], policy[k]) for k in policy)
+
+
+
+@vllm
+def test_evaluate_with_the_engine_judges_as_with_hf_generate(tmp_path):
+    """Greedy evaluation (T = 0, 1 sample) of the tiny base: the engine's per-problem results equal HF
+    generate's, so `evaluate.py --rollout-engine vllm` measures the same thing faster."""
+    from conftest import run_script
+
+    results = {}
+    for engine in ("hf", "vllm"):
+        out = tmp_path / engine
+        done = run_script("evaluate.py", "--datasets", "synthetic", "--limit", "24", "--num-samples", "1",
+                          "--temperature", "0", "--max-new-tokens", "32", "--output-dir", out,
+                          "--rollout-engine", engine, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[engine] = json.loads((out / "results.json").read_text())["per_problem"]
+    assert results["hf"] == results["vllm"]
+    assert 0 < sum(p["correct"] for p in results["hf"]["synthetic"]) < 24
