@@ -7,6 +7,7 @@ not skip. Run: python -m pytest -m vllm. The refusals without vLLM are in the de
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -284,3 +285,20 @@ def test_evaluate_with_the_engine_judges_as_with_hf_generate(tmp_path):
         results[engine] = json.loads((out / "results.json").read_text())["per_problem"]
     assert results["hf"] == results["vllm"]
     assert 0 < sum(p["correct"] for p in results["hf"]["synthetic"]) < 24
+
+
+@vllm
+def test_curation_with_the_engine_records_the_same_pass_rates_as_hf(tmp_path):
+    """`python -m data.curate difficulty --rollout-engine vllm`, greedy: the pass rates equal HF generate's."""
+    from conftest import run_script
+
+    rates = {}
+    for engine in ("hf", "vllm"):
+        out = tmp_path / f"{engine}.jsonl"
+        done = run_script("-m", "data.curate", "difficulty", "--model", "tiny", "--dataset", "synthetic",
+                          "--limit", "6", "--num-samples", "1", "--temperature", "0", "--max-new-tokens", "24",
+                          "--max-pass", "1", "--output", out, "--rollout-engine", engine, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows = [json.loads(line) for line in Path(str(out) + ".progress").read_text().splitlines()[1:]]
+        rates[engine] = [(r["id"], r["pass_rate"]) for r in rows]
+    assert len(rates["hf"]) == 6 and rates["hf"] == rates["vllm"]
