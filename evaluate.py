@@ -366,8 +366,8 @@ def main(args: EvalArgs) -> dict:
     seed_everything(args.seed)
     model_path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
-    problems = context_problems(AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code),
-                                args.max_new_tokens)
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
+    problems = context_problems(config, args.max_new_tokens)
     if problems:
         raise SystemExit("error: " + problems[0])
     model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
@@ -377,7 +377,6 @@ def main(args: EvalArgs) -> dict:
     generate_kwargs = dict(max_new_tokens=args.max_new_tokens, **sampling, stop_token_ids=stop_ids,
                            pad_token_id=tokenizer.pad_token_id,
                            stop_strings=list(ORZ_STOP_STRINGS), tokenizer=tokenizer)
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
     model_or_engine, generate = sampler(args, model, model_path, getattr(config, "max_position_embeddings", 4096))
     with RewardPool(args.reward, num_workers=args.reward_workers, timeout=args.reward_timeout) as pool:
         try:

@@ -981,7 +981,6 @@ def local_rows(part: torch.Tensor, rank: int, rows: int) -> torch.Tensor:
     return part[(part >= rank * rows) & (part < (rank + 1) * rows)] - rank * rows
 
 
-
 def padding_fraction(exp: Experience, micro: list[torch.Tensor]) -> float:
     """Share of the tokens computed in `micro` that are padding (trimmed micro-batches)."""
     computed = sum(len(idx) * exp.select(idx).trim().input_ids.shape[1] for idx in micro if len(idx))

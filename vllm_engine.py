@@ -120,8 +120,8 @@ def sampler(args, model, model_path: str, max_model_len: int):
         from rollout import generate_responses as hf_generate
 
         return model, hf_generate
-    return VLLMEngine(model_path, dtype=args.rollout_dtype, seed=args.seed, max_model_len=max_model_len), \
-        generate_responses
+    engine = VLLMEngine(model_path, dtype=args.rollout_dtype, seed=args.seed, max_model_len=max_model_len)
+    return engine, generate_responses
 
 
 def engine_problems(args) -> list[str]:
