@@ -162,7 +162,8 @@ def releases_output_locks(fn):
 def plan_output_dir(args, out: Path) -> dict:
     """How this run starts in `out`, decided before any model loads: {"checkpoint": the one to resume from
     or None, "clean": remove RUN_OUTPUTS first, "continue_finished": a finished run continued to a larger
-    --max-steps, "notes": lines to print}. A directory is reused only for the same run: resuming needs the
+    --max-steps, "notes": lines to print, "finished": the summary of this very run, already finished with
+    these arguments and --max-steps, else None}. A directory is reused only for the same run: resuming needs the
     checkpoint's training arguments (`arg_differences`), and without a usable checkpoint only the leftovers
     of this run killed before its first checkpoint are replaced. Everything else (a finished run, a run of
     other arguments, a run whose checkpoints are all damaged or that saved none) is refused with one line,
@@ -177,14 +178,19 @@ def plan_output_dir(args, out: Path) -> dict:
         if (out / "config.json").exists() and saved is None:  # e.g. a model directory: not ours to clean
             raise RunError(f"error: --overwrite: {out} holds a config.json that is not a run's; choose "
                            "another --output-dir")
-        return {"checkpoint": None, "clean": bool(present), "continue_finished": False, "notes": []}
+        return _start(clean=bool(present))
     ckpt, skipped = latest_checkpoint(out / "checkpoints")
     why = f" ({'; '.join(skipped)})" if skipped else ""
     finished = (out / "summary.json").exists()
     try:
-        finished_steps = json.loads((out / "summary.json").read_text())["steps"] if finished else None
+        summary = json.loads((out / "summary.json").read_text()) if finished else None
+        finished_steps = summary["steps"] if finished else None
     except (OSError, ValueError, KeyError, TypeError):
         finished_steps = None
+    # The same run asked for again once it has finished (a scheduler re-queuing a job that ended well):
+    # nothing to do, and not a failure.
+    if finished_steps == args.max_steps and saved is not None and not arg_differences(saved, args):
+        return _start(finished=summary)
     if ckpt is None:
         if args.resume:
             raise RunError(f"error: --resume: no usable checkpoint in {out / 'checkpoints'}{why}")
@@ -196,7 +202,7 @@ def plan_output_dir(args, out: Path) -> dict:
             other = f", of other training arguments ({'; '.join(diffs)})," if diffs else ""
             raise RunError(f"error: {out} holds a run ({', '.join(present)}){other} but no usable checkpoint "
                            f"to resume from{why}; {ways_out}")
-        return {"checkpoint": None, "clean": bool(present), "continue_finished": False, "notes": skipped}
+        return _start(clean=bool(present), notes=skipped)
     state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
     diffs = arg_differences(state["args"], args)
     if diffs:
@@ -210,7 +216,14 @@ def plan_output_dir(args, out: Path) -> dict:
     if finished and args.max_steps <= finished_steps:
         raise RunError(f"error: {out} holds a finished run ({finished_steps} steps); to train it further "
                        f"from {ckpt}, raise --max-steps above {finished_steps}; or {ways_out}")
-    return {"checkpoint": str(ckpt), "clean": False, "continue_finished": finished, "notes": skipped}
+    return _start(checkpoint=str(ckpt), continue_finished=finished, notes=skipped)
+
+
+def _start(checkpoint: str | None = None, clean: bool = False, continue_finished: bool = False,
+           notes: list[str] | None = None, finished: dict | None = None) -> dict:
+    """A plan of `plan_output_dir`."""
+    return {"checkpoint": checkpoint, "clean": clean, "continue_finished": continue_finished,
+            "notes": notes or [], "finished": finished}
 
 
 def read_run_config(out: Path) -> dict | None:

@@ -79,11 +79,15 @@ def test_resume_with_other_training_arguments_is_refused(tmp_path, tiny_base):
     assert steps(out) == [0, 1, 2]
 
 
-def test_a_finished_or_foreign_run_is_not_reused(tmp_path, tiny_base):
+def test_a_finished_run_asked_for_again_is_done_and_another_run_is_not_let_in(tmp_path, tiny_base):
     out = tmp_path / "run"
     assert run(out, "--save-every", "0", "--max-steps", "1").returncode == 0  # finished, no checkpoint
     before = snapshot(out)
-    last = refusal(run(out, "--save-every", "0", "--max-steps", "1"))
+    again = run(out, "--save-every", "0", "--max-steps", "1")  # a scheduler re-queuing the job that ended well
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "finished at step 1: nothing to do" in again.stdout and "resuming" not in again.stdout
+    assert snapshot(out) == before
+    last = refusal(run(out, "--save-every", "0", "--max-steps", "1", "--lr", "5e-4"))  # not the same run
     assert "finished" in last and "--overwrite" in last and "--output-dir" in last, last
     last = refusal(run(out, "--save-every", "0", "--max-steps", "2"))  # nothing to continue from
     assert "no usable checkpoint" in last, last
@@ -127,7 +131,9 @@ def test_the_lock_is_released_when_main_returns_or_raises(tmp_path, tiny_base):
 
     args = Args(output_dir=str(tmp_path / "run"), max_steps=1, prompts_per_step=4, num_generations=4,
                 max_new_tokens=16, eval_every=0, reward_workers=0, save_every=0)
-    main(args)
+    first = main(args)
+    assert main(args) == first  # the same run again: finished, nothing to do
+    args.lr = 5e-4
     with pytest.raises(SystemExit, match="finished run"):
         main(args)
     args.overwrite = True

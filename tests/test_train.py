@@ -495,9 +495,12 @@ def test_a_run_that_merges_for_generation_samples_what_an_unmerged_run_does(tmp_
 
 def test_lora_with_dropout_checkpointing_and_bf16_starts_at_ratio_one(tmp_path, tiny_base):
     result = train("train_grpo.py", tmp_path, *SHORT, *LORA, "--lora-dropout", "0.3", "--gradient-checkpointing",
-                   "--bf16", "--lr", "1e-2")
+                   "--bf16")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "LoRA: learning rate 0.002 (20x full fine-tuning's default" in result.stdout  # no --lr: LoRA's
     rows = metrics(tmp_path)
+    assert [r["lr"] for r in rows] == [2e-3, 2e-3]
+    assert json.loads((tmp_path / "config.json").read_text())["lr"] == 2e-3
     assert rows[0]["policy/ratio"] == 1.0  # the update's own log-probs are the old ones
     assert all(r["train/nonfinite_updates"] == 0 for r in rows[:-1])
     adapters = load_file(tmp_path / "policy" / "adapter_model.safetensors")
@@ -538,8 +541,8 @@ def test_lora_learns_on_a_small_budget(script, critic, tmp_path, tiny_base):
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["train_grpo.py", "train_ppo.py"])
 def test_default_run_with_lora_reaches_90_percent(script, tmp_path, tiny_base):
-    """The default with --lora-r 16 and 20 times the full fine-tune's learning rate (README: LoRA)."""
-    result = train(script, tmp_path, "--lora-r", "16", "--lr", "2e-3", timeout=900)
+    """The default with --lora-r 16, at LoRA's default learning rate (README: LoRA)."""
+    result = train(script, tmp_path, "--lora-r", "16", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["base_accuracy"] <= 0.5 and summary["final_accuracy"] >= 0.9, summary
