@@ -997,19 +997,28 @@ def _score_one(
     fn, response, ground_truth, extras: dict, soft_timeout: float | None
 ) -> tuple[str, float, str]:
     """Call a reward function and classify the outcome: ok, invalid, error or timeout."""
+    pid = os.getpid()
     try:
         with _deadline(soft_timeout):
             value = fn(response, ground_truth, **extras)
             return _check_reward(value)  # inside the deadline: a user's __float__ may be slow too
     except _DeadlineExceeded:
         return "timeout", 0.0, "soft deadline"
-    except Exception as e:  # a user's reward function may raise anything; it costs the sample, not the run
+    # A user's reward function may raise anything, sys.exit too; it costs the sample, not the run (nor the
+    # worker: SystemExit would end it, and every item after it).
+    except (Exception, SystemExit) as e:
         return "error", 0.0, type(e).__name__
+    finally:
+        if os.getpid() != pid:  # a child the function forked, returning here: it must not answer for us
+            os._exit(0)
 
 
 def _worker_main(conn, reward_fn, soft_timeout: float) -> None:
     """Worker process: load the reward function once, then score (call, index, item) messages forever."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the trainer; it shuts us down
+    # Ctrl-C, and SIGTERM sent to the whole process group (`timeout`, `kill -TERM -PGID`, Slurm), are for the
+    # trainer, which finishes its step, with these rewards, before it stops and shuts us down.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     try:
         fn = load_reward_fn(reward_fn) if isinstance(reward_fn, str) else reward_fn
         if fn is math_reward:  # warm sympy's lazy imports and the ANTLR parser before the first deadline
@@ -1133,6 +1142,7 @@ class RewardPool:
         self._start_failures = 0
         self._closed = False
         self.last_seconds: list[float] = []  # per-item scoring time of the last `score` call
+        self.first_failure: str | None = None  # the last `score` call's first failed item, for messages
         self._ctx = multiprocessing.get_context("spawn")
         self._workers: list[_Worker] = []
         # Runs at close() or at interpreter exit, whichever comes first; holds no reference to self.
@@ -1185,6 +1195,7 @@ class RewardPool:
         extras = [{k: v for k, v in (e or {}).items() if k not in _CALL_ARGUMENTS} for e in (extras or [{}] * n)]
         rewards, seconds = [0.0] * n, [0.0] * n
         counters = {"reward/errors": 0, "reward/timeouts": 0, "reward/invalid": 0}
+        self.first_failure = None
         if self.num_workers == 0:
             for i in range(n):
                 start = time.perf_counter()
@@ -1204,6 +1215,7 @@ class RewardPool:
         if key is not None:
             counters[key] += 1
             self._warnings.warn("reward item %d scored 0: %s (%s)", index, status, detail)
+            self.first_failure = self.first_failure or f"item {index}: {status}, {detail}"
 
     def _score_in_workers(self, responses, ground_truths, extras, rewards, seconds, counters) -> None:
         self._call_id += 1

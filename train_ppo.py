@@ -710,6 +710,11 @@ def score_rollout(run: Run, exp: Experience, texts: list[str], drawn: list[dict]
     args, answers = run.args, [r["answer"] for r in drawn]
     seed = f"{args.seed}/{key[0]}/{key[1]}/{run.accelerator.process_index}"
     verdicts, stats = run.pool.score(texts, answers, [r.get("extras") or {} for r in drawn])
+    failed, scored = reduce_sum(run.accelerator, [sum(stats.values()), len(texts)]).tolist()
+    if failed == scored:  # a broken reward function, not noise: stop before an update learns from it
+        leave_process_group()
+        raise RunError(f"error: step {key[0]}: the reward function failed on all {int(scored)} responses (first: "
+                       f"{run.pool.first_failure}); nothing was trained on them; fix it and run the same command")
     lengths, truncated = exp.response_mask.sum(dim=1).long().cpu(), exp.truncated.cpu().tolist()
     repetitive = repetition_flags(exp.response_ids.cpu(), lengths, texts)
     rewards, outcomes, rule_stats = decide_rewards(

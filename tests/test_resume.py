@@ -92,9 +92,9 @@ def check_kill_and_resume(tmp_path, reference, advantage: str, when: str, seed: 
     point = killed_run(out, advantage, when, random.Random(seed))
     had_checkpoint = bool(list((out / "checkpoints").glob("step-*")))
     finished = (out / "summary.json").exists()  # killed after its last write, while exiting
-    result = run(out, advantage)  # the same command: resumes on its own, or refuses to redo a finished run
+    result = run(out, advantage)  # the same command: resumes on its own, or says the run is done
     if finished:
-        assert result.returncode != 0 and "holds a finished run" in result.stderr, (point, result.stderr[-3000:])
+        assert result.returncode == 0 and "nothing to do" in result.stdout, (point, result.stderr[-3000:])
     else:
         assert result.returncode == 0, (point, result.stderr[-3000:])
         assert ("resuming from" in result.stdout) == had_checkpoint
@@ -134,6 +134,49 @@ def test_sigterm_checkpoints_and_exits_then_resumes(tmp_path, reference):
     result = run(out, "grpo")
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_run(out, reference["grpo"], "grpo")
+
+
+SLOW_REWARD = """
+import os, time
+from pathlib import Path
+
+def score(response, ground_truth, **extras):
+    Path(os.environ["REWARD_MARKER"]).touch()  # the reward phase has begun
+    time.sleep(0.1)
+    return float(len(response) % 2)
+"""
+
+
+def test_sigterm_to_the_process_group_in_the_reward_phase_then_resume_matches(tmp_path, tiny_base):
+    """As `timeout`, `kill -TERM -PGID` and Slurm deliver it: to the reward workers too. They leave the signal
+    to the trainer, which finishes the step with their rewards (they used to die, scoring that step's items
+    0 into its checkpoint), saves and stops; the same command then ends as an uninterrupted run does."""
+    (tmp_path / "slow.py").write_text(SLOW_REWARD)
+    marker = tmp_path / "scoring"
+    args = ("--reward", f"{tmp_path / 'slow.py'}:score", "--reward-workers", "2", "--max-steps", "3",
+            "--eval-every", "0")
+    env = {**ONE_THREAD, "REWARD_MARKER": str(marker)}
+    assert run(tmp_path / "reference", "grpo", *args, **{"REWARD_MARKER": str(marker)}).returncode == 0
+    out = tmp_path / "term"
+    proc = start_script(*command(out, "grpo"), *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        text=True, start_new_session=True)
+    try:
+        while len(metric_lines(out)) < 1 and proc.poll() is None:
+            time.sleep(0.01)
+        marker.unlink()
+        while not marker.exists() and proc.poll() is None:  # step 1's rewards are being scored
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1 and "stopped by signal 15 after step 1" in stderr, stderr[-3000:]
+    rows = metric_lines(out)
+    assert len(rows) == 2 and sum(r["reward/errors"] for r in rows) == 0, rows
+    result = run(out, "grpo", *args, **{"REWARD_MARKER": str(marker)})
+    assert result.returncode == 0 and "resuming from" in result.stdout, result.stderr[-3000:]
+    assert_same_run(out, tmp_path / "reference", "grpo")
 
 
 def test_nan_updates_are_skipped_and_counted(tmp_path):

@@ -47,7 +47,7 @@ CASES = [json.loads(line) for line in CASES_FILE.read_text().splitlines() if lin
 
 # Reward functions that misbehave in every way a user's function can; loaded by path in the workers.
 BAD_REWARDS = """
-import math, os, signal, time
+import math, os, signal, sys, time
 from fractions import Fraction
 
 def by_response(response, ground_truth, **extras):
@@ -70,6 +70,11 @@ def by_response(response, ground_truth, **extras):
         os._exit(3)
     if response == "pid":  # modulo: pids can exceed the largest valid reward (reward.MAX_ABS_REWARD)
         return float(os.getpid() % 1_000_000)
+    if response == "fork":  # a child that returns as its parent does, without os._exit
+        os.fork()
+        return 4.0
+    if response == "exit":
+        sys.exit(3)
     return float(len(response)) + extras.get("bonus", 0)
 
 class FloatFails:
@@ -436,6 +441,22 @@ def test_pool_survives_a_worker_crash_and_unpicklable_extras(bad_pool):
     assert counters["reward/errors"] == 2
     rewards, _ = bad_pool.score(["ab"] * 3, [""] * 3)
     assert rewards == [2.0] * 3
+
+
+def test_pool_scores_a_function_that_forks_and_one_that_calls_sys_exit(bad_pool):
+    """A forked child that returns into the worker is ended there: it answered for the worker and then read
+    its next items (wrong rewards, a truncated message, the next call hung). sys.exit is an error of its item:
+    it ended the worker, and every item after it."""
+    bad_pool.score(["a", "a"], ["", ""])
+    pids = bad_pool.worker_pids()
+    for _ in range(2):
+        rewards, counters = bad_pool.score(["fork", "ab", "fork", "abc", "fork", "a"], [""] * 6)
+        assert rewards == [4.0, 2.0, 4.0, 3.0, 4.0, 1.0] and sum(counters.values()) == 0
+    start = time.perf_counter()
+    rewards, counters = bad_pool.score(["exit", "ab", "exit", "abc"], [""] * 4)
+    assert rewards == [0.0, 2.0, 0.0, 3.0] and counters["reward/errors"] == 2
+    assert bad_pool.first_failure == "item 0: error, SystemExit"
+    assert bad_pool.worker_pids() == pids and time.perf_counter() - start < 10
 
 
 def test_in_process_pool_counts_and_rate_limits_warnings(bad_rewards_file, caplog):

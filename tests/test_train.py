@@ -8,6 +8,7 @@ The learning tests (one per estimator) run in CI; the full default runs are mark
 """
 
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -249,6 +250,19 @@ def test_a_reward_function_that_raises_hangs_or_returns_junk_costs_only_those_sa
     assert all(v > 0 for v in totals.values()), totals
     assert all(0.0 <= r["train/reward"] <= 1.0 for r in rows)
     assert all(r["time/reward"] < 30 for r in rows)  # a hang costs the timeout, not the step
+
+
+def test_a_reward_function_that_fails_on_every_response_stops_the_run_before_the_update(tmp_path, tiny_base):
+    (tmp_path / "exits.py").write_text("import sys\n\ndef score(response, ground_truth, **extras):\n    sys.exit(0)\n")
+    out = tmp_path / "run"
+    result = run_script("train_grpo.py", "--output-dir", str(out), "--reward", str(tmp_path / "exits.py") + ":score",
+                        "--max-steps", "2", "--prompts-per-step", "4", "--num-generations", "4", "--eval-every", "0",
+                        env=ONE_THREAD, timeout=600)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: step 0: the reward function failed on all 16 responses \(first: item \d+: error, "
+                        r"SystemExit\); nothing was trained on them; fix it and run the same command", last), last
+    assert not (out / "metrics.jsonl").read_text() and not (out / "policy").exists()
 
 
 # --------------------------------------------------------------------------------------------------
