@@ -19,6 +19,7 @@ from utils import JsonlWriter, RunError, main_process_decides, plain_args
 CHECKPOINT_PREFIX = "step-"
 MANIFEST = "manifest.json"  # in each checkpoint: its files' sizes and xxh3-128 hashes, written last
 LOCK_FILE = ".lock"  # in the output directory: flocked by the run that uses it, holds its pid
+CONFIG_TMP = ".config.json.tmp"  # config.json is written here first, then renamed
 # What a run writes in its output directory; --overwrite removes these and nothing else (the lock file and
 # the user's own files stay). "reasoner-zero" is tensorboard's directory (the project name of init_trackers).
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples.jsonl", "eval_problems.jsonl", "reward_audit.jsonl",
@@ -122,7 +123,8 @@ def lock_output_dir(out: Path) -> None:
     import socket
 
     out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    refuse_links(out)
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -141,6 +143,16 @@ def lock_output_dir(out: Path) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
     _HELD_LOCKS.append(fd)
+
+
+def refuse_links(out: Path) -> None:
+    """Stop with one line if a name the run writes in `out` is a symbolic link: writing through it would
+    truncate or overwrite a file elsewhere (the lock, config.json's temporary copy), or fail at the first
+    checkpoint (a dangling `checkpoints`)."""
+    for name in (LOCK_FILE, CONFIG_TMP, *RUN_OUTPUTS):
+        if (out / name).is_symlink():
+            raise RunError(f"error: --output-dir {out}: {name} is a symbolic link (to {os.readlink(out / name)}); a "
+                           "run writes only its own files there: remove the link, or choose another --output-dir")
 
 
 def releases_output_locks(fn):
@@ -285,7 +297,8 @@ def prepare_output_dir(out: Path, plan: dict, args) -> None:
         (out / "summary.json").unlink(missing_ok=True)
     for tmp in (out / "checkpoints").glob(".tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)
-    tmp = out / ".config.json.tmp"
+    tmp = out / CONFIG_TMP
+    tmp.unlink(missing_ok=True)  # never written through a link placed there
     tmp.write_text(json.dumps(plain_args(args), indent=2))
     os.replace(tmp, out / "config.json")
 
