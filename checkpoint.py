@@ -481,6 +481,10 @@ def open_logs(accelerator, out: Path, start_step: int) -> dict:
     run wrote after its last checkpoint is dropped."""
     names = ("metrics.jsonl", "samples.jsonl", "eval_problems.jsonl", "reward_audit.jsonl")
     kept = {name: read_jsonl_before(out / name, start_step) for name in names}
+    missing = sorted(set(range(start_step)) - {row["step"] for row in kept["metrics.jsonl"]})
+    if missing:  # synced before each checkpoint: cut or removed since the run stopped
+        accelerator.print(f"warning: {out / 'metrics.jsonl'} lacks the rows of {len(missing)} of the {start_step} "
+                          f"steps before the checkpoint (steps {step_ranges(missing)}): the resumed log has a gap")
     accelerator.wait_for_everyone()  # every process has read the files before the main process rewrites them
     if not accelerator.is_main_process:
         return {}
@@ -491,6 +495,17 @@ def open_logs(accelerator, out: Path, start_step: int) -> dict:
             log.write(row)
     return logs
 
+
+
+def step_ranges(steps: list[int]) -> str:
+    """Sorted step numbers, compactly: [1, 2, 3, 7] -> "1-3, 7"."""
+    runs = []
+    for step in steps:
+        if runs and step == runs[-1][1] + 1:
+            runs[-1][1] = step
+        else:
+            runs.append([step, step])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
 
 
 def output_dir_problems(path: str) -> list[str]:

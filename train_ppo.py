@@ -977,6 +977,8 @@ def checkpoint(run: Run, step: int, nonfinite: int) -> Path | None:
         accelerator.print(f"warning: step {step}: no checkpoint written ({why}); the last one is "
                           f"{run.checkpoint or 'none'}")
         return run.checkpoint
+    for log in run.logs.values():  # on disk before the checkpoint that a resume keeps their rows for
+        log.sync()
     # With LoRA a checkpoint holds what trains (adapters, value head, their optimizer states); the frozen base
     # is the model the run starts from.
     tied = getattr(accelerator.unwrap_model(run.policy), "all_tied_weights_keys", None) or {}

@@ -359,5 +359,9 @@ class JsonlWriter:
         self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.file.flush()
 
+    def sync(self) -> None:
+        """Make what was written survive a crash of the machine, not only of the process."""
+        os.fsync(self.file.fileno())
+
     def close(self) -> None:
         self.file.close()

@@ -70,3 +70,20 @@ def test_the_note_about_a_tied_weight_is_dropped_and_any_other_kept():
     assert not note.filter(record(tied.replace("'lm_head.weight'", "'module.lm_head.weight'")))  # DDP's prefix
     assert note.filter(record(tied.replace("lm_head.weight", "decoder.weight")))  # not tied: the note stays
     assert note.filter(record("[RANK 0] something else"))
+
+
+def test_step_ranges_and_a_log_synced_to_disk(tmp_path, monkeypatch):
+    import os
+
+    from checkpoint import step_ranges
+    from utils import JsonlWriter
+
+    assert step_ranges([1, 2, 3, 7]) == "1-3, 7" and step_ranges([0]) == "0"
+    assert step_ranges([4, 5, 9, 10]) == "4-5, 9-10"
+    synced = []
+    monkeypatch.setattr(os, "fsync", synced.append)
+    log = JsonlWriter(tmp_path / "metrics.jsonl")
+    log.write({"step": 0})
+    log.sync()
+    assert synced == [log.file.fileno()]
+    log.close()

@@ -179,6 +179,23 @@ def test_sigterm_to_the_process_group_in_the_reward_phase_then_resume_matches(tm
     assert_same_run(out, tmp_path / "reference", "grpo")
 
 
+def test_log_rows_lost_after_a_stop_are_named_on_resume(tmp_path, tiny_base):
+    """metrics.jsonl is synced before each checkpoint; cut mid-row or removed after the run stopped, the resumed
+    run says which steps' rows are gone."""
+    out = tmp_path / "cut"
+    assert run(out, "grpo", "--max-steps", "3").returncode == 0
+    text = (out / "metrics.jsonl").read_text()
+    cut = text.index("\n") + 1 + text.splitlines()[1].index(",")  # in the middle of step 1's row
+    (out / "metrics.jsonl").write_text(text[:cut])
+    result = run(out, "grpo", "--max-steps", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "lacks the rows of 2 of the 3 steps before the checkpoint (steps 1-2)" in result.stdout, result.stdout
+    assert [r["step"] for r in metric_lines(out)] == [0, 3, 4]  # the row of 3 evaluates; 4 is the final one
+    (out / "metrics.jsonl").unlink()
+    result = run(out, "grpo", "--max-steps", "5")
+    assert "lacks the rows of 4 of the 4 steps before the checkpoint (steps 0-3)" in result.stdout, result.stdout
+
+
 def test_nan_updates_are_skipped_and_counted(tmp_path):
     result = run(tmp_path, "grpo", REASONER_ZERO_NAN_STEPS="1")
     assert result.returncode == 0, result.stderr[-3000:]
