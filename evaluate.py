@@ -370,7 +370,8 @@ def main(args: EvalArgs) -> dict:
     problems = context_problems(config, args.max_new_tokens)
     if problems:
         raise SystemExit("error: " + problems[0])
-    model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=args.trust_remote_code,
+                                                 use_safetensors=True)
     stop_ids = prepare_for_sampling(tokenizer, model, checkpoint_settings=args.checkpoint_sampling)
     sampling = (dict(temperature=None, top_p=None, top_k=None) if args.checkpoint_sampling else
                 dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k))

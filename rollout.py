@@ -218,7 +218,7 @@ def model_problems(model: str) -> list[str]:
     path = Path(model).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file():
-            return []
+            return model_dir_problems(model, path)
         ggufs = sorted(path.glob("*.gguf"))
         return [f"--model {model}: {len(ggufs)} .gguf files in this directory ({', '.join(g.name for g in ggufs)})"
                 f": name one of them"] if ggufs else [
@@ -229,6 +229,36 @@ def model_problems(model: str) -> list[str]:
     if model.startswith((".", "/", "~")) or model.count("/") > 1 or model.endswith(".gguf"):
         return [f"--model {model}: no such path (and not a hub id)"]
     return hub_model_problems(model)
+
+
+def model_dir_problems(model: str, path: Path) -> list[str]:
+    """[] if the model directory `path` holds what training loads, before anything loads: a config.json of a
+    causal language model (an encoder such as BertForMaskedLM attends both ways and would train as a policy
+    without a word from transformers), safetensors weights (the only weights format loaded) and a tokenizer."""
+    import json
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        kind, classes = config.get("model_type"), config.get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return [f"--model {model}: its config.json is not a JSON object"]
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if config.get("is_encoder_decoder") or (not any(c in causal for c in classes) if classes
+                                             else kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        what = ", ".join(map(str, classes)) or f"model_type {kind}"
+        return [f"--model {model}: a {what} (config.json), not a causal language model: the policy must be one "
+                "that AutoModelForCausalLM loads (such as LlamaForCausalLM)"]
+    problems = []
+    if not list(path.glob("*.safetensors")):
+        pickled = sorted(p.name for p in path.glob("*.bin"))
+        problems.append(f"--model {model}: no .safetensors weights in this directory" + (
+            f" ({', '.join(pickled)} is pickled, which is not loaded: save the model with safe_serialization)"
+            if pickled else ""))
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        problems.append(f"--model {model}: no tokenizer in this directory (tokenizer.json or tokenizer_config.json)")
+    return problems
 
 
 def gguf_problems(model: str, file: Path) -> list[str]:

@@ -437,7 +437,8 @@ def setup(args: Args) -> Run | dict:
     # base weights are frozen, so with --bf16 they load in bf16 (half the memory); peft keeps the adapters in
     # fp32 (its autocast_adapter_dtype), and the value head is fp32 too.
     frozen_bf16 = bool(args.lora_r and args.bf16)
-    load = dict(trust_remote_code=args.trust_remote_code, dtype=torch.bfloat16 if frozen_bf16 else torch.float32)
+    load = dict(trust_remote_code=args.trust_remote_code, dtype=torch.bfloat16 if frozen_bf16 else torch.float32,
+                use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
     train_records, eval_records = load_data(args, tokenizer, data, config)  # too long for it: before it loads

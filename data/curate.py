@@ -138,7 +138,7 @@ def _load_sampler(model_name: str, trust_remote_code: bool):
     path = resolve_model(model_name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, use_safetensors=True)
     except (OSError, ValueError) as err:
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise SystemExit(f"error: --model {model_name}: cannot load: {first}") from None

@@ -734,3 +734,54 @@ def test_sampler_logprobs_match_the_trainers(setup, refill):
     diff = (out["logprobs"] - trainer).abs() * response_mask
     assert response_mask.sum() > 50 and diff.max() < 1e-4, diff.max()
     assert (out["logprobs"] * response_mask <= 0).all() and (out["logprobs"][response_mask.bool()] < -1e-3).any()
+
+
+def test_a_model_directory_must_hold_a_causal_lm_safetensors_and_a_tokenizer(tmp_path, tiny_base):
+    """Checked before the output directory is touched: an encoder trained as a policy without a word (it
+    attends both ways), a directory with only config.json used to fail in a traceback after the lock."""
+    import shutil
+
+    from transformers import BertConfig, BertForMaskedLM
+
+    from rollout import model_problems
+
+    assert model_problems(str(tiny_base)) == []
+    tokenizer_files = [p for p in tiny_base.iterdir() if p.name.startswith(("tokenizer", "special_tokens"))]
+    bert = tmp_path / "bert"
+    BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32)).save_pretrained(bert)
+    for f in tokenizer_files:
+        shutil.copy(f, bert)
+    assert model_problems(str(bert)) == [f"--model {bert}: a BertForMaskedLM (config.json), not a causal language "
+                                         "model: the policy must be one that AutoModelForCausalLM loads (such as "
+                                         "LlamaForCausalLM)"]
+    only_config = tmp_path / "only-config"
+    only_config.mkdir()
+    shutil.copy(tiny_base / "config.json", only_config)
+    assert model_problems(str(only_config)) == [
+        f"--model {only_config}: no .safetensors weights in this directory",
+        f"--model {only_config}: no tokenizer in this directory (tokenizer.json or tokenizer_config.json)"]
+    (only_config / "pytorch_model.bin").write_bytes(b"pickled")
+    for f in tokenizer_files:
+        shutil.copy(f, only_config)
+    assert model_problems(str(only_config)) == [
+        f"--model {only_config}: no .safetensors weights in this directory (pytorch_model.bin is pickled, which is "
+        "not loaded: save the model with safe_serialization)"]
+    t5 = tmp_path / "t5"
+    t5.mkdir()
+    (t5 / "config.json").write_text('{"model_type": "t5", "is_encoder_decoder": true}')
+    assert "a model_type t5 (config.json), not a causal language model" in model_problems(str(t5))[0]
+
+
+def test_an_encoder_is_refused_before_the_output_directory_is_claimed(tmp_path, tiny_base):
+    from conftest import run_script
+    from transformers import BertConfig, BertForMaskedLM
+
+    bert = tmp_path / "bert"
+    BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32)).save_pretrained(bert)
+    out = tmp_path / "run"
+    result = run_script("train_grpo.py", "--model", str(bert), "--output-dir", str(out), timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: --model {bert}: a BertForMaskedLM")
+    assert not (out / ".lock").exists()
