@@ -56,7 +56,8 @@ def file_hash(path: Path) -> str:
 
 def checkpoint_problem(path: Path) -> str | None:
     """Why the checkpoint directory `path` cannot be trusted, or None if it is intact: its manifest (written
-    last, before the directory got its name) lists every file with its size and hash, each file matches,
+    last, before the directory got its name) lists every file with its size and hash, each file matches and
+    no other file is there,
     and trainer_state.json holds the step of the directory's name, the schedulers and the arguments."""
     try:
         files = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
@@ -75,6 +76,12 @@ def checkpoint_problem(path: Path) -> str | None:
             return f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
         if file_hash(file) != digest:
             return f"{name} does not match its hash in the manifest"
+    # what the manifest does not list: a resume would hand it to accelerate, which fails on it at length
+    strays = sorted(str(p.relative_to(path)) for p in path.rglob("*")
+                    if not p.is_dir() and str(p.relative_to(path)) not in (*entries, MANIFEST))
+    if strays:
+        return f"it holds {strays[0]}, which its manifest does not list" + (
+            f" (and {len(strays) - 1} more)" if len(strays) > 1 else "")
     try:
         state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
         ok = (state["step"] == int(path.name[len(CHECKPOINT_PREFIX):]) and "schedulers" in state

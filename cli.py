@@ -80,14 +80,51 @@ def _config_value(value, tp):
         ok = isinstance(value, tp)
     if not ok:
         if isinstance(value, str):
-            got = f"the string {value!r}"
+            got = f"the string {_spelled(value, json_like=False)}"
         elif isinstance(value, (bool, int, float, list, dict)):
-            got = json.dumps(value, default=str)  # as the file spells it: true, [1, 2]
+            got = _spelled(value)  # as the file spells it: true, [1, 2]
         else:
-            got = repr(value)  # e.g. a date, which YAML reads from 2024-01-01
-        hint = f" (write [{value!r}])" if isinstance(value, str) and typing.get_origin(tp) is list else ""
+            got = _spelled(value, json_like=False)  # e.g. a date, which YAML reads from 2024-01-01
+        hint = (f" (write [{_spelled(value, json_like=False)}])" if isinstance(value, str)
+                and typing.get_origin(tp) is list else "")
         raise ValueError(f"expected {_type_name(tp)}, got {got}{hint}")
     return value
+
+
+def _spelled(value, width: int = 60, json_like: bool = True) -> str:
+    """`value` as a config file spells it (JSON: true, [1, 2]; else repr), cut to about `width`
+    characters. Walked only as far as it is shown: a few hundred bytes of YAML aliases (a "billion laughs"
+    nest) stand for more nested items than memory holds."""
+    parts, left = [], width
+
+    def emit(text: str) -> None:
+        nonlocal left
+        parts.append(text[:max(left, 0)])
+        left -= len(text)
+        if left < 0:
+            raise StopIteration
+
+    def walk(v) -> None:
+        if isinstance(v, (list, tuple)):
+            emit("[")
+            for i, item in enumerate(v):
+                emit(", " if i else "")
+                walk(item)
+            emit("]")
+        elif isinstance(v, dict):
+            emit("{")
+            for i, (k, item) in enumerate(v.items()):
+                emit((", " if i else "") + f"{_spelled(str(k), 20)}: ")
+                walk(item)
+            emit("}")
+        else:
+            emit(json.dumps(v, default=str) if json_like else repr(v))
+
+    try:
+        walk(value)
+    except StopIteration:
+        parts.append("...")
+    return "".join(parts)
 
 
 def script_argv() -> list[str]:

@@ -1516,15 +1516,18 @@ def answer_is_usable(answer: str) -> bool:
 
 
 def audit_verdicts(responses: list[str], ground_truths: list[str], verdicts: list[float], picked: list[int],
-                   step: int, truncated: list[bool]) -> tuple[int, list[dict]]:
+                   step: int, truncated: list[bool]) -> tuple[int, int, list[dict]]:
     """Judge the `picked` responses again with plain math-verify (`math_verify_baseline`): (how many were
-    audited, a row for each whose verdict differs from `verdicts`, for reward_audit.jsonl, which
+    audited, how many were skipped, a row for each whose verdict differs from `verdicts`, for reward_audit.jsonl, which
     `python reward.py FILE --compare` reads). Compared are the judges' verdicts before ORZ's truncation rule.
-    Answers the pre-screen refuses as too costly are not audited: math-verify runs in the caller's process
-    (the trainer's), where a parse that never ends would stop training."""
+    Answers the pre-screen refuses as too costly are not audited (nor responses to such a ground truth: a
+    100 KB one took 30 s a step): math-verify runs in the caller's process (the trainer's), where a parse
+    that never ends would stop training. `skipped` counts them."""
     # both what our judge reads (the answer region) and what math-verify reads (the last box of the text)
-    picked = [i for i in picked if not any(a is not None and too_costly(a)
-                                           for a in (final_answer(responses[i]), last_boxed_string(responses[i])))]
+    affordable = [i for i in picked if not any(
+        a is not None and too_costly(a) for a in (final_answer(responses[i]), last_boxed_string(responses[i]),
+                                                 str(ground_truths[i])))]
+    skipped, picked = len(picked) - len(affordable), affordable
     audited, differ = 0, []
     for i in picked:
         try:
@@ -1535,7 +1538,7 @@ def audit_verdicts(responses: list[str], ground_truths: list[str], verdicts: lis
         if (verdicts[i] > 0) != (plain > 0):
             differ.append({"step": step, "response": responses[i], "ground_truth": ground_truths[i],
                            "reward": verdicts[i], "math_verify": plain, "truncated_response": bool(truncated[i])})
-    return audited, differ
+    return audited, skipped, differ
 
 
 # ----------------------------------------------------------------------------------------------------

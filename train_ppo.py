@@ -725,8 +725,9 @@ def score_rollout(run: Run, exp: Experience, texts: list[str], drawn: list[dict]
     if args.audit_samples:  # plain math-verify judges a few responses again: reward/disagreement
         rng = random.Random("audit/" + seed)
         picked = sorted(rng.sample(range(len(texts)), min(args.audit_samples, len(texts))))
-        audited, differ = audit_verdicts(texts, answers, verdicts, picked, key[0], truncated)
-        stats.update({"reward/audited": float(audited), "reward/audit_disagreed": float(len(differ))})
+        audited, skipped, differ = audit_verdicts(texts, answers, verdicts, picked, key[0], truncated)
+        stats.update({"reward/audited": float(audited), "reward/audit_skipped": float(skipped),
+                      "reward/audit_disagreed": float(len(differ))})
         for row in differ if run.accelerator.is_main_process else []:
             run.logs["reward_audit.jsonl"].write(row)
     device = run.accelerator.device

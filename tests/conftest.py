@@ -61,6 +61,16 @@ def train(script: str, out, *args: str, env: dict | None = None, timeout: float 
 # Helpers and tables more than one test file uses
 # --------------------------------------------------------------------------------------------------
 
+def model_dir_stub(path: Path) -> Path:
+    """A directory with the files the --model check looks for (a causal LM's config.json, empty weights and
+    tokenizer files), for tests of what comes before any model loads."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text('{"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}')
+    for name in ("model.safetensors", "tokenizer.json"):
+        (path / name).write_text("")
+    return path
+
+
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                      reason="deepspeed is not installed (pip install deepspeed==0.19.8)")
 

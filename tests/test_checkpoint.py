@@ -87,3 +87,24 @@ def test_step_ranges_and_a_log_synced_to_disk(tmp_path, monkeypatch):
     log.sync()
     assert synced == [log.file.fileno()]
     log.close()
+
+
+def test_a_checkpoint_is_intact_only_as_its_manifest_lists_it(tmp_path):
+    from checkpoint import MANIFEST, checkpoint_problem, file_hash
+
+    ckpt = tmp_path / "step-000003"
+    (ckpt / "random_states").mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 3, "schedulers": [], "args": {}}))
+    (ckpt / "random_states" / "rng_0.pkl").write_bytes(b"rng")
+    files = {str(p.relative_to(ckpt)): {"size": p.stat().st_size, "xxh3_128": file_hash(p)}
+             for p in ckpt.rglob("*") if p.is_file()}
+    (ckpt / MANIFEST).write_text(json.dumps({"files": files}))
+    assert checkpoint_problem(ckpt) is None
+    (ckpt / "random_states" / "rng_1.pkl").write_bytes(b"stray")  # resume handed it to accelerate, which failed
+    assert checkpoint_problem(ckpt) == "it holds random_states/rng_1.pkl, which its manifest does not list"
+    (ckpt / "notes.txt").write_text("stray")
+    assert checkpoint_problem(ckpt) == "it holds notes.txt, which its manifest does not list (and 1 more)"
+    (ckpt / "notes.txt").unlink()
+    (ckpt / "random_states" / "rng_1.pkl").unlink()
+    (ckpt / "random_states" / "rng_0.pkl").write_bytes(b"RNG")
+    assert checkpoint_problem(ckpt) == "random_states/rng_0.pkl does not match its hash in the manifest"

@@ -12,7 +12,7 @@ import json
 import re
 
 import pytest
-from conftest import ACCEL_EXPECTED, RECIPE_DIR, RECIPES, option_blocks
+from conftest import ACCEL_EXPECTED, RECIPE_DIR, RECIPES, model_dir_stub, option_blocks
 
 from cli import parse_args
 from train_ppo import Args
@@ -247,12 +247,10 @@ def recipe_launches(name: str) -> list[tuple[str, int]]:
 
 def with_local_paths(args, tmp_path):
     """The recipe's arguments with the dataset (which users download), the model (which check_args looks
-    up on the hub, out of reach of tests) and the output dir in tmp_path."""
+    up on the hub, out of reach of tests: a stub) and the output dir in tmp_path."""
     data = tmp_path / args.dataset
     data.write_text("[]")
-    model = tmp_path / "model"
-    model.mkdir(exist_ok=True)
-    (model / "config.json").write_text("{}")
+    model = model_dir_stub(tmp_path / "model")
     return dataclasses.replace(args, dataset=str(data), model=str(model), output_dir=str(tmp_path / "out"))
 
 
@@ -310,3 +308,30 @@ def test_in_a_jupyter_kernel_the_kernels_own_arguments_are_not_ours(monkeypatch)
     assert script_argv() == ["-f", "/tmp/kernel-1.json"]
     monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
     assert script_argv() == [] and parse_args(Args).max_steps == Args().max_steps
+
+
+def test_a_yaml_alias_nest_is_one_short_line(tmp_path):
+    """A few hundred bytes of YAML aliases stand for 9**9 strings ("billion laughs"): the error shows the value
+    as far as it fits in one line, without expanding it (it was a 312 MB line, at 1.7 GB of memory)."""
+    import resource
+
+    from cli import read_config
+
+    levels = ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        levels.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    path = tmp_path / "laughs.yaml"
+    path.write_text("stop_strings: {" + ", ".join(levels) + "}\n")
+    assert len(path.read_bytes()) < 600
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError) as err:
+        read_config(str(path), Args)
+    message = str(err.value)
+    assert message.startswith(f"{path}: stop_strings: expected a list of strings, got {{\"a\": [\"lol\", ")
+    assert len(message) < 300 and "\n" not in message and message.endswith("..."), message
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50_000  # KiB
+    from cli import _spelled
+
+    assert [_spelled([1, 2]), _spelled(True), _spelled(["x"]), _spelled("x", json_like=False),
+            _spelled({"a": [1]}), _spelled([[[1] * 100]], width=8)] == [
+        '[1, 2]', 'true', '["x"]', "'x'", '{"a": [1]}', '[[[1, 1,...']

@@ -251,12 +251,14 @@ DAMAGE = {
                                                   (ckpt / "model.safetensors").stat().st_size // 2),
     "missing-state": lambda ckpt: (ckpt / "trainer_state.json").unlink(),
     "garbled-state": lambda ckpt: (ckpt / "trainer_state.json").write_text('{"step": 3, "sched'),
+    "stray-file": lambda ckpt: (ckpt / "model_9.safetensors").write_bytes(b"not the run's"),
 }
 
 
 @pytest.mark.parametrize("damage", ["none", pytest.param("truncated-weights", marks=pytest.mark.slow),
                                     pytest.param("missing-state", marks=pytest.mark.slow),
-                                    pytest.param("garbled-state", marks=pytest.mark.slow)])
+                                    pytest.param("garbled-state", marks=pytest.mark.slow),
+                                    pytest.param("stray-file", marks=pytest.mark.slow)])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(damage, tmp_path, reference):
     """A finished 3-step run, continued to 5 steps (its newest checkpoint damaged or not), ends exactly where
     an uninterrupted 5-step run ends; a damaged checkpoint is skipped with one line saying why."""

@@ -758,13 +758,17 @@ def test_reward_audit_counts_and_writes_the_disagreements(tmp_path):
              "\\boxed{9^{9^{9^{9}}}} <answer>\\boxed{1}</answer> \\boxed{9^{9^{9^{9}}}}"]
     answers = ["5", "0.0000672", "\\frac13", "1", "1"]
     verdicts = [1.0, 0.0, 1.0, 0.0, 1.0]  # as math_reward judges them
-    audited, rows = audit_verdicts(texts, answers, verdicts, list(range(5)), 3, [False] * 5)
+    audited, skipped, rows = audit_verdicts(texts, answers, verdicts, list(range(5)), 3, [False] * 5)
     # a power tower is too costly to hand to math-verify in the trainer, also where only math-verify reads
-    # it (the last box of the text, outside the answer): not audited
-    assert (audited, len(rows)) == (3, 2)
+    # it (the last box of the text, outside the answer): not audited, and counted
+    assert (audited, skipped, len(rows)) == (3, 2, 2)
     assert [(r["step"], r["ground_truth"], r["reward"], r["math_verify"]) for r in rows] == [
         (3, "0.0000672", 0.0, 1.0), (3, "\\frac13", 1.0, 0.0)]
-    assert audit_verdicts(texts, answers, verdicts, [1], 3, [False] * 5)[0] == 1  # only the picked ones
+    assert audit_verdicts(texts, answers, verdicts, [1], 3, [False] * 5)[:2] == (1, 0)  # only the picked ones
+    start = time.perf_counter()  # a 100 KB ground truth: math-verify took 30 s over a step's 8 responses
+    assert audit_verdicts(["\\boxed{1}"] * 8, ["1+" * 50_000 + "1"] * 8, [0.0] * 8, list(range(8)), 3,
+                          [False] * 8) == (0, 8, [])
+    assert time.perf_counter() - start < 1
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import dropout_model, option_blocks, run_script, train
+from conftest import dropout_model, model_dir_stub, option_blocks, run_script, train
 from safetensors.torch import load_file
 
 from train_ppo import Args, check_args
@@ -640,9 +640,7 @@ def test_reward_module_that_exits_at_import_is_one_line(tmp_path):
 
 
 def test_data_file_errors_stop_the_run_before_any_model_loads(tmp_path):
-    model = tmp_path / "model"  # passes the --model check, but no tokenizer or weights could load from it
-    model.mkdir()
-    (model / "config.json").write_text("{}")
+    model = model_dir_stub(tmp_path / "model")  # passes the --model check, but nothing could load from it
     data = tmp_path / "bad.jsonl"
     data.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?"}\n')
     result = run_script("train_ppo.py", "--model", str(model), "--dataset", str(data), "--output-dir",

@@ -10,6 +10,7 @@ import random
 
 import pytest
 import torch
+from conftest import model_dir_stub
 
 from train_ppo import Args, check_args
 
@@ -49,7 +50,8 @@ def test_model_directory_without_a_model(tmp_path):
     assert "--model" in check_error(tmp_path, model=str(tmp_path / "weights.bin"))
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
-    check_args(Args(output_dir=str(tmp_path / "out"), model=str(tmp_path / "model")), 1)
+    assert "not a causal language model" in check_error(tmp_path, model=str(tmp_path / "model"))
+    check_args(Args(output_dir=str(tmp_path / "out"), model=str(model_dir_stub(tmp_path / "model"))), 1)
 
 
 def test_gguf_models_that_cannot_load_are_one_line_before_any_model_loads(tmp_path):
@@ -65,7 +67,7 @@ def test_gguf_models_that_cannot_load_are_one_line_before_any_model_loads(tmp_pa
         tmp_path, model=str(tmp_path))
     assert gguf_file(str(tmp_path)) is None and gguf_file(str(tmp_path / "other.gguf")) == tmp_path / "other.gguf"
     check_args(Args(output_dir=str(tmp_path / "out"), model=str(tmp_path / "other.gguf")), 1)
-    (tmp_path / "config.json").write_text("{}")  # a Hugging Face directory that also holds GGUF files
+    model_dir_stub(tmp_path)  # a Hugging Face directory that also holds GGUF files
     assert gguf_file(str(tmp_path)) is None
     check_args(Args(output_dir=str(tmp_path / "out"), model=str(tmp_path)), 1)
 
