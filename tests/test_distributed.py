@@ -19,6 +19,8 @@ import torch
 from conftest import ACCEL_DIR, ACCEL_EXPECTED, ROOT, needs_deepspeed, run_script
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.processes
+
 COMMON = ["--max-steps", "2", "--prompts-per-step", "4", "--num-generations", "4", "--generation-batch-size", "2",
           "--eval-every", "0", "--samples-per-step", "16", "--lr", "1e-3", "--critic-lr", "1e-3",
           "--micro-batch-size", "3", "--reward-workers", "0", "--seed", "3"]
