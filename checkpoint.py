@@ -28,9 +28,9 @@ RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples.jsonl", "eval_problems.j
 # training and must match. Free: the length of the run (max_steps: after warm-up the learning rate is
 # constant, so a longer run continues the same schedule) and its bookkeeping (eval_every, save_every,
 # keep_checkpoints, samples_per_step, audit_samples, report_to, max_nonfinite_updates, resume, overwrite, output_dir: a
-# moved directory); resources that do not change the objective: reward_workers, gradient_checkpointing,
-# and how a batch is split (micro_batch_size, max_tokens_per_microbatch, max_padding: float round-off
-# only) or generated (generation, refill_fraction, generation_batch_size: other draws from the same
+# moved directory, collective_timeout); resources that do not change the objective: reward_workers,
+# gradient_checkpointing, and how a batch is split (micro_batch_size, max_tokens_per_microbatch, max_padding:
+# float round-off only) or generated (generation, refill_fraction, generation_batch_size: other draws from the same
 # distribution). Not free, on purpose: eval_limit, eval_num_samples and eval_datasets define what
 # eval/accuracy measures, so changing them mid-run would make one curve (and the summary's base -> final)
 # compare two different measures; reward_timeout decides which rewards are 0.
@@ -38,7 +38,7 @@ RESUMABLE_ARGS = frozenset({
     "max_steps", "eval_every", "save_every", "keep_checkpoints", "samples_per_step", "report_to",
     "max_nonfinite_updates", "resume", "overwrite", "output_dir", "reward_workers", "gradient_checkpointing",
     "micro_batch_size", "max_tokens_per_microbatch", "max_padding", "generation", "refill_fraction",
-    "generation_batch_size", "merge_on_save", "merge_for_generation", "audit_samples"})
+    "generation_batch_size", "merge_on_save", "merge_for_generation", "audit_samples", "collective_timeout"})
 _HELD_LOCKS: list[int] = []  # file descriptors of the output-directory locks this process holds
 
 

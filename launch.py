@@ -17,7 +17,7 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
-def allow_cpu_fsdp() -> bool:
+def allow_cpu_fsdp(timeout_s: float = 1800.0) -> bool:
     """Let a launch that asks for FSDP shard on CPU processes, as it does on GPUs. accelerate 1.15 turns a
     launch's FSDP request (ACCELERATE_USE_FSDP) into FSDP only for GPU-type process groups: CPU processes
     (ACCELERATE_USE_CPU) come up as MULTI_CPU and the models get DistributedDataParallel instead, silently.
@@ -27,32 +27,38 @@ def allow_cpu_fsdp() -> bool:
     if not (env_flag("ACCELERATE_USE_FSDP") and env_flag("ACCELERATE_USE_CPU")
             and int(os.environ.get("WORLD_SIZE", "1")) > 1):
         return False
+    from datetime import timedelta
+
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType
 
-    state = PartialState(cpu=True)
+    state = PartialState(cpu=True, timeout=timedelta(seconds=timeout_s))  # it starts the process group
     if state.distributed_type != DistributedType.MULTI_CPU:
         return False
     state._shared_state["distributed_type"] = DistributedType.MULTI_GPU
     return True
 
 
-def deepspeed_process_kwargs() -> list:
-    """The Accelerator's handlers for a DeepSpeed launch on CPU processes (no CUDA; DeepSpeed then picks its
-    CPU accelerator, or DS_ACCELERATOR=cpu): the gloo backend. Without it accelerate 1.15 reports one process
-    on each rank while DeepSpeed uses all of them (`launch_problems` stops that). Also stops DeepSpeed from
-    building its shared-memory all-reduce (a C++ op compiled on first use, minutes on a small machine): gloo
-    does the same reductions. DeepSpeed keeps its op table in one module-level dict that it reads when it
-    sets up communication; marking the op unavailable there makes it fall back to torch.distributed."""
-    if not env_flag("ACCELERATE_USE_DEEPSPEED") or torch.cuda.is_available():
-        return []
+def process_group_kwargs(timeout_s: float) -> list:
+    """The Accelerator's handler for starting the process group: collectives wait at most `timeout_s` seconds
+    for the other processes (a process that hangs or stops; one that dies breaks the connection at once).
+    For a DeepSpeed launch on CPU processes (no CUDA; DeepSpeed then picks its CPU accelerator, or
+    DS_ACCELERATOR=cpu) also the gloo backend: without it accelerate 1.15 reports one process on each rank
+    while DeepSpeed uses all of them (`launch_problems` stops that). It also stops DeepSpeed from building its
+    shared-memory all-reduce (a C++ op compiled on first use, minutes on a small machine): gloo does the same
+    reductions. DeepSpeed keeps its op table in one module-level dict that it reads when it sets up
+    communication; marking the op unavailable there makes it fall back to torch.distributed."""
+    from datetime import timedelta
+
     from accelerate.utils import InitProcessGroupKwargs
 
+    if not env_flag("ACCELERATE_USE_DEEPSPEED") or torch.cuda.is_available():
+        return [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))]
     if os.environ.get("DS_ACCELERATOR", "cpu") == "cpu":
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    return [InitProcessGroupKwargs(backend="gloo")]
+    return [InitProcessGroupKwargs(backend="gloo", timeout=timedelta(seconds=timeout_s))]
 
 
 def is_sharded(accelerator) -> bool:
@@ -310,41 +316,115 @@ def end_launched_process() -> None:
         os._exit(0)
 
 
-def make_accelerator(bf16: bool, log_with: str | None, project_dir: str):
+def make_accelerator(bf16: bool, log_with: str | None, project_dir: str, collective_timeout: float = 1800.0):
     """The Accelerator of this process, set up as the launch asked (FSDP on CPU processes, gloo for DeepSpeed
-    on CPU); stops with one line if the processes it sees are not the ones launched."""
+    on CPU), its collectives waiting at most `collective_timeout` seconds; stops with one line if the processes
+    it sees are not the ones launched. Records every process's pid and host (`PEERS`)."""
     from accelerate import Accelerator
 
-    allow_cpu_fsdp()  # before the Accelerator: CPU processes launched for FSDP shard as asked
+    allow_cpu_fsdp(collective_timeout)  # before the Accelerator: CPU processes launched for FSDP shard as asked
     # Processes launched on a machine without a GPU (notebook_launcher, or a launch without ACCELERATE_USE_CPU)
     # are CPU processes; FSDP and DeepSpeed launches say so themselves (`allow_cpu_fsdp`, DS_ACCELERATOR).
     cpu = (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
            and not env_flag("ACCELERATE_USE_FSDP") and not env_flag("ACCELERATE_USE_DEEPSPEED"))
     accelerator = Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no", log_with=log_with,
-                              project_dir=project_dir, kwargs_handlers=deepspeed_process_kwargs())
+                              project_dir=project_dir, kwargs_handlers=process_group_kwargs(collective_timeout))
     stop_if_not_as_launched(accelerator, {})  # the processes themselves: before any model loads
+    record_peers(accelerator)
     return accelerator
+
+
+PEERS: list = []  # (rank, pid, host) of each process of a multi-process launch, from `record_peers`
+
+
+def record_peers(accelerator) -> None:
+    """Every process's rank, pid and host, for naming a process that is lost later (`lost_processes`)."""
+    import socket
+
+    from accelerate.utils import gather_object
+
+    PEERS[:] = (gather_object([(accelerator.process_index, os.getpid(), socket.gethostname())])
+                if accelerator.num_processes > 1 else [])
+
+
+def process_state(pid: int) -> str:
+    """"gone", "stopped" (SIGSTOP, a debugger) or "running", for a process of this machine."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()  # noqa: SIM115 - one read
+    except OSError:
+        return "gone"
+    return {"Z": "gone", "X": "gone", "T": "stopped", "t": "stopped"}.get(stat.rsplit(")", 1)[-1].split()[0],
+                                                                         "running")
+
+
+def lost_processes(err: BaseException) -> str | None:
+    """What a failed collective of a multi-process launch lost, in one line: the other processes that are gone
+    or stopped (those of this machine are looked up; another machine's cannot be), and the collective's own
+    first line. None if `err` is not a collective's failure (no other process is lost and its text names no
+    transport error): a plain bug keeps its traceback."""
+    import socket
+
+    if not PEERS:
+        return None
+    host = socket.gethostname()
+    others = [(rank, pid, h) for rank, pid, h in PEERS if (pid, h) != (os.getpid(), host)]
+    lost = [f"process {rank} (pid {pid}) is {state}" for rank, pid, h in others
+            if h == host and (state := process_state(pid)) != "running"]
+    import re
+
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text).split(". ")[0]  # gloo's source line; its advice
+    if not lost and not isinstance(err, torch.distributed.DistError) and not any(
+            word in text for word in ("gloo", "Gloo", "NCCL", "Connection", "onnection reset", "imed out")):
+        return None
+    remote = sorted({h for _, _, h in others if h != host})
+    who = "; ".join(lost) if lost else "no process of this machine is gone or stopped"
+    where = f"; processes on {', '.join(remote)} cannot be looked up from here" if remote else ""
+    return f"a collective with the other {len(others)} process(es) failed: {who}{where} ({text[:200]})"
+
+
+def names_lost_processes(fn):
+    """Decorator for `main`: when a collective fails because another process of the launch died or stopped,
+    or because it waited past the collective timeout, the run ends with one line naming them (`RunError`),
+    not the collective's traceback. Its checkpoints are whole: the same command resumes."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as err:  # torch.distributed's errors are RuntimeErrors
+            message = lost_processes(err)
+            if message is None:
+                raise
+            raise RunError(f"error: {message}; run the same command again to resume from the last "
+                           "checkpoint") from None
+    return wrapper
 
 
 def leaves_the_process_as_found(fn):
     """Decorator for `main`, so that a notebook can call it again, or accelerate's notebook_launcher after it:
-    the SIGINT and SIGTERM handlers that `fn` installs (checkpoint.StopRequest) are put back when it returns or
-    raises (an interrupt after `main` interrupts the kernel again), and accelerate's process-wide state is
-    cleared in a process of its own (notebook_launcher refuses to start beside an Accelerator built before)."""
+    in a process of its own, the SIGINT and SIGTERM handlers that `fn` installs (checkpoint.StopRequest) are put
+    back when it returns or raises (an interrupt after `main` interrupts the kernel again), and accelerate's
+    process-wide state is cleared (notebook_launcher refuses to start beside an Accelerator built before)."""
     import functools
     import signal
     import threading
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        # One process of several ends with `main`: its handlers stay, so that the launcher's SIGTERM, sent as
+        # soon as another process died, cannot kill it before it has said why it stops.
+        alone = int(os.environ.get("WORLD_SIZE", "1")) <= 1
         main_thread = threading.current_thread() is threading.main_thread()
-        saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+        saved = ({sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+                 if main_thread and alone else {})
         try:
             return fn(*args, **kwargs)
         finally:
             for sig, handler in saved.items():
                 signal.signal(sig, handler)
-            if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            if alone:
                 from accelerate.state import AcceleratorState, GradientState
 
                 AcceleratorState._reset_state(reset_partial_state=True)

@@ -72,6 +72,7 @@ from launch import (
     leave_process_group,
     leaves_the_process_as_found,
     make_accelerator,
+    names_lost_processes,
     prepare_reference,
     read_weights_only,
     reduce_sum,
@@ -272,6 +273,9 @@ class Args(RewardArgs, RolloutArgs, SamplingArgs, DataArgs, ModelArgs):
         "help": "start afresh: delete the previous run's outputs in output_dir (checkpoints, logs, models)"})
     max_nonfinite_updates: int = field(default=3, metadata={
         "help": "stop after this many updates in a row with a NaN/inf loss or gradient (each one is skipped)"})
+    collective_timeout: float = field(default=1800.0, metadata={
+        "help": "seconds a collective waits for the other processes (one that hangs or stops) before the run "
+                "stops with a line naming them; a dead one ends it at once"})
 
     def __post_init__(self):  # checked when built, before anything is read or written
         if problems := value_problems(self):
@@ -313,6 +317,7 @@ class Run:
 
 @releases_output_locks
 @leaves_the_process_as_found
+@names_lost_processes
 def main(args: Args) -> dict:
     from tqdm.auto import tqdm
 
@@ -405,7 +410,7 @@ def setup(args: Args) -> Run | dict:
         args = replace(args, lr=LORA_LR if args.lora_r else FULL_LR)
     # A tracker that is not installed is check_args's one-line error; accelerate would warn about it first.
     log_with = None if args.report_to == "none" or tracker_problems(args.report_to) else args.report_to
-    accelerator = make_accelerator(args.bf16, log_with, args.output_dir)
+    accelerator = make_accelerator(args.bf16, log_with, args.output_dir, args.collective_timeout)
     if lora_lr:
         accelerator.print(f"LoRA: learning rate {LORA_LR:g} (20x full fine-tuning's default; --lr sets another)")
     world = accelerator.num_processes
@@ -573,7 +578,8 @@ def value_problems(args: Args) -> list[str]:
         problems.append("--temperature must be > 0 for RL sampling")
     if min(args.max_steps, args.max_new_tokens, args.num_generations, args.prompts_per_step) < 1:
         problems.append("--max-steps, --max-new-tokens, --num-generations and --prompts-per-step must be >= 1")
-    for name, value in (("--lr", args.lr), ("--critic-lr", args.critic_lr), ("--reward-timeout", args.reward_timeout)):
+    for name, value in (("--lr", args.lr), ("--critic-lr", args.critic_lr), ("--reward-timeout", args.reward_timeout),
+                        ("--collective-timeout", args.collective_timeout)):
         if value is not None and not value > 0:
             problems.append(f"{name} must be > 0")
     if not (0 < args.top_p <= 1) or args.top_k < 0:

@@ -12,11 +12,15 @@ and padded, which changes summation order, not values.
 """
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import time
 
 import pytest
 import torch
-from conftest import ACCEL_DIR, ACCEL_EXPECTED, ROOT, needs_deepspeed, run_script
+from conftest import ACCEL_DIR, ACCEL_EXPECTED, ROOT, needs_deepspeed, run_script, start_script
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.processes
@@ -48,7 +52,8 @@ MODES = ["ddp", "fsdp2", pytest.param("zero2", marks=needs_deepspeed), pytest.pa
 slow = pytest.mark.slow
 
 
-def run(out, processes: int, *args: str, mode: str = "ddp", expect_error: bool = False, **env_extra: str) -> str:
+def launch(out, processes: int, *args: str, mode: str = "ddp", **env_extra: str) -> tuple[list, dict, tuple]:
+    """The command line, environment and variables to unset of a training run on `processes` CPU processes."""
     env, unset = {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", **env_extra}, ()
     if processes > 1 and mode.startswith("zero"):
         del env["ACCELERATE_USE_CPU"]
@@ -60,7 +65,12 @@ def run(out, processes: int, *args: str, mode: str = "ddp", expect_error: bool =
         cmd = ["-m", "accelerate.commands.launch", *LAUNCH[mode], "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port()), "train_ppo.py"]
-    result = run_script(*cmd, "--output-dir", str(out), *COMMON, *args, env=env, unset=unset, timeout=600)
+    return [*cmd, "--output-dir", str(out), *COMMON, *args], env, unset
+
+
+def run(out, processes: int, *args: str, mode: str = "ddp", expect_error: bool = False, **env_extra: str) -> str:
+    cmd, env, unset = launch(out, processes, *args, mode=mode, **env_extra)
+    result = run_script(*cmd, env=env, unset=unset, timeout=600)
     if expect_error:
         assert result.returncode != 0
         return result.stderr
@@ -335,3 +345,77 @@ def test_zero3_launched_with_accelerates_flags_saves_its_model(tmp_path, tiny_ba
     run(tmp_path / "out", 2, "--advantage", "grpo", "--max-steps", "2", mode="zero3-flags")
     weights = load_file(tmp_path / "out" / "policy" / "model.safetensors")
     assert weights and all(t.numel() > 0 for t in weights.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# Faults of the processes: one dies or stops mid-run
+# --------------------------------------------------------------------------------------------------
+
+FAULT_RUN = ["--advantage", "grpo", "--max-steps", "4", "--save-every", "1"]
+
+
+def comparable(path) -> list[dict]:
+    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in lines(path)]
+
+
+def assert_same_run(out, reference) -> None:
+    assert comparable(out / "metrics.jsonl") == comparable(reference / "metrics.jsonl")
+    a, b = load_file(out / "policy" / "model.safetensors"), load_file(reference / "policy" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def faulted_run(out, mode: str, sig: int, *args: str) -> tuple[int, str, int]:
+    """Launch 2 processes, send `sig` to rank 1 once 2 steps are logged; (launcher's exit code, stderr, pid)."""
+    import psutil
+
+    cmd, env, unset = launch(out, 2, *FAULT_RUN, *args, mode=mode)
+    proc = start_script(*cmd, env=env, unset=unset, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not (
+                (out / "metrics.jsonl").exists() and len(lines(out / "metrics.jsonl")) >= 2):
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before the fault"
+        rank1 = next(p for p in psutil.Process(proc.pid).children(recursive=True)
+                     if "train_ppo.py" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1")
+        start = time.time()
+        os.kill(rank1.pid, sig)
+        _, stderr = proc.communicate(timeout=300)
+        print(f"{mode}: signal {sig} to rank 1; the launch ended {time.time() - start:.1f} s later")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in psutil.Process().children(recursive=True):  # a stopped rank the launcher left behind
+            if "train_ppo.py" in " ".join(p.cmdline()):
+                p.kill()
+    return proc.returncode, stderr, rank1.pid
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", pytest.param("zero3", marks=needs_deepspeed)])
+def test_a_process_killed_mid_run_is_named_in_one_line_and_the_rerun_resumes_exactly(mode, tmp_path, tiny_base):
+    """SIGKILL of one of 2 processes: the other stops with one line naming it (not a traceback of the collective
+    that failed), and the same command resumes from the last checkpoint to the uninterrupted run's metrics and
+    weights."""
+    reference, out = tmp_path / "reference", tmp_path / "killed"
+    run(reference, 2, *FAULT_RUN, mode=mode)
+    code, stderr, pid = faulted_run(out, mode, signal.SIGKILL)
+    assert code != 0 and "[rank0]: Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"process 1 (pid {pid}) is gone" in errors[0], stderr[-3000:]
+    assert errors[0].endswith("run the same command again to resume from the last checkpoint"), errors
+    assert "resuming from" in run(out, 2, *FAULT_RUN, mode=mode)
+    assert_same_run(out, reference)
+
+
+def test_a_stopped_process_is_named_after_the_collective_timeout(tmp_path, tiny_base):
+    """SIGSTOP of one of 2 processes: nothing breaks a connection, so the other waits in its next collective
+    for --collective-timeout seconds, then stops with one line naming the stopped process."""
+    reference, out = tmp_path / "reference", tmp_path / "stopped"
+    run(reference, 2, *FAULT_RUN)
+    start = time.time()
+    code, stderr, pid = faulted_run(out, "ddp", signal.SIGSTOP, "--collective-timeout", "15")
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert code != 0 and len(errors) == 1 and f"process 1 (pid {pid}) is stopped" in errors[0], stderr[-3000:]
+    assert time.time() - start < 120
+    assert "resuming from" in run(out, 2, *FAULT_RUN)
+    assert_same_run(out, reference)
