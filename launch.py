@@ -397,8 +397,11 @@ def names_lost_processes(fn):
             message = lost_processes(err)
             if message is None:
                 raise
-            raise RunError(f"error: {message}; run the same command again to resume from the last "
-                           "checkpoint") from None
+            restart, restarts = (int(os.environ.get(f"TORCHELASTIC_{key}", "0"))
+                                 for key in ("RESTART_COUNT", "MAX_RESTARTS"))
+            then = (f"the launcher restarts the processes (restart {restart + 1} of {restarts}) and they resume"
+                    if restart < restarts else "run the same command again to resume")
+            raise RunError(f"error: {message}; {then} from the last checkpoint") from None
     return wrapper
 
 
