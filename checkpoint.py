@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from utils import JsonlWriter, RunError, main_process_decides, plain_args
+from utils import JsonlWriter, RunError, file_hash, main_process_decides, plain_args
 
 CHECKPOINT_PREFIX = "step-"
 MANIFEST = "manifest.json"  # in each checkpoint: its files' sizes and xxh3-128 hashes, written last
@@ -40,18 +40,6 @@ RESUMABLE_ARGS = frozenset({
     "micro_batch_size", "max_tokens_per_microbatch", "max_padding", "generation", "refill_fraction",
     "generation_batch_size", "merge_on_save", "merge_for_generation", "audit_samples", "collective_timeout"})
 _HELD_LOCKS: list[int] = []  # file descriptors of the output-directory locks this process holds
-
-
-def file_hash(path: Path) -> str:
-    """xxh3-128 of a file's bytes: it catches torn or altered files as well as sha256 (no adversary here) at
-    several GB/s, so that checking the tens of GB of a 7B run's checkpoint is bound by the disk."""
-    import xxhash
-
-    digest = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def checkpoint_problem(path: Path) -> str | None:

@@ -334,6 +334,38 @@ def make_accelerator(bf16: bool, log_with: str | None, project_dir: str, collect
     return accelerator
 
 
+def weights_digest(model_path: str) -> str | None:
+    """One xxh3 digest of the .safetensors files of a model directory (names and bytes), or None for a hub id."""
+    from pathlib import Path
+
+    import xxhash
+
+    from utils import file_hash
+
+    files = sorted(Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else []
+    return xxhash.xxh3_128("".join(f"{f.name}:{file_hash(f)};" for f in files).encode()).hexdigest() if files else None
+
+
+def stop_unless_same_weights(accelerator, model_path: str) -> None:
+    """Stop every process with one line unless all machines load the same weights for the model: each machine
+    resolves --model in its own cache (the tiny base, a GGUF file's copy), and DDP broadcasts only the trained
+    models: the KL reference model would stay each machine's own. Hashed once per machine."""
+    import socket
+
+    from accelerate.utils import gather_object
+
+    if accelerator.num_processes == 1:
+        return
+    digest = weights_digest(model_path) if accelerator.is_local_main_process else None
+    found = [row for row in gather_object([(accelerator.process_index, socket.gethostname(), digest)]) if row[2]]
+    other = next((row for row in found if row[2] != found[0][2]), None)
+    if other is not None:
+        raise RunError(f"error: the processes would not start from the same model: its weight files ({model_path} "
+                       f"on process {other[0]}, {other[1]}) differ from process {found[0][0]}'s ({found[0][1]}); "
+                       "give every machine the same files (for the tiny base or a GGUF copy, copy the cache "
+                       "directory of one machine to the others)")
+
+
 PEERS: list = []  # (rank, pid, host) of each process of a multi-process launch, from `record_peers`
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-from utils import left_pad, position_ids_from_mask
+from utils import left_pad, position_ids_from_mask, save_on_this_process
 
 LOGIT_CHUNK = 16  # rows per chunk of the full-vocabulary log-softmax: fp32 logits of all rows at once would not fit
 # Full-vocabulary logits per chunk of tokens in the log-prob passes (ChunkedLogprobs): 2**25 fp32 values,
@@ -304,14 +304,15 @@ def convert_gguf(file: Path, cache_dir: str | None = None, log=print) -> Path:
     """
     import xxhash
 
-    from utils import build_once, cache_root
+    from utils import build_once, cache_root, saved_model_problem
 
     digest = xxhash.xxh3_64()
     with open(file, "rb") as f:
         while chunk := f.read(1 << 24):
             digest.update(chunk)
     path = (Path(cache_dir) if cache_dir else cache_root()) / f"gguf-{file.stem}-{digest.hexdigest()}"
-    return build_once(path, lambda tmp: _convert_gguf(file, tmp, path, log), log, f"the safetensors copy of {file}")
+    return build_once(path, lambda tmp: _convert_gguf(file, tmp, path, log), log, f"the safetensors copy of {file}",
+                      check=saved_model_problem)
 
 
 def _convert_gguf(file: Path, tmp: Path, path: Path, log) -> None:
@@ -325,7 +326,7 @@ def _convert_gguf(file: Path, tmp: Path, path: Path, log) -> None:
     # The weights are de-quantized floats now; the marker that they came quantized is what refuses saving.
     del model.config.quantization_config
     model.hf_quantizer, model.is_quantized = None, False
-    model.save_pretrained(tmp, safe_serialization=True)
+    save_on_this_process(model, tmp)  # each machine converts into its own cache, on whichever process
     tokenizer.save_pretrained(tmp)
     (tmp / "reasoner_zero_source.json").write_text(json.dumps(
         {"gguf_file": str(file.resolve()), "bytes": file.stat().st_size, "xxh3_64": path.name.rsplit("-", 1)[1]}))

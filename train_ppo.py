@@ -77,6 +77,7 @@ from launch import (
     read_weights_only,
     reduce_sum,
     stop_if_not_as_launched,
+    stop_unless_same_weights,
     tracker_problems,
     zero_stage_of,
 )
@@ -434,8 +435,9 @@ def setup(args: Args) -> Run | dict:
         accelerator.print(f"{out} holds this run, finished at step {args.max_steps}: nothing to do")
         leave_process_group(accelerator)
         return start["finished"]
-    with accelerator.main_process_first():
-        model_path = resolve_model(args.model, log=accelerator.print)  # the tiny base or a GGUF: made once
+    with accelerator.local_main_process_first():  # the tiny base or a GGUF copy: made once per machine
+        model_path = resolve_model(args.model, log=accelerator.print)
+    stop_unless_same_weights(accelerator, model_path)
     t_start = time.time()  # a one-time build of the base (above) is not the run's time
     # Trained models load in fp32 and --bf16 autocasts their forward passes: AdamW on bf16 weights loses
     # updates of lr 1e-6 to rounding. Sharded setups (FSDP) keep fp32 masters the same way. With LoRA the

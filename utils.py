@@ -272,19 +272,21 @@ def cache_root() -> Path:
                 or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "reasoner-zero")
 
 
-def build_once(path: Path, build: Callable[[Path], None], log=print, what: str = "it") -> Path:
-    """Return `path`, first building it with `build(tmp_dir)` if it is not there yet.
+def build_once(path: Path, build: Callable[[Path], None], log=print, what: str = "it",
+               check: Callable[[Path], str | None] = lambda p: None) -> Path:
+    """Return `path`, first building it with `build(tmp_dir)` if it is not there yet, or if `check(path)`
+    finds it incomplete (it returns why, or None), as an entry written by an older version may be.
 
     Processes that need it at once (tests, the processes of one run) build it once: the first takes a lock
-    on the entry and builds into a temporary directory that is renamed to `path` when complete, so a
-    half-written entry is never taken for a finished one; the others wait on the lock. Temporary directories
-    of killed builds are removed before building.
+    on the entry and builds into a temporary directory that is renamed to `path` when complete and checked,
+    so a half-written entry is never taken for a finished one; the others wait on the lock. Temporary
+    directories of killed builds are removed before building.
     """
     import shutil
 
     from filelock import FileLock, Timeout
 
-    if path.is_dir():
+    if path.is_dir() and check(path) is None:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(path.with_name(path.name + ".lock"))
@@ -294,15 +296,50 @@ def build_once(path: Path, build: Callable[[Path], None], log=print, what: str =
         log(f"waiting for another process that is building {what} ({path}) ...")
         lock.acquire()
     try:
-        if not path.is_dir():  # else built by the process we waited for
+        if path.is_dir() and (problem := check(path)) is not None:  # else built by the process we waited for
+            log(f"rebuilding {what}: the copy at {path} {problem}")
+            shutil.rmtree(path)
+        if not path.is_dir():
             for stale in path.parent.glob(path.name + ".tmp*"):  # only the lock holder writes: killed builds
                 shutil.rmtree(stale, ignore_errors=True)
             tmp = path.with_name(path.name + f".tmp{os.getpid()}")
             build(tmp)
+            if (problem := check(tmp)) is not None:
+                raise RunError(f"error: building {what} failed: the build {problem}")
             os.replace(tmp, path)  # atomic
     finally:
         lock.release()
     return path
+
+
+def saved_model_problem(path: Path) -> str | None:
+    """Why the directory `path` is not a whole saved model (config.json and .safetensors weights), or None."""
+    if not (path / "config.json").is_file():
+        return "has no config.json"
+    return None if any(path.glob("*.safetensors")) else "has no .safetensors weights"
+
+
+def save_on_this_process(model, path: Path) -> None:
+    """`model.save_pretrained(path)` on any process. Once torch.distributed is initialized, transformers (5.2x)
+    writes only on global rank 0, whatever `is_main_process` says: a model built on another machine's process
+    (a cache of its own) was left without weights or config."""
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process
+    try:
+        model.save_pretrained(path, safe_serialization=True)
+    finally:
+        del model.should_save_on_this_rank
+
+
+def file_hash(path: Path) -> str:
+    """xxh3-128 of a file's bytes: it catches torn or altered files as well as sha256 (no adversary here) at
+    several GB/s, so that checking the tens of GB of a 7B run's checkpoint is bound by the disk."""
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def number_problems(args, num_processes: int = 1) -> list[str]:

@@ -136,6 +136,7 @@ TINY_DEFAULTS = dict(difficulty=1, p_correct=0.3, hidden_size=128, num_layers=4,
 # (checked on 2026-12-07: the same bytes); a CPU whose kernels round otherwise, or other versions, build
 # other weights, with which RL goes elsewhere: a build that differs says so.
 BASE_SHA256 = "16762ee803335b2745f5f2e31afb56dd76a05750ec5a082e9142696ca97f7764"
+BUILD_THREADS = 2  # the base is built with this many threads whatever the machine (see `_build_tiny_base`)
 
 
 def tiny_base_path(cache_dir: str | None = None, **overrides) -> Path:
@@ -154,11 +155,11 @@ def build_tiny_base(cache_dir: str | None = None, log=print, progress: bool = Tr
     Processes that need it at once build it once (`utils.build_once`). `log` gets the start and end of a
     build (accelerate's main-process print in the trainer); `progress` shows a progress bar.
     """
-    from utils import build_once
+    from utils import build_once, saved_model_problem
 
     path = tiny_base_path(cache_dir, **overrides)
     return build_once(path, lambda tmp: _build_tiny_base(tmp, path, {**TINY_DEFAULTS, **overrides}, log, progress),
-                      log, "the tiny base model")
+                      log, "the tiny base model", check=saved_model_problem)
 
 
 def _build_tiny_base(tmp: Path, path: Path, settings: dict, log, progress: bool) -> None:
@@ -171,6 +172,7 @@ def _build_tiny_base(tmp: Path, path: Path, settings: dict, log, progress: bool)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from data.loading import format_prompt
+    from utils import save_on_this_process
 
     log(f"building the tiny base model once (cached at {path}) ...")
     rng = random.Random(settings["seed"])
@@ -184,8 +186,15 @@ def _build_tiny_base(tmp: Path, path: Path, settings: dict, log, progress: bool)
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(settings["seed"])
     model = LlamaForCausalLM(config)
-    loss = _pretrain(model, tokenizer, examples, settings, rng, progress)
-    model.save_pretrained(tmp, safe_serialization=True)
+    # Built with as many threads everywhere: float sums depend on the thread count, and machines whose bases
+    # differ (by up to 0.22 in a weight) would train from different models under one launch.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    try:
+        loss = _pretrain(model, tokenizer, examples, settings, rng, progress)
+    finally:
+        torch.set_num_threads(threads)
+    save_on_this_process(model, tmp)  # each machine builds its own cache, on whichever process
     tokenizer.save_pretrained(tmp)
     (tmp / "reasoner_zero_base.json").write_text(json.dumps(settings, indent=2))
     log(f"built the tiny base model: final pre-training loss {loss:.3f}")

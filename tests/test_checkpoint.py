@@ -90,7 +90,8 @@ def test_step_ranges_and_a_log_synced_to_disk(tmp_path, monkeypatch):
 
 
 def test_a_checkpoint_is_intact_only_as_its_manifest_lists_it(tmp_path):
-    from checkpoint import MANIFEST, checkpoint_problem, file_hash
+    from checkpoint import MANIFEST, checkpoint_problem
+    from utils import file_hash
 
     ckpt = tmp_path / "step-000003"
     (ckpt / "random_states").mkdir(parents=True)

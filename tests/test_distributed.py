@@ -436,3 +436,79 @@ def test_an_elastic_restart_resumes_by_itself_to_the_uninterrupted_run(tmp_path,
     assert len(errors) == 1 and f"process 1 (pid {pid}) is gone" in errors[0], stderr[-3000:]
     assert "the launcher restarts the processes (restart 1 of 1) and they resume" in errors[0], errors
     assert_same_run(out, reference)
+
+
+# --------------------------------------------------------------------------------------------------
+# Two machines on one host: 2 launches x 1 process, each with its own home and cache, one output directory
+# --------------------------------------------------------------------------------------------------
+
+def machines(out, homes: list, *args: str) -> list:
+    """Start one launch per home, as machines 0 and 1 of a 2-machine launch on this host; the launches."""
+    port = free_port()
+    launches = []
+    for rank, home in enumerate(homes):
+        cmd = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "2",
+               "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+               "--mixed_precision", "no", "--dynamo_backend", "no", "train_ppo.py", "--output-dir", str(out),
+               *COMMON, *args]
+        env = {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "HOME": str(home)}
+        log = open(home / "launch.log", "w")  # noqa: SIM115 - the launch's; a pipe read later would fill and block
+        launches.append(start_script(*cmd, env=env, unset=("REASONER_ZERO_CACHE", "XDG_CACHE_HOME"),
+                                     stdout=log, stderr=subprocess.STDOUT))
+    return launches
+
+
+def finished(launches: list, homes: list, timeout: float) -> list[str]:
+    """Wait for the launches; their output."""
+    for launch in launches:
+        launch.wait(timeout=timeout)
+    return [(home / "launch.log").read_text() for home in homes]
+
+
+def home_with_base(home, tiny_base, change: float = 0.0):
+    """A home whose cache holds the tiny base (one weight moved by `change`), or none if `tiny_base` is None."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    cache = home / ".cache" / "reasoner-zero"
+    cache.mkdir(parents=True)
+    if tiny_base is not None:
+        shutil.copytree(tiny_base, cache / tiny_base.name)
+        if change:
+            weights = load_file(cache / tiny_base.name / "model.safetensors")
+            weights["model.norm.weight"][0] += change
+            save_file(weights, cache / tiny_base.name / "model.safetensors", metadata={"format": "pt"})
+    return home
+
+
+def test_two_machines_on_one_host_equal_two_processes_on_one(tmp_path, tiny_base):
+    """Machine 1 builds the tiny base in its own cache (transformers used to save nothing there, off global rank
+    0, and the empty build went into the cache) while machine 0 has it; the run equals 2 processes on one
+    machine (the KL reference too: exactly 0 at step 0), and the shared output directory holds what a
+    one-machine run writes, each file once."""
+    args = ("--advantage", "gae", "--kl-coef", "0.05")
+    reference, out = tmp_path / "one-machine", tmp_path / "two-machines"
+    run(reference, 2, *args)
+    homes = [home_with_base(tmp_path / "m0", tiny_base), home_with_base(tmp_path / "m1", None)]
+    launches = machines(out, homes, *args)
+    logs = finished(launches, homes, timeout=900)
+    assert [launch.returncode for launch in launches] == [0, 0], [log[-3000:] for log in logs]
+    built = list((tmp_path / "m1" / ".cache" / "reasoner-zero").glob("tiny-base-*/model.safetensors"))
+    assert len(built) == 1 and built[0].read_bytes() == (tiny_base / "model.safetensors").read_bytes()
+    assert lines(out / "metrics.jsonl")[0]["policy/kl"] == 0.0
+    assert_same_run(out, reference)
+    files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert files == {str(p.relative_to(reference)) for p in reference.rglob("*") if p.is_file()}
+
+
+def test_machines_with_different_bases_stop_in_one_line(tmp_path, tiny_base):
+    homes = [home_with_base(tmp_path / "m0", tiny_base), home_with_base(tmp_path / "m1", tiny_base, change=0.22)]
+    launches = machines(tmp_path / "out", homes)
+    logs = finished(launches, homes, timeout=600)
+    assert all(launch.returncode != 0 for launch in launches)
+    last = [line for line in logs[0].splitlines() if line.startswith("error: ")]
+    assert len(last) == 1 and last[0].startswith("error: the processes would not start from the same model: its "
+                                                 "weight files ("), logs[0][-3000:]
+    assert "on process 1" in last[0] and "differ from process 0's" in last[0], last
+    assert not (tmp_path / "out" / "metrics.jsonl").exists() or not lines(tmp_path / "out" / "metrics.jsonl")
