@@ -190,7 +190,7 @@ def format_comparison(result: dict, name_a: str = "a", name_b: str = "b") -> str
 def evaluate_datasets(model, tokenizer, datasets: dict[str, list[dict]], *, pool, generate_kwargs: dict,
                       num_samples: int = 1, batch_size: int = 8, seed: int = 0, score_truncated: bool = False,
                       prompt_template: str = "orz", progress: bool = True, rank: int = 0, world: int = 1,
-                      generate=generate_responses) -> dict:
+                      generate=generate_responses, gather=None) -> dict:
     """Sample `num_samples` responses per problem, score them with `pool`, and report avg@k/pass@k/maj@k.
 
     datasets: name -> records as data/loading.py makes them ({"id", "question", "answer", ...}); a record
@@ -216,8 +216,8 @@ def evaluate_datasets(model, tokenizer, datasets: dict[str, list[dict]], *, pool
          "per_problem": {name: [{"id", "n", "correct", "maj_correct", "majority"}, ...]},
          "completions": [{"dataset", "id", "question", "ground_truth", "sample", "response", "answer",
                           "reward", "truncated"}, ...]}.
-    Under accelerate, give every process all records with its `rank` and `world`, gather `per_problem`
-    (gather_object) and call `aggregate_eval` on the concatenation.
+    Under accelerate, give every process all records with its `rank` and `world`, and `gather`
+    (accelerate's gather_object): `per_problem` and the metrics are then every process's.
     """
     from tqdm.auto import tqdm
 
@@ -270,6 +270,7 @@ def evaluate_datasets(model, tokenizer, datasets: dict[str, list[dict]], *, pool
                                  "truncated": bool(truncated[i])} for s, i in enumerate(rows)]
             bar.update(len(chunk))
     bar.close()
+    per_problem = {name: gather(rows) for name, rows in per_problem.items()} if gather else per_problem
     metrics = {name: aggregate_eval(rows) for name, rows in per_problem.items() if rows}
     pooled = [p for rows in per_problem.values() for p in rows]
     if pooled:

@@ -616,7 +616,7 @@ def evaluate(run: Run, step: int) -> dict:
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    from evaluate import aggregate_eval, evaluate_datasets
+    from evaluate import evaluate_datasets
 
     args, tokenizer, stop_ids, accelerator = run.args, run.tokenizer, run.stop_ids, run.accelerator
     generate_kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -627,19 +627,15 @@ def evaluate(run: Run, step: int) -> dict:
         generate, policy = vllm_generate, run.engine.following(policy, run.schedulers["policy"].last_epoch)
     with accelerator.autocast(), lora_merged(policy, args.merge_for_generation and run.engine is None):
         result = evaluate_datasets(policy, tokenizer, run.eval_records, pool=run.pool, generate=generate,
-                                   generate_kwargs=generate_kwargs,
+                                   generate_kwargs=generate_kwargs, gather=gather_object,
                                    num_samples=args.eval_num_samples, batch_size=args.prompts_per_step,
                                    seed=args.seed * 1_000 + step + 1, score_truncated=args.score_truncated,
                                    progress=False, rank=accelerator.process_index, world=accelerator.num_processes)
-    metrics, pooled, per_problem = {}, [], {}
-    for name in run.eval_records:
-        rows = per_problem[name] = gather_object(result["per_problem"][name])
-        agg = aggregate_eval(rows)
-        metrics.update({f"eval/{name}/{k}": v for k, v in agg.items() if "@" in k})
-        pooled += rows
-    metrics["eval/accuracy"] = aggregate_eval(pooled)[f"avg@{args.eval_num_samples}"]
+    metrics = {f"eval/{name}/{k}": v for name in run.eval_records
+               for k, v in result["metrics"][name].items() if "@" in k}
+    metrics["eval/accuracy"] = result["metrics"]["overall"][f"avg@{args.eval_num_samples}"]
     if accelerator.is_main_process:  # what `python evaluate.py compare` bootstraps over
-        run.logs["eval_problems.jsonl"].write({"step": step, "per_problem": per_problem})
+        run.logs["eval_problems.jsonl"].write({"step": step, "per_problem": result["per_problem"]})
         sets = [f"{name} {metrics[f'eval/{name}/avg@{args.eval_num_samples}']:.1%}" for name in run.eval_records]
         tqdm.write(f"step {step}: held-out accuracy {metrics['eval/accuracy']:.1%}"  # a line that stays
                    + (f" ({', '.join(sets)})" if len(sets) > 1 else ""))
