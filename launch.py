@@ -331,6 +331,10 @@ def make_accelerator(bf16: bool, log_with: str | None, project_dir: str, collect
                               project_dir=project_dir, kwargs_handlers=process_group_kwargs(collective_timeout))
     stop_if_not_as_launched(accelerator, {})  # the processes themselves: before any model loads
     record_peers(accelerator)
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) and not env_flag("TORCH_DISABLE_SHARE_RDZV_TCP_STORE"):
+        accelerator.print("warning: restarted processes can fail or hang connecting to each other when the "
+                          "launcher shares its rendezvous store with them (pytorch/pytorch#135712): launch with "
+                          "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and --rdzv_backend c10d")
     return accelerator
 
 
