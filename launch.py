@@ -429,8 +429,8 @@ def names_lost_processes(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except RuntimeError as err:  # torch.distributed's errors are RuntimeErrors
-            message = lost_processes(err)
+        except RuntimeError as err:  # torch.distributed's errors are RuntimeErrors (RunError, our own, too)
+            message = None if isinstance(err, SystemExit) else lost_processes(err)
             if message is None:
                 raise
             restart, restarts = (int(os.environ.get(f"TORCHELASTIC_{key}", "0"))

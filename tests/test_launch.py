@@ -15,7 +15,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import ACCEL_DIR, ACCEL_EXPECTED, RECIPE_DIR, RECIPES, needs_deepspeed
+from conftest import ACCEL_DIR, ACCEL_EXPECTED, RECIPE_DIR, RECIPES, needs_deepspeed, start_script
 
 
 def test_the_expected_files_are_there():
@@ -218,3 +218,57 @@ def test_deepspeed_checkpoint_files_are_read_weights_only(tmp_path):
     torch.save({"w": torch.ones(2), "x": Payload()}, tmp_path / "bad.pt")
     with pytest.raises(pickle.UnpicklingError, match="Payload"):
         engine.checkpoint_engine.load(str(tmp_path / "bad.pt"))
+
+
+def test_a_lost_process_is_named_and_other_errors_pass_through(monkeypatch):
+    """`names_lost_processes` turns a failed collective into one line naming the processes that are gone or
+    stopped, and leaves our own errors and plain bugs as they are."""
+    import os
+    import signal
+    import socket
+    import time
+
+    import pytest
+
+    import launch
+    from utils import RunError
+
+    host = socket.gethostname()
+    dead = start_script("-c", "pass")
+    dead.wait()
+    stopped = start_script("-c", "import time; time.sleep(60)")
+    try:
+        os.kill(stopped.pid, signal.SIGSTOP)
+        for _ in range(500):
+            if launch.process_state(stopped.pid) == "stopped":
+                break
+            time.sleep(0.01)
+        assert launch.process_state(stopped.pid) == "stopped" and launch.process_state(dead.pid) == "gone"
+        assert launch.process_state(os.getpid()) == "running"
+        monkeypatch.setattr(launch, "PEERS", [(0, os.getpid(), host), (1, dead.pid, host), (2, stopped.pid, host),
+                                              (3, 1, "other-host")])
+
+        def fails(err):
+            @launch.names_lost_processes
+            def main():
+                raise err
+            return main
+
+        with pytest.raises(RunError) as caught:
+            fails(RuntimeError("[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:26010: Connection reset "
+                               "by peer. This is typically caused by a remote worker hanging"))()
+        assert str(caught.value) == (
+            f"error: a collective with the other 3 process(es) failed: process 1 (pid {dead.pid}) is gone; process 2 "
+            f"(pid {stopped.pid}) is stopped; processes on other-host cannot be looked up from here (Read error "
+            "[127.0.0.1]:26010: Connection reset by peer); run the same command again to resume from the last "
+            "checkpoint")
+        ours = RunError("error: step 3: stopped by signal 15")
+        with pytest.raises(RunError) as caught:
+            fails(ours)()
+        assert caught.value is ours
+        monkeypatch.setattr(launch, "PEERS", [(0, os.getpid(), host), (1, os.getppid(), host)])
+        with pytest.raises(RuntimeError, match="a bug"):
+            fails(RuntimeError("a bug"))()
+    finally:
+        stopped.kill()
+        stopped.wait()
