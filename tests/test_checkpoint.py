@@ -109,3 +109,24 @@ def test_a_checkpoint_is_intact_only_as_its_manifest_lists_it(tmp_path):
     (ckpt / "random_states" / "rng_1.pkl").unlink()
     (ckpt / "random_states" / "rng_0.pkl").write_bytes(b"RNG")
     assert checkpoint_problem(ckpt) == "random_states/rng_0.pkl does not match its hash in the manifest"
+
+
+def test_links_where_a_run_writes_are_refused_before_anything_is_written(tmp_path):
+    """A link at a name the run writes would have it truncate or overwrite a file elsewhere (the lock, config.json's
+    temporary copy, a log), or, dangling (`checkpoints`), train until the first checkpoint and then fail."""
+    import pytest
+
+    from checkpoint import lock_output_dir
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for name in (".lock", ".config.json.tmp", "metrics.jsonl", "checkpoints", "policy"):
+        out = tmp_path / name.strip(".")
+        out.mkdir()
+        (elsewhere / name).write_text("not the run's")
+        target = elsewhere / name if name != "checkpoints" else tmp_path / "missing"
+        (out / name).symlink_to(target)
+        with pytest.raises(SystemExit, match=f"{name} is a symbolic link \\(to {target}\\); a run writes only"):
+            lock_output_dir(out)
+        assert (elsewhere / name).read_text() == "not the run's"
+        assert [p.name for p in out.iterdir()] == [name]
