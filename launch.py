@@ -307,7 +307,13 @@ def end_launched_process() -> None:
     interpreter's teardown. Two-process CPU test runs (gloo) aborted now and then in that teardown
     ("terminate called without an active exception", SIGABRT) after every output was written, even with
     the process group destroyed (`leave_process_group`), turning a finished run into a failed launch; not
-    root-caused. Everything the run writes is closed and synced by then; stdout and stderr are flushed here."""
+    root-caused. The likeliest mechanism is the one pytorch/pytorch#179291 (a fix proposed, then abandoned)
+    describes: gloo's C++ worker threads still hold work whose tensors reference Python objects, and releasing
+    them during interpreter finalization takes the GIL and aborts. The default group is destroyed before this
+    point, so the remaining suspects are groups that libraries make themselves (DeepSpeed's, vLLM's) and
+    threads outside torch (peft's arrival made it more frequent). Without this exit, 5 two-process runs here did
+    not abort (2026-12-07), too few at about one abort per full suite. Everything the run writes is closed and
+    synced by then; stdout and stderr are flushed here."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import sys
 
