@@ -359,18 +359,23 @@ def weights_digest(model_path: str) -> str | None:
 def stop_unless_same_weights(accelerator, model_path: str) -> None:
     """Stop every process with one line unless all machines load the same weights for the model: each machine
     resolves --model in its own cache (the tiny base, a GGUF file's copy), and DDP broadcasts only the trained
-    models: the KL reference model would stay each machine's own. Hashed once per machine."""
+    models: the KL reference model would stay each machine's own. Hashed once per machine, and only when the
+    processes load from more than one place (machine and directory): a one-machine run hashes nothing."""
     import socket
+    from pathlib import Path
 
     from accelerate.utils import gather_object
 
     if accelerator.num_processes == 1:
         return
+    place = (socket.gethostname(), str(Path(model_path).resolve()))
+    if len(set(gather_object([place]))) == 1:
+        return
     digest = weights_digest(model_path) if accelerator.is_local_main_process else None
-    found = [row for row in gather_object([(accelerator.process_index, socket.gethostname(), digest)]) if row[2]]
-    other = next((row for row in found if row[2] != found[0][2]), None)
+    found = [row for row in gather_object([(accelerator.process_index, *place, digest)]) if row[3]]
+    other = next((row for row in found if row[3] != found[0][3]), None)
     if other is not None:
-        raise RunError(f"error: the processes would not start from the same model: its weight files ({model_path} "
+        raise RunError(f"error: the processes would not start from the same model: its weight files ({other[2]} "
                        f"on process {other[0]}, {other[1]}) differ from process {found[0][0]}'s ({found[0][1]}); "
                        "give every machine the same files (for the tiny base or a GGUF copy, copy the cache "
                        "directory of one machine to the others)")
