@@ -1142,7 +1142,8 @@ class RewardPool:
         self._start_failures = 0
         self._closed = False
         self.last_seconds: list[float] = []  # per-item scoring time of the last `score` call
-        self.first_failure: str | None = None  # the last `score` call's first failed item, for messages
+        self.first_failure: str | None = None  # the last `score` call's failed item of lowest index, for messages
+        self._first_failed_index = -1
         self._ctx = multiprocessing.get_context("spawn")
         self._workers: list[_Worker] = []
         # Runs at close() or at interpreter exit, whichever comes first; holds no reference to self.
@@ -1195,7 +1196,7 @@ class RewardPool:
         extras = [{k: v for k, v in (e or {}).items() if k not in _CALL_ARGUMENTS} for e in (extras or [{}] * n)]
         rewards, seconds = [0.0] * n, [0.0] * n
         counters = {"reward/errors": 0, "reward/timeouts": 0, "reward/invalid": 0}
-        self.first_failure = None
+        self.first_failure, self._first_failed_index = None, -1
         if self.num_workers == 0:
             for i in range(n):
                 start = time.perf_counter()
@@ -1215,7 +1216,9 @@ class RewardPool:
         if key is not None:
             counters[key] += 1
             self._warnings.warn("reward item %d scored 0: %s (%s)", index, status, detail)
-            self.first_failure = self.first_failure or f"item {index}: {status}, {detail}"
+            # Workers finish in any order: the lowest index keeps the message the same from run to run.
+            if self.first_failure is None or index < self._first_failed_index:
+                self.first_failure, self._first_failed_index = f"item {index}: {status}, {detail}", index
 
     def _score_in_workers(self, responses, ground_truths, extras, rewards, seconds, counters) -> None:
         self._call_id += 1
