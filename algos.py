@@ -150,6 +150,21 @@ def rloo_advantages(rewards: torch.Tensor, response_mask: torch.Tensor, group_id
     return advantages[:, None] * response_mask, None
 
 
+def reinforce_pp_advantages(rewards: torch.Tensor, response_mask: torch.Tensor, group_ids: torch.Tensor,
+                            kl_penalty: torch.Tensor, *, reduce=None, **_) -> tuple[torch.Tensor, None]:
+    """REINFORCE++ in its baseline form (Hu et al., arXiv:2501.03262v3, sec. 3; veRL's and OpenRLHF's
+    `reinforce_plus_plus_baseline`): each token's return-to-go (gamma 1: the outcome reward minus the k1
+    penalties from that token on, when the KL is in the reward) minus the mean reward of the response's
+    group, then whitened over every response token of the global batch (all processes with `reduce`), not
+    per group. Example: one group, rewards [1, 0, 0, 0], one token each, no KL -> centred [0.75, -0.25,
+    -0.25, -0.25] -> population std 0.433 -> [1.732, -0.577, -0.577, -0.577]."""
+    token_rewards = outcome_token_rewards(rewards, response_mask) - kl_penalty
+    returns = token_rewards.flip(1).cumsum(1).flip(1)  # sum of the rewards from each token on
+    _, means, _ = group_stats(rewards, group_ids)
+    centred = (returns - means[:, None].to(returns.dtype)) * response_mask
+    return masked_whiten(centred, response_mask, reduce=reduce), None
+
+
 # --------------------------------------------------------------------------------------------------
 # Losses: the policy's clipped surrogate and the critic's clipped value loss, each a sum of per-token
 # terms weighted by the loss aggregation below.
@@ -169,13 +184,7 @@ def compute_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, adva
     clipped as a whole. Example: token log-ratios [log 2, 0] -> sequence ratio 2^(1/2) = 1.414 for both
     tokens. GSPO's clip ranges are about 1000 times narrower than PPO's (3e-4 and 4e-4 in the paper).
     """
-    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
-    if ratio_level == "sequence":
-        in_loss = (loss_weights > 0).float()
-        per_sequence = (log_ratio * in_loss).sum(dim=1, keepdim=True) / in_loss.sum(dim=1, keepdim=True).clamp(min=1)
-        log_ratio = per_sequence.expand_as(log_ratio)
-    elif ratio_level != "token":
-        raise ValueError(f"unknown ratio level {ratio_level!r}")
+    log_ratio = importance_log_ratio(logprobs, old_logprobs, loss_weights, ratio_level)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
@@ -184,6 +193,39 @@ def compute_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, adva
     mask = (loss_weights > 0).float()
     stats = {"policy/clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
              "policy/approx_kl": masked_mean(0.5 * log_ratio.detach() ** 2, mask).item(),
+             "policy/ratio": masked_mean(ratio.detach(), mask).item()}
+    return loss, stats
+
+
+def importance_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, loss_weights: torch.Tensor,
+                         ratio_level: str = "token") -> torch.Tensor:
+    """log(pi / pi_old) per token, clamped to +-20, or with "sequence" (GSPO) each sequence's mean over its
+    tokens in the loss (weight > 0) given to all of its tokens. All (B, R)."""
+    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
+    if ratio_level == "sequence":
+        in_loss = (loss_weights > 0).float()
+        per_sequence = (log_ratio * in_loss).sum(dim=1, keepdim=True) / in_loss.sum(dim=1, keepdim=True).clamp(min=1)
+        return per_sequence.expand_as(log_ratio)
+    if ratio_level != "token":
+        raise ValueError(f"unknown ratio level {ratio_level!r}")
+    return log_ratio
+
+
+def compute_cispo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                       loss_weights: torch.Tensor, clip_low: float = 1.0, clip_high: float = 5.0,
+                       ratio_level: str = "token") -> tuple[torch.Tensor, dict]:
+    """CISPO (MiniMax-M1, arXiv:2506.13585v1, eq. 4-5): per token -sg(clip(ratio, 1 - clip_low,
+    1 + clip_high)) * A * log pi, aggregated by `loss_weights`. The clip bounds the importance weight, which
+    is detached, so every token keeps its log-prob gradient, scaled; PPO's clip gives a clipped token no
+    gradient at all. The paper sets no lower bound (clip_low 1: weights down to 0) and tunes the upper one;
+    5 is SkyRL's default. At ratio 1 the gradient equals PPO's. All (B, R). Example: ratio 7, A 1,
+    clip_high 5 -> weight 6; gradient -6 x d log pi where PPO's (clip 0.2) is 0."""
+    ratio = torch.exp(importance_log_ratio(logprobs, old_logprobs, loss_weights, ratio_level))
+    weight = ratio.clamp(1.0 - clip_low, 1.0 + clip_high).detach()
+    loss = (-weight * advantages * logprobs * loss_weights).sum()
+    mask = (loss_weights > 0).float()
+    stats = {"policy/clipfrac": masked_mean((weight != ratio.detach()).float(), mask).item(),
+             "policy/approx_kl": masked_mean(0.5 * (logprobs - old_logprobs).detach() ** 2, mask).item(),
              "policy/ratio": masked_mean(ratio.detach(), mask).item()}
     return loss, stats
 
@@ -234,6 +276,74 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     diff = returns - values
     var_diff = masked_mean((diff - masked_mean(diff, mask)) ** 2, mask)
     return float("nan") if var_returns == 0 else (1 - var_diff / var_returns).item()
+
+
+# --------------------------------------------------------------------------------------------------
+# Entropy control by covariance (Cui et al., "The Entropy Mechanism of Reinforcement Learning for Reasoning
+# Language Models", arXiv:2505.22617v1, sec. 5): the entropy falls with the covariance between a token's
+# log-prob and its advantage, so the tokens of largest covariance are kept from the update (Clip-Cov) or
+# held near the rollout's policy by a KL penalty (KL-Cov). Defaults are the paper's and veRL's.
+# --------------------------------------------------------------------------------------------------
+
+def token_covariance(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                     reduce=None) -> torch.Tensor:
+    """Each masked token's term of Cov(log pi, A): (log pi - mean log pi) * (A - mean A), the means over
+    every masked token of the batch (all processes with `reduce`); 0 off the mask. (B, R). Example: log-probs
+    [-1, -3], advantages [1, -1] -> means -2 and 0 -> [1, 1]."""
+    lp, adv = logprobs.detach().double(), advantages.detach().double()
+    cov = (lp - masked_mean(lp, mask, reduce)) * (adv - masked_mean(adv, mask, reduce))
+    return (cov * mask).to(logprobs.dtype)
+
+
+def top_tokens(scores: torch.Tensor, eligible: torch.Tensor, k: int, gather=None) -> torch.Tensor:
+    """bool (B, R): the `k` eligible tokens of highest score over all processes (`gather` concatenates a
+    1-D tensor of every process's values; each sends only its own top k). Tokens tied with the k-th are
+    all taken. Example: scores [3, 1, 2], all eligible, k 2 -> [True, False, True]."""
+    values = scores[eligible]
+    local = values.topk(min(k, len(values))).values
+    pooled = gather(local) if gather is not None else local
+    if k < 1 or len(pooled) == 0:
+        return torch.zeros_like(eligible)
+    threshold = pooled.topk(min(k, len(pooled))).values[-1]
+    return eligible & (scores >= threshold)
+
+
+def clip_cov_tokens(cov: torch.Tensor, mask: torch.Tensor, keys: torch.Tensor, num_tokens: float,
+                    ratio: float = 2e-4, lower: float = 1.0, upper: float = 5.0, gather=None) -> torch.Tensor:
+    """Clip-Cov's tokens, bool (B, R): max(1, int(ratio x num_tokens)) tokens drawn at random (the smallest
+    `keys`, uniform in [0, 1)) among those whose covariance lies strictly between `lower` and `upper`; their
+    gradient is dropped. `num_tokens`: the batch's masked tokens over all processes. Example: cov [0.5, 2, 3,
+    9], keys [.1, .8, .3, .2], 1 token -> the candidates are 2 and 3, and 3 has the smaller key."""
+    k = max(1, int(ratio * num_tokens))
+    return top_tokens(-keys, (mask > 0) & (cov > lower) & (cov < upper), k, gather)
+
+
+def kl_cov_tokens(cov: torch.Tensor, mask: torch.Tensor, num_tokens: float, ratio: float = 2e-4,
+                  gather=None) -> torch.Tensor:
+    """KL-Cov's tokens, bool (B, R): the max(1, int(ratio x num_tokens)) masked tokens of largest
+    covariance over all processes; they get the penalty `kl_cov_penalty`."""
+    return top_tokens(cov, mask > 0, max(1, int(ratio * num_tokens)), gather)
+
+
+def kl_cov_penalty(logprobs: torch.Tensor, old_logprobs: torch.Tensor, selected: torch.Tensor,
+                   loss_weights: torch.Tensor, coef: float = 1.0) -> torch.Tensor:
+    """KL-Cov's penalty: coef x |log pi - log pi_old| on the selected tokens, aggregated by `loss_weights`.
+    Its gradient is 0 while the policy still equals the rollout's (one optimizer step per rollout); it acts
+    from the second mini-batch or epoch on. Example: log-ratio -0.5 on a selected token of weight 1/2,
+    coef 1 -> 0.25."""
+    return coef * ((logprobs - old_logprobs).abs() * selected * loss_weights).sum()
+
+
+# --------------------------------------------------------------------------------------------------
+# Online curriculum: prompts whose last pass rate was 0 or 1 are drawn less often.
+# --------------------------------------------------------------------------------------------------
+
+def curriculum_weights(pass_rates: list, floor: float = 0.1) -> torch.Tensor:
+    """Sampling weight of each prompt from its last group's pass rate (None: not drawn yet): 1 where the
+    rate is strictly between 0 and 1 or unknown, `floor` where every sample failed or every one passed,
+    which carries no signal for a group baseline. (N,). Example: [None, 0.0, 0.5, 1.0], floor 0.1 ->
+    [1, 0.1, 1, 0.1]."""
+    return torch.tensor([floor if r in (0.0, 1.0) else 1.0 for r in pass_rates], dtype=torch.float64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,10 +416,15 @@ ADVANTAGE_ESTIMATORS = {  # --advantage
     "gae": gae_advantages,  # PPO with a critic (ORZ)
     "grpo": grpo_advantages,  # DeepSeekMath's group baseline; Dr. GRPO with scale_by_std=False
     "rloo": rloo_advantages,  # REINFORCE leave-one-out
+    "reinforce_pp": reinforce_pp_advantages,  # REINFORCE++: group mean, then whitened over the global batch
 }
 CRITIC_ESTIMATORS = {"gae"}  # estimators that read the critic's values: a critic is built for these only
-GROUP_ESTIMATORS = {"grpo", "rloo"}  # estimators whose baseline is the group: they need 2+ samples per prompt
-POLICY_LOSSES = {"ppo": compute_policy_loss}  # --policy-loss: (loss, stats) from log-probs, advantages, weights
+GROUP_ESTIMATORS = {"grpo", "rloo", "reinforce_pp"}  # estimators whose baseline is the group: they need 2+ samples per prompt
+POLICY_LOSSES = {  # --policy-loss: (loss, stats) from log-probs, advantages, weights
+    "ppo": compute_policy_loss,  # the clipped surrogate
+    "cispo": compute_cispo_loss,  # the clipped, detached importance weight times the log-prob (MiniMax-M1)
+}
+ENTROPY_CONTROLS = ("none", "clip-cov", "kl-cov")  # --entropy-control: `clip_cov_tokens`, `kl_cov_tokens`
 KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}  # --kl-estimator: k1 goes in the reward, k3 in the loss
 LOSS_AGGREGATIONS = {  # --loss-agg: per-token weights that make the loss a sum
     "token-mean": token_mean_weights,
@@ -330,7 +445,8 @@ def lookup(table: dict, name_or_fn, flag: str):
 def estimator_name(advantage, short: bool = False) -> str:
     """How the console names the algorithm that --advantage selects: --advantage gae is PPO."""
     name = getattr(advantage, "__name__", advantage)
-    long = {"gae": "PPO (GAE critic)", "grpo": "GRPO", "rloo": "RLOO"}.get(name, f"--advantage {name}")
+    long = {"gae": "PPO (GAE critic)", "grpo": "GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++"}.get(
+        name, f"--advantage {name}")
     return {"gae": "ppo"}.get(name, name) if short else long
 
 
@@ -350,7 +466,7 @@ def compute_advantages(estimator, rewards: torch.Tensor, response_mask: torch.Te
     fn = lookup(ADVANTAGE_ESTIMATORS, estimator, "--advantage")
     kl_penalty = torch.zeros_like(response_mask) if kl_penalty is None else kl_penalty
     advantages, returns = fn(rewards=rewards, response_mask=response_mask, group_ids=group_ids, values=values,
-                             kl_penalty=kl_penalty, **hyperparameters)
+                             kl_penalty=kl_penalty, reduce=reduce, **hyperparameters)
     if whiten:
         advantages = masked_whiten(advantages, response_mask, reduce=reduce)
     return advantages, returns

@@ -550,7 +550,7 @@ def test_an_estimator_registered_in_the_table_or_passed_as_a_function_is_what_ru
     # the built-in entries look their kernels up when they run: a replaced kernel is used
     monkeypatch.setattr(algos, "compute_grpo_advantages", lambda rewards, group_ids, scale_by_std: rewards * 10)
     assert algos.compute_advantages("grpo", rewards, mask, groups)[0][0, 0].item() == 10.0
-    with pytest.raises(ValueError, match=r"--advantage 'nope': not one of gae, grpo, rloo, centred"):
+    with pytest.raises(ValueError, match=r"--advantage 'nope': not one of gae, grpo, rloo, reinforce_pp, centred"):
         algos.compute_advantages("nope", rewards, mask, groups)
 
 
@@ -641,3 +641,209 @@ def test_logprob_mismatch_hand_computed():
     total, count, biggest = logprob_mismatch(trainer, sampler, mask)
     assert math.isclose(total.item(), 0.1 + 0 + 0.5 + 0.25 + 0, abs_tol=1e-6)
     assert count.item() == 5 and math.isclose(biggest.item(), 0.5, abs_tol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# REINFORCE++, CISPO, Clip-Cov / KL-Cov and the curriculum's weights (issue: the estimators researchers
+# compare against), each against values computed by hand
+# ---------------------------------------------------------------------------------------------
+
+def test_reinforce_pp_centres_on_the_group_mean_then_whitens_over_the_global_batch():
+    import algos
+
+    # group 0: rewards [1, 0] (mean 0.5), group 1: [1, 1] (mean 1); masks of 2, 3, 1, 2 tokens
+    rewards, groups = torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.tensor([0, 0, 1, 1])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    adv, returns = algos.compute_advantages("reinforce_pp", rewards, mask, groups)
+    # centred per token: 0.5 on 2 tokens, -0.5 on 3, 0 on 3 -> mean -1/16, population variance
+    # (2 x 0.5625^2 + 3 x 0.4375^2 + 3 x 0.0625^2) / 8 = 0.1523 -> std 0.3903
+    std = math.sqrt((2 * 0.5625 ** 2 + 3 * 0.4375 ** 2 + 3 * 0.0625 ** 2) / 8)
+    expected = torch.tensor([[0.5625, 0.5625, 0.0], [-0.4375] * 3, [0.0625, 0.0, 0.0], [0.0625, 0.0625, 0.0]]) / std
+    assert returns is None
+    torch.testing.assert_close(adv, expected, atol=1e-5, rtol=0)
+    # the docstring's example: one group [1, 0, 0, 0], one token each
+    one, _ = algos.compute_advantages("reinforce_pp", torch.tensor([1.0, 0, 0, 0]), torch.ones(4, 1),
+                                      torch.zeros(4, dtype=torch.long))
+    torch.testing.assert_close(one[:, 0], torch.tensor([1.7320, -0.5773, -0.5773, -0.5773]), atol=1e-4, rtol=0)
+    # the k1 penalty in the reward: a token's return is the reward minus the penalties from it on
+    kl = torch.tensor([[0.1, 0.2], [0.0, 0.0]])
+    rew, m, g = torch.tensor([1.0, 0.0]), torch.ones(2, 2), torch.tensor([0, 0])
+    with_kl, _ = algos.compute_advantages("reinforce_pp", rew, m, g, kl_penalty=kl)
+    centred = torch.tensor([[1 - 0.3 - 0.5, 1 - 0.2 - 0.5], [-0.5, -0.5]])
+    white = (centred - centred.mean()) / centred.std(correction=0)
+    torch.testing.assert_close(with_kl, white, atol=1e-4, rtol=0)
+
+
+def all_reduce_threads(world: int):
+    """`reduce` functions for `world` threads that stand for processes: each call sums the value over all
+    of them (an all-reduce), in lockstep as torch.distributed does."""
+    import threading
+
+    barrier, slots = threading.Barrier(world), [None] * world
+
+    def reduce_for(rank):
+        def reduce(x):
+            slots[rank] = x.clone()
+            barrier.wait()
+            total = sum(slots[1:], slots[0].clone())
+            barrier.wait()  # every one has read the slots before the next call writes them
+            return total
+        return reduce
+    return reduce_for
+
+
+def run_as_processes(fn, world: int):
+    """fn(rank, reduce) in `world` threads with an all-reduce between them; their results in rank order."""
+    import threading
+
+    reduce_for, results = all_reduce_threads(world), [None] * world
+    threads = [threading.Thread(target=lambda r=r: results.__setitem__(r, fn(r, reduce_for(r))))
+               for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    return results
+
+
+def test_reinforce_pp_whitens_over_all_processes_not_each_one():
+    import algos
+
+    rewards, groups = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0]), torch.tensor([0, 0, 0, 1, 1, 1])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
+    whole, _ = algos.compute_advantages("reinforce_pp", rewards, mask, groups)
+    parts = [slice(0, 3), slice(3, 6)]
+    each = [algos.compute_advantages("reinforce_pp", rewards[p], mask[p], groups[p])[0] for p in parts]
+    assert not torch.allclose(torch.cat(each), whole, atol=1e-3)  # whitening per process differs
+    shared = run_as_processes(lambda rank, reduce: algos.compute_advantages(
+        "reinforce_pp", rewards[parts[rank]], mask[parts[rank]], groups[parts[rank]], reduce=reduce)[0], 2)
+    torch.testing.assert_close(torch.cat(shared), whole, atol=1e-6, rtol=0)
+
+
+def test_cispo_loss_and_gradients_hand_computed():
+    from algos import compute_cispo_loss
+
+    # ratios 0.5, 1, 7 (log-probs against old 0), advantages 1, -1, 1, weights 1/3 each
+    logp = torch.log(torch.tensor([[0.5, 1.0, 7.0]])).requires_grad_()
+    old, adv, w = torch.zeros(1, 3), torch.tensor([[1.0, -1.0, 1.0]]), torch.full((1, 3), 1 / 3)
+    loss, stats = compute_cispo_loss(logp, old, adv, w, clip_low=1.0, clip_high=5.0)
+    # weights sg(clip(r, 0, 6)) = 0.5, 1, 6; loss = -(0.5 log 0.5 - 1 x 0 + 6 log 7) / 3
+    expected = -(0.5 * math.log(0.5) + 6 * math.log(7.0)) / 3
+    assert abs(loss.item() - expected) < 1e-5
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-0.5 / 3, 1 / 3, -6 / 3]]))
+    assert abs(stats["policy/clipfrac"] - 1 / 3) < 1e-6  # the ratio 7 was capped
+    # PPO's clip (0.2) gives the ratio-7 token no gradient; CISPO gives every token one
+    from algos import compute_policy_loss
+    logp2 = logp.detach().clone().requires_grad_()
+    compute_policy_loss(logp2, old, adv, w)[0].backward()
+    assert logp2.grad[0, 2].item() == 0.0 and logp.grad[0, 2].item() != 0.0
+
+
+def test_cispo_gradient_equals_ppos_on_policy():
+    from algos import compute_cispo_loss, compute_policy_loss
+
+    torch.manual_seed(0)
+    old = torch.randn(3, 4)
+    adv, w = torch.randn(3, 4), torch.rand(3, 4)
+    grads = []
+    for fn in (compute_policy_loss, compute_cispo_loss):
+        logp = old.clone().requires_grad_()
+        fn(logp, old, adv, w)[0].backward()
+        grads.append(logp.grad)
+    torch.testing.assert_close(grads[0], grads[1])  # d(-A r)/d log pi = -A r = -A at r = 1
+
+
+def test_cispo_lower_bound_and_sequence_ratio():
+    from algos import compute_cispo_loss
+
+    logp = torch.log(torch.tensor([[0.25, 1.0]])).requires_grad_()
+    old, adv, w = torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2)
+    compute_cispo_loss(logp, old, adv, w, clip_low=0.2, clip_high=0.2)[0].backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-0.8, -1.0]]))  # 0.25 raised to the bound 0.8
+    seq = logp.detach().clone().requires_grad_()
+    compute_cispo_loss(seq, old, adv, w, ratio_level="sequence")[0].backward()
+    torch.testing.assert_close(seq.grad, torch.full((1, 2), -0.5))  # sqrt(0.25 x 1) for both tokens
+
+
+def test_token_covariance_hand_computed_and_across_processes():
+    from algos import token_covariance
+
+    logp, adv, mask = torch.tensor([[-1.0, -3.0, 5.0]]), torch.tensor([[1.0, -1.0, 9.0]]), torch.tensor([[1.0, 1.0, 0]])
+    assert torch.equal(token_covariance(logp, adv, mask), torch.tensor([[1.0, 1.0, 0.0]]))
+    # means over both processes: log-probs [-1, -3 | 0, -4] mean -2, advantages [1, -1 | 3, -3] mean 0
+    lp, ad = torch.tensor([[-1.0, -3.0], [0.0, -4.0]]), torch.tensor([[1.0, -1.0], [3.0, -3.0]])
+    parts = run_as_processes(lambda r, reduce: token_covariance(lp[r:r + 1], ad[r:r + 1], torch.ones(1, 2), reduce), 2)
+    torch.testing.assert_close(torch.cat(parts), torch.tensor([[1.0, 1.0], [6.0, 6.0]]))
+
+
+def test_clip_cov_and_kl_cov_pick_the_tokens_their_paper_describes():
+    from algos import clip_cov_tokens, kl_cov_tokens, top_tokens
+
+    cov = torch.tensor([[0.5, 2.0, 3.0, 9.0], [4.0, 1.5, -2.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0]])
+    keys = torch.tensor([[0.1, 0.8, 0.3, 0.2], [0.6, 0.05, 0.0, 0.0]])
+    # candidates (1 < cov < 5, in the mask): 2, 3, 4, 1.5 with keys .8, .3, .6, .05
+    one = clip_cov_tokens(cov, mask, keys, num_tokens=7, ratio=0.1)  # int(0.7) -> at least 1 token
+    assert one.nonzero().tolist() == [[1, 1]]
+    two = clip_cov_tokens(cov, mask, keys, num_tokens=7, ratio=2 / 7)
+    assert two.nonzero().tolist() == [[0, 2], [1, 1]]
+    # KL-Cov: the largest covariances among masked tokens; 9 then 4
+    assert kl_cov_tokens(cov, mask, num_tokens=7, ratio=2 / 7).nonzero().tolist() == [[0, 3], [1, 0]]
+    assert kl_cov_tokens(cov, mask, num_tokens=7, ratio=1e-4).nonzero().tolist() == [[0, 3]]
+    # nothing eligible -> nothing selected; k = 0 -> nothing
+    assert not top_tokens(cov, torch.zeros_like(mask, dtype=torch.bool), 3).any()
+    assert not top_tokens(cov, mask > 0, 0).any()
+
+
+def test_the_selections_over_two_processes_equal_one_process():
+    from algos import clip_cov_tokens, kl_cov_tokens
+
+    torch.manual_seed(1)
+    cov, keys = torch.rand(6, 5) * 7 - 1, torch.rand(6, 5)  # about 4 in 7 inside (1, 5)
+    mask = (torch.rand(6, 5) > 0.2).float()
+    n = mask.sum().item()
+
+    def gather_for(rank, store, barrier):
+        def gather(t):
+            store[rank] = t
+            barrier.wait()
+            out = torch.cat([store[0], store[1]])
+            barrier.wait()
+            return out
+        return gather
+
+    import threading
+    for pick in (lambda c, m, k, g: clip_cov_tokens(c, m, k, n, ratio=0.2, gather=g),
+                 lambda c, m, k, g: kl_cov_tokens(c, m, n, ratio=0.2, gather=g)):
+        whole = pick(cov, mask, keys, None)
+        store, barrier, out = [None, None], threading.Barrier(2), [None, None]
+        threads = [threading.Thread(target=lambda r=r: out.__setitem__(r, pick(
+            cov[3 * r:3 * r + 3], mask[3 * r:3 * r + 3], keys[3 * r:3 * r + 3], gather_for(r, store, barrier))))
+            for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert whole.sum().item() == int(0.2 * n) and torch.equal(torch.cat(out), whole)
+
+
+def test_kl_cov_penalty_hand_computed_and_zero_gradient_on_policy():
+    from algos import kl_cov_penalty
+
+    logp = torch.tensor([[-1.5, -1.0]], requires_grad=True)
+    old, selected, w = torch.tensor([[-1.0, -2.0]]), torch.tensor([[True, False]]), torch.tensor([[0.5, 0.5]])
+    penalty = kl_cov_penalty(logp, old, selected, w, coef=1.0)
+    assert abs(penalty.item() - 0.25) < 1e-7  # |-0.5| x 1/2 on the selected token only
+    penalty.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-0.5, 0.0]]))  # sign(-0.5) x 1/2
+    same = old.clone().requires_grad_()
+    kl_cov_penalty(same, old, selected, w).backward()
+    assert torch.equal(same.grad, torch.zeros(1, 2))  # one step per rollout: the penalty does nothing
+
+
+def test_curriculum_weights_hand_computed():
+    from algos import curriculum_weights
+
+    assert curriculum_weights([None, 0.0, 0.5, 1.0], floor=0.1).tolist() == [1.0, 0.1, 1.0, 0.1]
+    assert curriculum_weights([0.25, 0.75], floor=0.5).tolist() == [1.0, 1.0]
