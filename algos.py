@@ -419,7 +419,8 @@ ADVANTAGE_ESTIMATORS = {  # --advantage
     "reinforce_pp": reinforce_pp_advantages,  # REINFORCE++: group mean, then whitened over the global batch
 }
 CRITIC_ESTIMATORS = {"gae"}  # estimators that read the critic's values: a critic is built for these only
-GROUP_ESTIMATORS = {"grpo", "rloo", "reinforce_pp"}  # estimators whose baseline is the group: they need 2+ samples per prompt
+# estimators whose baseline is the group: they need 2+ samples per prompt
+GROUP_ESTIMATORS = {"grpo", "rloo", "reinforce_pp"}
 POLICY_LOSSES = {  # --policy-loss: (loss, stats) from log-probs, advantages, weights
     "ppo": compute_policy_loss,  # the clipped surrogate
     "cispo": compute_cispo_loss,  # the clipped, detached importance weight times the log-prob (MiniMax-M1)

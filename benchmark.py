@@ -819,7 +819,7 @@ def reset_peak_rss() -> None:
 
 def memory_worker(spec: dict) -> dict:
     """One policy update (forward with entropy, the PPO loss, backward) of `spec["rows"]` rows of
-    `spec["tokens"]` response tokens, as train_ppo.policy_loss computes it, with the log-probs in chunks
+    `spec["tokens"]` response tokens, as update.policy_loss computes it, with the log-probs in chunks
     (`logit_chunk` > 0) or of all logits at once (0). Returns the seconds and the memory it took."""
     import gc
 
@@ -828,6 +828,7 @@ def memory_worker(spec: dict) -> dict:
 
     import rollout
     import train_ppo
+    import update
     from rollout import Experience, resolve_model
 
     torch.set_num_threads(spec["threads"])
@@ -848,18 +849,18 @@ def memory_worker(spec: dict) -> dict:
     for p in model.parameters():  # weights read into memory (they may be mapped from disk) and gradients
         p.grad = torch.zeros_like(p) + p.detach().sum() * 0  # made, as after the first step: what is measured
                                                             # is what the update adds
-    with mock.patch.object(train_ppo, "forward_logprobs",
+    with mock.patch.object(update, "forward_logprobs",
                            lambda *a, **k: forward(*a, **k, logit_chunk=spec["logit_chunk"])):
         small = Experience(prompt_ids=exp.prompt_ids[:1, :8], prompt_mask=exp.prompt_mask[:1, :8],
                            response_ids=exp.response_ids[:1, :8], response_mask=exp.response_mask[:1, :8],
                            truncated=exp.truncated[:1], group_ids=exp.group_ids[:1],
                            advantages=exp.advantages[:1, :8], old_logprobs=exp.old_logprobs[:1, :8])
-        train_ppo.policy_loss(model, small, weights[:1, :8], args)[0].backward()  # one-time allocations first
+        update.policy_loss(model, small, weights[:1, :8], args)[0].backward()  # one-time allocations first
         gc.collect()
         before = rss_mib("VmRSS")
         reset_peak_rss()
         start = time.perf_counter()
-        loss, _ = train_ppo.policy_loss(model, exp, weights, args)
+        loss, _ = update.policy_loss(model, exp, weights, args)
         loss.backward()
         seconds = time.perf_counter() - start
     peak = rss_mib("VmHWM")

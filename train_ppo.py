@@ -26,7 +26,6 @@ Run it:
 import json
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -59,13 +58,10 @@ from checkpoint import (
     save_models,
 )
 from cli import parse_args
-from critic import ValueModel, batched_values, forward_values
+from critic import ValueModel, batched_values
 from data.loading import ORZ_STOP_STRINGS, DataArgs, load_data, read_data
 from launch import (
-    accelerate_backward,
     configure_deepspeed,
-    deepspeed_backward,
-    deepspeed_stage,
     describe_setup,
     end_launched_process,
     is_sharded,
@@ -99,14 +95,10 @@ from rollout import (
     SamplingArgs,
     batched_logprobs,
     call_seeds,
-    forward_logprobs,
     generate_responses,
     generate_responses_refill,
-    local_rows,
-    mini_batch_parts,
     model_problems,
     padding_fraction,
-    plan_micro_batches,
     prepare_for_sampling,
     resolve_model,
     rollout_experience,
@@ -115,6 +107,7 @@ from rollout import (
 from rollout import (
     deal_groups as rollout_deal_groups,
 )
+from update import MAX_STATS, SUMMED_STATS, TOKEN_STATS, plan, update
 from utils import (
     RunError,
     disable_dropout,
@@ -135,12 +128,6 @@ from utils import (
 from vllm_engine import VLLMEngine, vllm_problems
 from vllm_engine import generate_responses as vllm_generate
 
-SUMMED_STATS = ("loss/policy", "critic/value_loss", "policy/kl")  # shares of one batch loss, not means
-# Token means, computed per micro-batch and weighted by its share of the mini-batch's tokens (all processes),
-# so that they too are summed: then they do not depend on how the batch is split.
-TOKEN_STATS = ("policy/clipfrac", "policy/approx_kl", "policy/ratio", "policy/entropy", "policy/tis_weight",
-               "critic/clipfrac", "critic/values", "rollout/logprob_diff_mean")
-MAX_STATS = ("rollout/logprob_diff_max",)  # the largest over micro-batches and processes
 FULL_LR = 1e-4  # the policy's rate on the built-in task; ORZ trains real models at 1e-6
 # LoRA learns best at a larger rate than full fine-tuning, about 10x in Schulman et al. ("LoRA Without Regret",
 # Thinking Machines, 2025). Rank 16 on the built-in task (GRPO, 60 steps): 72% at 1e-4, 90.2% at 1e-3, 93.8% at 2e-3.
@@ -765,17 +752,6 @@ def deal_groups(run: Run, rounds: list, metrics: dict):
 # Steps 4-6: log-probs, values and advantages.
 # --------------------------------------------------------------------------------------------------
 
-def plan(exp: Experience, args: Args, accelerator) -> list[torch.Tensor]:
-    """This process's rows in micro-batches sorted by length, under --micro-batch-size rows and
-    --max-tokens-per-microbatch padded tokens; every process gets the same number of micro-batches."""
-    lengths = exp.attention_mask.sum(dim=1)
-    limits = dict(max_rows=args.micro_batch_size, max_tokens=args.max_tokens_per_microbatch,
-                  max_padding=args.max_padding, prompt_lengths=exp.prompt_mask.sum(dim=1))
-    local = len(plan_micro_batches(lengths, **limits))
-    count = int(accelerator.gather(torch.tensor([local], device=lengths.device)).max())
-    return plan_micro_batches(lengths, num_batches=count, **limits)
-
-
 def rollout_logprobs(run: Run, exp: Experience, micro: list[torch.Tensor]):
     """(old, ref): the sampling policy's log-probs of the rollout when the update needs them (several
     optimizer steps per rollout, or the k1 KL in the reward; with one update on one batch the update's own
@@ -818,105 +794,6 @@ def compute_advantages(run: Run, exp: Experience, lengths: torch.Tensor, metrics
         args.advantage, exp.rewards, exp.response_mask, exp.group_ids, exp.values, kl_penalty,
         whiten=args.whiten_advantages, reduce=partial(reduce_sum, accelerator), gamma=args.gamma, lam=args.lam,
         adaptive_lam_alpha=args.adaptive_lam_alpha, scale_by_std=args.scale_by_std)
-
-
-# --------------------------------------------------------------------------------------------------
-# Steps 7-8, the updates: epochs of mini-batches of micro-batches, the same for both roles; only the
-# loss differs.
-# --------------------------------------------------------------------------------------------------
-
-def update(run: Run, exp: Experience, role: str, step: int) -> dict[str, list]:
-    """Optimizer steps of the policy or the critic over one rollout: epochs of mini-batches, each accumulated
-    over micro-batches. Returns lists of stats, one value per optimizer step."""
-    args, accelerator = run.args, run.accelerator
-    model, optimizer = (run.policy if role == "policy" else run.critic), run.optimizers[role]
-    loss_fn, loss_agg = (policy_loss, args.loss_agg) if role == "policy" else (value_loss, "token-mean")
-    epochs, mini_batches = ((args.ppo_epochs, args.num_mini_batches) if role == "policy"
-                            else (args.critic_epochs, args.critic_mini_batches))
-    rows, world, rank = len(exp.response_ids), accelerator.num_processes, accelerator.process_index
-    device, deepspeed = exp.response_ids.device, deepspeed_stage(accelerator) is not None
-    stats: dict[str, list] = {}
-    model.train()
-    for part in mini_batch_parts(rows * world, mini_batches, args.seed, step, epochs):
-        mini = exp.select(local_rows(part, rank, rows).to(device))  # processes may get unequal shares
-        # sequences are the rows with a token in the loss: rows left out (--drop-equal-groups) have none
-        kept_rows = (mini.response_mask.sum(dim=1) > 0).sum().float()
-        count = accelerator.reduce(torch.stack([mini.response_mask.sum(), kept_rows]), "sum")
-        weights = algos.loss_weights(mini.response_mask, loss_agg, int(count[1].item()), count[0].item(),
-                                     args.max_new_tokens)
-        micro = plan(mini, args, accelerator)
-        mini_stats: dict[str, list] = {}
-        accelerator.gradient_accumulation_steps = len(micro)
-        accelerator.step = 0  # align accumulation boundaries with this mini-batch
-        for i, idx in enumerate(micro):
-            # an empty micro-batch (another process has more) runs one row with zero weight, so that
-            # every process makes the same number of forward and backward passes
-            if len(idx):
-                mb, w = mini.select(idx).trim(), weights[idx]
-            else:
-                mb = exp.select(torch.zeros(1, dtype=torch.long, device=device)).trim()
-                w = torch.zeros_like(mb.response_mask)
-            with nullcontext() if deepspeed else accelerator.accumulate(model):
-                loss, s = loss_fn(model, mb, w[:, :mb.response_ids.shape[1]], args)
-                if step in injected_nan_steps():
-                    loss = loss * float("nan")
-                # the weights normalise over the whole mini-batch of all processes, so the averaging over
-                # processes (DDP, ZeRO) is undone by `world`
-                if deepspeed:  # the engine accumulates, clips and steps (or skips a non-finite step)
-                    s.update(deepspeed_backward(model, loss * world, role, last=i == len(micro) - 1))
-                else:
-                    s.update(accelerate_backward(accelerator, model, optimizer, loss * world, role,
-                                                 args.max_grad_norm))
-            share = mb.response_mask.sum().item() * float(len(idx) > 0) / max(count[0].item(), 1.0)
-            for k, v in s.items():
-                mini_stats.setdefault(k, []).append(v * share if k in TOKEN_STATS else v)
-        for k, v in mini_stats.items():  # one value per optimizer step
-            stats.setdefault(k, []).append(max(v) if k in MAX_STATS else sum(v) if k in SUMMED_STATS + TOKEN_STATS
-                                           else sum(v) / len(v))
-    return stats
-
-
-def policy_loss(model, mb: Experience, w: torch.Tensor, args: Args) -> tuple[torch.Tensor, dict]:
-    """The --policy-loss of a micro-batch (with the KL in the loss and the entropy bonus when on), and its
-    stats. `w` (B, R) are the tokens' loss weights (`algos.loss_weights`)."""
-    logprobs, entropy = forward_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1],
-                                         args.temperature, with_entropy=True, entropy_grad=args.entropy_coef > 0)
-    old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
-    sampler, tis, stats = mb.sampler_logprobs, 1.0, {}
-    if mb.old_logprobs is None and sampler is not None:  # the one pass over these rows: old = these, measured here
-        total, count, biggest = algos.logprob_mismatch(old, sampler, mb.response_mask)
-        stats = {"rollout/logprob_diff_mean": (total / count.clamp(min=1)).item(),
-                 "rollout/logprob_diff_max": biggest.item()}
-    if args.tis_cap and sampler is not None:  # each token's policy loss weighed by pi_old / pi_sampler, capped
-        tis = algos.tis_weights(old, sampler, args.tis_cap)
-        stats["policy/tis_weight"] = masked_mean(tis, mb.response_mask).item()
-    loss_fn = algos.lookup(algos.POLICY_LOSSES, args.policy_loss, "--policy-loss")
-    loss, loss_stats = loss_fn(logprobs, old, mb.advantages, w * tis, clip_low=args.clip_low, clip_high=args.clip_high,
-                               ratio_level=args.ratio_level)
-    stats.update(loss_stats)
-    stats["loss/policy"] = loss.item()
-    stats["policy/entropy"] = masked_mean(entropy.detach(), mb.response_mask).item()
-    if args.kl_coef > 0 and args.kl_estimator != "k1":  # k1 is in the reward (`compute_advantages`)
-        kl = (algos.compute_kl(logprobs, mb.ref_logprobs, args.kl_estimator) * w).sum()
-        loss = loss + args.kl_coef * kl
-        stats["policy/kl"] = kl.item()
-    if args.entropy_coef:
-        loss = loss - args.entropy_coef * (entropy * w).sum()
-    return loss, stats
-
-
-def value_loss(model, mb: Experience, w: torch.Tensor, args: Args) -> tuple[torch.Tensor, dict]:
-    """The critic's clipped value loss of a micro-batch against the GAE returns, and its stats."""
-    values = forward_values(model, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1])
-    clip = args.value_clip if args.value_clip > 0 else None
-    loss, stats = algos.compute_value_loss(values, mb.values, mb.returns, w, clip)
-    stats["critic/value_loss"] = loss.item()
-    return loss, stats
-
-
-def injected_nan_steps() -> set[int]:
-    """Fault injection for tests: REASONER_ZERO_NAN_STEPS="3,4" makes the losses of those steps NaN."""
-    return {int(x) for x in os.environ.get("REASONER_ZERO_NAN_STEPS", "").split(",") if x.strip()}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -818,9 +818,11 @@ def test_the_selections_over_two_processes_equal_one_process():
                  lambda c, m, k, g: kl_cov_tokens(c, m, n, ratio=0.2, gather=g)):
         whole = pick(cov, mask, keys, None)
         store, barrier, out = [None, None], threading.Barrier(2), [None, None]
-        threads = [threading.Thread(target=lambda r=r: out.__setitem__(r, pick(
-            cov[3 * r:3 * r + 3], mask[3 * r:3 * r + 3], keys[3 * r:3 * r + 3], gather_for(r, store, barrier))))
-            for r in range(2)]
+        def part(r, out=out, pick=pick, store=store, barrier=barrier):
+            rows = slice(3 * r, 3 * r + 3)
+            out[r] = pick(cov[rows], mask[rows], keys[rows], gather_for(r, store, barrier))
+
+        threads = [threading.Thread(target=part, args=(r,)) for r in range(2)]
         for t in threads:
             t.start()
         for t in threads:

@@ -1,5 +1,5 @@
 """The files import one way: utils, cli, plot <- reward, data, checkpoint, algos, launch <- rollout, critic,
-vllm_engine <- evaluate <- train_ppo <- the other entry points (train_grpo, benchmark, data.curate). Every
+vllm_engine <- evaluate, update <- train_ppo <- the other entry points (train_grpo, benchmark, data.curate). Every
 import, including those inside functions, is checked, and every module imports alone in a fresh interpreter;
 no private name (`_x`) is imported across modules."""
 
@@ -12,7 +12,7 @@ LAYERS = {
     "utils": 0, "cli": 0, "plot": 0,
     "reward": 1, "data.loading": 1, "data.synthetic": 1, "checkpoint": 1, "algos": 1, "launch": 1,
     "rollout": 2, "critic": 2, "vllm_engine": 2,
-    "evaluate": 3,
+    "evaluate": 3, "update": 3,
     "train_ppo": 4,
     "train_grpo": 5, "benchmark": 5, "data.curate": 5,
 }
