@@ -23,12 +23,12 @@ CONFIG_TMP = ".config.json.tmp"  # config.json is written here first, then renam
 # What a run writes in its output directory; --overwrite removes these and nothing else (the lock file and
 # the user's own files stay). "reasoner-zero" is tensorboard's directory (the project name of init_trackers).
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples.jsonl", "eval_problems.jsonl", "reward_audit.jsonl",
-               "policy", "critic", "summary.json", "config.json", "reasoner-zero")
+               "policy", "critic", "summary.json", "config.json", "reasoner-zero", "rollouts")
 # The arguments that may differ between a checkpoint and the run resuming from it; all others shape
 # training and must match. Free: the length of the run (max_steps: after warm-up the learning rate is
 # constant, so a longer run continues the same schedule) and its bookkeeping (eval_every, save_every,
 # keep_checkpoints, samples_per_step, audit_samples, report_to, max_nonfinite_updates, resume, overwrite, output_dir: a
-# moved directory, collective_timeout); resources that do not change the objective: reward_workers,
+# moved directory, collective_timeout, dump_rollouts); resources that do not change the objective: reward_workers,
 # gradient_checkpointing, and how a batch is split (micro_batch_size, max_tokens_per_microbatch, max_padding:
 # float round-off only) or generated (generation, refill_fraction, generation_batch_size: other draws from the same
 # distribution). Not free, on purpose: eval_limit, eval_num_samples and eval_datasets define what
@@ -38,7 +38,8 @@ RESUMABLE_ARGS = frozenset({
     "max_steps", "eval_every", "save_every", "keep_checkpoints", "samples_per_step", "report_to",
     "max_nonfinite_updates", "resume", "overwrite", "output_dir", "reward_workers", "gradient_checkpointing",
     "micro_batch_size", "max_tokens_per_microbatch", "max_padding", "generation", "refill_fraction",
-    "generation_batch_size", "merge_on_save", "merge_for_generation", "audit_samples", "collective_timeout"})
+    "generation_batch_size", "merge_on_save", "merge_for_generation", "audit_samples", "collective_timeout",
+    "dump_rollouts"})
 _HELD_LOCKS: list[int] = []  # file descriptors of the output-directory locks this process holds
 
 
@@ -422,6 +423,25 @@ def _save_checkpoint(accelerator, root: Path, state: dict, keep: int) -> Path:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def save_experience(path: Path, exp) -> None:
+    """A rollout's tensors (`rollout.Experience`: ids, masks, rewards, log-probs, values, advantages, ...) as
+    safetensors, written to a temporary name and renamed; fields that are None are left out."""
+    from safetensors.torch import save_file
+
+    tensors = {f.name: getattr(exp, f.name).detach().cpu().contiguous() for f in fields(exp)
+               if torch.is_tensor(getattr(exp, f.name))}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_experience(path: Path, device) -> dict:
+    """The tensors `save_experience` wrote, on `device`: the keyword arguments of `rollout.Experience`."""
+    from safetensors.torch import load_file
+
+    return {k: v.to(device) for k, v in load_file(str(path)).items()}
 
 
 def read_jsonl_before(path: Path, step: float) -> list[dict]:

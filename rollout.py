@@ -109,6 +109,7 @@ class Experience:
     values: torch.Tensor | None = None  # (B, R)
     advantages: torch.Tensor | None = None  # (B, R)
     returns: torch.Tensor | None = None  # (B, R)
+    cov_tokens: torch.Tensor | None = None  # (B, R) bool: --entropy-control's tokens (Clip-Cov's, KL-Cov's)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -975,12 +976,18 @@ def batched_logprobs(model, exp: Experience, temperature: float, micro_batches: 
 # run, see the same.
 # --------------------------------------------------------------------------------------------------
 
-def step_prompts(records: list, step: int, per_step: int, seed: int, rank: int, world: int) -> list:
+def step_prompts(records: list, step: int, per_step: int, seed: int, rank: int, world: int,
+                 weights: torch.Tensor | None = None) -> list:
     """This process's share of the prompts of `step`: a fresh permutation per epoch, a pure function of
     (step, seed), so a resumed run sees the same prompts. A step may draw a record twice (a dataset
     smaller than `per_step`, or a step across the end of an epoch); `rollout` makes each draw its own
-    group."""
+    group. With `weights` (one per record: the curriculum's) the step's prompts are drawn in proportion to
+    them, without replacement while there are enough records, seeded by (seed, step)."""
     local = per_step // world
+    if weights is not None:
+        generator = torch.Generator().manual_seed(seed * 100003 + step)
+        drawn = torch.multinomial(weights, per_step, replacement=per_step > len(records), generator=generator)
+        return [records[i] for i in drawn[rank * local:(rank + 1) * local].tolist()]
     chosen = []
     for g in range(step * per_step + rank * local, step * per_step + (rank + 1) * local):
         epoch, pos = divmod(g, len(records))

@@ -55,6 +55,7 @@ from checkpoint import (
     releases_output_locks,
     resume,
     save_checkpoint,
+    save_experience,
     save_models,
 )
 from cli import parse_args
@@ -107,7 +108,7 @@ from rollout import (
 from rollout import (
     deal_groups as rollout_deal_groups,
 )
-from update import MAX_STATS, SUMMED_STATS, TOKEN_STATS, plan, update
+from update import MAX_STATS, SUMMED_STATS, TOKEN_STATS, cov_tokens, plan, update_models
 from utils import (
     RunError,
     disable_dropout,
@@ -149,7 +150,8 @@ class Args(RewardArgs, RolloutArgs, SamplingArgs, DataArgs, ModelArgs):
     seed: int = field(default=0, metadata={"help": "random seed"})
     advantage: str = field(default="gae", metadata={"choices": lambda: algos.ADVANTAGE_ESTIMATORS,
         "group": "rollout", "help": "advantage estimator, a name in algos.ADVANTAGE_ESTIMATORS: gae (PPO critic), grpo "
-                                    "(group mean/std), rloo (leave-one-out); in Python also a function"})
+                                    "(group mean/std), rloo (leave-one-out), reinforce_pp (REINFORCE++: group mean, "
+                                    "then whitened over the batch); in Python also a function"})
     max_steps: int = field(default=60, metadata={"help": "RL steps (one rollout and its updates each)"})
     prompts_per_step: int = field(default=32, metadata={"help": "prompts per step, over all processes"})
     num_generations: int = field(default=8, metadata={"help": "samples per prompt"})
@@ -180,6 +182,10 @@ class Args(RewardArgs, RolloutArgs, SamplingArgs, DataArgs, ModelArgs):
                 "rewards differ (or --max-sampling-rounds rounds were drawn)"})
     max_sampling_rounds: int = field(default=4, metadata={
         "help": "dynamic sampling: at most this many rounds of --prompts-per-step prompts per step"})
+    curriculum: Literal["none", "pass-rate"] = field(default="none", metadata={
+        "help": "pass-rate: draw a prompt whose last group all failed or all passed with weight --curriculum-floor "
+                "(others 1); the pass rates are saved in checkpoints"})
+    curriculum_floor: float = field(default=0.1, metadata={"help": "pass-rate curriculum: the weight of such a prompt"})
     mask_truncated: bool = field(default=False, metadata={
         "help": "leave truncated responses out of the losses (DAPO's overlong filtering) instead of only "
                 "scoring them 0; they still count in their group's baseline"})
@@ -187,13 +193,27 @@ class Args(RewardArgs, RolloutArgs, SamplingArgs, DataArgs, ModelArgs):
         "help": "loss aggregation, a name in algos.LOSS_AGGREGATIONS: token-mean over the batch, "
                 "seq-mean-token-mean (mean of per-sequence means) or seq-mean-token-sum-norm (Dr. GRPO)"})
     policy_loss: str = field(default="ppo", metadata={"choices": lambda: algos.POLICY_LOSSES,
-        "help": "policy loss, a name in algos.POLICY_LOSSES: ppo (the clipped surrogate)"})
+        "help": "policy loss, a name in algos.POLICY_LOSSES: ppo (the clipped surrogate) or cispo (MiniMax-M1: the "
+                "clipped importance weight, detached, times the log-prob; no token loses its gradient)"})
     clip_low: float = field(default=0.2, metadata={"help": "ratio clip below: 1 - clip_low"})
     clip_high: float = field(default=0.2, metadata={
         "help": "ratio clip above: 1 + clip_high (DAPO's clip-higher: 0.28)"})
     ratio_level: Literal["token", "sequence"] = field(default="token", metadata={
         "help": "importance ratio per token (PPO) or per sequence, the exponent of the mean token log-ratio "
                 "(GSPO; its paper clips at --clip-low 3e-4 --clip-high 4e-4, with --loss-agg seq-mean-token-mean)"})
+    cispo_clip_low: float = field(default=1.0, metadata={
+        "help": "cispo: the importance weight is at least 1 - this (1: no lower bound, as MiniMax-M1)"})
+    cispo_clip_high: float = field(default=5.0, metadata={
+        "help": "cispo: the importance weight is at most 1 + this (as SkyRL; the paper tunes only this bound)"})
+    entropy_control: Literal["none", "clip-cov", "kl-cov"] = field(default="none", metadata={
+        "help": "against entropy collapse (Cui et al. 2025): clip-cov drops the gradient of a few random tokens of "
+                "high log-prob/advantage covariance; kl-cov puts a KL penalty on the tokens of highest covariance "
+                "instead of the ratio clip (it acts from the second optimizer step of a rollout on)"})
+    clip_cov_ratio: float = field(default=2e-4, metadata={"help": "clip-cov: share of the batch's tokens dropped"})
+    clip_cov_lower: float = field(default=1.0, metadata={"help": "clip-cov: candidates' covariance is above this"})
+    clip_cov_upper: float = field(default=5.0, metadata={"help": "clip-cov: and below this"})
+    kl_cov_ratio: float = field(default=2e-4, metadata={"help": "kl-cov: share of the batch's tokens penalised"})
+    kl_cov_coef: float = field(default=1.0, metadata={"help": "kl-cov: coefficient of the |log-ratio| penalty"})
     kl_coef: float = field(default=0.0, metadata={"help": "KL to the reference model (0: none loaded, as ORZ)"})
     kl_estimator: str = field(default="k3", metadata={"choices": lambda: algos.KL_ESTIMATORS,
         "help": "a name in algos.KL_ESTIMATORS: k3 in the loss (GRPO) or k1 in the reward (classic PPO)"})
@@ -255,6 +275,9 @@ class Args(RewardArgs, RolloutArgs, SamplingArgs, DataArgs, ModelArgs):
     save_every: int = field(default=20, metadata={
         "group": "checkpoints and faults", "help": "checkpoint every N steps into output_dir/checkpoints (0: never)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "keep the last K checkpoints"})
+    dump_rollouts: list[int] = field(default_factory=list, metadata={
+        "help": "steps whose rollout (ids, masks, rewards, log-probs, advantages) and state before the update go to "
+                "OUTPUT_DIR/rollouts/rollout-N, for `python replay.py OUTPUT_DIR/rollouts/rollout-N`"})
     resume: bool = field(default=False, metadata={
         "help": "resume from the last checkpoint (also automatic when one exists, unless --overwrite)"})
     overwrite: bool = field(default=False, metadata={
@@ -300,6 +323,7 @@ class Run:
     logs: dict
     t_start: float
     peft_policy: object = None  # with LoRA: the peft model around `policy`, which saves the adapters
+    pass_rates: dict = field(default_factory=dict)  # --curriculum pass-rate: prompt id -> its last group's rate
     engine: object = None  # --rollout-engine vllm: the vllm_engine.VLLMEngine
 
 
@@ -326,7 +350,9 @@ def main(args: Args) -> dict:
             run.base_accuracy = metrics["eval/accuracy"] if run.base_accuracy is None else run.base_accuracy
         # ---- 2. Rollout: this process's share of the step's prompts, --num-generations samples each, and --
         # ---- 3. Reward: one number per response (with --dynamic-sampling, rounds of both) --------------------
-        exp, texts, drawn, reward_stats, repetitive = sample_and_score(run, step, metrics)
+        exp, texts, drawn, reward_stats, repetitive, correct = sample_and_score(run, step, metrics)
+        if args.curriculum != "none":  # the pass rates the next steps draw their prompts by
+            metrics.update(record_pass_rates(run, exp, drawn, correct))
         # ---- 4. Log-probs of the rollout: the sampling policy's (old) and the reference model's -------------
         with timer(metrics, "logprobs"):
             micro = plan(exp, args, accelerator)
@@ -344,17 +370,12 @@ def main(args: Args) -> dict:
         if args.mask_truncated:  # after the baselines' rewards are fixed: truncated rows count there, not in the loss
             exp.response_mask = exp.response_mask * (~exp.truncated)[:, None]
         exp.advantages, exp.returns = compute_advantages(run, exp, lengths, metrics)
+        if args.entropy_control != "none":  # Clip-Cov's or KL-Cov's tokens, chosen once over the whole batch
+            exp.cov_tokens = cov_tokens(run, exp, step, metrics)
+        if step in args.dump_rollouts:  # the rollout and the state before its update, for `python replay.py`
+            save_state(run, run.out / "rollouts" / f"rollout-{step:06d}", step, keep=1, exp=exp)
         # ---- 7. Update the critic first (ORZ), then 8. the policy (once the critic has warmed up) -----------
-        stats: dict[str, list] = {}
-        with timer(metrics, "critic"):
-            if critic is not None:
-                stats = update(run, exp, "critic", step)
-                metrics["critic/explained_var"] = algos.explained_variance(exp.values, exp.returns, exp.response_mask)
-        policy_trains = critic is None or step >= args.critic_warmup_steps
-        with timer(metrics, "update"):
-            if policy_trains:
-                for k, v in update(run, exp, "policy", step).items():
-                    stats[k] = stats.get(k, []) + v  # train/nonfinite_updates: the critic's and the policy's
+        stats, policy_trains = update_models(run, exp, step, metrics)
         # ---- 9. Log, then advance the learning-rate schedules (once per RL step of updates) -------------------
         metrics.update(step_metrics(accelerator, exp, lengths, equal, repetitive, reward_stats, stats))
         metrics["lr"] = run.schedulers["policy"].get_last_lr()[0]  # the rates this step's updates used
@@ -507,7 +528,8 @@ def setup(args: Args) -> Run | dict:
                optimizers=optimizers, schedulers=schedulers, pool=pool, train_records=train_records,
                eval_records=eval_records, stop_ids=stop_ids, out=out, start_step=state["step"],
                base_accuracy=state["base_accuracy"], checkpoint=start["checkpoint"], logs=logs, t_start=t_start,
-               peft_policy=peft_policy, engine=engine)
+               peft_policy=peft_policy, engine=engine,
+               pass_rates={int(k): v for k, v in state.get("pass_rates", {}).items()})
 
 
 def check_args(args: Args, num_processes: int = 1) -> None:
@@ -563,6 +585,16 @@ def value_problems(args: Args) -> list[str]:
         problems.append(f"--advantage {args.advantage} needs --num-generations >= 2")
     if not (0 <= args.clip_low < 1 and args.clip_high >= 0):
         problems.append("clip ranges must satisfy 0 <= --clip-low < 1 and --clip-high >= 0")
+    if not (0 <= args.cispo_clip_low <= 1 and args.cispo_clip_high >= 0):
+        problems.append("--cispo-clip-low must be in [0, 1] and --cispo-clip-high >= 0")
+    if not (0 < args.clip_cov_ratio <= 1 and 0 < args.kl_cov_ratio <= 1 and args.kl_cov_coef >= 0
+            and args.clip_cov_lower < args.clip_cov_upper):
+        problems.append("--clip-cov-ratio and --kl-cov-ratio must be in (0, 1], --kl-cov-coef >= 0 and "
+                        "--clip-cov-lower < --clip-cov-upper")
+    if not 0 < args.curriculum_floor <= 1:
+        problems.append(f"--curriculum-floor {args.curriculum_floor} must be in (0, 1]")
+    if any(not 0 <= s < args.max_steps for s in args.dump_rollouts):
+        problems.append(f"--dump-rollouts {args.dump_rollouts}: steps are counted from 0 to --max-steps - 1")
     if args.temperature <= 0:
         problems.append("--temperature must be > 0 for RL sampling")
     if min(args.max_steps, args.max_new_tokens, args.num_generations, args.prompts_per_step) < 1:
@@ -630,8 +662,9 @@ def evaluate(run: Run, step: int) -> dict:
 
 
 def sample_and_score(run: Run, step: int, metrics: dict):
-    """The step's experience with its rewards: (exp, texts, drawn records, reward stats, repetition flags),
-    this process's share. One round of `rollout` and `score_rollout`; with --dynamic-sampling (DAPO,
+    """The step's experience with its rewards: (exp, texts, drawn records, reward stats, repetition flags,
+    the judge's verdicts (B,) bool), this process's share; with --curriculum the prompts are drawn by
+    their pass rates. One round of `rollout` and `score_rollout`; with --dynamic-sampling (DAPO,
     arXiv:2503.14476v1, sec. 3.2) more rounds of fresh prompts until the step holds --prompts-per-step
     groups whose outcomes differ (0 < accuracy < 1), or --max-sampling-rounds were drawn. The batch is then
     the first groups with signal, in the order (round, place among all processes' prompts), topped up with
@@ -642,16 +675,20 @@ def sample_and_score(run: Run, step: int, metrics: dict):
     args, accelerator = run.args, run.accelerator
     per_step, samples = args.prompts_per_step, args.num_generations
     world, rank = accelerator.num_processes, accelerator.process_index
-    rounds, with_signal = [], 0
+    rounds, with_signal, weights = [], 0, None
+    if args.curriculum == "pass-rate":
+        weights = algos.curriculum_weights([run.pass_rates.get(r["id"]) for r in run.train_records],
+                                           args.curriculum_floor)
     for r in range(args.max_sampling_rounds if args.dynamic_sampling else 1):
         with timer(metrics, "generate"):
-            records = step_prompts(run.train_records, step, per_step, args.seed + r * 1_000_003, rank, world)
+            records = step_prompts(run.train_records, step, per_step, args.seed + r * 1_000_003, rank, world,
+                                   weights)
             exp, texts = rollout(run, records, step, salt=r)
         with timer(metrics, "reward"):
             drawn = [records[i // samples] for i in range(len(texts))]  # each row's record
             exp.rewards, stats, repetitive, per_response = score_rollout(run, exp, texts, drawn, key=(step, r))
         if not args.dynamic_sampling:
-            return exp, texts, drawn, stats, repetitive
+            return exp, texts, drawn, stats, repetitive, per_response["correct"]
         # DAPO keeps a group whose accuracy is strictly between 0 and 1: its outcomes differ, whatever the
         # format or length shaping added (veRL's recipe filters on acc)
         signal = ~algos.equal_reward_groups(per_response["outcome"], exp.group_ids)
@@ -745,7 +782,23 @@ def deal_groups(run: Run, rounds: list, metrics: dict):
         stats["train/overlong_penalty"] = sum(overlong_penalty(n, args.max_new_tokens, args.overlong_buffer,
                                                                args.overlong_penalty)
                                               for n in exp.response_mask.sum(dim=1).long().tolist())
-    return exp, texts, drawn, stats, repetitive
+    return exp, texts, drawn, stats, repetitive, torch.tensor(correct, device=exp.rewards.device)
+
+
+def record_pass_rates(run: Run, exp: Experience, drawn: list[dict], correct: torch.Tensor) -> dict:
+    """The curriculum's state after a step: each group's pass rate (the judge's verdicts) under its prompt's
+    id in `run.pass_rates`, gathered from all processes in the order of the global batch, so it is the
+    same for any process count; a prompt drawn twice keeps the later group's rate. Returns its metrics."""
+    from accelerate.utils import gather_object
+
+    groups = {}
+    for i, g in enumerate(exp.group_ids.tolist()):
+        groups.setdefault(g, []).append(i)
+    mine = [(drawn[rows[0]]["id"], correct[rows].float().mean().item()) for rows in groups.values()]
+    run.pass_rates.update(gather_object(mine))
+    rates = list(run.pass_rates.values())
+    return {"curriculum/seen": len(rates), "curriculum/all_failed": sum(r == 0.0 for r in rates) / len(rates),
+            "curriculum/all_passed": sum(r == 1.0 for r in rates) / len(rates)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -754,10 +807,12 @@ def deal_groups(run: Run, rounds: list, metrics: dict):
 
 def rollout_logprobs(run: Run, exp: Experience, micro: list[torch.Tensor]):
     """(old, ref): the sampling policy's log-probs of the rollout when the update needs them (several
-    optimizer steps per rollout, or the k1 KL in the reward; with one update on one batch the update's own
-    log-probs, detached, are exactly the old ones), and the reference model's when a KL is on. (B, R) or None."""
+    optimizer steps per rollout, the k1 KL in the reward, or --entropy-control's choice of tokens; with one
+    update on one batch the update's own log-probs, detached, are exactly the old ones), and the reference
+    model's when a KL is on. (B, R) or None."""
     args, old, ref = run.args, None, None
-    if args.ppo_epochs * args.num_mini_batches > 1 or (args.kl_coef > 0 and args.kl_estimator == "k1"):
+    if (args.ppo_epochs * args.num_mini_batches > 1 or (args.kl_coef > 0 and args.kl_estimator == "k1")
+            or args.entropy_control != "none"):
         run.policy.eval()
         old = batched_logprobs(run.policy, exp, args.temperature, micro)
         run.policy.train()
@@ -794,6 +849,7 @@ def compute_advantages(run: Run, exp: Experience, lengths: torch.Tensor, metrics
         args.advantage, exp.rewards, exp.response_mask, exp.group_ids, exp.values, kl_penalty,
         whiten=args.whiten_advantages, reduce=partial(reduce_sum, accelerator), gamma=args.gamma, lam=args.lam,
         adaptive_lam_alpha=args.adaptive_lam_alpha, scale_by_std=args.scale_by_std)
+
 
 
 # --------------------------------------------------------------------------------------------------
@@ -862,14 +918,27 @@ def checkpoint(run: Run, step: int, nonfinite: int) -> Path | None:
         return run.checkpoint
     for log in run.logs.values():  # on disk before the checkpoint that a resume keeps their rows for
         log.sync()
-    # With LoRA a checkpoint holds what trains (adapters, value head, their optimizer states); the frozen base
-    # is the model the run starts from.
+    return save_state(run, run.out / "checkpoints", step + 1, run.args.keep_checkpoints)
+
+
+def save_state(run: Run, root: Path, step: int, keep: int, exp: Experience | None = None) -> Path:
+    """A checkpoint in `root` of the state that continues at `step` (`checkpoint.save_checkpoint`); with `exp`
+    also each process's rollout, experience-rank<N>.safetensors beside it: a --dump-rollouts dump, which
+    `python replay.py ROOT` updates from. With LoRA a checkpoint holds what trains (adapters, value head,
+    their optimizer states); the frozen base is the model the run starts from."""
+    accelerator = run.accelerator
     tied = getattr(accelerator.unwrap_model(run.policy), "all_tied_weights_keys", None) or {}
     with trainable_state_only([accelerator.unwrap_model(m) for m in (run.policy, run.critic)
                                if m is not None and run.args.lora_r]):
-        return save_checkpoint(accelerator, run.out / "checkpoints", {
-            "step": step + 1, "base_accuracy": run.base_accuracy, "args": plain_args(run.args),
-            "schedulers": [s.state_dict() for s in run.schedulers.values()]}, run.args.keep_checkpoints, tied)
+        saved = save_checkpoint(accelerator, root, {
+            "step": step, "base_accuracy": run.base_accuracy, "args": plain_args(run.args),
+            "schedulers": [s.state_dict() for s in run.schedulers.values()],
+            "pass_rates": run.pass_rates}, keep, tied)
+    if exp is not None:
+        save_experience(root / f"experience-rank{accelerator.process_index}.safetensors", exp)
+        accelerator.wait_for_everyone()
+        accelerator.print(f"step {step}: rollout and state saved in {root} (python replay.py {root})")
+    return saved
 
 
 def finish(run: Run) -> dict:

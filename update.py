@@ -1,23 +1,24 @@
 """The optimizer steps of one rollout, for the policy and for the critic: epochs of mini-batches, each
 accumulated over micro-batches of rows of similar length, with the --policy-loss (and KL-Cov's penalty, the
-KL in the loss, the entropy bonus) or the critic's value loss. `train_ppo.main` calls `update` once per role
-and step; `replay.py` calls it on a dumped rollout.
+KL in the loss, the entropy bonus) or the critic's value loss; and the tokens --entropy-control treats
+apart. `train_ppo.main` calls `update_models` once per step; `replay.py` calls it on a dumped rollout.
 
 The loss of a micro-batch is its exact share of the mini-batch's loss (`algos.loss_weights` normalise over
 all processes' tokens), so the split into micro-batches and processes does not change the gradient."""
 
 import os
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 
 import algos
 from critic import forward_values
-from launch import accelerate_backward, deepspeed_backward, deepspeed_stage
+from launch import accelerate_backward, deepspeed_backward, deepspeed_stage, reduce_sum
 from rollout import Experience, forward_logprobs, local_rows, mini_batch_parts, plan_micro_batches
-from utils import masked_mean
+from utils import masked_mean, timer
 
-SUMMED_STATS = ("loss/policy", "critic/value_loss", "policy/kl")  # shares of one batch loss, not means
+SUMMED_STATS = ("loss/policy", "critic/value_loss", "policy/kl", "policy/kl_cov_penalty")  # shares of a batch loss
 # Token means, computed per micro-batch and weighted by its share of the mini-batch's tokens (all processes),
 # so that they too are summed: then they do not depend on how the batch is split.
 TOKEN_STATS = ("policy/clipfrac", "policy/approx_kl", "policy/ratio", "policy/entropy", "policy/tis_weight",
@@ -34,6 +35,53 @@ def plan(exp: Experience, args, accelerator) -> list[torch.Tensor]:
     local = len(plan_micro_batches(lengths, **limits))
     count = int(accelerator.gather(torch.tensor([local], device=lengths.device)).max())
     return plan_micro_batches(lengths, num_batches=count, **limits)
+
+
+def cov_tokens(run, exp: Experience, step: int, metrics: dict) -> torch.Tensor:
+    """--entropy-control's tokens (B, R): Clip-Cov's random ones among those of covariance in (lower, upper)
+    (`algos.clip_cov_tokens`) or KL-Cov's of largest covariance (`algos.kl_cov_tokens`). Chosen once per step
+    over every process's tokens, from the rollout's log-probs (those of the first optimizer step exactly), so
+    the choice does not depend on how the batch is split; veRL chooses per micro-batch from the current
+    log-probs. Clip-Cov's random keys are seeded by (seed, step) and laid over the global rows."""
+    from accelerate.utils import gather_object
+
+    args, accelerator = run.args, run.accelerator
+    sum_all = partial(reduce_sum, accelerator)
+    cov = algos.token_covariance(exp.old_logprobs, exp.advantages, exp.response_mask, sum_all)
+    num_tokens = sum_all(exp.response_mask.sum()).item()
+
+    def gather(values):  # every process's candidates, in process order
+        return torch.cat(gather_object([values.cpu()])).to(values.device)
+
+    if args.entropy_control == "clip-cov":
+        rows, rank, width = len(exp.response_ids), accelerator.process_index, exp.response_ids.shape[1]
+        keys = torch.rand(rows * accelerator.num_processes, args.max_new_tokens,
+                          generator=torch.Generator().manual_seed(args.seed * 1_000 + step))
+        keys = keys[rank * rows:(rank + 1) * rows, :width].to(cov.device)
+        chosen = algos.clip_cov_tokens(cov, exp.response_mask, keys, num_tokens, args.clip_cov_ratio,
+                                       args.clip_cov_lower, args.clip_cov_upper, gather)
+    else:
+        chosen = algos.kl_cov_tokens(cov, exp.response_mask, num_tokens, args.kl_cov_ratio, gather)
+    metrics["policy/cov_tokens"] = sum_all(chosen.sum().float()).item()
+    metrics["policy/covariance"] = masked_mean(cov, exp.response_mask, sum_all).item()
+    return chosen
+
+
+def update_models(run, exp: Experience, step: int, metrics: dict) -> tuple[dict[str, list], bool]:
+    """Steps 7-8 of a training step: the critic's updates first (ORZ), then the policy's once the critic has
+    warmed up (--critic-warmup-steps). Returns their stats (lists, one value per optimizer step) and whether
+    the policy trained."""
+    stats: dict[str, list] = {}
+    with timer(metrics, "critic"):
+        if run.critic is not None:
+            stats = update(run, exp, "critic", step)
+            metrics["critic/explained_var"] = algos.explained_variance(exp.values, exp.returns, exp.response_mask)
+    policy_trains = run.critic is None or step >= run.args.critic_warmup_steps
+    with timer(metrics, "update"):
+        if policy_trains:
+            for k, v in update(run, exp, "policy", step).items():
+                stats[k] = stats.get(k, []) + v  # train/nonfinite_updates: the critic's and the policy's
+    return stats, policy_trains
 
 
 def update(run, exp: Experience, role: str, step: int) -> dict[str, list]:
@@ -101,10 +149,20 @@ def policy_loss(model, mb: Experience, w: torch.Tensor, args) -> tuple[torch.Ten
     if args.tis_cap and sampler is not None:  # each token's policy loss weighed by pi_old / pi_sampler, capped
         tis = algos.tis_weights(old, sampler, args.tis_cap)
         stats["policy/tis_weight"] = masked_mean(tis, mb.response_mask).item()
+    cispo = args.policy_loss == "cispo"
+    clip = (args.cispo_clip_low, args.cispo_clip_high) if cispo else (args.clip_low, args.clip_high)
+    weights = w * tis
+    if args.entropy_control == "clip-cov":  # Clip-Cov: the chosen tokens give no gradient (still counted in w)
+        weights = weights * ~mb.cov_tokens
+    elif args.entropy_control == "kl-cov":  # KL-Cov: the penalty on the chosen tokens takes the ratio clip's place
+        clip = (float("inf"), float("inf"))
     loss_fn = algos.lookup(algos.POLICY_LOSSES, args.policy_loss, "--policy-loss")
-    loss, loss_stats = loss_fn(logprobs, old, mb.advantages, w * tis, clip_low=args.clip_low, clip_high=args.clip_high,
+    loss, loss_stats = loss_fn(logprobs, old, mb.advantages, weights, clip_low=clip[0], clip_high=clip[1],
                                ratio_level=args.ratio_level)
     stats.update(loss_stats)
+    if args.entropy_control == "kl-cov":
+        penalty = algos.kl_cov_penalty(logprobs, old, mb.cov_tokens, w, args.kl_cov_coef)
+        loss, stats["policy/kl_cov_penalty"] = loss + penalty, penalty.item()
     stats["loss/policy"] = loss.item()
     stats["policy/entropy"] = masked_mean(entropy.detach(), mb.response_mask).item()
     if args.kl_coef > 0 and args.kl_estimator != "k1":  # k1 is in the reward (`compute_advantages`)

@@ -172,7 +172,7 @@ def test_help_is_grouped_kebab_case_with_one_default_per_option(capsys):
     assert "(default: on)" in blocks["--scale-by-std"] and "(default: off)" in blocks["--bf16"]
     assert "(default: on for gae" in blocks["--whiten-advantages"]  # decided by --advantage
     assert "(default: 60)" in blocks["--max-steps"]
-    assert "{gae,grpo,rloo}" in text
+    assert "{gae,grpo,rloo,reinforce_pp}" in text
 
 
 def test_help_of_a_config_shows_its_values(tmp_path, capsys):
@@ -287,7 +287,7 @@ def test_a_flag_reads_its_choices_from_the_table_when_it_is_parsed(monkeypatch, 
     import algos
     from cli import field_choices
 
-    assert field_choices(Args, "advantage") == ["gae", "grpo", "rloo"]
+    assert field_choices(Args, "advantage") == ["gae", "grpo", "rloo", "reinforce_pp"]
     monkeypatch.setitem(algos.ADVANTAGE_ESTIMATORS, "mine", lambda **_: None)
     assert parse_args(Args, ["--advantage", "mine"]).advantage == "mine"  # registered before parsing: a choice
     config = tmp_path / "run.yaml"
@@ -295,7 +295,7 @@ def test_a_flag_reads_its_choices_from_the_table_when_it_is_parsed(monkeypatch, 
     assert parse_args(Args, ["--config", str(config)]).advantage == "mine"
     from train_grpo import Args as GRPOArgs  # redeclares the field for its default and keeps the choices
 
-    assert field_choices(GRPOArgs, "advantage") == ["gae", "grpo", "rloo", "mine"]
+    assert field_choices(GRPOArgs, "advantage") == ["gae", "grpo", "rloo", "reinforce_pp", "mine"]
 
 
 def test_in_a_jupyter_kernel_the_kernels_own_arguments_are_not_ours(monkeypatch):

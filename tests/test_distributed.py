@@ -179,7 +179,7 @@ def test_process_whose_rows_are_all_in_the_first_critic_mini_batch(mode, tmp_pat
     so in that mini-batch process 1 has no rows and must still run the same forward and backward passes as
     process 0 (under ZeRO-3 each forward gathers the weights from both). The run must finish and agree with
     one process."""
-    from train_ppo import mini_batch_parts
+    from rollout import mini_batch_parts
 
     assert sorted(mini_batch_parts(4, 2, seed=0, step=0)[0].tolist()) == [0, 1]
     args = ["--advantage", "gae", "--max-steps", "1", "--prompts-per-step", "2", "--num-generations", "2",

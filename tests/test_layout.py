@@ -1,7 +1,7 @@
 """The files import one way: utils, cli, plot <- reward, data, checkpoint, algos, launch <- rollout, critic,
-vllm_engine <- evaluate, update <- train_ppo <- the other entry points (train_grpo, benchmark, data.curate). Every
-import, including those inside functions, is checked, and every module imports alone in a fresh interpreter;
-no private name (`_x`) is imported across modules."""
+vllm_engine <- evaluate, update <- train_ppo <- the other entry points (train_grpo, replay, benchmark,
+data.curate). Every import, including those inside functions, is checked, and every module imports alone in
+a fresh interpreter; no private name (`_x`) is imported across modules."""
 
 import ast
 
@@ -14,7 +14,7 @@ LAYERS = {
     "rollout": 2, "critic": 2, "vllm_engine": 2,
     "evaluate": 3, "update": 3,
     "train_ppo": 4,
-    "train_grpo": 5, "benchmark": 5, "data.curate": 5,
+    "train_grpo": 5, "benchmark": 5, "data.curate": 5, "replay": 5,
 }
 
 

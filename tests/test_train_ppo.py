@@ -141,7 +141,7 @@ def test_bad_argument_combinations_fail_with_one_line(tmp_path):
 
 @pytest.mark.parametrize("mini_batches,world", [(1, 1), (2, 1), (4, 2)])
 def test_mini_batch_parts_cover_each_row_once_per_epoch(mini_batches, world):
-    from train_ppo import local_rows, mini_batch_parts
+    from rollout import local_rows, mini_batch_parts
 
     rows = 8  # per process
     parts = mini_batch_parts(rows * world, mini_batches, seed=3, step=5, epochs=2)
