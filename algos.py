@@ -295,34 +295,43 @@ def token_covariance(logprobs: torch.Tensor, advantages: torch.Tensor, mask: tor
     return (cov * mask).to(logprobs.dtype)
 
 
-def top_tokens(scores: torch.Tensor, eligible: torch.Tensor, k: int, gather=None) -> torch.Tensor:
-    """bool (B, R): the `k` eligible tokens of highest score over all processes (`gather` concatenates a
-    1-D tensor of every process's values; each sends only its own top k). Tokens tied with the k-th are
-    all taken. Example: scores [3, 1, 2], all eligible, k 2 -> [True, False, True]."""
-    values = scores[eligible]
-    local = values.topk(min(k, len(values))).values
-    pooled = gather(local) if gather is not None else local
+def top_tokens(scores: torch.Tensor, eligible: torch.Tensor, k: int, gather=None, rank: int = 0) -> torch.Tensor:
+    """bool (B, R): the `k` eligible tokens of highest score over all processes. `gather` concatenates a 1-D
+    tensor of every process's values in rank order (each sends only its own top k, then two counts), `rank`
+    is this process's place. Ties at the k-th score go to the first tokens in (process, row, position)
+    order, the order of one process's batch, so the choice does not depend on the process count. Example:
+    scores [3, 1, 2], all eligible, k 2 -> [True, False, True]; scores [0, 0, 0], k 2 -> [True, True, False]."""
+    gather = gather or (lambda values: values)
+    local = scores[eligible].topk(min(k, int(eligible.sum()))).values
+    pooled = gather(local)
     if k < 1 or len(pooled) == 0:
         return torch.zeros_like(eligible)
     threshold = pooled.topk(min(k, len(pooled))).values[-1]
-    return eligible & (scores >= threshold)
+    above, tied = eligible & (scores > threshold), eligible & (scores == threshold)
+    counts = gather(torch.stack([above.sum(), tied.sum()]).cpu()).view(-1, 2)
+    take = min(max(k - int(counts[:, 0].sum()) - int(counts[:rank, 1].sum()), 0), int(counts[rank, 1]))
+    first = torch.zeros(tied.numel(), dtype=torch.bool, device=tied.device)
+    first[tied.flatten().nonzero().flatten()[:take]] = True
+    return above | first.view_as(tied)
 
 
 def clip_cov_tokens(cov: torch.Tensor, mask: torch.Tensor, keys: torch.Tensor, num_tokens: float,
-                    ratio: float = 2e-4, lower: float = 1.0, upper: float = 5.0, gather=None) -> torch.Tensor:
+                    ratio: float = 2e-4, lower: float = 1.0, upper: float = 5.0, gather=None,
+                    rank: int = 0) -> torch.Tensor:
     """Clip-Cov's tokens, bool (B, R): max(1, int(ratio x num_tokens)) tokens drawn at random (the smallest
     `keys`, uniform in [0, 1)) among those whose covariance lies strictly between `lower` and `upper`; their
     gradient is dropped. `num_tokens`: the batch's masked tokens over all processes. Example: cov [0.5, 2, 3,
     9], keys [.1, .8, .3, .2], 1 token -> the candidates are 2 and 3, and 3 has the smaller key."""
     k = max(1, int(ratio * num_tokens))
-    return top_tokens(-keys, (mask > 0) & (cov > lower) & (cov < upper), k, gather)
+    return top_tokens(-keys, (mask > 0) & (cov > lower) & (cov < upper), k, gather, rank)
 
 
 def kl_cov_tokens(cov: torch.Tensor, mask: torch.Tensor, num_tokens: float, ratio: float = 2e-4,
-                  gather=None) -> torch.Tensor:
+                  gather=None, rank: int = 0) -> torch.Tensor:
     """KL-Cov's tokens, bool (B, R): the max(1, int(ratio x num_tokens)) masked tokens of largest
-    covariance over all processes; they get the penalty `kl_cov_penalty`."""
-    return top_tokens(cov, mask > 0, max(1, int(ratio * num_tokens)), gather)
+    covariance over all processes (ties, such as the zeros of a batch without signal, by position); they
+    get the penalty `kl_cov_penalty`."""
+    return top_tokens(cov, mask > 0, max(1, int(ratio * num_tokens)), gather, rank)
 
 
 def kl_cov_penalty(logprobs: torch.Tensor, old_logprobs: torch.Tensor, selected: torch.Tensor,

@@ -59,9 +59,10 @@ def cov_tokens(run, exp: Experience, step: int, metrics: dict) -> torch.Tensor:
                           generator=torch.Generator().manual_seed(args.seed * 1_000 + step))
         keys = keys[rank * rows:(rank + 1) * rows, :width].to(cov.device)
         chosen = algos.clip_cov_tokens(cov, exp.response_mask, keys, num_tokens, args.clip_cov_ratio,
-                                       args.clip_cov_lower, args.clip_cov_upper, gather)
+                                       args.clip_cov_lower, args.clip_cov_upper, gather, rank)
     else:
-        chosen = algos.kl_cov_tokens(cov, exp.response_mask, num_tokens, args.kl_cov_ratio, gather)
+        chosen = algos.kl_cov_tokens(cov, exp.response_mask, num_tokens, args.kl_cov_ratio, gather,
+                                     accelerator.process_index)
     metrics["policy/cov_tokens"] = sum_all(chosen.sum().float()).item()
     metrics["policy/covariance"] = masked_mean(cov, exp.response_mask, sum_all).item()
     return chosen

@@ -794,6 +794,12 @@ def test_clip_cov_and_kl_cov_pick_the_tokens_their_paper_describes():
     # nothing eligible -> nothing selected; k = 0 -> nothing
     assert not top_tokens(cov, torch.zeros_like(mask, dtype=torch.bool), 3).any()
     assert not top_tokens(cov, mask > 0, 0).any()
+    # ties at the k-th score (all covariances 0: no signal) -> exactly k, the first in row order
+    zeros = torch.zeros(2, 3)
+    assert top_tokens(zeros, torch.ones(2, 3, dtype=torch.bool), 4).nonzero().tolist() == [[0, 0], [0, 1], [0, 2],
+                                                                                            [1, 0]]
+    assert top_tokens(torch.tensor([[2.0, 1.0, 1.0, 1.0]]), torch.ones(1, 4, dtype=torch.bool), 2).tolist() == [
+        [True, True, False, False]]
 
 
 def test_the_selections_over_two_processes_equal_one_process():
@@ -814,13 +820,15 @@ def test_the_selections_over_two_processes_equal_one_process():
         return gather
 
     import threading
-    for pick in (lambda c, m, k, g: clip_cov_tokens(c, m, k, n, ratio=0.2, gather=g),
-                 lambda c, m, k, g: kl_cov_tokens(c, m, n, ratio=0.2, gather=g)):
+    cov[4] = 0.0  # a row of ties at the k-th largest: every process takes its share in order
+    for pick in (lambda c, m, k, g, r=0: clip_cov_tokens(c, m, k, n, ratio=0.2, gather=g, rank=r),
+                 lambda c, m, k, g, r=0: kl_cov_tokens(c, m, n, ratio=0.2, gather=g, rank=r),
+                 lambda c, m, k, g, r=0: kl_cov_tokens(c.clamp(max=0), m, n, ratio=0.2, gather=g, rank=r)):
         whole = pick(cov, mask, keys, None)
         store, barrier, out = [None, None], threading.Barrier(2), [None, None]
         def part(r, out=out, pick=pick, store=store, barrier=barrier):
             rows = slice(3 * r, 3 * r + 3)
-            out[r] = pick(cov[rows], mask[rows], keys[rows], gather_for(r, store, barrier))
+            out[r] = pick(cov[rows], mask[rows], keys[rows], gather_for(r, store, barrier), r)
 
         threads = [threading.Thread(target=part, args=(r,)) for r in range(2)]
         for t in threads:

@@ -8,6 +8,8 @@ The learning tests (one per estimator) run in CI; the full default runs are mark
 """
 
 import json
+import math
+import os
 import re
 from collections import Counter
 
@@ -349,6 +351,131 @@ def test_gspo_sequence_ratio_runs_and_starts_at_ratio_one(tmp_path, tiny_base):
     assert all(0 < r["policy/clipfrac"] < 1 for r in rows[:2]), rows
 
 
+# --------------------------------------------------------------------------------------------------
+# REINFORCE++, CISPO, Clip-Cov / KL-Cov, the pass-rate curriculum, rollout dumps and their replay
+# --------------------------------------------------------------------------------------------------
+
+ALL_ROWS = ["--samples-per-step", "16"]  # SHORT's 4 x 4 rows, every one written to samples.jsonl
+
+
+def test_reinforce_pp_whitens_the_advantages_over_every_token_of_the_batch(tmp_path, tiny_base):
+    """Each response's advantage (the same on each of its tokens without a KL) is its reward minus its group's
+    mean, whitened over all the batch's response tokens: one map (c - mean) / std for every group of the
+    batch, not one per group, and not the identity."""
+    result = train("train_grpo.py", tmp_path, *SHORT, *ALL_ROWS, "--advantage", "reinforce_pp")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training REINFORCE++" in result.stdout
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    checked = 0
+    for step in (0, 1):
+        batch = [s for s in samples if s["step"] == step]
+        adv, rewards = torch.tensor([s["advantage"] for s in batch]), torch.tensor([s["reward"] for s in batch])
+        centred = rewards - rewards.view(4, 4).mean(dim=1).repeat_interleave(4)
+        if len(set(centred.tolist())) < 2:
+            continue
+        i, j = 0, next(k for k in range(16) if centred[k] != centred[0])
+        slope = (adv[i] - adv[j]) / (centred[i] - centred[j])
+        intercept = adv[i] - slope * centred[i]
+        torch.testing.assert_close(adv, slope * centred + intercept, atol=1e-4, rtol=0)
+        assert slope > 0 and (abs(slope - 1) > 1e-2 or abs(intercept) > 1e-2)
+        checked += 1
+    assert checked, "no step had groups whose rewards differ"
+
+
+@pytest.mark.parametrize("flags,check", [
+    (["--policy-loss", "cispo", "--num-mini-batches", "2", "--cispo-clip-high", "1e-4", "--lr", "1e-2"], "cispo"),
+    (["--entropy-control", "clip-cov", "--clip-cov-ratio", "0.05", "--clip-cov-lower", "0.0",
+      "--clip-cov-upper", "100"], "clip-cov"),
+    (["--entropy-control", "kl-cov", "--kl-cov-ratio", "0.05", "--num-mini-batches", "2", "--lr", "1e-2"], "kl-cov"),
+])
+def test_cispo_and_the_entropy_controls_on_the_loop(flags, check, tmp_path, tiny_base):
+    """On the loop: CISPO caps the second mini-batch's importance weights (its policy moved, at rate 1e-2,
+    past 1 + 1e-4) and trains; Clip-Cov drops int(ratio x tokens) tokens at most (those inside its bounds);
+    KL-Cov penalises exactly int(ratio x tokens) tokens, with a penalty that is > 0 once the policy moved."""
+    result = train("train_grpo.py", tmp_path, *SHORT, *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for r in metrics(tmp_path):
+        assert math.isfinite(r["loss/policy"])
+        tokens = round(r["train/response_length"] * 16)
+        if check == "cispo":
+            assert r["policy/clipfrac"] > 0  # the first mini-batch is at ratio 1; the second is capped
+        elif check == "clip-cov":
+            assert 1 <= r["policy/cov_tokens"] <= max(1, int(0.05 * tokens)), (r, tokens)
+        else:
+            assert r["policy/cov_tokens"] == max(1, int(0.05 * tokens)) and r["policy/kl_cov_penalty"] > 0, r
+
+
+CURRICULUM_REWARD = """
+def odd_length(response, ground_truth, **extras):  # some groups all pass, some all fail, some between
+    return float(len(response) % 2)
+"""
+
+
+def test_the_curriculum_records_each_groups_pass_rate_and_resumes_exactly(tmp_path, tiny_base):
+    """--curriculum pass-rate on 6 prompts (4 a step, so they come back): the checkpoint holds each drawn
+    prompt's last pass rate, as the samples show it; a run stopped after step 2 and resumed draws the same
+    prompts and ends with the same metrics and weights as the uninterrupted run."""
+    data = write_jsonl(tmp_path / "six.jsonl", [{"question": f"What is {a} + {a}?", "answer": str(2 * a)}
+                                                for a in range(1, 7)])
+    (tmp_path / "odd.py").write_text(CURRICULUM_REWARD)
+    args = [*SHORT, *ALL_ROWS, "--dataset", str(data), "--reward", f"{tmp_path / 'odd.py'}:odd_length",
+            "--curriculum", "pass-rate", "--curriculum-floor", "0.2", "--max-steps", "4", "--save-every", "1",
+            "--keep-checkpoints", "5"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert train("train_grpo.py", whole, *args).returncode == 0
+    samples = [json.loads(line) for line in (whole / "samples.jsonl").read_text().splitlines()]
+    for step in range(4):
+        state = json.loads((whole / "checkpoints" / f"step-{step + 1:06d}" / "trainer_state.json").read_text())
+        expected = {}
+        for st in range(step + 1):
+            batch = [s for s in samples if s["step"] == st]
+            for g in range(4):
+                group = batch[4 * g:4 * g + 4]
+                expected[str(group[0]["prompt_id"])] = sum(s["reward"] > 0 for s in group) / 4
+        assert state["pass_rates"] == expected, (step, state["pass_rates"], expected)
+    rows = metrics(whole)
+    assert rows[-1]["curriculum/seen"] == len(expected) <= 6
+    assert train("train_grpo.py", resumed, *args, "--max-steps", "2").returncode == 0
+    result = train("train_grpo.py", resumed, *args)
+    assert result.returncode == 0 and "resuming from" in result.stdout, result.stderr[-3000:]
+
+    def comparable(run_dir):
+        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in metrics(run_dir)]
+
+    assert comparable(resumed) == comparable(whole)
+    a, b = load_file(resumed / "policy" / "model.safetensors"), load_file(whole / "policy" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_replayed_update_equals_the_original_bit_for_bit(tmp_path, tiny_base):
+    """--dump-rollouts 1 saves step 1's rollout and the state before its update; `python replay.py` on it
+    updates again: the weights and optimizer states equal the run's checkpoint after step 1, and the
+    update's metrics its row of metrics.jsonl. PPO, so the critic's update and values are replayed too."""
+    out = tmp_path / "run"
+    result = train("train_ppo.py", out, *SHORT, "--max-steps", "3", "--save-every", "1", "--keep-checkpoints", "5",
+                   "--dump-rollouts", "1", "--num-mini-batches", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    dump = out / "rollouts" / "rollout-000001"
+    assert f"python replay.py {dump}" in result.stdout
+    threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}  # as `train` ran it: the same sums
+    replayed = run_script("replay.py", dump, env=threads)
+    assert replayed.returncode == 0, replayed.stderr[-3000:]
+    after, original = dump / "replay" / "checkpoints" / "step-000002", out / "checkpoints" / "step-000002"
+    for name in ("model.safetensors", "model_1.safetensors"):  # the policy, the critic
+        a, b = load_file(after / name), load_file(original / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    for name in ("optimizer.bin", "optimizer_1.bin"):
+        a, b = (torch.load(p / name, weights_only=True)["state"] for p in (after, original))
+        assert all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i]), name
+    row = metrics(out)[1]
+    update = json.loads((dump / "replay" / "update.json").read_text())
+    for k in ("loss/policy", "policy/entropy", "critic/value_loss", "critic/values", "policy/ratio"):
+        assert update[k] == row[k], k
+    # something that is not a dump, and a dump of another process count, are one line each
+    bad = run_script("replay.py", out)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith(f"error: {out}: not a rollout dump")
+
+
 def test_dynamic_sampling_fills_the_batch_with_groups_that_have_signal(tmp_path, tiny_base):
     """DAPO's dynamic sampling at the start, where most groups of the built-in task get equal rewards: more
     rounds are drawn, the batch holds more groups with signal than one round does, the same prompt count,
@@ -587,6 +714,9 @@ def test_grpo_help_keeps_the_groups_and_its_own_defaults():
     (["--prompts-per-step", "5", "--num-mini-batches", "3"], "must split"),
     (["--advantage", "grpo", "--num-generations", "1"], "--num-generations >= 2"),
     (["--clip-low", "1.5"], "clip ranges"),
+    (["--curriculum-floor", "0"], "--curriculum-floor 0.0 must be in (0, 1]"),
+    (["--dump-rollouts", "60"], "--dump-rollouts [60]: steps are counted from 0"),
+    (["--entropy-control", "clip-cov", "--clip-cov-lower", "5"], "--clip-cov-lower < --clip-cov-upper"),
     (["--model", "./no/such/model"], "no such path"),
 ])
 def test_bad_arguments_fail_fast_with_one_line(bad, message, tmp_path):
