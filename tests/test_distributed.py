@@ -253,6 +253,64 @@ def test_dynamic_sampling_deals_the_same_batch_to_one_and_two_processes(tmp_path
         sorted(s["response"] for s in lines(two / "samples.jsonl"))
 
 
+def assert_same_runs(one, two, keys: list[str], parts=("policy/model.safetensors",)) -> None:
+    """Runs `one` and `two` logged the same rows (samples and `keys` of metrics) and ended with the same weights."""
+    s1, s2 = lines(one / "samples.jsonl"), lines(two / "samples.jsonl")
+    assert [(a["prompt_id"], a["response"]) for a in s1] == [(b["prompt_id"], b["response"]) for b in s2]
+    for r1, r2 in zip(lines(one / "metrics.jsonl"), lines(two / "metrics.jsonl"), strict=True):
+        for k in keys:
+            assert r1[k] == pytest.approx(r2[k], rel=1e-4, abs=1e-5), (r1["step"], k, r1[k], r2[k])
+    for part in parts:
+        p1, p2 = load_file(one / part), load_file(two / part)
+        assert max((p1[k] - p2[k]).abs().max().item() for k in p1) < 1e-4, part
+
+
+def test_reinforce_pp_cispo_clip_cov_and_the_curriculum_match_on_one_and_two_processes(tmp_path, tiny_base):
+    """REINFORCE++ whitens over both processes' tokens, Clip-Cov chooses its tokens over both, the curriculum
+    draws the same prompts from the same gathered pass rates, CISPO's second mini-batch holds the same rows:
+    1 and 2 (DDP) processes log the same samples and metrics and end with the same weights."""
+    args = ["--advantage", "reinforce_pp", "--policy-loss", "cispo", "--entropy-control", "clip-cov",
+            "--clip-cov-ratio", "0.05", "--clip-cov-lower", "0", "--clip-cov-upper", "100", "--curriculum",
+            "pass-rate", "--num-mini-batches", "2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(one, 1, *args)
+    run(two, 2, *args)
+    m1 = lines(one / "metrics.jsonl")
+    assert all(r["policy/cov_tokens"] >= 1 and r["curriculum/seen"] > 0 for r in m1), m1
+    assert_same_runs(one, two, ["train/reward", "train/advantage_abs", "loss/policy", "policy/clipfrac",
+                                "policy/cov_tokens", "policy/covariance", "curriculum/seen", "curriculum/all_failed"])
+
+
+def replay(dump, processes: int) -> subprocess.CompletedProcess:
+    """`python replay.py DUMP` as `launch` runs the trainer: 1 process, or `processes` DDP CPU processes."""
+    cmd, env, unset = launch(dump, processes)
+    cmd = cmd[:cmd.index("train_ppo.py")] + ["replay.py", str(dump)]
+    return run_script(*cmd, env=env, unset=unset, timeout=600)
+
+
+def test_kl_cov_matches_on_two_processes_and_a_two_process_dump_replays_bit_for_bit(tmp_path, tiny_base):
+    """KL-Cov's tokens chosen over both processes and its penalty from the second mini-batch on: 1 and 2
+    processes agree. The 2-process run's dump of step 1 replayed on 2 processes gives the weights of its
+    checkpoint after step 1 exactly; on 1 process it is refused in one line."""
+    args = ["--advantage", "grpo", "--entropy-control", "kl-cov", "--kl-cov-ratio", "0.05", "--num-mini-batches",
+            "2", "--dump-rollouts", "1", "--save-every", "1", "--keep-checkpoints", "3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(one, 1, *args)
+    run(two, 2, *args)
+    assert all(r["policy/kl_cov_penalty"] > 0 for r in lines(two / "metrics.jsonl"))
+    assert_same_runs(one, two, ["train/reward", "loss/policy", "policy/cov_tokens", "policy/kl_cov_penalty"])
+    dump = two / "rollouts" / "rollout-000001"
+    result = replay(dump, 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = load_file(dump / "replay" / "checkpoints" / "step-000002" / "model.safetensors")
+    b = load_file(two / "checkpoints" / "step-000002" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    refused = replay(dump, 1)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1] == (f"error: {dump} was dumped by 2 process(es); replay it with "
+                                                       "as many (this launch has 1)")
+
+
 @pytest.mark.parametrize("mode", [pytest.param("ddp", marks=slow), "fsdp2"])
 def test_lora_checkpoints_hold_what_trains_and_resume_exactly(mode, tmp_path, tiny_base):
     """Two processes, PPO with LoRA: the checkpoint holds only the adapters and the value head (and their

@@ -106,6 +106,10 @@ BAD_ARGS = {
     "lr": [0.0, -1e-6, float("inf")],
     "reward_timeout": [0.0, float("inf")], "kl_coef": [-0.1, float("nan")], "entropy_coef": [float("nan")],
     "seed": [-1, 2**32], "synthetic_difficulty": [0],
+    "cispo_clip_low": [-0.1, 1.5], "cispo_clip_high": [-1.0, float("nan")], "clip_cov_ratio": [0.0, 1.5],
+    "kl_cov_ratio": [-0.1, float("inf")], "kl_cov_coef": [-1.0], "clip_cov_lower": [6.0],
+    "curriculum_floor": [0.0, 2.0],
+    "dump_rollouts": [[-1], [60], [3, 600]],
 }
 
 
@@ -169,3 +173,29 @@ def test_args_are_checked_when_built_before_anything_is_read_or_written(tmp_path
     with pytest.raises(SystemExit, match=r"^error: clip ranges must satisfy 0 <= --clip-low < 1"):
         parse_args(Args, ["--clip-low", "1.5", "--output-dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# The prompts of a step, with the curriculum's weights
+# --------------------------------------------------------------------------------------------------
+
+def test_weighted_prompts_follow_the_weights_and_do_not_depend_on_the_process_count():
+    from rollout import step_prompts
+
+    records = [{"id": i} for i in range(8)]
+    weights = torch.tensor([1.0, 0.1, 1.0, 0.1, 1.0, 0.1, 1.0, 0.1], dtype=torch.float64)
+    counts = [0] * 8
+    for step in range(400):
+        one = step_prompts(records, step, 4, seed=5, rank=0, world=1, weights=weights)
+        two = [r for rank in (0, 1) for r in step_prompts(records, step, 4, seed=5, rank=rank, world=2,
+                                                          weights=weights)]
+        assert one == two and len({r["id"] for r in one}) == 4  # the same draw, without replacement
+        assert one == step_prompts(records, step, 4, seed=5, rank=0, world=1, weights=weights)  # a resume's
+        for r in one:
+            counts[r["id"]] += 1
+    heavy, light = sum(counts[0::2]), sum(counts[1::2])
+    # 4 of weight 1 and 4 of 0.1, 4 drawn without replacement: the light ones are drawn about 1/6 as often
+    assert 0.08 < light / heavy < 0.3, counts
+    # more prompts than records: drawn with replacement, still in proportion
+    many = step_prompts(records[:2], 0, 6, seed=1, rank=0, world=1, weights=torch.tensor([1.0, 1.0]).double())
+    assert len(many) == 6
