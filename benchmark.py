@@ -451,7 +451,22 @@ ABLATION_VARIANTS = {
     # model and data. Their held-out accuracy is judged by the rule, as every run's is.
     "control random": ("grpo", ["--reward", "random"]),
     "control format": ("grpo", ["--reward", "format"]),
+    # The estimators and controls researchers compare against (each against GRPO; those that act only once
+    # the policy has moved within a rollout, CISPO's weight and KL-Cov's penalty, run with two mini-batches,
+    # against "grpo 2 mini-batches"). Clip-Cov and KL-Cov at their papers' ratio 2e-4 touch about one token
+    # of a batch of this task (256 responses of about 12 tokens), so each also runs at 100x that ratio.
+    "reinforce++": ("reinforce_pp", []),
+    "cispo": ("grpo", ["--num-mini-batches", "2", "--policy-loss", "cispo"]),
+    "clip-cov": ("grpo", ["--entropy-control", "clip-cov"]),
+    "clip-cov ratio 2e-2": ("grpo", ["--entropy-control", "clip-cov", "--clip-cov-ratio", "2e-2"]),
+    "kl-cov": ("grpo", ["--num-mini-batches", "2", "--entropy-control", "kl-cov"]),
+    "kl-cov ratio 2e-2": ("grpo", ["--num-mini-batches", "2", "--entropy-control", "kl-cov", "--kl-cov-ratio", "2e-2"]),
+    "curriculum pass-rate": ("grpo", ["--curriculum", "pass-rate"]),
 }
+# What a variant is compared with, when not its estimator's grid run at KL 0: (estimator, KL, variant) keys.
+ABLATION_BASELINES = {"reinforce++": ("grpo", 0.0, ""), "cispo": ("grpo", 0.0, "grpo 2 mini-batches"),
+                      "kl-cov": ("grpo", 0.0, "grpo 2 mini-batches"),
+                      "kl-cov ratio 2e-2": ("grpo", 0.0, "grpo 2 mini-batches")}
 # Held-out problems of each evaluation: all of them (0), 98 distinct at the built-in task's default
 # difficulty, where training's default --eval-limit takes 64: a claim's interval narrows with the problems.
 ABLATION_EVAL_LIMIT = 0
@@ -501,6 +516,7 @@ def summarize_run(run_dir: Path) -> dict:
     evals = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
     steps = [r for r in rows if "time/step" in r]
     lengths = [r["train/response_length"] for r in steps]
+    entropies = [r.get("policy/entropy", float("nan")) for r in steps]
     tenth = max(1, len(lengths) // 10)
     return {
         "final": summary["final_accuracy"], "base": summary["base_accuracy"],
@@ -508,6 +524,7 @@ def summarize_run(run_dir: Path) -> dict:
         "minutes": summary["minutes"],
         "critic_share": sum(r.get("time/critic", 0.0) for r in steps) / sum(r["time/step"] for r in steps),
         "length_first": statistics.mean(lengths[:tenth]), "length_last": statistics.mean(lengths[-tenth:]),
+        "entropy_first": statistics.mean(entropies[:tenth]), "entropy_last": statistics.mean(entropies[-tenth:]),
         "repetition": statistics.mean(r.get("train/repetition", 0.0) for r in steps),
         "evals": evals,
     }
@@ -543,8 +560,8 @@ def ablation_benchmark(out: Path, seeds: int, jobs: int, extra: list[str], only:
             table.setdefault((run["advantage"], run["kl_coef"], run["variant"]), []).append(
                 summarize_run(out / run["name"]))
     print("\n| estimator | KL | variant | seeds | final held-out acc. | steps to 90% | minutes | critic share | "
-          "response length first -> last 10% | repetition |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "response length first -> last 10% | entropy first -> last 10% | repetition |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (advantage, kl, variant), results in table.items():
         finals = [r["final"] for r in results]
         reached = [r["to90"] for r in results if r["to90"] is not None]
@@ -556,6 +573,8 @@ def ablation_benchmark(out: Path, seeds: int, jobs: int, extra: list[str], only:
               f"{statistics.mean(r['critic_share'] for r in results):.0%} | "
               f"{statistics.mean(r['length_first'] for r in results):.1f} -> "
               f"{statistics.mean(r['length_last'] for r in results):.1f} | "
+              f"{statistics.mean(r['entropy_first'] for r in results):.3f} -> "
+              f"{statistics.mean(r['entropy_last'] for r in results):.3f} | "
               f"{statistics.mean(r['repetition'] for r in results):.1%} |")
 
     print_claims(out, runs, table)
@@ -590,8 +609,11 @@ def print_claims(out: Path, runs: list[dict], table: dict) -> None:
     for run in runs:
         if (out / run["name"] / "eval_problems.jsonl").is_file():
             dirs.setdefault((run["advantage"], run["kl_coef"], run["variant"]), []).append(out / run["name"])
-    claims = list(ABLATION_CLAIMS) + [(f"{variant} vs {advantage}", (advantage, kl, variant), (advantage, 0.0, ""))
-                                      for advantage, kl, variant in table if variant]
+    claims = list(ABLATION_CLAIMS)
+    for advantage, kl, variant in table:
+        if variant:
+            base = ABLATION_BASELINES.get(variant, (advantage, 0.0, ""))
+            claims.append((f"{variant} vs {base[2] or base[0]}", (advantage, kl, variant), base))
     print("\nfinal held-out accuracy, difference with a 95% interval (bootstrap over problems and seeds):")
     for name, a, b in claims:
         if a in dirs and b in dirs:
