@@ -97,7 +97,7 @@ def update(run, exp: Experience, role: str, step: int) -> dict[str, list]:
     device, deepspeed = exp.response_ids.device, deepspeed_stage(accelerator) is not None
     stats: dict[str, list] = {}
     model.train()
-    for part in mini_batch_parts(rows * world, mini_batches, args.seed, step, epochs):
+    for n, part in enumerate(mini_batch_parts(rows * world, mini_batches, args.seed, step, epochs)):
         mini = exp.select(local_rows(part, rank, rows).to(device))  # processes may get unequal shares
         # sequences are the rows with a token in the loss: rows left out (--drop-equal-groups) have none
         kept_rows = (mini.response_mask.sum(dim=1) > 0).sum().float()
@@ -117,7 +117,7 @@ def update(run, exp: Experience, role: str, step: int) -> dict[str, list]:
                 mb = exp.select(torch.zeros(1, dtype=torch.long, device=device)).trim()
                 w = torch.zeros_like(mb.response_mask)
             with nullcontext() if deepspeed else accelerator.accumulate(model):
-                loss, s = loss_fn(model, mb, w[:, :mb.response_ids.shape[1]], args)
+                loss, s = loss_fn(model, mb, w[:, :mb.response_ids.shape[1]], args, first=n == 0)
                 if step in injected_nan_steps():
                     loss = loss * float("nan")
                 # the weights normalise over the whole mini-batch of all processes, so the averaging over
@@ -136,9 +136,10 @@ def update(run, exp: Experience, role: str, step: int) -> dict[str, list]:
     return stats
 
 
-def policy_loss(model, mb: Experience, w: torch.Tensor, args) -> tuple[torch.Tensor, dict]:
+def policy_loss(model, mb: Experience, w: torch.Tensor, args, first: bool = False) -> tuple[torch.Tensor, dict]:
     """The --policy-loss of a micro-batch (with the KL in the loss and the entropy bonus when on), and its
-    stats. `w` (B, R) are the tokens' loss weights (`algos.loss_weights`)."""
+    stats. `w` (B, R) are the tokens' loss weights (`algos.loss_weights`); `first`: the micro-batch is in
+    the rollout's first optimizer step, where the policy is still the one that sampled."""
     logprobs, entropy = forward_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1],
                                          args.temperature, with_entropy=True, entropy_grad=args.entropy_coef > 0)
     old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
@@ -162,7 +163,11 @@ def policy_loss(model, mb: Experience, w: torch.Tensor, args) -> tuple[torch.Ten
                                ratio_level=args.ratio_level)
     stats.update(loss_stats)
     if args.entropy_control == "kl-cov":
-        penalty = algos.kl_cov_penalty(logprobs, old, mb.cov_tokens, w, args.kl_cov_coef)
+        # In the rollout's first optimizer step the policy is the one that sampled: its log-ratio is 0, and the
+        # old log-probs of another pass (other batch shapes) differ from these by float noise, whose sign
+        # |log-ratio| would turn into a gradient of full size.
+        penalty = algos.kl_cov_penalty(logprobs, logprobs.detach() if first else old, mb.cov_tokens, w,
+                                       args.kl_cov_coef)
         loss, stats["policy/kl_cov_penalty"] = loss + penalty, penalty.item()
     stats["loss/policy"] = loss.item()
     stats["policy/entropy"] = masked_mean(entropy.detach(), mb.response_mask).item()
@@ -175,7 +180,7 @@ def policy_loss(model, mb: Experience, w: torch.Tensor, args) -> tuple[torch.Ten
     return loss, stats
 
 
-def value_loss(model, mb: Experience, w: torch.Tensor, args) -> tuple[torch.Tensor, dict]:
+def value_loss(model, mb: Experience, w: torch.Tensor, args, first: bool = False) -> tuple[torch.Tensor, dict]:
     """The critic's clipped value loss of a micro-batch against the GAE returns, and its stats."""
     values = forward_values(model, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1])
     clip = args.value_clip if args.value_clip > 0 else None
