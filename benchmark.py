@@ -479,15 +479,17 @@ ABLATION_CLAIMS = [("KL 0.05 vs off, gae", ("gae", 0.05, ""), ("gae", 0.0, "")),
 
 def ablation_runs(seeds: int, only: str = "") -> list[dict]:
     """Every (advantage, kl_coef, seed) of the grid and every variant (KL off) x seed, with the run's
-    directory name; `only`: comma-separated variant names ("grid" for the grid)."""
+    directory name; `only`: comma-separated variant names ("grid" for the grid, "grid:grpo" for one
+    estimator's rows of it)."""
     wanted = {w.strip() for w in only.split(",") if w.strip()}
     runs = []
-    if not wanted or "grid" in wanted:
-        for advantage in ABLATION_GRID["advantage"]:
-            for kl in ABLATION_GRID["kl_coef"]:
-                for seed in range(seeds):
-                    runs.append({"advantage": advantage, "kl_coef": kl, "seed": seed, "variant": "", "args": [],
-                                 "name": f"{advantage}-kl{kl:g}-seed{seed}"})
+    for advantage in ABLATION_GRID["advantage"]:
+        if wanted and not wanted & {"grid", f"grid:{advantage}"}:
+            continue
+        for kl in ABLATION_GRID["kl_coef"]:
+            for seed in range(seeds):
+                runs.append({"advantage": advantage, "kl_coef": kl, "seed": seed, "variant": "", "args": [],
+                             "name": f"{advantage}-kl{kl:g}-seed{seed}"})
     for variant, (advantage, args) in ABLATION_VARIANTS.items():
         if not wanted or variant in wanted:
             for seed in range(seeds):
