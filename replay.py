@@ -30,9 +30,10 @@ from update import update_models
 from utils import RunError, trainable_state_only
 
 # What a replay changes in the run's arguments: it writes to its own directory, evaluates and samples
-# nothing, scores nothing (the rewards are in the dump) and saves once, after the update.
+# nothing (no vLLM engine is started; the sampler's log-probs are in the dump), scores nothing (the rewards
+# are too) and saves once, after the update.
 REPLAY_SETTINGS = {"overwrite": True, "resume": False, "eval_every": 0, "save_every": 0, "dump_rollouts": [],
-                   "report_to": "none", "reward": "math", "reward_workers": 0}
+                   "report_to": "none", "reward": "math", "reward_workers": 0, "rollout_engine": "hf"}
 
 
 def read_dump(dump: Path) -> tuple[Path, dict]:

@@ -358,28 +358,33 @@ def test_gspo_sequence_ratio_runs_and_starts_at_ratio_one(tmp_path, tiny_base):
 ALL_ROWS = ["--samples-per-step", "16"]  # SHORT's 4 x 4 rows, every one written to samples.jsonl
 
 
-def test_reinforce_pp_whitens_the_advantages_over_every_token_of_the_batch(tmp_path, tiny_base):
-    """Each response's advantage (the same on each of its tokens without a KL) is its reward minus its group's
-    mean, whitened over all the batch's response tokens: one map (c - mean) / std for every group of the
-    batch, not one per group, and not the identity."""
-    result = train("train_grpo.py", tmp_path, *SHORT, *ALL_ROWS, "--advantage", "reinforce_pp")
+def test_reinforce_pp_learns_and_whitens_over_every_token_of_the_batch(tmp_path, tiny_base):
+    """REINFORCE++ learns as the other estimators do (their learning test's budget). Each response's
+    advantage (the same on each of its tokens without a KL) is its reward minus its group's mean, whitened
+    over all the batch's response tokens: one map (c - mean) / std for every group, not one per group, and
+    not the identity."""
+    steps = 20
+    result = train("train_grpo.py", tmp_path, "--advantage", "reinforce_pp", "--max-steps", str(steps),
+                   "--eval-every", str(steps), "--lr", "3e-4", "--samples-per-step", "256")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "training REINFORCE++" in result.stdout
+    rows = check_outputs(tmp_path, steps, critic=False)
+    assert rows[-1]["eval/accuracy"] >= rows[0]["eval/accuracy"] + 0.3, (rows[0], rows[-1])
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     checked = 0
-    for step in (0, 1):
+    for step in range(steps):
         batch = [s for s in samples if s["step"] == step]
         adv, rewards = torch.tensor([s["advantage"] for s in batch]), torch.tensor([s["reward"] for s in batch])
-        centred = rewards - rewards.view(4, 4).mean(dim=1).repeat_interleave(4)
+        centred = rewards - rewards.view(32, 8).mean(dim=1).repeat_interleave(8)
         if len(set(centred.tolist())) < 2:
             continue
-        i, j = 0, next(k for k in range(16) if centred[k] != centred[0])
+        i, j = 0, next(k for k in range(len(batch)) if centred[k] != centred[0])
         slope = (adv[i] - adv[j]) / (centred[i] - centred[j])
         intercept = adv[i] - slope * centred[i]
         torch.testing.assert_close(adv, slope * centred + intercept, atol=1e-4, rtol=0)
         assert slope > 0 and (abs(slope - 1) > 1e-2 or abs(intercept) > 1e-2)
         checked += 1
-    assert checked, "no step had groups whose rewards differ"
+    assert checked >= steps // 2, checked
 
 
 @pytest.mark.parametrize("flags,check", [
