@@ -343,11 +343,12 @@ def main(args: EvalArgs) -> dict:
     import json
     from dataclasses import asdict
 
+    from accelerate.utils import set_seed
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from data.loading import ORZ_STOP_STRINGS, context_problems
     from reward import RewardPool, reward_problems
-    from utils import JsonlWriter, number_problems, seed_everything
+    from utils import JsonlWriter, number_problems
     from vllm_engine import engine_problems, sampler
 
     problems = number_problems(args)
@@ -364,7 +365,7 @@ def main(args: EvalArgs) -> dict:
     if problems:
         raise SystemExit("error: " + problems[0])
     datasets = load_eval_datasets(args)
-    seed_everything(args.seed)
+    set_seed(args.seed)  # Python's, NumPy's and torch's generators
     model_path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)

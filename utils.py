@@ -1,4 +1,4 @@
-"""Small shared helpers: the run's one-line error, seeding, masked statistics, padding, LoRA adapters (peft),
+"""Small shared helpers: the run's one-line error, masked statistics, padding, LoRA adapters (peft),
 the cache, and output files.
 
 No algorithm logic and no configuration lives here; everything is a plain function a notebook can paste.
@@ -9,12 +9,10 @@ import dataclasses
 import json
 import math
 import os
-import random
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -40,12 +38,6 @@ def timer(metrics: dict, name: str):
         yield
     finally:
         metrics[f"time/{name}"] = metrics.get(f"time/{name}", 0.0) + time.time() - start
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, reduce: Callable | None = None) -> torch.Tensor:
