@@ -18,7 +18,7 @@ training's checkpoint after that step).
 import train_ppo  # noqa: I001 - first, so that it sets OpenMP's spin count before torch loads (see there)
 
 import json
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -73,13 +73,21 @@ def main(dump: str) -> dict:
         resume(accelerator, checkpoint, list(run.schedulers.values()))
     exp = Experience(**{f.name: None for f in fields(Experience)} | load_experience(experience, accelerator.device))
     metrics = {"step": step}
-    stats, _ = update_models(run, exp, step, metrics)
+    stats, policy_trains = update_models(run, exp, step, metrics)
+    for role in ("critic", "policy") if policy_trains else ("critic",):  # as training does after its update
+        if role in run.schedulers:
+            run.schedulers[role].step()
     lengths = exp.response_mask.sum(dim=1)
     nothing = torch.zeros_like(exp.rewards, dtype=torch.bool)
     # the update's own metrics, computed as training logs them (the rollout's are in the run's metrics.jsonl)
     logged = train_ppo.step_metrics(accelerator, exp, lengths, nothing, nothing, {}, stats)
     metrics.update({k: v for k, v in logged.items()
                     if k.split("/")[0] in ("loss", "policy", "critic") or k == "train/nonfinite_updates"})
+    # the state after the update as training's checkpoint of it holds it: the run's own arguments, base
+    # accuracy and the curriculum's rates after this step's groups
+    rates = state.get("pass_rates_after", state.get("pass_rates", {}))
+    run = replace(run, args=train_ppo.Args(**state["args"]), base_accuracy=state["base_accuracy"],
+                  pass_rates={int(k): v for k, v in rates.items()})
     after = train_ppo.save_state(run, Path(args.output_dir) / "checkpoints", step + 1, keep=1)
     if accelerator.is_main_process:
         (Path(args.output_dir) / "update.json").write_text(json.dumps(metrics, indent=1))

@@ -324,6 +324,7 @@ class Run:
     t_start: float
     peft_policy: object = None  # with LoRA: the peft model around `policy`, which saves the adapters
     pass_rates: dict = field(default_factory=dict)  # --curriculum pass-rate: prompt id -> its last group's rate
+    pass_rates_before: dict = field(default_factory=dict)  # as they were before this step's groups (dumps)
     engine: object = None  # --rollout-engine vllm: the vllm_engine.VLLMEngine
 
 
@@ -350,9 +351,7 @@ def main(args: Args) -> dict:
             run.base_accuracy = metrics["eval/accuracy"] if run.base_accuracy is None else run.base_accuracy
         # ---- 2. Rollout: this process's share of the step's prompts, --num-generations samples each, and --
         # ---- 3. Reward: one number per response (with --dynamic-sampling, rounds of both) --------------------
-        exp, texts, drawn, reward_stats, repetitive, correct = sample_and_score(run, step, metrics)
-        if args.curriculum != "none":  # the pass rates the next steps draw their prompts by
-            metrics.update(record_pass_rates(run, exp, drawn, correct))
+        exp, texts, drawn, reward_stats, repetitive = sample_and_score(run, step, metrics)
         # ---- 4. Log-probs of the rollout: the sampling policy's (old) and the reference model's -------------
         with timer(metrics, "logprobs"):
             micro = plan(exp, args, accelerator)
@@ -662,9 +661,9 @@ def evaluate(run: Run, step: int) -> dict:
 
 
 def sample_and_score(run: Run, step: int, metrics: dict):
-    """The step's experience with its rewards: (exp, texts, drawn records, reward stats, repetition flags,
-    the judge's verdicts (B,) bool), this process's share; with --curriculum the prompts are drawn by
-    their pass rates. One round of `rollout` and `score_rollout`; with --dynamic-sampling (DAPO,
+    """The step's experience with its rewards: (exp, texts, drawn records, reward stats, repetition flags),
+    this process's share; with --curriculum the prompts are drawn by their pass rates, and every group
+    drawn records its own. One round of `rollout` and `score_rollout`; with --dynamic-sampling (DAPO,
     arXiv:2503.14476v1, sec. 3.2) more rounds of fresh prompts until the step holds --prompts-per-step
     groups whose outcomes differ (0 < accuracy < 1), or --max-sampling-rounds were drawn. The batch is then
     the first groups with signal, in the order (round, place among all processes' prompts), topped up with
@@ -677,6 +676,7 @@ def sample_and_score(run: Run, step: int, metrics: dict):
     world, rank = accelerator.num_processes, accelerator.process_index
     rounds, with_signal, weights = [], 0, None
     if args.curriculum == "pass-rate":
+        run.pass_rates_before = dict(run.pass_rates)
         weights = algos.curriculum_weights([run.pass_rates.get(r["id"]) for r in run.train_records],
                                            args.curriculum_floor)
     for r in range(args.max_sampling_rounds if args.dynamic_sampling else 1):
@@ -687,8 +687,10 @@ def sample_and_score(run: Run, step: int, metrics: dict):
         with timer(metrics, "reward"):
             drawn = [records[i // samples] for i in range(len(texts))]  # each row's record
             exp.rewards, stats, repetitive, per_response = score_rollout(run, exp, texts, drawn, key=(step, r))
+        if args.curriculum != "none":  # every group drawn, also those dynamic sampling leaves out
+            metrics.update(record_pass_rates(run, exp, drawn, per_response["correct"]))
         if not args.dynamic_sampling:
-            return exp, texts, drawn, stats, repetitive, per_response["correct"]
+            return exp, texts, drawn, stats, repetitive
         # DAPO keeps a group whose accuracy is strictly between 0 and 1: its outcomes differ, whatever the
         # format or length shaping added (veRL's recipe filters on acc)
         signal = ~algos.equal_reward_groups(per_response["outcome"], exp.group_ids)
@@ -782,13 +784,14 @@ def deal_groups(run: Run, rounds: list, metrics: dict):
         stats["train/overlong_penalty"] = sum(overlong_penalty(n, args.max_new_tokens, args.overlong_buffer,
                                                                args.overlong_penalty)
                                               for n in exp.response_mask.sum(dim=1).long().tolist())
-    return exp, texts, drawn, stats, repetitive, torch.tensor(correct, device=exp.rewards.device)
+    return exp, texts, drawn, stats, repetitive
 
 
 def record_pass_rates(run: Run, exp: Experience, drawn: list[dict], correct: torch.Tensor) -> dict:
-    """The curriculum's state after a step: each group's pass rate (the judge's verdicts) under its prompt's
-    id in `run.pass_rates`, gathered from all processes in the order of the global batch, so it is the
-    same for any process count; a prompt drawn twice keeps the later group's rate. Returns its metrics."""
+    """The curriculum's state after a round of sampling: each group's pass rate (the judge's verdicts) under
+    its prompt's id in `run.pass_rates`, gathered from all processes in the order of the global batch, so it
+    is the same for any process count; a prompt drawn twice keeps the later group's rate. Returns its
+    metrics."""
     from accelerate.utils import gather_object
 
     groups = {}
@@ -933,7 +936,9 @@ def save_state(run: Run, root: Path, step: int, keep: int, exp: Experience | Non
         saved = save_checkpoint(accelerator, root, {
             "step": step, "base_accuracy": run.base_accuracy, "args": plain_args(run.args),
             "schedulers": [s.state_dict() for s in run.schedulers.values()],
-            "pass_rates": run.pass_rates}, keep, tied)
+            # a dump continues at `step`: the rates before its groups; those after them are the replay's
+            "pass_rates": run.pass_rates_before if exp is not None else run.pass_rates,
+            **({"pass_rates_after": run.pass_rates} if exp is not None else {})}, keep, tied)
     if exp is not None:
         save_experience(root / f"experience-rank{accelerator.process_index}.safetensors", exp)
         accelerator.wait_for_everyone()

@@ -156,8 +156,8 @@ def policy_loss(model, mb: Experience, w: torch.Tensor, args, first: bool = Fals
     weights = w * tis
     if args.entropy_control == "clip-cov":  # Clip-Cov: the chosen tokens give no gradient (still counted in w)
         weights = weights * ~mb.cov_tokens
-    elif args.entropy_control == "kl-cov":  # KL-Cov: the penalty on the chosen tokens takes the ratio clip's place
-        clip = (float("inf"), float("inf"))
+    elif args.entropy_control == "kl-cov" and not cispo:  # KL-Cov: its penalty takes the place of PPO's clip
+        clip = (float("inf"), float("inf"))  # (CISPO's bounds cap a weight, not a gradient: they stay)
     loss_fn = algos.lookup(algos.POLICY_LOSSES, args.policy_loss, "--policy-loss")
     loss, loss_stats = loss_fn(logprobs, old, mb.advantages, weights, clip_low=clip[0], clip_high=clip[1],
                                ratio_level=args.ratio_level)

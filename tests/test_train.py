@@ -455,10 +455,12 @@ def test_the_curriculum_records_each_groups_pass_rate_and_resumes_exactly(tmp_pa
 def test_a_replayed_update_equals_the_original_bit_for_bit(tmp_path, tiny_base):
     """--dump-rollouts 1 saves step 1's rollout and the state before its update; `python replay.py` on it
     updates again: the weights and optimizer states equal the run's checkpoint after step 1, and the
-    update's metrics its row of metrics.jsonl. PPO, so the critic's update and values are replayed too."""
+    update's metrics its row of metrics.jsonl, and its trainer state (arguments, schedules in warm-up, the
+    curriculum's rates) the run's. PPO, so the critic's update and values are replayed too."""
     out = tmp_path / "run"
     result = train("train_ppo.py", out, *SHORT, "--max-steps", "3", "--save-every", "1", "--keep-checkpoints", "5",
-                   "--dump-rollouts", "1", "--num-mini-batches", "2")
+                   "--dump-rollouts", "1", "--num-mini-batches", "2", "--curriculum", "pass-rate",
+                   "--warmup-steps", "5")
     assert result.returncode == 0, result.stderr[-3000:]
     dump = out / "rollouts" / "rollout-000001"
     assert f"python replay.py {dump}" in result.stdout
@@ -472,6 +474,12 @@ def test_a_replayed_update_equals_the_original_bit_for_bit(tmp_path, tiny_base):
     for name in ("optimizer.bin", "optimizer_1.bin"):
         a, b = (torch.load(p / name, weights_only=True)["state"] for p in (after, original))
         assert all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i]), name
+    # and the rest of the state: the run's arguments, the warm-up schedules stepped once, the curriculum's rates
+    state, expected = (json.loads((p / "trainer_state.json").read_text()) for p in (after, original))
+    assert state == expected and expected["pass_rates"]
+    before = json.loads(next(dump.glob("step-*/trainer_state.json")).read_text())  # what continues at step 1
+    assert before["pass_rates"] == json.loads((out / "checkpoints" / "step-000001" / "trainer_state.json")
+                                              .read_text())["pass_rates"]
     row = metrics(out)[1]
     update = json.loads((dump / "replay" / "update.json").read_text())
     for k in ("loss/policy", "policy/entropy", "critic/value_loss", "critic/values", "policy/ratio"):
@@ -509,14 +517,16 @@ def test_dynamic_sampling_logs_the_means_of_its_batch_not_of_every_round(tmp_pat
     """At 8 new tokens almost every response is cut off (outcome 0, ORZ's rule) and none is right: no group
     has signal, so all 3 rounds are drawn, though the lengths, and so the overlong penalties, differ (they
     made signal before). The logged penalty is the mean over the batch's responses, each in [-1, 0], not the
-    sum over the rounds divided by the batch (about -2.9 before)."""
+    sum over the rounds divided by the batch (about -2.9 before). With the curriculum on, every group of
+    every round records its pass rate, not only the batch's: 3 rounds of 4 prompts, 12 groups."""
     result = train("train_grpo.py", tmp_path, "--max-steps", "1", "--prompts-per-step", "4", "--num-generations",
                    "4", "--eval-every", "0", "--reward-workers", "0", "--max-new-tokens", "8", "--overlong-buffer",
-                   "8", "--dynamic-sampling", "--max-sampling-rounds", "3")
+                   "8", "--dynamic-sampling", "--max-sampling-rounds", "3", "--curriculum", "pass-rate")
     assert result.returncode == 0, result.stderr[-3000:]
     row = metrics(tmp_path)[0]
     assert row["train/truncated"] > 0.9 and row["train/sampling_rounds"] == 3
     assert -1.0 <= row["train/overlong_penalty"] < -0.9 and row["train/reward"] == row["train/overlong_penalty"]
+    assert row["curriculum/seen"] == 12 and row["curriculum/all_failed"] == 1.0, row
 
 
 def test_vapo_length_adaptive_lambda_on_the_loop(tmp_path, tiny_base):
