@@ -311,8 +311,9 @@ def end_launched_process() -> None:
     describes: gloo's C++ worker threads still hold work whose tensors reference Python objects, and releasing
     them during interpreter finalization takes the GIL and aborts. The default group is destroyed before this
     point, so the remaining suspects are groups that libraries make themselves (DeepSpeed's, vLLM's) and
-    threads outside torch (peft's arrival made it more frequent). Without this exit, 5 two-process runs here did
-    not abort (2026-12-07), too few at about one abort per full suite. Everything the run writes is closed and
+    threads outside torch (peft's arrival made it more frequent). Without this exit, 30 two-process launches here
+    did not abort (2026-12-07: DDP with LoRA and reward workers, FSDP2 PPO with a reference model), still too
+    few to rule the abort out at about one per full suite of some 25 launches. Everything the run writes is closed and
     synced by then; stdout and stderr are flushed here."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import sys
