@@ -27,6 +27,11 @@ def metrics(tmp_path) -> list[dict]:
     return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
 
 
+def comparable(run_dir) -> list[dict]:
+    """The metrics rows of a run without their timings: what a resumed run must reproduce exactly."""
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in metrics(run_dir)]
+
+
 def check_outputs(tmp_path, steps: int, critic: bool) -> list[dict]:
     """Every output file a run promises, with the keys the issue names."""
     rows = metrics(tmp_path)
@@ -444,9 +449,6 @@ def test_the_curriculum_records_each_groups_pass_rate_and_resumes_exactly(tmp_pa
     result = train("train_grpo.py", resumed, *args)
     assert result.returncode == 0 and "resuming from" in result.stdout, result.stderr[-3000:]
 
-    def comparable(run_dir):
-        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in metrics(run_dir)]
-
     assert comparable(resumed) == comparable(whole)
     a, b = load_file(resumed / "policy" / "model.safetensors"), load_file(whole / "policy" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -611,9 +613,6 @@ def test_lora_adapters_load_with_peft_and_a_resumed_run_matches_an_uninterrupted
     assert train("train_ppo.py", resumed, *args, "--max-steps", "1").returncode == 0
     result = train("train_ppo.py", resumed, *args)
     assert result.returncode == 0 and "resuming from" in result.stdout, result.stderr[-3000:]
-
-    def comparable(run_dir):
-        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in metrics(run_dir)]
 
     assert comparable(resumed) == comparable(whole)
     for part in ("policy/adapter_model.safetensors", "critic/adapter_model.safetensors",
