@@ -45,7 +45,7 @@ def cov_tokens(run, exp: Experience, step: int, metrics: dict) -> torch.Tensor:
     log-probs. Clip-Cov's random keys are seeded by (seed, step) and laid over the global rows."""
     from accelerate.utils import gather_object
 
-    args, accelerator = run.args, run.accelerator
+    args, accelerator, rank = run.args, run.accelerator, run.accelerator.process_index
     sum_all = partial(reduce_sum, accelerator)
     cov = algos.token_covariance(exp.old_logprobs, exp.advantages, exp.response_mask, sum_all)
     num_tokens = sum_all(exp.response_mask.sum()).item()
@@ -54,15 +54,14 @@ def cov_tokens(run, exp: Experience, step: int, metrics: dict) -> torch.Tensor:
         return torch.cat(gather_object([values.cpu()])).to(values.device)
 
     if args.entropy_control == "clip-cov":
-        rows, rank, width = len(exp.response_ids), accelerator.process_index, exp.response_ids.shape[1]
+        rows, width = len(exp.response_ids), exp.response_ids.shape[1]
         keys = torch.rand(rows * accelerator.num_processes, args.max_new_tokens,
                           generator=torch.Generator().manual_seed(args.seed * 1_000 + step))
         keys = keys[rank * rows:(rank + 1) * rows, :width].to(cov.device)
         chosen = algos.clip_cov_tokens(cov, exp.response_mask, keys, num_tokens, args.clip_cov_ratio,
                                        args.clip_cov_lower, args.clip_cov_upper, gather, rank)
     else:
-        chosen = algos.kl_cov_tokens(cov, exp.response_mask, num_tokens, args.kl_cov_ratio, gather,
-                                     accelerator.process_index)
+        chosen = algos.kl_cov_tokens(cov, exp.response_mask, num_tokens, args.kl_cov_ratio, gather, rank)
     metrics["policy/cov_tokens"] = sum_all(chosen.sum().float()).item()
     metrics["policy/covariance"] = masked_mean(cov, exp.response_mask, sum_all).item()
     return chosen
