@@ -13,6 +13,8 @@
     python benchmark.py lora [--quick]    # full fine-tuning vs LoRA r16/r64: step time, peak RSS, accuracy
     python benchmark.py engines [--quick] # rollout engines on the real model: generation tokens/s (hf, vllm; fp32,
                                           # bf16) and whole GRPO/PPO steps of configs/recipes/smollm2_cpu.yaml
+    python benchmark.py engines --only learning   # is learning kept at the fastest setting? (runs/learning)
+                                          # 3 seeds x 20 GRPO steps per setting, each policy evaluated alike
     python benchmark.py memory [--quick]  # peak memory and time of one policy update on the real model, 16 x 1024
                                           # tokens: log-probs of all logits at once vs in chunks (ChunkedLogprobs)
 
@@ -175,7 +177,7 @@ def run_ours(spec: dict) -> dict:
     kw = TRL_SETTINGS[spec["setting"]]
     main(Args(model=spec["model"], advantage="grpo", max_steps=spec["steps"], output_dir=str(out), eval_every=0,
               samples_per_step=0, save_every=0, prompt_template="orz", stop_strings=[], lr=LR, temperature=1.0,
-              reward="math", overwrite=True, **kw))
+              reward="math", overwrite=True, **kw, **spec.get("args", {})))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
     n = kw["prompts_per_step"] * kw["num_generations"]
     return {"step_s": [r["time/step"] for r in rows], "tokens": [r["train/response_length"] * n for r in rows],
@@ -829,6 +831,49 @@ def engines_benchmark(quick: bool, threads: int, only: str = "") -> None:
             print(f"  {advantage:<4} {name:<18} {table[advantage, 'hf'] / t:.2f}x faster than hf (the recipe as is)")
 
 
+# name -> train_grpo.py arguments of the learning check: the recipe as is, and the fastest step setting.
+LEARNING = {"hf fp32": ENGINE_STEPS["hf"], "vllm bf16 --bf16": ENGINE_STEPS["vllm bf16 --bf16"]}
+
+
+def engine_learning(out: Path, seeds: int, steps: int = 20) -> None:
+    """Whether learning is kept at the fastest setting: per LEARNING setting, `seeds` GRPO runs of `steps` steps of
+    configs/recipes/smollm2_cpu.yaml (in `out`, kept: a second call reuses the runs and evaluations it finds),
+    each final policy evaluated alike by evaluate.py (the vLLM engine in fp32, whose log-probs are the trainer's
+    to 1e-5; the recipe's prompt and stop strings; the 512 held-out problems x 2 samples at T = 1), then the
+    paired bootstrap of the fastest setting against the recipe as is, over problems and runs."""
+    import yaml
+
+    from evaluate import compare_runs, format_comparison
+
+    root = Path(__file__).resolve().parent
+    recipe = yaml.safe_load((root / "configs/recipes/smollm2_cpu.yaml").read_text())
+    gguf, evals = smollm2_gguf(), {}
+    print(f"learning: {seeds} GRPO runs x {steps} steps per setting, configs/recipes/smollm2_cpu.yaml; each policy "
+          "evaluated on 512 held-out problems x 2 samples (vLLM fp32)", flush=True)
+    for name, extra in LEARNING.items():
+        for seed in range(seeds):
+            run = out / f"{name.split()[0]}-{'bf16' if 'bf16' in name else 'fp32'}-seed{seed}"
+            if not (run / "summary.json").is_file():
+                train = [sys.executable, "train_ppo.py", "--config", "configs/recipes/smollm2_cpu.yaml", "--model",
+                         str(gguf), "--advantage", "grpo", "--max-steps", str(steps), "--eval-every", "0",
+                         "--save-every", "0", "--seed", str(seed), "--output-dir", str(run), "--overwrite", *extra]
+                subprocess.run(train, check=True, capture_output=True, cwd=root)
+            if not (run / "eval" / "results.json").is_file():
+                subprocess.run([sys.executable, "evaluate.py", "--model", str(run / "policy"), "--datasets",
+                                "synthetic", "--num-samples", "2", "--temperature", "1",
+                                "--max-new-tokens", str(recipe["max_new_tokens"]),
+                                "--prompt-template", recipe["prompt_template"], "--stop-strings",
+                                *recipe["stop_strings"], "--rollout-engine", "vllm", "--output-dir", str(run / "eval"),
+                                "--overwrite"], check=True, capture_output=True, cwd=root)
+            result = json.loads((run / "eval" / "results.json").read_text())["metrics"]["overall"]
+            minutes = json.loads((run / "summary.json").read_text()).get("minutes", float("nan"))
+            print(f"  {name:<18} seed {seed}: held-out avg@2 {result['avg@2']:.1%} ({minutes:.1f} min of training)",
+                  flush=True)
+            evals.setdefault(name, []).append(run / "eval")
+    fast, base = list(LEARNING)
+    print("  " + format_comparison(compare_runs(evals[fast], evals[base]), fast, base), flush=True)
+
+
 def rss_mib(field: str) -> float:
     """VmRSS (now) or VmHWM (peak since the last reset_peak_rss) of this process, MiB (Linux)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -989,8 +1034,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps and repetitions")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every run (trl, decode)")
     parser.add_argument("--spec", default="", help="worker only: the run as JSON")
-    parser.add_argument("--out", default="runs/ablation", help="ablate: where the runs, table and figure go")
-    parser.add_argument("--seeds", type=int, default=3, help="ablate: seeds per setting")
+    parser.add_argument("--out", default="",
+                        help="ablate: where the runs, table and figure go (runs/ablation); engines --only learning: "
+                             "where its runs go (runs/learning)")
+    parser.add_argument("--seeds", type=int, default=3, help="ablate, engines --only learning: seeds per setting")
     parser.add_argument("--jobs", type=int, default=1, help="ablate: runs at a time")
     parser.add_argument("--only", default="",
                         help="critic: these settings only, e.g. gen-bound; trl: these models only, e.g. smollm2; "
@@ -1020,10 +1067,12 @@ def main(argv: list[str] | None = None) -> None:
                          args.reps)
     elif args.which == "lora":
         lora_benchmark(args.quick, args.threads, args.only)
+    elif args.which == "engines" and args.only == "learning":
+        engine_learning(Path(args.out or "runs/learning"), args.seeds)
     elif args.which == "engines":
         engines_benchmark(args.quick, args.threads, args.only)
     elif args.which == "ablate":
-        ablation_benchmark(Path(args.out), args.seeds, args.jobs, args.extra.split(), args.only)
+        ablation_benchmark(Path(args.out or "runs/ablation"), args.seeds, args.jobs, args.extra.split(), args.only)
     else:
         worker(json.loads(args.spec))
 

@@ -22,6 +22,7 @@ from rollout import (
     ModelArgs,
     SamplingArgs,
     generate_responses,
+    load_sampling_model,
     model_problems,
     prepare_for_sampling,
     resolve_model,
@@ -338,15 +339,15 @@ def format_eval_table(metrics: dict) -> str:
 
 def main(args: EvalArgs) -> dict:
     """`python evaluate.py`: load the model and datasets, run `evaluate_datasets` with training's
-    prompt template, ORZ stop strings and --reward, print the table, write results.json and
+    prompt template, --stop-strings (ORZ's by default) and --reward, print the table, write results.json and
     completions.jsonl to --output-dir. Returns the metrics."""
     import json
     from dataclasses import asdict
 
     from accelerate.utils import set_seed
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    from data.loading import ORZ_STOP_STRINGS, context_problems
+    from data.loading import context_problems
     from reward import RewardPool, reward_problems
     from utils import JsonlWriter, number_problems
     from vllm_engine import engine_problems, sampler
@@ -372,14 +373,13 @@ def main(args: EvalArgs) -> dict:
     problems = context_problems(config, args.max_new_tokens)
     if problems:
         raise SystemExit("error: " + problems[0])
-    model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=args.trust_remote_code,
-                                                 use_safetensors=True)
+    model = load_sampling_model(model_path, args.rollout_engine, args.trust_remote_code)
     stop_ids = prepare_for_sampling(tokenizer, model, checkpoint_settings=args.checkpoint_sampling)
     sampling = (dict(temperature=None, top_p=None, top_k=None) if args.checkpoint_sampling else
                 dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k))
     generate_kwargs = dict(max_new_tokens=args.max_new_tokens, **sampling, stop_token_ids=stop_ids,
                            pad_token_id=tokenizer.pad_token_id,
-                           stop_strings=list(ORZ_STOP_STRINGS), tokenizer=tokenizer)
+                           stop_strings=args.stop_strings, tokenizer=tokenizer)
     model_or_engine, generate = sampler(args, model, model_path, getattr(config, "max_position_embeddings", 4096))
     with RewardPool(args.reward, num_workers=args.reward_workers, timeout=args.reward_timeout) as pool:
         try:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
+from data.loading import ORZ_STOP_STRINGS
 from utils import left_pad, position_ids_from_mask, save_on_this_process
 
 LOGIT_CHUNK = 16  # rows per chunk of the full-vocabulary log-softmax: fp32 logits of all rows at once would not fit
@@ -58,6 +59,8 @@ class SamplingArgs:
     top_p: float = field(default=1.0, metadata={
         "help": "nucleus sampling; keep 1.0 for training: the log-probs of the update do not replay truncation"})
     top_k: int = field(default=0, metadata={"help": "top-k sampling (0: off); keep 0 for training, as --top-p"})
+    stop_strings: list[str] = field(default_factory=lambda: list(ORZ_STOP_STRINGS), metadata={
+        "help": "strings that end a response (kept in it)"})
 
 
 @dataclass
@@ -181,6 +184,25 @@ def neutral_generation_config(model) -> list[str]:
         model.reasoner_zero_original_generation_config = original
     model.generation_config = clean
     return changed
+
+
+def load_sampling_model(path: str, engine: str = "hf", trust_remote_code: bool = False):
+    """The model evaluation and curation sample with: the HF model (fp32, safetensors only), or, when the vLLM
+    engine samples (`engine` "vllm"), a stand-in holding only what is read of it (`config`,
+    `generation_config`: stop ids, the checkpoint's settings), so that the weights are not loaded a second
+    time beside the engine's. Raises OSError or ValueError as transformers does."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    if engine == "hf":
+        return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, use_safetensors=True)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:  # as from_pretrained sets it: the checkpoint's generation_config.json, else from the model config
+        generation = GenerationConfig.from_pretrained(path)
+    except OSError:
+        generation = GenerationConfig.from_model_config(config)
+    return SimpleNamespace(config=config, generation_config=generation)
 
 
 def prepare_for_sampling(tokenizer, model, log=print, checkpoint_settings: bool = False) -> list[int]:

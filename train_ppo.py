@@ -60,7 +60,7 @@ from checkpoint import (
 )
 from cli import parse_args
 from critic import ValueModel, batched_values
-from data.loading import ORZ_STOP_STRINGS, DataArgs, load_data, read_data
+from data.loading import DataArgs, load_data, read_data
 from launch import (
     configure_deepspeed,
     describe_setup,
@@ -155,8 +155,6 @@ class Args(RewardArgs, RolloutArgs, SamplingArgs, DataArgs, ModelArgs):
     max_steps: int = field(default=60, metadata={"help": "RL steps (one rollout and its updates each)"})
     prompts_per_step: int = field(default=32, metadata={"help": "prompts per step, over all processes"})
     num_generations: int = field(default=8, metadata={"help": "samples per prompt"})
-    stop_strings: list[str] = field(default_factory=lambda: list(ORZ_STOP_STRINGS), metadata={
-        "help": "strings that end a response (kept in it)"})
     format_reward_weight: float = field(default=0.0, metadata={
         "group": "reward", "help": "weight of the optional format reward"})
     zero_repetitive: bool = field(default=False, metadata={
@@ -430,9 +428,6 @@ def setup(args: Args) -> Run | dict:
     if args.merge_for_generation and accelerator.distributed_type == DistributedType.FSDP:
         raise RunError("error: --merge-for-generation needs each process to hold whole weights (one process or "
                        "DDP); under FSDP each holds a shard")
-    if args.rollout_engine == "vllm" and is_sharded(accelerator):
-        raise RunError("error: --rollout-engine vllm needs each process to hold whole weights (one process or DDP); "
-                       "under FSDP and ZeRO-3 each holds a shard: use --rollout-engine hf there")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator, args.max_grad_norm)
     set_seed(args.seed, device_specific=True)  # each process samples differently

@@ -12,6 +12,7 @@ distribution (vLLM's "processed" log-probs), which the trainer compares with its
 
 import os
 from collections.abc import Iterable
+from contextlib import nullcontext
 
 import torch
 
@@ -72,9 +73,11 @@ class VLLMEngine:
 
     def following(self, model: torch.nn.Module, version: int) -> "VLLMEngine":
         """The engine, given `model`'s weights first if they are of another `version` than it holds (the
-        trainer counts its policy's updates)."""
+        trainer counts its policy's updates). Under FSDP2 and ZeRO-3 every process gathers the whole weights
+        (a collective: every process calls this at the same points, as the trainer's rollouts do)."""
         if version != self.version:
-            self.load_weights(policy_weights(model))
+            with zero3_gathered(model):
+                self.load_weights(policy_weights(model))
             self.version = version
         return self
 
@@ -134,10 +137,22 @@ def engine_problems(args) -> list[str]:
     return vllm_problems()
 
 
+def zero3_gathered(model: torch.nn.Module):
+    """A block in which every parameter of a DeepSpeed ZeRO-3 `model` is whole on every process (their
+    partitions gathered, and dropped again at its end); for any other model, a block that does nothing."""
+    params = list(model.parameters())
+    if not any(hasattr(p, "ds_id") for p in params):
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
+
+
 def policy_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """The weights of a transformers model under their checkpoint names, as the engine loads them. LoRA
     adapters (peft layers inside the model) are merged out of place, W + scaling * B A, without touching the
-    model's own weights (merging in place and back would round bf16 bases to other values)."""
+    model's own weights (merging in place and back would round bf16 bases to other values). FSDP2's sharded
+    parameters (DTensors) are gathered whole on every process, each in the same order."""
     state = dict(model.state_dict())
     try:
         from peft.tuners.lora import LoraLayer
@@ -149,7 +164,8 @@ def policy_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
             with torch.no_grad():
                 delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
             state[key] = state[key] + delta.to(state[key].dtype)
-    return [(k.replace(".base_layer.", "."), v) for k, v in state.items() if ".lora_" not in k]
+    return [(k.replace(".base_layer.", "."), v.full_tensor() if hasattr(v, "full_tensor") else v)
+            for k, v in state.items() if ".lora_" not in k]
 
 
 def generate_responses(engine: VLLMEngine, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,

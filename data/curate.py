@@ -129,16 +129,17 @@ def _read_progress(path: Path, settings: dict) -> dict[int, dict]:
     return {row["id"]: row for row in rows}
 
 
-def _load_sampler(model_name: str, trust_remote_code: bool):
-    """Model, tokenizer and stop ids, exactly as evaluate.py and train_ppo.py build them."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_sampler(model_name: str, trust_remote_code: bool, engine: str = "hf"):
+    """Model (a stand-in without weights when the vLLM `engine` samples: `rollout.load_sampling_model`),
+    tokenizer and stop ids, exactly as evaluate.py and train_ppo.py build them."""
+    from transformers import AutoTokenizer
 
-    from rollout import prepare_for_sampling, resolve_model
+    from rollout import load_sampling_model, prepare_for_sampling, resolve_model
 
     path = resolve_model(model_name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, use_safetensors=True)
+        model = load_sampling_model(path, engine, trust_remote_code)
     except (OSError, ValueError) as err:
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise SystemExit(f"error: --model {model_name}: cannot load: {first}") from None
@@ -151,20 +152,19 @@ def _sample_pending(pending: list[dict], args, progress_path: Path, initial: int
     progress line per record after each batch. Each batch is seeded from (--seed, its first record's id)."""
     from tqdm.auto import tqdm
 
-    from data.loading import ORZ_STOP_STRINGS
     from evaluate import evaluate_datasets
     from reward import RewardPool
     from rollout import resolve_model
     from utils import JsonlWriter
     from vllm_engine import sampler
 
-    model, tokenizer, stop_ids = _load_sampler(args.model, args.trust_remote_code)
+    model, tokenizer, stop_ids = _load_sampler(args.model, args.trust_remote_code, args.rollout_engine)
     model_or_engine, generate = sampler(args, model, resolve_model(args.model),
                                         getattr(model.config, "max_position_embeddings", 4096))
     generate_kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            top_k=args.top_k,
                            stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id,
-                           stop_strings=list(ORZ_STOP_STRINGS), tokenizer=tokenizer)
+                           stop_strings=args.stop_strings, tokenizer=tokenizer)
     writer = JsonlWriter(progress_path)
     bar = tqdm(total=total, initial=initial, desc="difficulty", unit="prompt")
     with RewardPool(args.reward, num_workers=args.reward_workers, timeout=args.reward_timeout) as pool:

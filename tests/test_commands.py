@@ -95,6 +95,25 @@ def test_eval_uses_the_checkpoints_sampling_settings_only_when_asked(tiny_base, 
         responses("refused", num_samples=4, checkpoint_sampling=True)
 
 
+def test_eval_ends_responses_at_the_given_stop_strings(tiny_base, tmp_path):
+    """--stop-strings, as a training run was given them (a recipe's own), not ORZ's: each response ends at the
+    first of them, which it keeps; the same responses without it run on past that point."""
+    common = dict(model="tiny", datasets="synthetic", limit=6, num_samples=2, max_new_tokens=24, reward_workers=0)
+
+    def responses(out: str, **changes) -> list[dict]:
+        eval_main(EvalArgs(**common, output_dir=str(tmp_path / out), **changes))
+        return [json.loads(line) for line in (tmp_path / out / "completions.jsonl").read_text().splitlines()]
+
+    stop = " = "  # a whole token of the tiny model's vocabulary: a response is cut at a token's end
+    plain, cut = responses("plain"), responses("cut", stop_strings=[stop])
+    assert any(stop in r["response"][:-len(stop)] for r in plain)
+    for p, c in zip(plain, cut, strict=True):
+        if stop in p["response"]:
+            assert c["response"] == p["response"][:p["response"].index(stop) + len(stop)] and not c["truncated"]
+        else:
+            assert c["response"] == p["response"]
+
+
 # --------------------------------------------------------------------------------------------------
 # python -m data.curate: difficulty
 # --------------------------------------------------------------------------------------------------

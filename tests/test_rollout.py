@@ -8,6 +8,7 @@ Run: python -m pytest tests/test_rollout.py -q
 """
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -678,6 +679,35 @@ def test_a_plain_checkpoint_has_no_generation_settings_to_report(tiny_base):
     from rollout import neutral_generation_config
 
     assert neutral_generation_config(AutoModelForCausalLM.from_pretrained(tiny_base)) == []
+
+
+@pytest.mark.parametrize("generation", [None, dict(eos_token_id=[2, 7], top_k=5, repetition_penalty=1.3)],
+                         ids=["from-config-json", "own-file"])
+def test_what_the_engine_reads_of_the_model_is_what_the_hf_model_holds(tiny_base, tmp_path, generation):
+    """With the vLLM engine, evaluation and curation load a stand-in without weights (`load_sampling_model`);
+    its stop ids and the settings set aside are those of the HF model, for a checkpoint's own
+    generation_config.json and for one without that file (taken from config.json, as from_pretrained does)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from rollout import load_sampling_model, prepare_for_sampling
+
+    for f in Path(tiny_base).iterdir():
+        if f.name != "generation_config.json":
+            (tmp_path / f.name).symlink_to(f)
+    if generation:
+        (tmp_path / "generation_config.json").write_text(json.dumps(generation))
+    got = {}
+    for engine in ("hf", "vllm"):
+        model, logged = load_sampling_model(str(tmp_path), engine), []
+        ids = prepare_for_sampling(AutoTokenizer.from_pretrained(tmp_path), model, log=logged.append)
+        got[engine] = (ids, logged, model.generation_config.to_diff_dict(), model.config.max_position_embeddings)
+    assert isinstance(load_sampling_model(str(tmp_path)), torch.nn.Module)
+    assert not hasattr(load_sampling_model(str(tmp_path), "vllm"), "parameters")
+    assert got["vllm"] == got["hf"]
+    if generation:
+        assert got["hf"][0] == sorted({2, 7, got["hf"][0][0]}) and "repetition_penalty" in got["hf"][1][0]
 
 
 @pytest.mark.parametrize("config_name,model_name,scaling", [

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, script_env, train
+from conftest import ROOT, run_script, script_env, train
 
 from data.loading import format_prompt
 from rollout import forward_logprobs, generate_responses, prepare_for_sampling, stop_positions
@@ -224,21 +224,39 @@ def test_two_processes_sample_and_train_as_one(tmp_path):
     same_run(a, b, skip=("time/", "perf/", "reward/audit", "rollout/logprob_diff"))
 
 
-@vllm
-def test_sharded_training_refuses_the_engine_in_one_line(tmp_path):
-    """Under FSDP each process holds a shard: the engine would need the whole weights gathered every step,
-    which is not built; the run says so before it trains."""
-    import subprocess
-    import sys
+# Sharded modes on 2 CPU processes: the shipped GPU config with the process count and the tiny model's layer.
+SHARDED = {"fsdp2": ["--config_file", "configs/accelerate/fsdp.yaml", "--fsdp_transformer_layer_cls_to_wrap",
+                     "LlamaDecoderLayer"],
+           "zero3": ["--config_file", "configs/accelerate/zero3.yaml"]}
 
-    out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                          str(ROOT / "configs/accelerate/fsdp.yaml"), "--num_processes", "2", "--mixed_precision", "no",
-                          "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer", str(ROOT / "train_grpo.py"),
-                          "--output-dir", str(tmp_path / "f"), "--rollout-engine", "vllm", "--max-steps", "1"],
-                         cwd=ROOT, env=script_env({"ACCELERATE_USE_CPU": "true"}), capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode != 0
-    assert "--rollout-engine vllm needs each process to hold whole weights" in out.stderr
+
+@vllm
+@pytest.mark.parametrize("mode,extra", [("fsdp2", ()), ("zero3", ()), ("fsdp2", ("--lora-r", "8"))],
+                         ids=["fsdp2", "zero3", "fsdp2-lora"])
+def test_sharded_training_gathers_whole_weights_for_the_engine(mode, extra, tmp_path):
+    """Under FSDP2 and ZeRO-3 each process holds a shard; the engine of each gets the whole weights, gathered
+    after every update. Step 1 samples what one process samples (the same responses and rewards), and the
+    engine's log-probs equal the trainer's: an engine with stale or partial weights would sample otherwise."""
+    args = (*RUN, "--max-steps", "3", "--eval-every", "0", "--samples-per-step", "64", *extra)
+    one = train("train_grpo.py", tmp_path / "one", *args)
+    assert one.returncode == 0, one.stderr[-3000:]
+    env = {"OMP_NUM_THREADS": "1", **({"DS_ACCELERATOR": "cpu"} if mode == "zero3" else {"ACCELERATE_USE_CPU": "true"})}
+    two = run_script("-m", "accelerate.commands.launch", *SHARDED[mode], "--num_processes", "2", "--num_machines",
+                     "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train_grpo.py"),
+                     "--output-dir", tmp_path / "two", *args, env=env, unset=("ACCELERATE_USE_CPU",), timeout=900)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert ("FSDP2" if mode == "fsdp2" else "ZeRO-3") in two.stdout
+    a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
+    assert [r["train/reward"] for r in a] == [r["train/reward"] for r in b]
+    s1, s2 = (json_lines(out / "samples.jsonl") for out in (tmp_path / "one", tmp_path / "two"))
+    assert [(s["step"], s["response"]) for s in s1] == [(s["step"], s["response"]) for s in s2]
+    assert {s["step"] for s in s2} == {0, 1, 2}
+    for r in b:
+        assert 0 <= r["rollout/logprob_diff_mean"] < 1e-4 and r["rollout/logprob_diff_max"] < 1e-2, r["step"]
+
+
+def json_lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @vllm
