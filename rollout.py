@@ -933,7 +933,7 @@ def output_head(model) -> torch.nn.Linear | None:
 
 def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
                      temperature: float, with_entropy: bool = False, entropy_grad: bool = False,
-                     logit_chunk: int = LOGIT_CHUNK_ELEMENTS):
+                     logit_chunk: int = LOGIT_CHUNK_ELEMENTS, share_prompts: bool = False):
     """Log-probs (and entropy) of the last `response_len` tokens of each row under `model`.
 
     Positions are computed from the mask exactly as `generate` computes them (a plain forward would count
@@ -944,15 +944,32 @@ def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     `forward` is replaced, so that the model's own forward (and the hooks FSDP and DeepSpeed set on it,
     which gather sharded weights) runs as usual. `logit_chunk` 0, or a head ChunkedLogprobs cannot replace
     (`output_head`), takes the logits of all response tokens at once (`logprobs_from_logits`).
+
+    `share_prompts`: rows whose prompt columns (ids and mask) are equal, a group's samples, share one forward
+    pass of that prompt: the distinct prompts run first, and each row's response runs on its prompt's keys
+    and values (the cache, picked per row by an index_select that backpropagates into the prompt's pass), as
+    `generate` computed them. The same log-probs to float rounding, for about (G - 1) / G fewer prompt
+    tokens with G samples per prompt. Needs a KV cache in training: not with gradient checkpointing.
     """
     tokens = input_ids[:, -response_len:]
     head = output_head(model) if logit_chunk else None
+    prompt_len = input_ids.shape[1] - response_len
+    inverse = None
+    if share_prompts and head is not None and prompt_len > 0:
+        distinct, inverse = torch.unique(torch.cat([input_ids[:, :prompt_len], attention_mask[:, :prompt_len]], 1),
+                                         dim=0, return_inverse=True)
+        inverse = inverse if len(distinct) < len(input_ids) else None  # nothing to share
     if head is not None:
         chunk = max(1, logit_chunk // head.out_features)
 
-        given = []
+        given, prompt_last = [], []
 
         def head_forward(hidden):  # (B, R + 1, H) -> (B, R, 2): log-prob and entropy per response token
+            if inverse is not None and not prompt_last:  # the distinct prompts' last positions, (U, 1, H)
+                prompt_last.append(hidden)
+                return hidden
+            if inverse is not None:  # (B, R, H) of the responses: the first token is predicted by the prompt
+                hidden = torch.cat([prompt_last[0][inverse], hidden], dim=1)
             flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
             out = ChunkedLogprobs.apply(flat, head.weight, tokens.reshape(-1), temperature or 1.0, chunk)
             given.append(out.view(*tokens.shape, 2))
@@ -960,9 +977,21 @@ def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
         head.forward = head_forward
     try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask,
-                    position_ids=position_ids_from_mask(attention_mask),
-                    logits_to_keep=response_len + 1, use_cache=False).logits
+        if inverse is None:
+            out = model(input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=position_ids_from_mask(attention_mask),
+                        logits_to_keep=response_len + 1, use_cache=False).logits
+        else:
+            ids, mask = distinct[:, :prompt_len], distinct[:, prompt_len:]
+            cache = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                          logits_to_keep=1, use_cache=True).cache
+            if cache is None:
+                raise RuntimeError("share_prompts needs the model's KV cache in training: not with gradient "
+                                   "checkpointing")
+            cache.reorder_cache(inverse)  # row b gets prompt inverse[b]'s keys and values
+            out = model(input_ids=input_ids[:, prompt_len:], attention_mask=attention_mask,
+                        position_ids=position_ids_from_mask(attention_mask)[:, prompt_len:], cache=cache,
+                        logits_to_keep=response_len, use_cache=True).logits
     finally:
         if head is not None:
             del head.forward
@@ -977,7 +1006,7 @@ def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
         warnings.warn(f"{type(inner).__name__} transforms its LM head's output (a logit scaling or softcap): "
                       "its log-probs are computed from the full logits, not in chunks", stacklevel=2)
         return forward_logprobs(model, input_ids, attention_mask, response_len, temperature, with_entropy,
-                                entropy_grad, logit_chunk)
+                                entropy_grad, logit_chunk, share_prompts)
     if head is None:
         return logprobs_from_logits(out[:, :-1], tokens, temperature, with_entropy, entropy_grad)
     entropy = out[..., 1] if entropy_grad and torch.is_grad_enabled() else out[..., 1].detach()
@@ -985,11 +1014,13 @@ def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
 
 @torch.no_grad()
-def batched_logprobs(model, exp: Experience, temperature: float, micro_batches: list[torch.Tensor]) -> torch.Tensor:
+def batched_logprobs(model, exp: Experience, temperature: float, micro_batches: list[torch.Tensor],
+                     share_prompts: bool = False) -> torch.Tensor:
     """`forward_logprobs` over the whole batch (`Experience.per_token`), without grad: the old and
     reference log-probs. Returns (B, R), 0 outside the response mask."""
     return exp.per_token(micro_batches, lambda mb: forward_logprobs(
-        model, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1], temperature)[0])
+        model, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1], temperature,
+        share_prompts=share_prompts)[0])
 
 
 # --------------------------------------------------------------------------------------------------

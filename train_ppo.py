@@ -242,6 +242,10 @@ class Args(RewardArgs, RolloutArgs, SamplingArgs, DataArgs, ModelArgs):
         "help": "clip of the value loss around old values (<= 0: plain loss)"})
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
+    share_prompts: bool = field(default=False, metadata={
+        "help": "the policy's passes over a micro-batch compute each distinct prompt once and its samples' responses "
+                "on its keys and values: the same log-probs to float rounding, fewer tokens (one process or DDP; "
+                "not with --gradient-checkpointing)"})
     lora_r: int = field(default=0, metadata={
         "group": "LoRA (peft)", "help": "train LoRA adapters of this rank on the policy and the critic's backbone "
                                        "(the value head trains whole); 0: full fine-tuning"})
@@ -425,6 +429,9 @@ def setup(args: Args) -> Run | dict:
     # LoRA's refusals, before any model loads
     if args.lora_r and accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise RunError("error: LoRA runs on one process, DDP or FSDP2; with DeepSpeed it is not supported yet")
+    if args.share_prompts and is_sharded(accelerator):
+        raise RunError("error: --share-prompts runs on one process or DDP; under FSDP and ZeRO-3 a second forward "
+                       "pass before the backward is not supported here")
     if args.merge_for_generation and accelerator.distributed_type == DistributedType.FSDP:
         raise RunError("error: --merge-for-generation needs each process to hold whole weights (one process or "
                        "DDP); under FSDP each holds a shard")
@@ -556,6 +563,8 @@ def value_problems(args: Args) -> list[str]:
     problems = []
     if not 0 < args.refill_fraction < 1:
         problems.append("--refill-fraction must be in (0, 1)")
+    if args.share_prompts and args.gradient_checkpointing:
+        problems.append("--share-prompts needs the KV cache in training, which --gradient-checkpointing turns off")
     if args.tis_cap < 0:
         problems.append(f"--tis-cap {args.tis_cap} must be > 0 (or 0: off)")
     if not 0 < args.max_padding <= 1:
@@ -635,9 +644,7 @@ def evaluate(run: Run, step: int) -> dict:
     generate_kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            top_k=args.top_k, stop_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id,
                            stop_strings=args.stop_strings, tokenizer=tokenizer, synced_gpus=is_sharded(accelerator))
-    policy, generate = accelerator.unwrap_model(run.policy), generate_responses
-    if run.engine is not None:
-        generate, policy = vllm_generate, run.engine.following(policy, run.schedulers["policy"].last_epoch)
+    policy, generate = current_sampler(run, generate_responses)
     with accelerator.autocast(), lora_merged(policy, args.merge_for_generation and run.engine is None):
         result = evaluate_datasets(policy, tokenizer, run.eval_records, pool=run.pool, generate=generate,
                                    generate_kwargs=generate_kwargs, gather=gather_object,
@@ -653,6 +660,15 @@ def evaluate(run: Run, step: int) -> dict:
         tqdm.write(f"step {step}: held-out accuracy {metrics['eval/accuracy']:.1%}"  # a line that stays
                    + (f" ({', '.join(sets)})" if len(sets) > 1 else ""))
     return metrics
+
+
+def current_sampler(run: Run, hf_generate) -> tuple:
+    """(sampler, generate) of the current policy: the vLLM engine, given the policy's weights when they changed
+    since it last sampled, with its generate; or the policy itself with `hf_generate`."""
+    policy = run.accelerator.unwrap_model(run.policy)
+    if run.engine is None:
+        return policy, hf_generate
+    return run.engine.following(policy, run.schedulers["policy"].last_epoch), vllm_generate
 
 
 def sample_and_score(run: Run, step: int, metrics: dict):
@@ -712,9 +728,7 @@ def rollout(run: Run, records: list, step: int, salt: int = 0) -> tuple[Experien
     refill = args.generation == "refill" and not synced
     generate = (partial(generate_responses_refill, refill_fraction=args.refill_fraction) if refill
                 else generate_responses)
-    policy, sampler = accelerator.unwrap_model(run.policy), {}
-    if run.engine is not None:
-        generate, policy = vllm_generate, run.engine.following(policy, run.schedulers["policy"].last_epoch)
+    (policy, generate), sampler = current_sampler(run, generate), {}
     with accelerator.autocast(), lora_merged(policy, args.merge_for_generation and run.engine is None):
         response_ids = generate(
             policy, prompt_ids, prompt_mask, num_generations=num_generations, logprobs_out=sampler,
@@ -812,13 +826,13 @@ def rollout_logprobs(run: Run, exp: Experience, micro: list[torch.Tensor]):
     if (args.ppo_epochs * args.num_mini_batches > 1 or (args.kl_coef > 0 and args.kl_estimator == "k1")
             or args.entropy_control != "none"):
         run.policy.eval()
-        old = batched_logprobs(run.policy, exp, args.temperature, micro)
+        old = batched_logprobs(run.policy, exp, args.temperature, micro, args.share_prompts)
         run.policy.train()
     if run.ref is not None:
-        ref = batched_logprobs(run.ref, exp, args.temperature, micro)
+        ref = batched_logprobs(run.ref, exp, args.temperature, micro, args.share_prompts)
     elif args.kl_coef > 0:  # LoRA: the reference is the policy without its adapters
         with lora_disabled(run.policy):
-            ref = batched_logprobs(run.policy, exp, args.temperature, micro)
+            ref = batched_logprobs(run.policy, exp, args.temperature, micro, args.share_prompts)
     return old, ref
 
 

@@ -140,7 +140,8 @@ def policy_loss(model, mb: Experience, w: torch.Tensor, args, first: bool = Fals
     stats. `w` (B, R) are the tokens' loss weights (`algos.loss_weights`); `first`: the micro-batch is in
     the rollout's first optimizer step, where the policy is still the one that sampled."""
     logprobs, entropy = forward_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_ids.shape[1],
-                                         args.temperature, with_entropy=True, entropy_grad=args.entropy_coef > 0)
+                                         args.temperature, with_entropy=True, entropy_grad=args.entropy_coef > 0,
+                                         share_prompts=args.share_prompts)
     old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
     sampler, tis, stats = mb.sampler_logprobs, 1.0, {}
     if mb.old_logprobs is None and sampler is not None:  # the one pass over these rows: old = these, measured here

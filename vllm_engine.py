@@ -11,7 +11,7 @@ distribution (vLLM's "processed" log-probs), which the trainer compares with its
 """
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 
 import torch
@@ -89,8 +89,8 @@ class VLLMEngine:
         """Replace the engine's weights with these (the HF names of the policy's full, unsharded weights).
         The model's own `load_weights` cannot be called on the CPU backend, which repacks its parameters
         after loading; vLLM's `reload_weights` loads them as at start."""
-        weights = [(name, t.detach()) for name, t in named_tensors]
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        weights = ((name, t.detach()) for name, t in named_tensors)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
 
     def generate(self, prompts: list[list[int]], *, num_generations: int, max_new_tokens: int, temperature: float,
                  top_p: float, top_k: int, stop_token_ids: list[int], stop_strings: list[str] | None,
@@ -148,11 +148,12 @@ def zero3_gathered(model: torch.nn.Module):
     return deepspeed.zero.GatheredParameters(params)
 
 
-def policy_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The weights of a transformers model under their checkpoint names, as the engine loads them. LoRA
     adapters (peft layers inside the model) are merged out of place, W + scaling * B A, without touching the
     model's own weights (merging in place and back would round bf16 bases to other values). FSDP2's sharded
-    parameters (DTensors) are gathered whole on every process, each in the same order."""
+    parameters (DTensors) are gathered whole on every process, each in the same order, one at a time as the
+    engine reads them: a process never holds a second whole copy of the model."""
     state = dict(model.state_dict())
     try:
         from peft.tuners.lora import LoraLayer
@@ -164,8 +165,9 @@ def policy_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
             with torch.no_grad():
                 delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
             state[key] = state[key] + delta.to(state[key].dtype)
-    return [(k.replace(".base_layer.", "."), v.full_tensor() if hasattr(v, "full_tensor") else v)
-            for k, v in state.items() if ".lora_" not in k]
+    for k, v in state.items():
+        if ".lora_" not in k:
+            yield k.replace(".base_layer.", "."), v.full_tensor() if hasattr(v, "full_tensor") else v
 
 
 def generate_responses(engine: VLLMEngine, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,

@@ -193,6 +193,43 @@ def test_forward_logprobs_chunked_equals_the_full_logits_pass(autocast):
     assert LOGIT_CHUNK_ELEMENTS // 49152 == 682  # the chunk of SmolLM2's vocabulary that the README quotes
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_shared_prompts_give_the_log_probs_entropies_and_gradients_of_the_plain_pass(arch):
+    """share_prompts: 3 prompts (two left-padded) x 2 samples, rows shuffled so a group's rows are apart: each
+    distinct prompt runs once and its rows' responses on its keys and values. The log-probs, entropies and
+    every parameter's gradient equal the plain pass's (the prompt's share of a gradient flows back through
+    the rows' picked cache); GPT-2's absolute positions would show wrong ones. Rows of one prompt alone
+    take the plain pass."""
+    model = tiny_lm(arch)  # eval mode: GPT-2's dropout would make two passes differ
+    prompts, prompt_mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]], PAD)
+    order = torch.tensor([3, 0, 5, 1, 4, 2])  # samples of prompts 1, 0, 2, 0, 2, 1
+    prompts, prompt_mask = prompts.repeat_interleave(2, 0)[order], prompt_mask.repeat_interleave(2, 0)[order]
+    responses = torch.randint(4, VOCAB, (6, 5), generator=torch.Generator().manual_seed(2))
+    response_mask = torch.ones_like(responses)
+    response_mask[2, 3:] = 0
+    ids, mask = torch.cat([prompts, responses], 1), torch.cat([prompt_mask, response_mask], 1)
+    weights = torch.randn(6, 5, generator=torch.Generator().manual_seed(3)) * response_mask
+
+    def run(share, rows=slice(None)):
+        model.zero_grad()
+        logp, ent = forward_logprobs(model, ids[rows], mask[rows], 5, TEMPERATURE, with_entropy=True,
+                                     entropy_grad=True, logit_chunk=3 * VOCAB, share_prompts=share)
+        ((logp * weights[rows]).sum() - 0.1 * (ent * weights[rows]).sum()).backward()
+        return logp.detach(), ent.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    shared, plain = run(True), run(False)
+    torch.testing.assert_close(shared[0], plain[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared[1], plain[1], atol=1e-5, rtol=1e-5)
+    for name in plain[2]:
+        torch.testing.assert_close(shared[2][name], plain[2][name], atol=1e-5, rtol=1e-5, msg=name)
+    assert plain[2][next(iter(plain[2]))].abs().sum() > 0
+    with torch.no_grad():  # as the old and reference log-probs are taken
+        torch.testing.assert_close(forward_logprobs(model, ids, mask, 5, TEMPERATURE, share_prompts=True)[0],
+                                   plain[0], atol=1e-5, rtol=1e-5)
+    one = run(True, slice(0, 1))  # nothing to share: the plain pass, exactly
+    assert torch.equal(one[0], run(False, slice(0, 1))[0])
+
+
 def test_forward_without_position_ids_would_not_match():
     # RoPE (Llama) depends only on relative positions, so a constant left-padding offset cancels there;
     # GPT-2's absolute position embeddings make wrong positions under left padding visible.

@@ -648,6 +648,33 @@ def test_a_run_that_merges_for_generation_samples_what_an_unmerged_run_does(tmp_
     assert runs[True] == runs[False]
 
 
+@pytest.mark.parametrize("advantage", ["grpo", "gae"])
+def test_a_run_that_shares_prompts_samples_and_trains_as_a_plain_run(advantage, tmp_path, tiny_base):
+    """--share-prompts changes how the policy's passes are computed, not what: the same responses at every
+    step (the updates in between included), the same rewards, and the losses and weights to float rounding.
+    PPO with 2 mini-batches and a KL: the old and reference log-probs are taken that way too."""
+    runs = {}
+    extra = ["--num-mini-batches", "2", "--kl-coef", "0.05", "--kl-estimator", "k3"] if advantage == "gae" else []
+    for share in (False, True):
+        out = tmp_path / str(share)
+        result = train("train_ppo.py", out, *SHORT, "--advantage", advantage, "--max-steps", "3",
+                       "--samples-per-step", "16", *extra, *(["--share-prompts"] * share))
+        assert result.returncode == 0, result.stderr[-3000:]
+        samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+        runs[share] = ([(r["step"], r["response"]) for r in samples], metrics(out))
+    assert {step for step, _ in runs[False][0]} == {0, 1, 2} and runs[True][0] == runs[False][0]
+    for plain, shared in zip(runs[False][1], runs[True][1], strict=True):
+        assert shared["train/reward"] == plain["train/reward"]
+        for k in ("loss/policy", "policy/entropy", "policy/kl") if "loss/policy" in plain else ():
+            assert shared.get(k, 0.0) == pytest.approx(plain.get(k, 0.0), rel=1e-4, abs=1e-6), (plain["step"], k)
+    a, b = load_file(tmp_path / "False" / "policy" / "model.safetensors"), load_file(
+        tmp_path / "True" / "policy" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    refused = train("train_ppo.py", tmp_path / "ckpt", "--share-prompts", "--gradient-checkpointing", timeout=120)
+    assert refused.returncode != 0 and refused.stderr.strip().splitlines()[-1] == (
+        "error: --share-prompts needs the KV cache in training, which --gradient-checkpointing turns off")
+
+
 def test_lora_with_dropout_checkpointing_and_bf16_starts_at_ratio_one(tmp_path, tiny_base):
     result = train("train_grpo.py", tmp_path, *SHORT, *LORA, "--lora-dropout", "0.3", "--gradient-checkpointing",
                    "--bf16")
