@@ -13,7 +13,8 @@
     python benchmark.py lora [--quick]    # full fine-tuning vs LoRA r16/r64: step time, peak RSS, accuracy
     python benchmark.py engines [--quick] # rollout engines on the real model: generation tokens/s (hf, vllm; fp32,
                                           # bf16) and whole GRPO/PPO steps of configs/recipes/smollm2_cpu.yaml
-    python benchmark.py engines --only learning   # is learning kept at the fastest setting? (runs/learning)
+    python benchmark.py engines --only learning   # is learning kept at a faster setting? (runs/learning;
+                                                  # --only "learning:vllm bf16 --bf16 --share-prompts": another)
     python benchmark.py engines --only varied     # the real model, 64 rows x up to 256 tokens: ours with the engine
                                                   # in bf16 vs TRL's GRPOTrainer
                                           # 3 seeds x 20 GRPO steps per setting, each policy evaluated alike
@@ -728,7 +729,9 @@ ENGINE_STEPS = {"hf": [], "hf --bf16": ["--bf16"],
                 "vllm": ["--rollout-engine", "vllm"],
                 "vllm bf16 --bf16": ["--rollout-engine", "vllm", "--rollout-dtype", "bfloat16", "--bf16"],
                 "vllm bf16 --bf16 --share-prompts": ["--rollout-engine", "vllm", "--rollout-dtype", "bfloat16",
-                                                     "--bf16", "--share-prompts"]}
+                                                     "--bf16", "--share-prompts"],
+                "vllm bf16 --share-prompts": ["--rollout-engine", "vllm", "--rollout-dtype", "bfloat16",
+                                              "--share-prompts"]}
 
 
 def engine_worker(spec: dict) -> dict:
@@ -860,28 +863,25 @@ def engine_varied(threads: int) -> None:
 
 
 # name -> train_grpo.py arguments of the learning check: the recipe as is, and the fastest step setting.
-LEARNING = {"hf fp32": ENGINE_STEPS["hf"],
-            "vllm bf16 --bf16 --share-prompts": ENGINE_STEPS["vllm bf16 --bf16 --share-prompts"]}
-
-
-def engine_learning(out: Path, seeds: int, steps: int = 20) -> None:
-    """Whether learning is kept at the fastest setting: per LEARNING setting, `seeds` GRPO runs of `steps` steps of
+def engine_learning(out: Path, seeds: int, fast: str, steps: int = 20) -> None:
+    """Whether learning is kept at a faster setting: for the recipe as is (hf fp32) and the ENGINE_STEPS setting
+    `fast`, `seeds` GRPO runs of `steps` steps of
     configs/recipes/smollm2_cpu.yaml (in `out`, kept: a second call reuses the runs and evaluations it finds),
     each final policy evaluated alike by evaluate.py (the vLLM engine in fp32, whose log-probs are the trainer's
     to 1e-5; the recipe's prompt and stop strings; the 512 held-out problems x 2 samples at T = 1), then the
-    paired bootstrap of the fastest setting against the recipe as is, over problems and runs."""
+    paired bootstrap of `fast` against the recipe as is, over problems and runs."""
     import yaml
 
     from evaluate import compare_runs, format_comparison
 
     root = Path(__file__).resolve().parent
     recipe = yaml.safe_load((root / "configs/recipes/smollm2_cpu.yaml").read_text())
-    gguf, evals = smollm2_gguf(), {}
+    gguf, evals, settings = smollm2_gguf(), {}, {"hf fp32": [], fast: ENGINE_STEPS[fast]}
     print(f"learning: {seeds} GRPO runs x {steps} steps per setting, configs/recipes/smollm2_cpu.yaml; each policy "
           "evaluated on 512 held-out problems x 2 samples (vLLM fp32)", flush=True)
-    for name, extra in LEARNING.items():
+    for name, extra in settings.items():
         for seed in range(seeds):
-            run = out / f"{name.split()[0]}-{'bf16' if 'bf16' in name else 'fp32'}-seed{seed}"
+            run = out / f"{name.replace(' --', '-').replace(' ', '-')}-seed{seed}"
             if not (run / "summary.json").is_file():
                 train = [sys.executable, "train_ppo.py", "--config", "configs/recipes/smollm2_cpu.yaml", "--model",
                          str(gguf), "--advantage", "grpo", "--max-steps", str(steps), "--eval-every", "0",
@@ -899,8 +899,7 @@ def engine_learning(out: Path, seeds: int, steps: int = 20) -> None:
             print(f"  {name:<32} seed {seed}: held-out avg@2 {result['avg@2']:.1%} ({minutes:.1f} min of training)",
                   flush=True)
             evals.setdefault(name, []).append(run / "eval")
-    fast, base = list(LEARNING)
-    print("  " + format_comparison(compare_runs(evals[fast], evals[base]), fast, base), flush=True)
+    print("  " + format_comparison(compare_runs(evals[fast], evals["hf fp32"]), fast, "hf fp32"), flush=True)
 
 
 def rss_mib(field: str) -> float:
@@ -1098,8 +1097,9 @@ def main(argv: list[str] | None = None) -> None:
         lora_benchmark(args.quick, args.threads, args.only)
     elif args.which == "engines" and args.only == "varied":
         engine_varied(args.threads)
-    elif args.which == "engines" and args.only == "learning":
-        engine_learning(Path(args.out or "runs/learning"), args.seeds)
+    elif args.which == "engines" and args.only.startswith("learning"):
+        engine_learning(Path(args.out or "runs/learning"), args.seeds,
+                        args.only.partition(":")[2] or "vllm bf16 --share-prompts")
     elif args.which == "engines":
         engines_benchmark(args.quick, args.threads, args.only)
     elif args.which == "ablate":
