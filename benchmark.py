@@ -868,8 +868,8 @@ def engine_learning(out: Path, seeds: int, fast: str, steps: int = 20) -> None:
     `fast`, `seeds` GRPO runs of `steps` steps of
     configs/recipes/smollm2_cpu.yaml (in `out`, kept: a second call reuses the runs and evaluations it finds),
     each final policy evaluated alike by evaluate.py (the vLLM engine in fp32, whose log-probs are the trainer's
-    to 1e-5; the recipe's prompt and stop strings; the 512 held-out problems x 2 samples at T = 1), then the
-    paired bootstrap of `fast` against the recipe as is, over problems and runs."""
+    to 1e-5; the recipe's prompt and stop strings; every held-out problem, 98 at difficulty 1, x 2 samples at
+    T = 1), then the paired bootstrap of `fast` against the recipe as is, over problems and runs."""
     import yaml
 
     from evaluate import compare_runs, format_comparison
@@ -878,7 +878,7 @@ def engine_learning(out: Path, seeds: int, fast: str, steps: int = 20) -> None:
     recipe = yaml.safe_load((root / "configs/recipes/smollm2_cpu.yaml").read_text())
     gguf, evals, settings = smollm2_gguf(), {}, {"hf fp32": [], fast: ENGINE_STEPS[fast]}
     print(f"learning: {seeds} GRPO runs x {steps} steps per setting, configs/recipes/smollm2_cpu.yaml; each policy "
-          "evaluated on 512 held-out problems x 2 samples (vLLM fp32)", flush=True)
+          "evaluated on every held-out problem x 2 samples (vLLM fp32)", flush=True)
     for name, extra in settings.items():
         for seed in range(seeds):
             run = out / f"{name.replace(' --', '-').replace(' ', '-')}-seed{seed}"
