@@ -851,7 +851,9 @@ def engine_varied(threads: int) -> None:
     model = str(resolve_model(str(smollm2_gguf())))
     tmp = Path(tempfile.mkdtemp(prefix="bench-varied-"))
     print(f"varied: SmolLM2-135M-Instruct, {TRL_SETTINGS['varied']}, {threads} threads", flush=True)
-    fast = {"rollout_engine": "vllm", "rollout_dtype": "bfloat16", "bf16": True, "share_prompts": True}
+    # 16 rows per micro-batch: all 64 rows of ~300 tokens in one pass took more than this machine's 24 GiB
+    fast = {"rollout_engine": "vllm", "rollout_dtype": "bfloat16", "bf16": True, "share_prompts": True,
+            "micro_batch_size": 16}
     for side, steps, drop, args in (("ours", 3, 1, fast), ("trl", 1, 0, {})):
         r = run_worker(dict(side=side, model=model, setting="varied", steps=steps, drop=drop, threads=threads,
                             out=str(tmp / side), args=args))
